@@ -1,0 +1,104 @@
+/*
+ * bdecomp native kernels: quantize + bit-pack, binary convolution / gemm with AND (XOR) + popcount.
+ *
+ * The maths (../shared/DESIGN.md §2).  For one output channel with k binary bases m_j ∈ {−1,+1}^D
+ * and scales c_j, activation codes q ∈ [0, 2^Q−1] with step s and zero point z:
+ *
+ *   A_j = Σ_{valid taps} m_j · (q − z)                    (integer, exact)
+ *       = Σ_b 2^b (2 P_jb − N_b) − z · Sv_j
+ *   y   = clamp(s · Σ_j c_j A_j + bias, act_min, act_max)
+ *
+ * P_jb = popcount(m_j⁺ AND q_b), N_b = popcount(q_b), Sv_j = Σ_{valid taps} Σ_c m_j[c, tap].
+ * "Valid taps" are the kernel positions that fall inside the input image: padding is the code z,
+ * whose contribution m·(z − z) is exactly zero, so padded taps are skipped (the zero-padding
+ * correction is just Sv_j restricted to valid taps).
+ *
+ * Sign mode (sign = 1, Q = 1, the XOR form): the activation is x̂ = (s/2)(2q − 1), q = [x ≥ 0];
+ *   A_j = Σ_{valid taps} m_j · (2q − 1) = Dv − 2 popcount(m_j⁺ XOR q)   (Dv = valid channels·taps)
+ *   y   = clamp((s/2) · Σ_j c_j A_j + bias, act_min, act_max)
+ *
+ * ---------------------------------------------------------------------------------------------
+ * Bit layouts
+ *
+ * Activations ("NHWC bits", produced by bd_quantize_pack): the input has G groups of Cg = C/G
+ * channels; each group's channels start on a fresh 64-bit word, wpg = ceil(Cg/64) words.
+ *   word index  ((p·G + g)·Q + b)·wpg + w        p = pixel = (n·H + y)·W + x
+ *   bit i of that word = bit b of the code of channel g·Cg + 64·w + i;  bits ≥ Cg are zero.
+ *   (sign mode: Q = 1 and the bit is [x ≥ 0].)
+ *
+ * Basis bits as stored in the .onnx file (input of bd_pack_weights): uint8 [Cout][k][ceil(D/8)],
+ *   D = Cg·KH·KW, element d = (c·KH + ky)·KW + kx (ONNX weight order), bit d%8 (LSB first) of
+ *   byte d/8, 1 ⇔ +1.  Bits ≥ D are zero.
+ *
+ * Packed weights (output of bd_pack_weights, the order the kernels read them):
+ *   KP = k rounded up to 4 (k ≤ 4) or 8 (k > 4); lanes j ≥ k are zero words.
+ *   word index  ((co·KH·KW + t)·wpg + w)·KP + j      t = ky·KW + kx
+ *   bit i = [m_j[c = 64·w + i, ky, kx] = +1]  (channels inside the group of co).
+ * Tap sums: int32 [Cout][KH·KW][k], tap_sums[co][t][j] = Σ_c m_j[c, t] (±1 sum over Cg channels).
+ *
+ * Integer accumulators (optional output, for tests): int32 [N][OH][OW][Cout][k] = A_j above.
+ * Float output: float [N][Cout][OH][OW] (NCHW, what onnxruntime consumes).
+ *
+ * A gemm (Gemm / MatMul with constant weights) is a 1×1 convolution on an H = W = 1 image with
+ * one "image" per row of the input.
+ *
+ * ---------------------------------------------------------------------------------------------
+ * Conventions: no globals beyond the dispatch table in select_kernel.c; every size is explicit;
+ * functions validate their parameters and return BD_OK or a negative status, never abort.
+ * Threads: OpenMP, `nthreads` per call (≤ 0 means 1), parallel over output rows.
+ */
+#ifndef BDECOMP_H
+#define BDECOMP_H
+
+#include <stdint.h>
+
+enum bd_isa { BD_ISA_SCALAR = 0, BD_ISA_AVX2 = 1, BD_ISA_AVX512 = 2 };
+enum bd_status { BD_OK = 0, BD_EINVAL = -1, BD_EUNSUPPORTED = -2, BD_ENOMEM = -3 };
+
+typedef struct {
+    int64_t n, h, w, c;          /* input batch, height, width, channels */
+    int64_t groups;              /* C and Cout are multiples of groups */
+    int64_t cout;                /* output channels */
+    int64_t kh, kw;              /* kernel */
+    int64_t stride_h, stride_w;
+    int64_t pad_top, pad_left, pad_bottom, pad_right;
+    int64_t dil_h, dil_w;
+    int64_t oh, ow;              /* output size; must equal the usual formula */
+    int32_t bits;                /* Q, 1..8 */
+    int32_t k;                   /* bases, 1..8 */
+    int32_t sign;                /* 1: XOR form (bits must be 1, zero_point ignored) */
+    int32_t zero_point;          /* 0..2^Q−1 */
+    float scale;                 /* activation step s > 0 */
+    float act_min, act_max;      /* output clamp; −INFINITY / INFINITY for none */
+} bd_conv_params;
+
+/* 1 if this build and this CPU can run `isa`. */
+int bd_isa_supported(int32_t isa);
+
+/* Words per group and sizes of the buffers below (0 on invalid parameters). */
+int64_t bd_act_words(const bd_conv_params *p);          /* n·h·w·G·Q·wpg            */
+int64_t bd_weight_words(const bd_conv_params *p);       /* Cout·KH·KW·wpg·KP        */
+int64_t bd_tap_sum_count(const bd_conv_params *p);      /* Cout·KH·KW·k             */
+
+/* Quantize x (element (o, c, i) at x[(o·channels + c)·inner + i], pixel p = o·inner + i) into
+ * the activation bit planes above: q = clamp(nearbyint(x / scale) + zero_point, 0, 2^bits − 1)
+ * (round half to even, as onnxruntime's QuantizeLinear; NaN → zero_point), or q = [x ≥ 0] in
+ * sign mode.  `act` must hold outer·inner·groups·bits·wpg words. */
+int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t inner,
+                     int64_t groups, float scale, int32_t zero_point, int32_t bits,
+                     int32_t sign, uint64_t *act, int32_t nthreads);
+
+/* Reorder file-layout basis bits into the kernel layout and compute the tap sums. */
+int bd_pack_weights(const bd_conv_params *p, const uint8_t *basis, int64_t basis_bytes,
+                    uint64_t *wpacked, int32_t *tap_sums);
+
+/* Binary convolution.  `acc` may be NULL. */
+int bd_conv(const bd_conv_params *p, const uint64_t *act, const uint64_t *wpacked,
+            const int32_t *tap_sums, const float *coeffs, const float *bias, float *out,
+            int32_t *acc, int32_t isa, int32_t nthreads);
+
+/* AND + popcount throughput of one thread on `isa`, in bit-operations per second, measured by a
+ * tiny in-cache loop for about `seconds` (the machine's own peak for efficiency reports). */
+double bd_popcount_peak(int32_t isa, double seconds);
+
+#endif /* BDECOMP_H */
