@@ -46,6 +46,17 @@
  * Conventions: no globals beyond the dispatch table in select_kernel.c; every size is explicit;
  * functions validate their parameters and return BD_OK or a negative status, never abort.
  * Threads: OpenMP, `nthreads` per call (≤ 0 means 1), parallel over output rows.
+ *
+ * Additions to the original contract (implementation notes):
+ *  - bd_conv: `bias` may be NULL (no bias).  act_min ≤ act_max, neither NaN.
+ *  - Depth limit: D = Cg·KH·KW ≤ BD_MAX_DEPTH so that |A_j| ≤ 255·D fits an int32 exactly.
+ *  - Every buffer size (bd_act_words etc.) must fit an int64 (≤ BD_MAX_WORDS); larger → BD_EINVAL.
+ *  - bd_pack_weights reads only c, groups, cout, kh, kw and k of `p` (the image size may be
+ *    unknown when the weights are packed); basis bits ≥ D are ignored.
+ *  - The float epilogue is computed in float, in this order, identically on every ISA:
+ *      acc = 0; for j: acc += c_j·(float)A_j;  y = acc·s_eff + bias;  y = min(max(y, act_min), act_max)
+ *    with s_eff = s (s/2 in sign mode), so all ISAs give bit-identical float outputs.
+ *  - bd_popcount_peak returns 0 for an unsupported isa (or seconds ≤ 0 / not finite).
  */
 #ifndef BDECOMP_H
 #define BDECOMP_H
@@ -54,6 +65,10 @@
 
 enum bd_isa { BD_ISA_SCALAR = 0, BD_ISA_AVX2 = 1, BD_ISA_AVX512 = 2 };
 enum bd_status { BD_OK = 0, BD_EINVAL = -1, BD_EUNSUPPORTED = -2, BD_ENOMEM = -3 };
+
+#define BD_MAX_DEPTH 8388607LL         /* 2^31 / 256 − 1: int32 accumulators stay exact */
+#define BD_MAX_WORDS (1LL << 56)       /* buffer sizes in 64-bit words (overflow guard) */
+#define BD_MAX_THREADS 1024            /* nthreads above this are clamped */
 
 typedef struct {
     int64_t n, h, w, c;          /* input batch, height, width, channels */

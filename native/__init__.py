@@ -1,0 +1,469 @@
+"""Native binary-decomposition kernels (C, via cffi): quantize + bit-pack and AND/popcount conv.
+
+Everything is validated here before C is called (dtypes, contiguity, sizes, ranges): a bad
+argument raises ValueError, never reaches C.  The C side re-validates and returns an error code.
+
+    act = quantize_pack(x, groups=1, scale=s, zero_point=z, bits=4)        # x float32 [N,C,H,W]
+    conv = PackedConv(basis, coeffs, bias, cin=C, groups=1, kernel=(3, 3), pads=(1, 1, 1, 1),
+                      bits=4, zero_point=z, scale=s)
+    y = conv.run(act, N, H, W)                                            # float32 [N,Cout,OH,OW]
+
+Environment: BDECOMP_ISA=scalar|avx2|avx512 forces a kernel; BDECOMP_THREADS sets the default
+thread count (else os.cpu_count()).
+"""
+from __future__ import annotations
+
+import math
+import os
+import operator
+
+import numpy as np
+
+try:
+    from bdecomp.native._kernels import ffi, lib
+except ImportError as exc:  # pragma: no cover - depends on the build
+    raise ImportError(
+        "bdecomp's native kernels (bdecomp.native._kernels) are not built: install the package "
+        "with `pip install .` (needs a C compiler with OpenMP, e.g. gcc) or build in place with "
+        f"`python native/build_ffi.py`. Original error: {exc}"
+    ) from exc
+
+__all__ = [
+    "ISAS",
+    "available_isas",
+    "default_isa",
+    "default_threads",
+    "quantize_pack",
+    "words_per_group",
+    "PackedConv",
+    "popcount_peak",
+]
+
+ISAS = ("scalar", "avx2", "avx512")
+_ISA_IDS = {"scalar": lib.BD_ISA_SCALAR, "avx2": lib.BD_ISA_AVX2, "avx512": lib.BD_ISA_AVX512}
+_STATUS = {
+    lib.BD_EINVAL: "invalid argument",
+    lib.BD_EUNSUPPORTED: "ISA not supported on this CPU/build",
+    lib.BD_ENOMEM: "out of memory",
+}
+_MAX_DIM = 2**31 - 1
+
+
+# ------------------------------------------------------------------------------------------------
+# ISA and threads
+
+
+def available_isas() -> list[str]:
+    """ISAs this build can run on this CPU, slowest first (``scalar`` is always there)."""
+    return [name for name in ISAS if lib.bd_isa_supported(_ISA_IDS[name])]
+
+
+def default_isa() -> str:
+    """``BDECOMP_ISA`` if set (must be supported here), else the best available ISA."""
+    forced = os.environ.get("BDECOMP_ISA", "").strip().lower()
+    if forced:
+        if forced not in ISAS:
+            raise ValueError(f"BDECOMP_ISA={forced!r} is not one of {', '.join(ISAS)}")
+        if forced not in available_isas():
+            raise RuntimeError(
+                f"BDECOMP_ISA={forced!r} is not supported on this CPU "
+                f"(available: {', '.join(available_isas())})"
+            )
+        return forced
+    return available_isas()[-1]
+
+
+def _resolve_isa(isa: str | None) -> int:
+    if isa is None:
+        isa = default_isa()
+    if not isinstance(isa, str) or isa not in ISAS:
+        raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
+    if isa not in available_isas():
+        raise RuntimeError(f"isa {isa!r} is not supported on this CPU (available: {available_isas()})")
+    return _ISA_IDS[isa]
+
+
+def default_threads() -> int:
+    """``BDECOMP_THREADS`` if set, else ``os.cpu_count()``."""
+    env = os.environ.get("BDECOMP_THREADS", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"BDECOMP_THREADS must be a positive integer, got {env!r}") from None
+        if n < 1:
+            raise ValueError(f"BDECOMP_THREADS must be a positive integer, got {env!r}")
+        return min(n, int(lib.BD_MAX_THREADS))
+    return max(1, min(os.cpu_count() or 1, int(lib.BD_MAX_THREADS)))
+
+
+def _threads(threads) -> int:
+    if threads is None:
+        return default_threads()
+    t = _int("threads", threads)
+    if t < 1:
+        raise ValueError(f"threads must be ≥ 1, got {t}")
+    return min(t, int(lib.BD_MAX_THREADS))
+
+
+# ------------------------------------------------------------------------------------------------
+# argument checking helpers
+
+
+def _int(name, value) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _int_in(name, value, lo, hi) -> int:
+    v = _int(name, value)
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {v}")
+    return v
+
+
+def _pair(name, value, lo) -> tuple[int, int]:
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a pair of integers, got {value!r}") from None
+    if len(items) != 2:
+        raise ValueError(f"{name} must be a pair of integers, got {value!r}")
+    return tuple(_int_in(name, v, lo, _MAX_DIM) for v in items)
+
+
+def _scale(value) -> float:
+    try:
+        s = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"scale must be a positive finite number, got {value!r}") from None
+    s32 = np.float32(s)
+    if not (math.isfinite(s) and np.isfinite(s32) and s32 > 0):
+        raise ValueError(f"scale must be a positive finite float32 number, got {value!r}")
+    return float(s32)
+
+
+def _check_array(name, a, dtype, shape=None):
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {np.dtype(dtype).name}, got {a.dtype}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray)")
+    if shape is not None and tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(a.shape)}")
+    return a
+
+
+def _check_status(rc, what):
+    if rc != lib.BD_OK:
+        raise ValueError(f"{what} failed in C: {_STATUS.get(rc, rc)}")
+
+
+def words_per_group(channels_per_group: int) -> int:
+    """64-bit words per group in the activation layout: ceil(Cg / 64)."""
+    return (channels_per_group + 63) // 64
+
+
+# ------------------------------------------------------------------------------------------------
+# quantize + pack
+
+
+def quantize_pack(
+    x: np.ndarray,
+    *,
+    groups: int,
+    scale: float,
+    zero_point: int,
+    bits: int,
+    sign: bool = False,
+    channel_axis: int = 1,
+    threads: int | None = None,
+) -> np.ndarray:
+    """Quantize float activations and pack them into bit planes.
+
+    ``channel_axis=1``: x is [N, C, *spatial]; ``channel_axis=-1``: x is [..., C].  Codes are
+    clamp(rint(x / scale) + zero_point, 0, 2^bits − 1) (or [x ≥ 0] with ``sign``).  Returns uint64
+    of shape (pixels, groups, bits, ceil(C / groups / 64)) in the layout of bdecomp.h.
+    """
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"x must be a numpy array, got {type(x).__name__}")
+    if x.dtype != np.float32:
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise ValueError(f"x must be a float array, got dtype {x.dtype}")
+        x = x.astype(np.float32)
+    x = np.ascontiguousarray(x)
+    groups = _int_in("groups", groups, 1, _MAX_DIM)
+    sign = bool(sign)
+    if sign:
+        bits = _int_in("bits", bits, 1, 1)
+        zero_point = 0
+        scale_v = 1.0 if scale is None else _scale(scale)
+    else:
+        bits = _int_in("bits", bits, 1, 8)
+        zero_point = _int_in("zero_point", zero_point, 0, 2**bits - 1)
+        scale_v = _scale(scale)
+    channel_axis = _int("channel_axis", channel_axis)
+    if channel_axis == 1:
+        if x.ndim < 2:
+            raise ValueError(f"channel_axis=1 needs x of shape [N, C, ...], got {x.shape}")
+        outer, channels = x.shape[0], x.shape[1]
+        inner = int(np.prod(x.shape[2:], dtype=np.int64))
+    elif channel_axis == -1:
+        if x.ndim < 1:
+            raise ValueError("channel_axis=-1 needs x with at least one dimension")
+        channels = x.shape[-1]
+        outer = int(np.prod(x.shape[:-1], dtype=np.int64))
+        inner = 1
+    else:
+        raise ValueError(f"channel_axis must be 1 (channel-first) or -1 (channel-last), got {channel_axis}")
+    if x.size == 0 or outer == 0 or channels == 0 or inner == 0:
+        raise ValueError(f"x must be non-empty, got shape {x.shape}")
+    if channels % groups:
+        raise ValueError(f"channels ({channels}) must be a multiple of groups ({groups})")
+    wpg = words_per_group(channels // groups)
+    act = np.empty((outer * inner, groups, bits, wpg), dtype=np.uint64)
+    rc = lib.bd_quantize_pack(
+        ffi.cast("const float *", ffi.from_buffer(x)),
+        outer,
+        channels,
+        inner,
+        groups,
+        scale_v,
+        zero_point,
+        bits,
+        int(sign),
+        ffi.cast("uint64_t *", ffi.from_buffer(act)),
+        _threads(threads),
+    )
+    _check_status(rc, "bd_quantize_pack")
+    return act
+
+
+# ------------------------------------------------------------------------------------------------
+# packed convolution
+
+
+class PackedConv:
+    """A decomposed convolution (or gemm, as a 1×1 conv on 1×1 images) with weights packed once.
+
+    basis: uint8 [cout, k, ceil(D/8)] (file layout, D = cin/groups·KH·KW); coeffs float32
+    [cout, k]; bias float32 [cout] or None.  pads are (top, left, bottom, right).
+    """
+
+    def __init__(
+        self,
+        basis: np.ndarray,
+        coeffs: np.ndarray,
+        bias: np.ndarray | None,
+        *,
+        cin: int,
+        groups: int,
+        kernel,
+        strides=(1, 1),
+        pads=(0, 0, 0, 0),
+        dilations=(1, 1),
+        bits: int,
+        zero_point: int,
+        scale: float,
+        sign: bool = False,
+        act_min: float = -math.inf,
+        act_max: float = math.inf,
+    ):
+        self.cin = _int_in("cin", cin, 1, _MAX_DIM)
+        self.groups = _int_in("groups", groups, 1, _MAX_DIM)
+        if self.cin % self.groups:
+            raise ValueError(f"cin ({self.cin}) must be a multiple of groups ({self.groups})")
+        self.kernel = _pair("kernel", kernel, 1)
+        self.strides = _pair("strides", strides, 1)
+        self.dilations = _pair("dilations", dilations, 1)
+        try:
+            pads_t = tuple(pads)
+        except TypeError:
+            raise ValueError(f"pads must be 4 integers (top, left, bottom, right), got {pads!r}") from None
+        if len(pads_t) != 4:
+            raise ValueError(f"pads must be 4 integers (top, left, bottom, right), got {pads!r}")
+        self.pads = tuple(_int_in("pads", v, 0, _MAX_DIM) for v in pads_t)
+        self.sign = bool(sign)
+        if self.sign:
+            self.bits = _int_in("bits", bits, 1, 1)
+            self.zero_point = 0
+        else:
+            self.bits = _int_in("bits", bits, 1, 8)
+            self.zero_point = _int_in("zero_point", zero_point, 0, 2**self.bits - 1)
+        self.scale = _scale(scale)
+        try:
+            self.act_min = float(act_min)
+            self.act_max = float(act_max)
+        except (TypeError, ValueError):
+            raise ValueError("act_min / act_max must be numbers") from None
+        if math.isnan(self.act_min) or math.isnan(self.act_max) or self.act_min > self.act_max:
+            raise ValueError(f"need act_min ≤ act_max (not NaN), got {act_min}, {act_max}")
+
+        _check_array("basis", basis, np.uint8)
+        if basis.ndim != 3:
+            raise ValueError(f"basis must be uint8 [cout, k, ceil(D/8)], got shape {basis.shape}")
+        self.cout, self.k = int(basis.shape[0]), int(basis.shape[1])
+        if self.cout < 1:
+            raise ValueError("basis has no output channels")
+        if not 1 <= self.k <= 8:
+            raise ValueError(f"k (number of bases, basis.shape[1]) must be in [1, 8], got {self.k}")
+        if self.cout % self.groups:
+            raise ValueError(f"cout ({self.cout}) must be a multiple of groups ({self.groups})")
+        self.depth = self.cin // self.groups * self.kernel[0] * self.kernel[1]
+        if self.depth > int(lib.BD_MAX_DEPTH):
+            raise ValueError(f"depth D = {self.depth} exceeds the limit {int(lib.BD_MAX_DEPTH)}")
+        nbytes = (self.depth + 7) // 8
+        if basis.shape[2] != nbytes:
+            raise ValueError(
+                f"basis must have ceil(D/8) = {nbytes} bytes per base (D = {self.depth}), "
+                f"got {basis.shape[2]}"
+            )
+        _check_array("coeffs", coeffs, np.float32, (self.cout, self.k))
+        if not np.all(np.isfinite(coeffs)):
+            raise ValueError("coeffs must be finite")
+        if bias is not None:
+            _check_array("bias", bias, np.float32, (self.cout,))
+            if not np.all(np.isfinite(bias)):
+                raise ValueError("bias must be finite")
+        self.coeffs = coeffs.copy()
+        self.bias = None if bias is None else bias.copy()
+        self.wpg = words_per_group(self.cin // self.groups)
+
+        p = self._params(1, self.kernel[0], self.kernel[1], self.scale, self.zero_point, check=False)
+        nw = lib.bd_weight_words(p)
+        nt = lib.bd_tap_sum_count(p)
+        if nw <= 0 or nt <= 0:
+            raise ValueError("invalid convolution parameters (C rejected the weight geometry)")
+        self.wpacked = np.zeros(nw, dtype=np.uint64)
+        self.tap_sums = np.zeros(nt, dtype=np.int32)
+        rc = lib.bd_pack_weights(
+            p,
+            ffi.cast("const uint8_t *", ffi.from_buffer(basis)),
+            basis.size,
+            ffi.cast("uint64_t *", ffi.from_buffer(self.wpacked)),
+            ffi.cast("int32_t *", ffi.from_buffer(self.tap_sums)),
+        )
+        _check_status(rc, "bd_pack_weights")
+
+    # -- geometry ---------------------------------------------------------------------------------
+
+    def output_hw(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilations
+        pt, pl, pb, pr = self.pads
+        eh = h + pt + pb - dh * (kh - 1) - 1
+        ew = w + pl + pr - dw * (kw - 1) - 1
+        if eh < 0 or ew < 0:
+            raise ValueError(
+                f"input {h}×{w} is smaller than the dilated kernel with padding "
+                f"(kernel {self.kernel}, dilations {self.dilations}, pads {self.pads})"
+            )
+        return eh // sh + 1, ew // sw + 1
+
+    def output_shape(self, n: int, h: int, w: int) -> tuple[int, int, int, int]:
+        n = _int_in("n", n, 1, _MAX_DIM)
+        h = _int_in("h", h, 1, _MAX_DIM)
+        w = _int_in("w", w, 1, _MAX_DIM)
+        oh, ow = self.output_hw(h, w)
+        return (n, self.cout, oh, ow)
+
+    def act_shape(self, n: int, h: int, w: int) -> tuple[int, int, int, int]:
+        """Shape of the packed activations run() expects (what quantize_pack returns)."""
+        return (n * h * w, self.groups, self.bits, self.wpg)
+
+    def _params(self, n, h, w, scale, zero_point, check=True):
+        p = ffi.new("bd_conv_params *")
+        p.n, p.h, p.w, p.c = n, h, w, self.cin
+        p.groups, p.cout = self.groups, self.cout
+        p.kh, p.kw = self.kernel
+        p.stride_h, p.stride_w = self.strides
+        p.pad_top, p.pad_left, p.pad_bottom, p.pad_right = self.pads
+        p.dil_h, p.dil_w = self.dilations
+        if check:
+            p.oh, p.ow = self.output_hw(h, w)
+        p.bits, p.k, p.sign, p.zero_point = self.bits, self.k, int(self.sign), zero_point
+        p.scale, p.act_min, p.act_max = scale, self.act_min, self.act_max
+        return p
+
+    # -- run --------------------------------------------------------------------------------------
+
+    def run(
+        self,
+        act: np.ndarray,
+        n: int,
+        h: int,
+        w: int,
+        *,
+        isa: str | None = None,
+        threads: int | None = None,
+        return_acc: bool = False,
+        out: np.ndarray | None = None,
+        scale: float | None = None,
+        zero_point: int | None = None,
+    ):
+        """Run on packed activations ``act`` (from quantize_pack with the same groups/bits) of an
+        n×C×h×w input.  Returns float32 [n, cout, oh, ow], plus int32 A [n, oh, ow, cout, k] if
+        ``return_acc``.  ``scale`` / ``zero_point`` override the construction values (dynamic
+        quantization)."""
+        isa_id = _resolve_isa(isa)
+        nthreads = _threads(threads)
+        n = _int_in("n", n, 1, _MAX_DIM)
+        h = _int_in("h", h, 1, _MAX_DIM)
+        w = _int_in("w", w, 1, _MAX_DIM)
+        scale_v = self.scale if scale is None else _scale(scale)
+        if self.sign:
+            zp = 0
+        else:
+            zp = self.zero_point if zero_point is None else _int_in(
+                "zero_point", zero_point, 0, 2**self.bits - 1)
+        _check_array("act", act, np.uint64)
+        expect = self.act_shape(n, h, w)
+        if act.size != math.prod(expect) or (act.ndim == 4 and tuple(act.shape) != expect):
+            raise ValueError(
+                f"act must be the packed activations of shape {expect} (pixels, groups, bits, "
+                f"words) for n={n}, h={h}, w={w}; got shape {act.shape}"
+            )
+        oshape = self.output_shape(n, h, w)
+        if out is None:
+            out = np.empty(oshape, dtype=np.float32)
+        else:
+            _check_array("out", out, np.float32, oshape)
+            if not out.flags.writeable:
+                raise ValueError("out must be writeable")
+        acc = np.empty((n, oshape[2], oshape[3], self.cout, self.k), np.int32) if return_acc else None
+        p = self._params(n, h, w, scale_v, zp)
+        if lib.bd_act_words(p) != act.size:
+            raise ValueError("act size does not match the convolution parameters")
+        rc = lib.bd_conv(
+            p,
+            ffi.cast("const uint64_t *", ffi.from_buffer(act)),
+            ffi.cast("const uint64_t *", ffi.from_buffer(self.wpacked)),
+            ffi.cast("const int32_t *", ffi.from_buffer(self.tap_sums)),
+            ffi.cast("const float *", ffi.from_buffer(self.coeffs)),
+            ffi.NULL if self.bias is None else ffi.cast("const float *", ffi.from_buffer(self.bias)),
+            ffi.cast("float *", ffi.from_buffer(out)),
+            ffi.NULL if acc is None else ffi.cast("int32_t *", ffi.from_buffer(acc)),
+            isa_id,
+            nthreads,
+        )
+        _check_status(rc, "bd_conv")
+        return (out, acc) if return_acc else out
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def popcount_peak(isa: str | None = None, seconds: float = 0.2) -> float:
+    """One thread's AND+popcount throughput on ``isa`` in bit-operations per second."""
+    isa_id = _resolve_isa(isa)
+    try:
+        sec = float(seconds)
+    except (TypeError, ValueError):
+        raise ValueError(f"seconds must be a positive number, got {seconds!r}") from None
+    if not (math.isfinite(sec) and 0 < sec <= 60):
+        raise ValueError(f"seconds must be in (0, 60], got {seconds!r}")
+    return float(lib.bd_popcount_peak(isa_id, sec))

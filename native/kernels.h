@@ -1,0 +1,45 @@
+/*
+ * Internal declarations shared by the kernel files (not part of the public contract in bdecomp.h).
+ *
+ * Every kernel receives parameters that select_kernel.c has already validated, plus the derived
+ * geometry below, so kernels never re-check sizes.
+ */
+#ifndef BDECOMP_KERNELS_H
+#define BDECOMP_KERNELS_H
+
+#include <stdint.h>
+#include "bdecomp.h"
+
+typedef struct {
+    int64_t cg;        /* input channels per group  (C / G)     */
+    int64_t coutg;     /* output channels per group (Cout / G)  */
+    int64_t wpg;       /* 64-bit words per group: ceil(Cg / 64) */
+    int64_t taps;      /* KH·KW                                 */
+    int64_t depth;     /* D = Cg·KH·KW                          */
+    int32_t kp;        /* weight lanes: 4 (k ≤ 4) or 8          */
+} bd_geom;
+
+/* Derived geometry; 0 on success, BD_EINVAL if the weight-related fields are invalid. */
+int bd_geom_weights(const bd_conv_params *p, bd_geom *gm);
+
+typedef int (*bd_conv_fn)(const bd_conv_params *p, const bd_geom *gm, const uint64_t *act,
+                          const uint64_t *wpacked, const int32_t *tap_sums, const float *coeffs,
+                          const float *bias, float *out, int32_t *acc, int32_t nthreads);
+typedef double (*bd_peak_fn)(double seconds);
+
+/* reference.c — see reference.h. */
+
+/* kernel_avx2.c / kernel_avx512.c (x86-64 only; compiled with per-file target pragmas). */
+int bd_conv_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t *act,
+                 const uint64_t *wpacked, const int32_t *tap_sums, const float *coeffs,
+                 const float *bias, float *out, int32_t *acc, int32_t nthreads);
+double bd_peak_avx2(double seconds);
+int bd_conv_avx512(const bd_conv_params *p, const bd_geom *gm, const uint64_t *act,
+                   const uint64_t *wpacked, const int32_t *tap_sums, const float *coeffs,
+                   const float *bias, float *out, int32_t *acc, int32_t nthreads);
+double bd_peak_avx512(double seconds);
+
+/* Monotonic wall clock in seconds (for bd_popcount_peak). */
+double bd_now_seconds(void);
+
+#endif /* BDECOMP_KERNELS_H */

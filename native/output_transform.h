@@ -1,0 +1,57 @@
+/*
+ * Two small units shared by every kernel (static inline, so each ISA file compiles its own copy):
+ *
+ *  1. the zero-padding correction: which kernel taps fall inside the image (a contiguous range
+ *     per axis), and Sv_j = Σ_{valid taps} tap_sums[co][t][j];
+ *  2. the float epilogue  y = clamp(s_eff · Σ_j c_j A_j + bias, act_min, act_max), computed in
+ *     float in a fixed order so that every ISA produces bit-identical outputs (see bdecomp.h).
+ */
+#ifndef BDECOMP_OUTPUT_TRANSFORM_H
+#define BDECOMP_OUTPUT_TRANSFORM_H
+
+#include <stdint.h>
+
+/* Taps ky ∈ [*lo, *hi) of a kernel of size `ksize` whose input coordinate
+ * i = o·stride − pad + ky·dil lies in [0, in).  The set is contiguous because i grows with ky.
+ * *lo == *hi when no tap is valid. */
+static inline void bd_valid_range(int64_t o, int64_t stride, int64_t pad, int64_t dil,
+                                  int64_t ksize, int64_t in, int64_t *lo, int64_t *hi)
+{
+    const int64_t base = o * stride - pad;               /* input coordinate of tap 0 */
+    int64_t l = base >= 0 ? 0 : (-base + dil - 1) / dil; /* first tap with i ≥ 0 */
+    int64_t h;                                           /* one past the last tap with i < in */
+    if (base > in - 1)
+        h = 0;
+    else
+        h = (in - 1 - base) / dil + 1;
+    if (h > ksize) h = ksize;
+    if (l > h) l = h;
+    *lo = l;
+    *hi = h;
+}
+
+/* sv[j] = Σ_{ky∈[ky0,ky1), kx∈[kx0,kx1)} ts_co[(ky·kw + kx)·k + j]   (ts_co = tap sums of one co) */
+static inline void bd_tap_sum_valid(const int32_t *ts_co, int64_t kw, int32_t k, int64_t ky0,
+                                    int64_t ky1, int64_t kx0, int64_t kx1, int64_t *sv)
+{
+    for (int32_t j = 0; j < k; ++j) sv[j] = 0;
+    for (int64_t ky = ky0; ky < ky1; ++ky)
+        for (int64_t kx = kx0; kx < kx1; ++kx) {
+            const int32_t *t = ts_co + (ky * kw + kx) * k;
+            for (int32_t j = 0; j < k; ++j) sv[j] += t[j];
+        }
+}
+
+/* y = clamp(s_eff · Σ_j c_j A_j + bias, lo, hi), in float, fixed order. */
+static inline float bd_epilogue(const int64_t *a, int32_t k, const float *c, float bias,
+                                float scale_eff, float lo, float hi)
+{
+    float acc = 0.0f;
+    for (int32_t j = 0; j < k; ++j) acc += c[j] * (float)a[j];
+    float y = acc * scale_eff + bias;
+    if (y < lo) y = lo;
+    if (y > hi) y = hi;
+    return y;
+}
+
+#endif /* BDECOMP_OUTPUT_TRANSFORM_H */

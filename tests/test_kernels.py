@@ -1,0 +1,447 @@
+"""The native kernels (bdecomp.native) against the numpy reference (bdecomp.runtime.reference).
+
+Read as a spec: every ISA this CPU can run must reproduce the reference's integer accumulators
+bit for bit, its float outputs to float rounding, and must reject bad arguments with ValueError.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+native = pytest.importorskip("bdecomp.native", reason="native kernels not built")
+from bdecomp.runtime import reference as ref  # noqa: E402
+
+ISAS = native.available_isas()
+# BDECOMP_TEST_EXAMPLES=2000 BDECOMP_TEST_RANDOM=1 for a longer, randomized soak run
+SETTINGS = settings(
+    max_examples=int(os.environ.get("BDECOMP_TEST_EXAMPLES", "120")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=not os.environ.get("BDECOMP_TEST_RANDOM"),
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers: an independent numpy packer for the bit layout of bdecomp.h
+
+
+def pack_codes(codes_pc: np.ndarray, groups: int, bits: int) -> np.ndarray:
+    """codes [pixels, C] → uint64 (pixels, groups, bits, wpg): bit i of word w of plane b of group
+    g = bit b of the code of channel g·Cg + 64·w + i."""
+    p, c = codes_pc.shape
+    cg = c // groups
+    wpg = (cg + 63) // 64
+    padded = np.zeros((p, groups, wpg * 64), np.uint8)
+    padded[:, :, :cg] = codes_pc.reshape(p, groups, cg)
+    planes = np.stack([(padded >> b) & 1 for b in range(bits)], axis=2)
+    packed = np.packbits(planes, axis=-1, bitorder="little")  # (p, g, bits, wpg·8) bytes
+    return np.ascontiguousarray(packed).view("<u8").astype(np.uint64).reshape(p, groups, bits, wpg)
+
+
+def pack_nchw(codes: np.ndarray, groups: int, bits: int) -> np.ndarray:
+    n, c, h, w = codes.shape
+    return pack_codes(codes.transpose(0, 2, 3, 1).reshape(n * h * w, c), groups, bits)
+
+
+def random_basis(rng, cout, k, depth) -> np.ndarray:
+    signs = rng.integers(0, 2, (cout, k, depth)).astype(np.uint8)
+    return np.packbits(signs, axis=-1, bitorder="little")
+
+
+@st.composite
+def conv_cases(draw):
+    """A random but valid binary convolution: shapes, geometry, quantization, data."""
+    mode = draw(st.sampled_from(["dense", "grouped", "depthwise"]))
+    if mode == "dense":
+        groups = 1
+        c = draw(st.sampled_from([1, 3, 17, 63, 64, 65, 100, 128, 129, 150]))
+    elif mode == "grouped":
+        groups = draw(st.sampled_from([2, 3, 4]))
+        c = groups * draw(st.integers(1, 150 // groups))
+    else:
+        c = draw(st.integers(1, 40))
+        groups = c
+    cout = groups * draw(st.integers(1, 3 if mode != "dense" else 6))
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dh, dw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    pads = tuple(draw(st.integers(0, 3)) for _ in range(4))
+    min_h = max(1, dh * (kh - 1) + 1 - pads[0] - pads[2])
+    min_w = max(1, dw * (kw - 1) + 1 - pads[1] - pads[3])
+    h = draw(st.integers(min_h, max(min_h, 9)))
+    w = draw(st.integers(min_w, max(min_w, 9)))
+    n = draw(st.integers(1, 2))
+    k = draw(st.integers(1, 8))
+    sign = draw(st.integers(0, 3)) == 0
+    bits = 1 if sign else draw(st.integers(1, 8))
+    zero_point = 0 if sign else draw(st.integers(0, 2**bits - 1))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    depth = c // groups * kh * kw
+    return dict(
+        n=n, c=c, h=h, w=w, groups=groups, cout=cout, kernel=(kh, kw), strides=(sh, sw),
+        pads=pads, dilations=(dh, dw), k=k, bits=bits, zero_point=zero_point, sign=sign,
+        scale=float(np.float32(rng.uniform(0.01, 2.0))),
+        codes=rng.integers(0, 2**bits, (n, c, h, w)).astype(np.uint8),
+        basis=random_basis(rng, cout, k, depth),
+        coeffs=rng.standard_normal((cout, k)).astype(np.float32),
+        bias=rng.standard_normal(cout).astype(np.float32),
+        depth=depth,
+    )
+
+
+def make_conv(case, **overrides) -> native.PackedConv:
+    kw = dict(
+        cin=case["c"], groups=case["groups"], kernel=case["kernel"], strides=case["strides"],
+        pads=case["pads"], dilations=case["dilations"], bits=case["bits"],
+        zero_point=case["zero_point"], scale=case["scale"], sign=case["sign"],
+    )
+    kw.update(overrides)
+    return native.PackedConv(case["basis"], case["coeffs"], case["bias"], **kw)
+
+
+def reference_acc(case) -> np.ndarray:
+    return ref.conv_acc(
+        case["codes"], ref.unpack_basis(case["basis"], case["depth"]), groups=case["groups"],
+        kernel=case["kernel"], strides=case["strides"], pads=case["pads"],
+        dilations=case["dilations"], zero_point=case["zero_point"], sign=case["sign"],
+    )
+
+
+def small_case(**changes):
+    rng = np.random.default_rng(7)
+    case = dict(n=1, c=8, h=5, w=5, groups=1, cout=4, kernel=(3, 3), strides=(1, 1),
+                pads=(1, 1, 1, 1), dilations=(1, 1), k=2, bits=4, zero_point=3, sign=False,
+                scale=0.5)
+    case.update(changes)
+    case["depth"] = case["c"] // case["groups"] * case["kernel"][0] * case["kernel"][1]
+    case["codes"] = rng.integers(0, 2 ** case["bits"], (case["n"], case["c"], case["h"], case["w"])).astype(np.uint8)
+    case["basis"] = random_basis(rng, case["cout"], case["k"], case["depth"])
+    case["coeffs"] = rng.standard_normal((case["cout"], case["k"])).astype(np.float32)
+    case["bias"] = rng.standard_normal(case["cout"]).astype(np.float32)
+    return case
+
+
+# ------------------------------------------------------------------------------------------------
+# exactness against the reference
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@SETTINGS
+@given(case=conv_cases())
+def test_integer_accumulators_equal_reference_bit_for_bit(isa, case):
+    conv = make_conv(case)
+    act = pack_nchw(case["codes"], case["groups"], case["bits"])
+    _, acc = conv.run(act, case["n"], case["h"], case["w"], isa=isa, threads=2, return_acc=True)
+    np.testing.assert_array_equal(acc, reference_acc(case))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@SETTINGS
+@given(case=conv_cases())
+def test_float_output_matches_reference(isa, case):
+    conv = make_conv(case)
+    act = pack_nchw(case["codes"], case["groups"], case["bits"])
+    y = conv.run(act, case["n"], case["h"], case["w"], isa=isa, threads=1)
+    A = reference_acc(case)
+    expect = ref.conv_output(A, case["coeffs"], case["bias"], case["scale"], case["sign"])
+    assert y.shape == expect.shape == conv.output_shape(case["n"], case["h"], case["w"])
+    # float rounding of Σ_j c_j A_j is relative to the terms, not to their (cancelling) sum
+    s_eff = case["scale"] * (0.5 if case["sign"] else 1.0)
+    terms = s_eff * np.einsum("nhwok,ok->nohw", np.abs(A).astype(np.float64), np.abs(case["coeffs"]))
+    tol = 1e-5 * np.abs(expect) + 1e-5 * s_eff + 1e-6 * terms
+    assert np.all(np.abs(y.astype(np.float64) - expect) <= tol)
+
+
+@SETTINGS
+@given(case=conv_cases())
+def test_all_isas_give_bit_identical_float_outputs(case):
+    conv = make_conv(case)
+    act = pack_nchw(case["codes"], case["groups"], case["bits"])
+    outs = [conv.run(act, case["n"], case["h"], case["w"], isa=isa) for isa in ISAS]
+    for y in outs[1:]:
+        np.testing.assert_array_equal(y, outs[0])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_relu_clamp_is_applied_to_outputs(isa):
+    case = small_case(c=20, cout=6, k=3)
+    act = pack_nchw(case["codes"], case["groups"], case["bits"])
+    plain = make_conv(case).run(act, 1, 5, 5, isa=isa)
+    relu6 = make_conv(case, act_min=0.0, act_max=6.0).run(act, 1, 5, 5, isa=isa)
+    assert plain.min() < 0  # the clamp has something to do
+    np.testing.assert_array_equal(relu6, np.clip(plain, 0.0, 6.0))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_per_call_scale_and_zero_point_override_construction_values(isa):
+    case = small_case(zero_point=0)
+    act = pack_nchw(case["codes"], 1, case["bits"])
+    conv = make_conv(case)
+    y, acc = conv.run(act, 1, 5, 5, isa=isa, scale=0.25, zero_point=5, return_acc=True)
+    case5 = dict(case, zero_point=5)
+    np.testing.assert_array_equal(acc, reference_acc(case5))
+    expect = make_conv(case5, scale=0.25).run(act, 1, 5, 5, isa=isa)
+    np.testing.assert_array_equal(y, expect)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_gemm_is_a_one_by_one_conv_on_one_pixel_images(isa):
+    rng = np.random.default_rng(3)
+    rows, d, cout, k, bits, zp = 5, 300, 7, 5, 3, 2
+    codes = rng.integers(0, 2**bits, (rows, d)).astype(np.uint8)
+    basis = random_basis(rng, cout, k, d)
+    coeffs = rng.standard_normal((cout, k)).astype(np.float32)
+    conv = native.PackedConv(basis, coeffs, None, cin=d, groups=1, kernel=(1, 1), bits=bits,
+                             zero_point=zp, scale=1.0)
+    _, acc = conv.run(pack_codes(codes, 1, bits), rows, 1, 1, isa=isa, return_acc=True)
+    pm = ref.unpack_basis(basis, d).astype(np.int64)
+    expect = np.einsum("rd,okd->rok", codes.astype(np.int64) - zp, pm)
+    np.testing.assert_array_equal(acc.reshape(rows, cout, k), expect)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_threads_do_not_change_results(isa):
+    case = small_case(n=2, c=70, h=9, w=7, cout=8, k=6, bits=5, zero_point=11)
+    act = pack_nchw(case["codes"], 1, case["bits"])
+    conv = make_conv(case)
+    y1, a1 = conv.run(act, 2, 9, 7, isa=isa, threads=1, return_acc=True)
+    y3, a3 = conv.run(act, 2, 9, 7, isa=isa, threads=3, return_acc=True)
+    np.testing.assert_array_equal(a1, a3)
+    np.testing.assert_array_equal(y1, y3)
+
+
+# ------------------------------------------------------------------------------------------------
+# quantize + pack
+
+
+@st.composite
+def activations(draw):
+    groups = draw(st.sampled_from([1, 2, 3]))
+    c = groups * draw(st.integers(1, 70))
+    n = draw(st.integers(1, 2))
+    spatial = tuple(draw(st.lists(st.integers(1, 7), min_size=0, max_size=2)))
+    sign = draw(st.integers(0, 4)) == 0
+    bits = 1 if sign else draw(st.integers(1, 8))
+    zp = 0 if sign else draw(st.integers(0, 2**bits - 1))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    scale = float(np.float32(rng.uniform(0.01, 1.0)))
+    x = (rng.standard_normal((n, c) + spatial) * scale * 2 ** (bits - 1)).astype(np.float32)
+    # exact ties (half-even rounding), NaN and ±inf must behave like the reference too
+    flat = x.reshape(-1)
+    m = min(flat.size, 6)
+    flat[rng.choice(flat.size, m, replace=False)] = np.array(
+        [0.5, -2.5, np.nan, np.inf, -np.inf, 1.5], np.float32)[:m] * np.float32(scale)
+    return dict(x=x, groups=groups, bits=bits, zero_point=zp, sign=sign, scale=scale)
+
+
+@SETTINGS
+@given(a=activations())
+def test_quantize_pack_bits_equal_packing_of_reference_codes(a):
+    x = a["x"]
+    got = native.quantize_pack(x, groups=a["groups"], scale=a["scale"], zero_point=a["zero_point"],
+                               bits=a["bits"], sign=a["sign"], threads=2)
+    codes = ref.quantize(x, a["scale"], a["zero_point"], a["bits"], a["sign"])
+    c = x.shape[1]
+    codes_pc = np.moveaxis(codes, 1, -1).reshape(-1, c)  # pixel = (n, *spatial)
+    np.testing.assert_array_equal(got, pack_codes(codes_pc, a["groups"], a["bits"]))
+
+
+@SETTINGS
+@given(a=activations())
+def test_quantize_pack_channel_last_equals_channel_first_of_the_transpose(a):
+    x_last = np.ascontiguousarray(np.moveaxis(a["x"], 1, -1))
+    got = native.quantize_pack(x_last, groups=a["groups"], scale=a["scale"],
+                               zero_point=a["zero_point"], bits=a["bits"], sign=a["sign"],
+                               channel_axis=-1)
+    codes = ref.quantize(x_last, a["scale"], a["zero_point"], a["bits"], a["sign"])
+    expect = pack_codes(codes.reshape(-1, x_last.shape[-1]), a["groups"], a["bits"])
+    np.testing.assert_array_equal(got, expect)
+
+
+def test_quantize_rounds_half_to_even_and_saturates():
+    x = np.array([[0.5, 1.5, 2.5, -0.5, -1.5, 100.0, -100.0, np.nan]], np.float32)
+    codes = ref.quantize(x, 1.0, 4, 4)
+    np.testing.assert_array_equal(codes, [[4, 6, 6, 4, 2, 15, 0, 4]])
+    got = native.quantize_pack(x, groups=1, scale=1.0, zero_point=4, bits=4, channel_axis=-1)
+    np.testing.assert_array_equal(got, pack_codes(codes, 1, 4))
+
+
+def test_quantized_conv_end_to_end_matches_reference():
+    case = small_case(c=33, h=7, w=6, cout=5, k=4, bits=4, zero_point=6, scale=0.125)
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((1, 33, 7, 6)).astype(np.float32)
+    act = native.quantize_pack(x, groups=1, scale=0.125, zero_point=6, bits=4)
+    case["codes"] = ref.quantize(x, 0.125, 6, 4)
+    _, acc = make_conv(case).run(act, 1, 7, 6, return_acc=True)
+    np.testing.assert_array_equal(acc, reference_acc(case))
+
+
+# ------------------------------------------------------------------------------------------------
+# bad arguments: ValueError, never a crash
+
+
+def _valid_conv_and_act():
+    case = small_case()
+    return case, make_conv(case), pack_nchw(case["codes"], 1, case["bits"])
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(bits=0), dict(bits=9), dict(zero_point=16), dict(zero_point=-1), dict(scale=0.0),
+        dict(scale=float("nan")), dict(scale=-1.0), dict(groups=3), dict(kernel=(0, 3)),
+        dict(strides=(0, 1)), dict(dilations=(1, 0)), dict(pads=(1, 1, 1)), dict(pads=(-1, 0, 0, 0)),
+        dict(cin=9), dict(act_min=1.0, act_max=0.0), dict(sign=True, bits=2),
+    ],
+)
+def test_packed_conv_rejects_invalid_parameters(change):
+    case = small_case()
+    with pytest.raises(ValueError):
+        make_conv(case, **change)
+
+
+def test_packed_conv_rejects_bad_basis_and_coefficients():
+    case = small_case()
+    with pytest.raises(ValueError):  # wrong dtype
+        native.PackedConv(case["basis"].astype(np.int16), case["coeffs"], None, cin=8, groups=1,
+                          kernel=(3, 3), bits=4, zero_point=0, scale=1.0)
+    with pytest.raises(ValueError):  # non-contiguous
+        native.PackedConv(np.asfortranarray(np.repeat(case["basis"], 2, axis=0)),
+                          np.repeat(case["coeffs"], 2, 0), None, cin=8, groups=1, kernel=(3, 3),
+                          bits=4, zero_point=0, scale=1.0)
+    with pytest.raises(ValueError):  # wrong byte count for D
+        native.PackedConv(case["basis"][:, :, :-1].copy(), case["coeffs"], None, cin=8, groups=1,
+                          kernel=(3, 3), bits=4, zero_point=0, scale=1.0)
+    with pytest.raises(ValueError):  # k = 9
+        rng = np.random.default_rng(0)
+        native.PackedConv(random_basis(rng, 4, 9, 72), np.ones((4, 9), np.float32), None, cin=8,
+                          groups=1, kernel=(3, 3), bits=4, zero_point=0, scale=1.0)
+    with pytest.raises(ValueError):  # coeffs shape mismatch
+        native.PackedConv(case["basis"], case["coeffs"][:, :1].copy(), None, cin=8, groups=1,
+                          kernel=(3, 3), bits=4, zero_point=0, scale=1.0)
+    with pytest.raises(ValueError):  # bias dtype
+        native.PackedConv(case["basis"], case["coeffs"], np.zeros(4), cin=8, groups=1,
+                          kernel=(3, 3), bits=4, zero_point=0, scale=1.0)
+
+
+def test_run_rejects_mismatched_activations_and_outputs():
+    _, conv, act = _valid_conv_and_act()
+    with pytest.raises(ValueError):  # wrong image size for this act
+        conv.run(act, 1, 5, 6)
+    with pytest.raises(ValueError):  # wrong dtype
+        conv.run(act.astype(np.int64), 1, 5, 5)
+    with pytest.raises(ValueError):  # non-contiguous
+        conv.run(np.repeat(act, 2, axis=0)[::2], 1, 5, 5)
+    with pytest.raises(ValueError):  # output buffer of the wrong shape
+        conv.run(act, 1, 5, 5, out=np.empty((1, 4, 5, 4), np.float32))
+    with pytest.raises(ValueError):  # zero point out of range for Q = 4
+        conv.run(act, 1, 5, 5, zero_point=16)
+    with pytest.raises(ValueError):
+        conv.run(act, 1, 5, 5, isa="sse9")
+    with pytest.raises(ValueError):
+        conv.run(act, 1, 5, 5, threads=0)
+
+
+def test_run_rejects_an_image_smaller_than_the_kernel():
+    case = small_case(pads=(0, 0, 0, 0), h=2, w=2)
+    conv = make_conv(case)
+    with pytest.raises(ValueError):
+        conv.run(pack_nchw(case["codes"], 1, 4), 1, 2, 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(groups=1, scale=1.0, zero_point=0, bits=0),
+        dict(groups=1, scale=1.0, zero_point=0, bits=9),
+        dict(groups=1, scale=1.0, zero_point=256, bits=8),
+        dict(groups=5, scale=1.0, zero_point=0, bits=4),
+        dict(groups=1, scale=float("inf"), zero_point=0, bits=4),
+        dict(groups=1, scale=1.0, zero_point=0, bits=4, channel_axis=2),
+        dict(groups=1, scale=1.0, zero_point=0, bits=2, sign=True),
+    ],
+)
+def test_quantize_pack_rejects_invalid_parameters(kwargs):
+    x = np.zeros((1, 8, 3, 3), np.float32)
+    with pytest.raises(ValueError):
+        native.quantize_pack(x, **kwargs)
+
+
+def test_quantize_pack_rejects_non_numeric_or_empty_input():
+    with pytest.raises(ValueError):
+        native.quantize_pack(np.zeros((1, 8), np.complex64), groups=1, scale=1.0, zero_point=0, bits=4)
+    with pytest.raises(ValueError):
+        native.quantize_pack(np.zeros((1, 0, 3), np.float32), groups=1, scale=1.0, zero_point=0, bits=4)
+    with pytest.raises(ValueError):
+        native.quantize_pack([[1.0, 2.0]], groups=1, scale=1.0, zero_point=0, bits=4)
+
+
+def test_c_layer_rejects_inconsistent_parameters_with_einval():
+    """The C entry points validate too (for callers other than the Python wrapper)."""
+    ffi, lib = native.ffi, native.lib
+    p = ffi.new("bd_conv_params *")
+    assert lib.bd_act_words(p) == 0  # all zero: invalid
+    assert lib.bd_conv(p, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL,
+                       0, 1) == lib.BD_EINVAL
+    assert lib.bd_conv(ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL,
+                       ffi.NULL, 0, 1) == lib.BD_EINVAL
+    p.n = p.h = p.w = p.c = p.groups = p.cout = p.kh = p.kw = 1
+    p.stride_h = p.stride_w = p.dil_h = p.dil_w = p.oh = p.ow = 1
+    p.bits, p.k, p.scale, p.act_min, p.act_max = 1, 1, 1.0, -math.inf, math.inf
+    assert lib.bd_act_words(p) == 1
+    p.oh = 2  # does not match the formula
+    assert lib.bd_act_words(p) == 0
+    assert lib.bd_quantize_pack(ffi.NULL, 1, 1, 1, 1, 1.0, 0, 1, 0, ffi.NULL, 1) == lib.BD_EINVAL
+    assert lib.bd_popcount_peak(99, 0.01) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# ISA selection and the peak measurement
+
+
+def test_scalar_is_always_available_and_default_is_the_best():
+    assert ISAS[0] == "scalar"
+    assert set(ISAS) <= set(native.ISAS)
+
+
+def test_bdecomp_isa_env_forces_the_kernel(monkeypatch):
+    for isa in ISAS:
+        monkeypatch.setenv("BDECOMP_ISA", isa)
+        assert native.default_isa() == isa
+    monkeypatch.delenv("BDECOMP_ISA")
+    assert native.default_isa() == ISAS[-1]
+
+
+def test_bdecomp_isa_env_rejects_unknown_or_unsupported_isas(monkeypatch):
+    monkeypatch.setenv("BDECOMP_ISA", "neon")
+    with pytest.raises(ValueError):
+        native.default_isa()
+    missing = [i for i in native.ISAS if i not in ISAS]
+    if missing:
+        monkeypatch.setenv("BDECOMP_ISA", missing[0])
+        with pytest.raises(RuntimeError):
+            native.default_isa()
+
+
+def test_forced_isa_is_used_by_run(monkeypatch):
+    case, conv, act = _valid_conv_and_act()
+    monkeypatch.setenv("BDECOMP_ISA", "scalar")
+    np.testing.assert_array_equal(conv.run(act, 1, 5, 5), conv.run(act, 1, 5, 5, isa=ISAS[-1]))
+    missing = [i for i in native.ISAS if i not in ISAS]
+    if missing:  # run() consults the variable: forcing an ISA this CPU lacks fails loudly
+        monkeypatch.setenv("BDECOMP_ISA", missing[0])
+        with pytest.raises(RuntimeError):
+            conv.run(act, 1, 5, 5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_popcount_peak_is_positive_and_finite(isa):
+    peak = native.popcount_peak(isa, seconds=0.02)
+    assert math.isfinite(peak) and peak > 0
