@@ -51,44 +51,52 @@ def _node_with_refs(op: str, inputs, outputs, refs: list[onnx.AttributeProto], *
 
 
 def _qmax_nodes() -> list[onnx.NodeProto]:
-    """qmax (uint8) and qmaxf (float) from the `qmax` attribute."""
+    """qmaxf (float) from the `qmax` attribute."""
     return [
         _node_with_refs("Constant", [], ["qmax_i"], [_ref("value_int", "qmax", onnx.AttributeProto.INT)]),
-        helper.make_node("Cast", ["qmax_i"], ["qmax"], to=TensorProto.UINT8),
         helper.make_node("Cast", ["qmax_i"], ["qmaxf"], to=TensorProto.FLOAT),
     ]
 
 
-def _quantize() -> onnx.FunctionProto:
-    nodes = _qmax_nodes() + [
-        _const("zero_u8", np.array(0, np.uint8)),
-        helper.make_node("QuantizeLinear", ["x", "scale", "zero_point"], ["q"]),
-        helper.make_node("Clip", ["q", "zero_u8", "qmax"], ["codes"]),
+def _codes_nodes() -> list[onnx.NodeProto]:
+    """codes = uint8(clip(round(x / scale) + z, 0, qmax)) in float arithmetic.
+
+    Written without QuantizeLinear/DequantizeLinear on purpose: onnxruntime's QDQ graph
+    optimisations rewrite Q→Clip→DQ chains and change the numbers (seen with onnxruntime 1.32)."""
+    return [
+        _const("zero_f", np.array(0, np.float32)),
+        helper.make_node("Cast", ["zero_point"], ["zf"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["x", "scale"], ["xs"]),
+        helper.make_node("Round", ["xs"], ["xr"]),
+        helper.make_node("Add", ["xr", "zf"], ["xz"]),
+        helper.make_node("Clip", ["xz", "zero_f", "qmaxf"], ["qf"]),
+        helper.make_node("Cast", ["qf"], ["codes"], to=TensorProto.UINT8),
     ]
+
+
+def _quantize() -> onnx.FunctionProto:
+    nodes = _qmax_nodes() + _codes_nodes()
     return helper.make_function(DOMAIN, QUANTIZE, ["x", "scale", "zero_point"], ["codes"], nodes,
                                 [helper.make_opsetid("", OPSET)], ["qmax"])
 
 
 def _quantize_dynamic() -> onnx.FunctionProto:
     nodes = _qmax_nodes() + [
-        _const("zero_f", np.array(0, np.float32)),
+        _const("zero_lo", np.array(0, np.float32)),
         _const("tiny", np.array(1e-8, np.float32)),
-        _const("zero_u8", np.array(0, np.uint8)),
         helper.make_node("ReduceMin", ["x"], ["mn"], keepdims=0),
         helper.make_node("ReduceMax", ["x"], ["mx"], keepdims=0),
-        helper.make_node("Min", ["mn", "zero_f"], ["lo"]),
-        helper.make_node("Max", ["mx", "zero_f"], ["hi"]),
+        helper.make_node("Min", ["mn", "zero_lo"], ["lo"]),
+        helper.make_node("Max", ["mx", "zero_lo"], ["hi"]),
         helper.make_node("Sub", ["hi", "lo"], ["rng"]),
         helper.make_node("Max", ["rng", "tiny"], ["rng_g"]),
         helper.make_node("Div", ["rng_g", "qmaxf"], ["scale"]),
         helper.make_node("Neg", ["lo"], ["neg_lo"]),
-        helper.make_node("Div", ["neg_lo", "scale"], ["zf"]),
-        helper.make_node("Round", ["zf"], ["zr"]),
-        helper.make_node("Clip", ["zr", "zero_f", "qmaxf"], ["zc"]),
+        helper.make_node("Div", ["neg_lo", "scale"], ["z_raw"]),
+        helper.make_node("Round", ["z_raw"], ["zr"]),
+        helper.make_node("Clip", ["zr", "zero_lo", "qmaxf"], ["zc"]),
         helper.make_node("Cast", ["zc"], ["zero_point"], to=TensorProto.UINT8),
-        helper.make_node("QuantizeLinear", ["x", "scale", "zero_point"], ["q"]),
-        helper.make_node("Clip", ["q", "zero_u8", "qmax"], ["codes"]),
-    ]
+    ] + _codes_nodes()
     return helper.make_function(DOMAIN, QUANTIZE_DYNAMIC, ["x"], ["codes", "scale", "zero_point"], nodes,
                                 [helper.make_opsetid("", OPSET)], ["qmax"])
 
@@ -125,7 +133,10 @@ def _conv() -> onnx.FunctionProto:
     nodes = _weights_nodes() + [
         _node_with_refs("Constant", [], ["wshape"], [_ref("value_ints", "weight_shape", INTS)]),
         helper.make_node("Reshape", ["w3", "wshape"], ["W"]),
-        helper.make_node("DequantizeLinear", ["codes", "scale", "zero_point"], ["xf"]),
+        helper.make_node("Cast", ["codes"], ["codes_f"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["zero_point"], ["zp_f"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["codes_f", "zp_f"], ["centred"]),
+        helper.make_node("Mul", ["centred", "scale"], ["xf"]),
         _node_with_refs("Conv", ["xf", "W", "bias"], ["y"], [
             _ref("strides", "strides", INTS), _ref("pads", "pads", INTS),
             _ref("dilations", "dilations", INTS), _ref("group", "group", I)]),
@@ -140,7 +151,10 @@ def _gemm() -> onnx.FunctionProto:
         _const("flat2", np.array([0, -1], np.int64)),
         helper.make_node("Reshape", ["w3", "flat2"], ["W"]),
         helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),
-        helper.make_node("DequantizeLinear", ["codes", "scale", "zero_point"], ["xf"]),
+        helper.make_node("Cast", ["codes"], ["codes_f"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["zero_point"], ["zp_f"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["codes_f", "zp_f"], ["centred"]),
+        helper.make_node("Mul", ["centred", "scale"], ["xf"]),
         helper.make_node("MatMul", ["xf", "Wt"], ["xw"]),
         helper.make_node("Add", ["xw", "bias"], ["y"]),
     ]

@@ -57,6 +57,9 @@
  *      acc = 0; for j: acc += c_j·(float)A_j;  y = acc·s_eff + bias;  y = min(max(y, act_min), act_max)
  *    with s_eff = s (s/2 in sign mode), so all ISAs give bit-identical float outputs.
  *  - bd_popcount_peak returns 0 for an unsupported isa (or seconds ≤ 0 / not finite).
+ *  - nthreads > BD_MAX_THREADS is clamped.  bd_conv may return BD_ENOMEM (small per-call and
+ *    per-thread scratch buffers) and BD_EUNSUPPORTED (isa not runnable here).
+ *  - coeffs and bias must be finite (BD_EINVAL otherwise).
  */
 #ifndef BDECOMP_H
 #define BDECOMP_H

@@ -6,8 +6,9 @@
  *                   count bits per byte with the vpshufb nibble table, accumulate bytes for up
  *                   to 31 steps, then widen with vpsadbw into 4 × int64.
  *   conv_kp8_avx2   k > 4: the same over lanes 0–3 and 4–7.
- *   For Q ≤ 4 two such 4-lane sets (two output channels for kp 4, the two halves of one channel
- *   for kp 8) share each activation broadcast (lanes4x2_avx2); for Q > 4 the 2·Q byte counters
+ *   Bit planes 2p and 2p+1 share a byte counter (second nibble table with doubled counts).
+ *   For Q ≤ 4 two 4-lane sets (two output channels for kp 4, the two halves of one channel for
+ *   kp 8) share each activation broadcast (sets_avx2 with NS = 2); for larger Q their counters
  *   would not fit the 16 ymm registers, so the sets are done one after the other.
  *
  * The pixel loop is conv_driver.inc (shared with the AVX-512 file).  The whole file is compiled
@@ -34,99 +35,76 @@ static inline __m256i nibble_lut(void)
                             0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
 }
 
-/* Four lanes starting at wt (lane stride 1, (tap, word) stride `ls` words):
- *   lane j = Σ_b 2^b Σ popcount(wt[j] OP q_b).   Q, ls and SIGN are compile-time constants
- *   after inlining into the switch below. */
-static inline __attribute__((always_inline)) __m256i
-lanes4_avx2(const uint64_t *a, int64_t a_sy, int64_t a_sx, const uint64_t *wt, int64_t w_sy,
-            int64_t w_sx, int64_t ny, int64_t nx, int64_t wpg, const int Q, const int ls,
-            const int SIGN)
+/* the same table doubled: counts of an odd bit plane, weighted 2 relative to the even one */
+static inline __m256i nibble_lut2(void)
 {
-    const __m256i lut = nibble_lut(), low = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
-    __m256i acc[8], cnt[8];
-#pragma GCC unroll 8
-    for (int b = 0; b < Q; ++b) acc[b] = cnt[b] = zero;
-    int steps = 0; /* byte counters hold ≤ 8 per step: flush before 32 steps */
-    for (int64_t y = 0; y < ny; ++y)
-        for (int64_t x = 0; x < nx; ++x) {
-            const uint64_t *at = a + y * a_sy + x * a_sx;
-            const uint64_t *wq = wt + y * w_sy + x * w_sx;
-            for (int64_t w = 0; w < wpg; ++w) {
-                const __m256i m = _mm256_loadu_si256((const __m256i *)(wq + w * ls));
-#pragma GCC unroll 8
-                for (int b = 0; b < Q; ++b) {
-                    const __m256i q = _mm256_set1_epi64x((long long)at[b * wpg + w]);
-                    const __m256i v = SIGN ? _mm256_xor_si256(m, q) : _mm256_and_si256(m, q);
-                    cnt[b] = _mm256_add_epi8(cnt[b], pc8_avx2(v, lut, low));
-                }
-                if (++steps == 31) {
-#pragma GCC unroll 8
-                    for (int b = 0; b < Q; ++b) {
-                        acc[b] = _mm256_add_epi64(acc[b], _mm256_sad_epu8(cnt[b], zero));
-                        cnt[b] = zero;
-                    }
-                    steps = 0;
-                }
-            }
-        }
-    __m256i total = zero;
-#pragma GCC unroll 8
-    for (int b = 0; b < Q; ++b) {
-        acc[b] = _mm256_add_epi64(acc[b], _mm256_sad_epu8(cnt[b], zero));
-        total = _mm256_add_epi64(total, _mm256_slli_epi64(acc[b], b));
-    }
-    return total;
+    return _mm256_setr_epi8(0, 2, 2, 4, 2, 4, 4, 6, 2, 4, 4, 6, 4, 6, 6, 8,
+                            0, 2, 2, 4, 2, 4, 4, 6, 2, 4, 4, 6, 4, 6, 6, 8);
 }
 
-/* Two independent sets of 4 lanes (at wa and wb, same layout) against the same activations:
- * each broadcast activation word feeds two ANDs.  Used for two output channels (kp = 4) or the
- * two halves of one channel (kp = 8).  Needs 2·Q byte counters: only for Q ≤ 4. */
+/* NS independent sets of 4 lanes (set s at ws[s], lane stride 1, (tap, word) stride `ls` words)
+ * against the same activations, so each broadcast activation word feeds NS ANDs:
+ *   res[s] lane j = Σ_b 2^b Σ popcount(ws[s][j] OP q_b).
+ * Bit planes 2p and 2p+1 share one byte counter (the odd plane counted with the doubled table):
+ * ≤ 8 + 16 = 24 per byte and step, so counters are widened (vpsadbw) every 10 steps (every 31
+ * when Q = 1).  Q, NS, ls and SIGN are compile-time constants after inlining. */
 static inline __attribute__((always_inline)) void
-lanes4x2_avx2(__m256i *ra, __m256i *rb, const uint64_t *a, int64_t a_sy, int64_t a_sx,
-              const uint64_t *wa, const uint64_t *wb, int64_t w_sy, int64_t w_sx, int64_t ny,
-              int64_t nx, int64_t wpg, const int Q, const int ls, const int SIGN)
+sets_avx2(__m256i *res, const int NS, const uint64_t *const *ws, const uint64_t *a, int64_t a_sy,
+          int64_t a_sx, int64_t w_sy, int64_t w_sx, int64_t ny, int64_t nx, int64_t wpg,
+          const int Q, const int ls, const int SIGN)
 {
-    const __m256i lut = nibble_lut(), low = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
-    __m256i acc_a[4], cnt_a[4], acc_b[4], cnt_b[4];
+    const __m256i lut = nibble_lut(), lut2 = nibble_lut2(), low = _mm256_set1_epi8(0x0f);
+    const __m256i zero = _mm256_setzero_si256();
+    const int NC = (Q + 1) / 2;           /* counters per set */
+    const int LIMIT = Q == 1 ? 31 : 10;   /* steps before a byte counter could overflow */
+    __m256i tot[2], cnt[2][4];
+#pragma GCC unroll 2
+    for (int s = 0; s < NS; ++s) {
+        tot[s] = zero;
 #pragma GCC unroll 4
-    for (int b = 0; b < Q; ++b) acc_a[b] = cnt_a[b] = acc_b[b] = cnt_b[b] = zero;
+        for (int c = 0; c < NC; ++c) cnt[s][c] = zero;
+    }
     int steps = 0;
     for (int64_t y = 0; y < ny; ++y)
         for (int64_t x = 0; x < nx; ++x) {
             const uint64_t *at = a + y * a_sy + x * a_sx;
             const int64_t wo = y * w_sy + x * w_sx;
             for (int64_t w = 0; w < wpg; ++w) {
-                const __m256i ma = _mm256_loadu_si256((const __m256i *)(wa + wo + w * ls));
-                const __m256i mb = _mm256_loadu_si256((const __m256i *)(wb + wo + w * ls));
-#pragma GCC unroll 4
+                __m256i m[2];
+#pragma GCC unroll 2
+                for (int s = 0; s < NS; ++s)
+                    m[s] = _mm256_loadu_si256((const __m256i *)(ws[s] + wo + w * ls));
+#pragma GCC unroll 8
                 for (int b = 0; b < Q; ++b) {
                     const __m256i q = _mm256_set1_epi64x((long long)at[b * wpg + w]);
-                    const __m256i va = SIGN ? _mm256_xor_si256(ma, q) : _mm256_and_si256(ma, q);
-                    const __m256i vb = SIGN ? _mm256_xor_si256(mb, q) : _mm256_and_si256(mb, q);
-                    cnt_a[b] = _mm256_add_epi8(cnt_a[b], pc8_avx2(va, lut, low));
-                    cnt_b[b] = _mm256_add_epi8(cnt_b[b], pc8_avx2(vb, lut, low));
-                }
-                if (++steps == 31) {
-#pragma GCC unroll 4
-                    for (int b = 0; b < Q; ++b) {
-                        acc_a[b] = _mm256_add_epi64(acc_a[b], _mm256_sad_epu8(cnt_a[b], zero));
-                        acc_b[b] = _mm256_add_epi64(acc_b[b], _mm256_sad_epu8(cnt_b[b], zero));
-                        cnt_a[b] = cnt_b[b] = zero;
+#pragma GCC unroll 2
+                    for (int s = 0; s < NS; ++s) {
+                        const __m256i v = SIGN ? _mm256_xor_si256(m[s], q) : _mm256_and_si256(m[s], q);
+                        cnt[s][b >> 1] =
+                            _mm256_add_epi8(cnt[s][b >> 1], pc8_avx2(v, (b & 1) ? lut2 : lut, low));
                     }
+                }
+                if (++steps == LIMIT) {
+#pragma GCC unroll 2
+                    for (int s = 0; s < NS; ++s)
+#pragma GCC unroll 4
+                        for (int c = 0; c < NC; ++c) {
+                            tot[s] = _mm256_add_epi64(
+                                tot[s], _mm256_slli_epi64(_mm256_sad_epu8(cnt[s][c], zero), 2 * c));
+                            cnt[s][c] = zero;
+                        }
                     steps = 0;
                 }
             }
         }
-    __m256i ta = zero, tb = zero;
+#pragma GCC unroll 2
+    for (int s = 0; s < NS; ++s) {
 #pragma GCC unroll 4
-    for (int b = 0; b < Q; ++b) {
-        acc_a[b] = _mm256_add_epi64(acc_a[b], _mm256_sad_epu8(cnt_a[b], zero));
-        acc_b[b] = _mm256_add_epi64(acc_b[b], _mm256_sad_epu8(cnt_b[b], zero));
-        ta = _mm256_add_epi64(ta, _mm256_slli_epi64(acc_a[b], b));
-        tb = _mm256_add_epi64(tb, _mm256_slli_epi64(acc_b[b], b));
+        for (int c = 0; c < NC; ++c)
+            tot[s] = _mm256_add_epi64(tot[s],
+                                      _mm256_slli_epi64(_mm256_sad_epu8(cnt[s][c], zero), 2 * c));
+        res[s] = tot[s];
     }
-    *ra = ta;
-    *rb = tb;
 }
 
 /* S[i·KP + j] for nco output channels (weights of channel i at wt + i·w_co) */
@@ -136,32 +114,24 @@ channels_avx2(int64_t *S, int64_t nco, int64_t w_co, const uint64_t *a, int64_t 
               int64_t nx, int64_t wpg, const int Q, const int KP, const int SIGN)
 {
     int64_t i = 0;
-    if (Q <= 4) { /* pairs of 4-lane sets share the activation broadcasts */
-        if (KP == 4) {
-            for (; i + 2 <= nco; i += 2) {
-                __m256i r0, r1;
-                lanes4x2_avx2(&r0, &r1, a, a_sy, a_sx, wt + i * w_co, wt + (i + 1) * w_co, w_sy,
-                              w_sx, ny, nx, wpg, Q, KP, SIGN);
-                _mm256_storeu_si256((__m256i *)(S + i * KP), r0);
-                _mm256_storeu_si256((__m256i *)(S + (i + 1) * KP), r1);
-            }
-        } else {
-            for (; i < nco; ++i) {
-                __m256i r0, r1;
-                lanes4x2_avx2(&r0, &r1, a, a_sy, a_sx, wt + i * w_co, wt + i * w_co + 4, w_sy, w_sx,
-                              ny, nx, wpg, Q, KP, SIGN);
-                _mm256_storeu_si256((__m256i *)(S + i * KP), r0);
-                _mm256_storeu_si256((__m256i *)(S + i * KP + 4), r1);
-            }
+    if (Q <= 4) { /* two 4-lane sets share the activation broadcasts */
+        for (; i + (KP == 4 ? 2 : 1) <= nco; i += (KP == 4 ? 2 : 1)) {
+            /* kp 4: channels i and i+1; kp 8: lanes 0–3 and 4–7 of channel i */
+            const uint64_t *ws[2] = {wt + i * w_co, KP == 4 ? wt + (i + 1) * w_co : wt + i * w_co + 4};
+            __m256i r[2];
+            sets_avx2(r, 2, ws, a, a_sy, a_sx, w_sy, w_sx, ny, nx, wpg, Q, KP, SIGN);
+            _mm256_storeu_si256((__m256i *)(S + i * KP), r[0]);
+            _mm256_storeu_si256((__m256i *)(S + i * KP + 4), r[1]);
         }
     }
     for (; i < nco; ++i) {
-        const uint64_t *wi = wt + i * w_co;
-        /* KP = 4: lanes 0–3 in one register; KP = 8: two passes over lanes 0–3 and 4–7 */
-        for (int h = 0; h < KP / 4; ++h)
-            _mm256_storeu_si256((__m256i *)(S + i * KP + 4 * h),
-                                lanes4_avx2(a, a_sy, a_sx, wi + 4 * h, w_sy, w_sx, ny, nx, wpg, Q,
-                                            KP, SIGN));
+        /* one set at a time: lanes 0–3 (kp 4), or lanes 0–3 then 4–7 (kp 8) */
+        for (int h = 0; h < KP / 4; ++h) {
+            const uint64_t *ws[1] = {wt + i * w_co + 4 * h};
+            __m256i r[1];
+            sets_avx2(r, 1, ws, a, a_sy, a_sx, w_sy, w_sx, ny, nx, wpg, Q, KP, SIGN);
+            _mm256_storeu_si256((__m256i *)(S + i * KP + 4 * h), r[0]);
+        }
     }
 }
 

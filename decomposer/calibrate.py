@@ -1,0 +1,142 @@
+"""Activation statistics on calibration images and the quantizer parameters chosen from them.
+
+The float model is run by onnxruntime with the decomposed layers' inputs added as outputs; each
+batch updates per-tensor min/max and a bounded, seeded random sample of values, so memory does not
+grow with the number of images. Step and zero point minimise the quantization MSE of that sample
+(DESIGN §2), searched on a histogram so the search costs nothing next to the inference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+SAMPLES_PER_BATCH = 8192
+MAX_SAMPLES = 1 << 20
+HIST_BINS = 2048
+
+
+@dataclass
+class TensorStats:
+    """Running min/max and a bounded random sample of one tensor's values."""
+
+    lo: float = np.inf
+    hi: float = -np.inf
+    chunks: list[np.ndarray] = field(default_factory=list)
+    count: int = 0
+
+    def update(self, x: np.ndarray, rng: np.random.Generator) -> None:
+        flat = x.reshape(-1)
+        finite = flat[np.isfinite(flat)]
+        if finite.size == 0:
+            return
+        self.lo = min(self.lo, float(finite.min()))
+        self.hi = max(self.hi, float(finite.max()))
+        if finite.size > SAMPLES_PER_BATCH:
+            finite = finite[rng.choice(finite.size, SAMPLES_PER_BATCH, replace=False)]
+        self.chunks.append(finite.astype(np.float32, copy=True))
+        self.count += finite.size
+        if self.count > 2 * MAX_SAMPLES:
+            self._shrink(rng)
+
+    def _shrink(self, rng: np.random.Generator) -> None:
+        allv = np.concatenate(self.chunks)
+        self.chunks = [allv[rng.choice(allv.size, MAX_SAMPLES, replace=False)]]
+        self.count = MAX_SAMPLES
+
+    def sample(self) -> np.ndarray:
+        return np.concatenate(self.chunks) if self.chunks else np.zeros(1, np.float32)
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Affine activation quantizer: q = clip(round(x/scale) + zero_point, 0, 2^bits − 1)."""
+
+    scale: float
+    zero_point: int
+    bits: int
+
+
+def qparams_from_range(lo: float, hi: float, bits: int) -> QParams:
+    """Step and integer zero point for [lo, hi] widened to contain 0 (zero padding stays exact).
+    A zero range (an all-zero input) gets step 1, so nothing divides by zero."""
+    qmax = (1 << bits) - 1
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if not hi > lo:
+        return QParams(1.0, 0, bits)
+    scale = np.float32((hi - lo) / qmax)
+    if scale <= 0 or not np.isfinite(scale):
+        return QParams(1.0, 0, bits)
+    zp = int(np.clip(np.round(-lo / float(scale)), 0, qmax))
+    return QParams(float(scale), zp, bits)
+
+
+def _quant_mse(centers: np.ndarray, counts: np.ndarray, q: QParams) -> float:
+    qmax = (1 << q.bits) - 1
+    codes = np.clip(np.rint(centers / q.scale) + q.zero_point, 0, qmax)
+    return float((counts * (centers - (codes - q.zero_point) * q.scale) ** 2).sum())
+
+
+def choose_qparams(stats: TensorStats, bits: int, method: str = "mse") -> QParams:
+    """`minmax`: the observed range. `mse`: the clipping range minimising the expected squared
+    quantization error on the sample (a grid over the fractions of the negative and positive
+    extremes kept; non-negative inputs keep z = 0)."""
+    if not np.isfinite(stats.lo):
+        return QParams(1.0, 0, bits)
+    full = qparams_from_range(stats.lo, stats.hi, bits)
+    if method == "minmax":
+        return full
+    if method != "mse":
+        raise ValueError(f"unknown range method {method!r}")
+    lo, hi = min(stats.lo, 0.0), max(stats.hi, 0.0)
+    if not hi > lo:
+        return full
+    counts, edges = np.histogram(stats.sample(), bins=HIST_BINS, range=(lo, hi))
+    centers = 0.5 * (edges[1:] + edges[:-1])
+    fractions = np.concatenate([np.linspace(0.05, 1.0, 40), [1.0]])
+    lo_fracs = fractions if lo < 0 else np.array([1.0])
+    hi_fracs = fractions if hi > 0 else np.array([1.0])
+    best, best_err = full, _quant_mse(centers, counts, full)
+    for fl in lo_fracs:
+        for fh in hi_fracs:
+            q = qparams_from_range(lo * fl, hi * fh, bits)
+            err = _quant_mse(centers, counts, q)
+            if err < best_err:
+                best, best_err = q, err
+    return best
+
+
+def _session(model: onnx.ModelProto, outputs: list[str], threads: int | None) -> ort.InferenceSession:
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    have = {o.name for o in m.graph.output}
+    for name in outputs:
+        if name not in have:
+            m.graph.output.append(onnx.ValueInfoProto(name=name))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def collect_stats(model: onnx.ModelProto, tensors: list[str], batches: Iterable[np.ndarray],
+                  threads: int | None = None, seed: int = 0,
+                  on_batch: Callable[[int], None] | None = None) -> dict[str, TensorStats]:
+    """Run the float model over `batches` and gather statistics of `tensors` (graph inputs included)."""
+    graph_inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    inner = [t for t in tensors if t not in graph_inputs]
+    sess = _session(model, inner, threads)
+    input_name = sess.get_inputs()[0].name
+    rng = np.random.default_rng(seed)
+    stats = {t: TensorStats() for t in tensors}
+    for x in batches:
+        values = dict(zip(inner, sess.run(inner, {input_name: x}))) if inner else {}
+        values.update({n: x for n in tensors if n in graph_inputs})
+        for t in tensors:
+            stats[t].update(np.asarray(values[t], np.float32), rng)
+        if on_batch:
+            on_batch(x.shape[0])
+    return stats

@@ -1,0 +1,146 @@
+"""`convert`: read → simplify → calibrate → decompose → rewrite → write, with a report.
+
+The input file is only read; the output is written atomically and is byte-identical for the same
+model, images and options (no timestamps, seeded sampling, deterministic serialisation).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from bdecomp.decomposer import calibrate, decompose, load, rewrite, simplify
+from bdecomp.decomposer.config import load_layer_config
+from bdecomp.decomposer.report import LayerRow, Report
+from bdecomp.errors import ConfigError, ModelError
+from bdecomp.models import datasets, registry
+from bdecomp.models.preprocess import Recipe, recipe_with_overrides
+
+META_PREFIX = "bdecomp."
+
+
+def model_input(model: onnx.ModelProto) -> tuple[str, list[int | None]]:
+    """The single image input (name, shape); ModelError for models bdecomp cannot feed."""
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise ModelError(f"model has {len(inputs)} inputs; bdecomp handles single-input image models")
+    t = inputs[0].type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    return inputs[0].name, dims
+
+
+def resolve_recipe(path: str | Path, model: onnx.ModelProto, overrides: dict[str, Any] | None) -> tuple[Recipe, dict]:
+    """Preprocessing of a model: its own metadata, else the registry (by sha256), else torchvision
+    statistics at the model's input size; CLI overrides on top. Returns (recipe, model info)."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    info: dict[str, Any] = {}
+    base: Recipe | None = None
+    if META_PREFIX + "recipe" in meta:
+        base = Recipe.from_json(meta[META_PREFIX + "recipe"])
+        info = {k: meta.get(META_PREFIX + k) for k in ("task", "labels", "name", "ignore_index")}
+    else:
+        known = registry.identify(path)
+        if known is not None:
+            base = known.recipe
+            info = {"task": known.task, "labels": known.labels, "name": known.name,
+                    "ignore_index": known.ignore_index}
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None and v is not False}
+    if base is None:
+        _, dims = model_input(model)
+        size = tuple(dims[2:4]) if len(dims) == 4 and None not in dims[2:4] else None
+        if size is not None and "size" not in overrides and "crop" not in overrides:
+            overrides["size"] = size
+    recipe = recipe_with_overrides(base, **overrides) if (overrides or base is None) else base
+    info = {k: v for k, v in info.items() if v is not None}
+    return recipe, info
+
+
+def _progress(total: int | None, desc: str, enabled: bool):
+    return tqdm(total=total, desc=desc, unit="img" if "calib" in desc else "layer", disable=not enabled,
+                leave=False, dynamic_ncols=True)
+
+
+def convert(model_path: str | Path, output_path: str | Path | None = None, *, bases: int = 8, act_bits: int = 8,
+            calib: str | Path | None = None, calib_limit: int | None = 128, layer_config: str | Path | None = None,
+            range_method: str = "mse", recipe_overrides: dict[str, Any] | None = None, progress: bool = True,
+            report_path: str | Path | None = None, threads: int | None = None) -> Report:
+    """Decompose `model_path` and write the decomposed ONNX file; returns the conversion report."""
+    t0 = time.perf_counter()
+    model_path = Path(model_path)
+    output_path = Path(output_path) if output_path else model_path.with_name(model_path.stem + ".bd.onnx")
+    if output_path.exists() and output_path.resolve() == model_path.resolve():
+        raise ConfigError(f"{output_path}: refusing to overwrite the input model")
+    cfg = load_layer_config(layer_config, bases, act_bits)
+    if calib_limit is not None and calib_limit < 1:
+        raise ConfigError("--calib-limit must be at least 1")
+
+    original = load.read_model(model_path)
+    if any(o.domain == "ai.bdecomp" for o in original.opset_import):
+        raise ModelError(f"{model_path}: already a decomposed model")
+    bytes_before = model_path.stat().st_size
+    recipe, info = resolve_recipe(model_path, original, recipe_overrides)
+    model = load.upgrade_opset(original, model_path)
+    rewrite.ensure_node_names(model)
+    model, folded = simplify.fold_batchnorm(model)
+    model = simplify.infer_shapes(model)
+    layers, floats = rewrite.find_layers(model)
+    cfg.check_names({L.name for L in layers} | {L.output for L in layers})
+
+    chosen = []
+    float_layers = [{"name": n, "op": op, "reason": why} for n, op, why in floats]
+    for L in layers:
+        s = cfg.setting((L.name, L.output))
+        if s.skip:
+            float_layers.append({"name": L.name, "op": L.op, "reason": "skipped by layer config"})
+        else:
+            chosen.append((L, s))
+
+    qparams: dict[tuple[str, int], calibrate.QParams] = {}
+    n_calib = 0
+    if calib is not None and chosen:
+        images = datasets.spread(datasets.list_images(calib), calib_limit)
+        n_calib = len(images)
+        tensors = sorted({L.input for L, _ in chosen})
+        with _progress(len(images), "calibrating", progress) as bar:
+            batches = (x for x, _ in datasets.iter_batches(images, recipe, batch_size=1))
+            stats = calibrate.collect_stats(model, tensors, batches, threads=threads, on_batch=bar.update)
+        for L, s in chosen:
+            qparams[(L.input, s.q)] = calibrate.choose_qparams(stats[L.input], s.q, range_method)
+
+    plans, rows = [], []
+    with _progress(len(chosen), "decomposing", progress) as bar:
+        for L, s in chosen:
+            dec = decompose.decompose(L.weight, s.k)
+            qp = qparams.get((L.input, s.q))
+            plans.append(rewrite.Plan(L, dec, s.q, qp))
+            err = float(np.linalg.norm(L.weight - dec.reconstruct()) / max(np.linalg.norm(L.weight), 1e-30))
+            bytes_after = dec.packed_basis().nbytes + 4 * dec.coeffs.size + 4 * L.cout
+            rows.append(LayerRow(L.name, L.op, L.depth, L.cout, s.k, s.q, L.macs, err, 4 * (L.weight.size + L.cout),
+                                 bytes_after, qp.scale if qp else None, qp.zero_point if qp else None))
+            bar.update(1)
+
+    out = rewrite.rewrite(model, plans)
+    meta = {"version": "1", "recipe": recipe.to_json(), "source_sha256": registry.file_sha256(model_path),
+            "options": json.dumps({"bases": bases, "act_bits": act_bits, "calib_images": n_calib,
+                                   "range_method": range_method if n_calib else "dynamic-minmax"}, sort_keys=True)}
+    meta.update({k: str(v) for k, v in info.items()})
+    existing = {p.key for p in out.metadata_props}
+    for k, v in sorted(meta.items()):
+        if META_PREFIX + k not in existing:
+            out.metadata_props.add(key=META_PREFIX + k, value=v)
+    try:
+        onnx.checker.check_model(out)
+    except onnx.checker.ValidationError as e:  # a bug of ours, not the user's input
+        raise RuntimeError(f"decomposed model fails the ONNX checker: {str(e).splitlines()[0]}") from None
+    bytes_after = load.save_model(out, output_path)
+    report = Report(str(model_path), str(output_path), rows, float_layers, bytes_before, bytes_after,
+                    time.perf_counter() - t0, n_calib, folded)
+    if report_path:
+        load.write_atomic(report.to_json().encode(), report_path)
+    return report

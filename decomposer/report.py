@@ -1,0 +1,74 @@
+"""The conversion report: per-layer rows and totals, as a terminal table and as JSON."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LayerRow:
+    name: str
+    op: str
+    depth: int
+    cout: int
+    k: int
+    q: int
+    macs: int
+    weight_error: float
+    bytes_before: int
+    bytes_after: int
+    scale: float | None
+    zero_point: int | None
+
+
+@dataclass
+class Report:
+    source: str
+    output: str
+    layers: list[LayerRow] = field(default_factory=list)
+    float_layers: list[dict] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+    seconds: float = 0.0
+    calibration_images: int = 0
+    folded_batchnorms: int = 0
+
+    @property
+    def mac_weighted_kq(self) -> float:
+        macs = sum(r.macs for r in self.layers)
+        return sum(r.macs * r.k * r.q for r in self.layers) / macs if macs else 0.0
+
+    def totals(self) -> dict:
+        return {
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "size_ratio": self.bytes_after / self.bytes_before if self.bytes_before else None,
+            "mac_weighted_kq": self.mac_weighted_kq,
+            "decomposed_layers": len(self.layers),
+            "float_layers": len(self.float_layers),
+            "decomposed_macs": sum(r.macs for r in self.layers),
+            "calibration_images": self.calibration_images,
+            "folded_batchnorms": self.folded_batchnorms,
+            "seconds": self.seconds,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps({"source": self.source, "output": self.output,
+                           "layers": [asdict(r) for r in self.layers],
+                           "float_layers": self.float_layers, "totals": self.totals()}, indent=2)
+
+    def table(self) -> str:
+        head = f"{'layer':<28} {'op':<6} {'D':>6} {'Cout':>5} {'k':>2} {'Q':>2} {'w.err':>6} {'bytes':>10} {'-> bytes':>9}"
+        lines = [head, "-" * len(head)]
+        for r in self.layers:
+            lines.append(f"{r.name[:28]:<28} {r.op:<6} {r.depth:>6} {r.cout:>5} {r.k:>2} {r.q:>2} "
+                         f"{r.weight_error:>6.3f} {r.bytes_before:>10,} {r.bytes_after:>9,}")
+        for f in self.float_layers:
+            lines.append(f"{f['name'][:28]:<28} {f['op']:<6} float: {f['reason']}")
+        t = self.totals()
+        ratio = f"{100 * t['size_ratio']:.1f}%" if t["size_ratio"] else "-"
+        lines.append("-" * len(head))
+        lines.append(f"{len(self.layers)} layers decomposed, {len(self.float_layers)} left float; "
+                     f"MAC-weighted k*Q {t['mac_weighted_kq']:.1f}; file {self.bytes_before:,} -> "
+                     f"{self.bytes_after:,} bytes ({ratio}); {self.seconds:.1f} s")
+        return "\n".join(lines)

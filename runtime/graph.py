@@ -1,0 +1,268 @@
+"""Reading a decomposed graph for the native runtime: validation of the ai.bdecomp nodes,
+activation fusion, and the schedule of onnxruntime segments and native steps.
+
+Everything here is checked before any array reaches C, so a malformed file fails with one
+DecomposedModelError line instead of a crash.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from bdecomp.decomposer import ops
+from bdecomp.errors import DecomposedModelError
+
+MAX_DIM = 1 << 24  # no sane CNN layer has a dimension beyond this
+
+
+@dataclass
+class QuantSpec:
+    name: str
+    input: str
+    outputs: list[str]  # codes[, scale, zero_point]
+    params: list[str]  # the scale and zero_point tensors layers must take from this quantizer
+    bits: int
+    dynamic: bool
+    scale: float | None = None
+    zero_point: int | None = None
+
+
+@dataclass
+class LayerSpec:
+    name: str
+    op: str  # BinConv | BinGemm
+    quant: str  # name of the quantizer node feeding it
+    output: str
+    basis: np.ndarray
+    coeffs: np.ndarray
+    bias: np.ndarray
+    depth: int
+    weight_shape: tuple[int, ...]
+    strides: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    dilations: tuple[int, int] = (1, 1)
+    group: int = 1
+    act_min: float = -np.inf
+    act_max: float = np.inf
+    fused: list[str] = field(default_factory=list)  # names of fused activation nodes
+
+    @property
+    def k(self) -> int:
+        return self.basis.shape[1]
+
+
+def _err(node: onnx.NodeProto, msg: str) -> DecomposedModelError:
+    return DecomposedModelError(f"malformed decomposed node {node.name or node.op_type!r}: {msg}")
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _const(inits: dict, name: str, node, dtype, what: str) -> np.ndarray:
+    if name not in inits:
+        raise _err(node, f"{what} ({name!r}) is not a constant initializer")
+    try:
+        a = numpy_helper.to_array(inits[name])
+    except Exception:
+        raise _err(node, f"{what} cannot be read") from None
+    if a.dtype != dtype:
+        raise _err(node, f"{what} must be {np.dtype(dtype).name}, got {a.dtype.name}")
+    return a
+
+
+def _ints(a: dict, key: str, n: int, lo: int, node, default=None) -> tuple[int, ...]:
+    v = a.get(key, default)
+    if v is None or not isinstance(v, (list, tuple)) or len(v) != n or not all(isinstance(i, int) for i in v):
+        raise _err(node, f"attribute {key} must be {n} integers")
+    if any(i < lo or i > MAX_DIM for i in v):
+        raise _err(node, f"attribute {key} out of range: {list(v)}")
+    return tuple(v)
+
+
+def parse_quantizer(node: onnx.NodeProto, inits: dict) -> QuantSpec:
+    a = _attrs(node)
+    qmax = a.get("qmax")
+    if not isinstance(qmax, int) or qmax not in [(1 << b) - 1 for b in range(1, 9)]:
+        raise _err(node, f"qmax must be 2^Q - 1 with Q in 1..8, got {qmax!r}")
+    bits = int(qmax).bit_length()
+    if node.op_type == ops.QUANTIZE_DYNAMIC:
+        if len(node.input) != 1 or len(node.output) != 3:
+            raise _err(node, "BinQuantizeDynamic takes 1 input and gives 3 outputs")
+        return QuantSpec(node.name, node.input[0], list(node.output), list(node.output[1:]), bits, True)
+    if len(node.input) != 3 or len(node.output) != 1:
+        raise _err(node, "BinQuantize takes 3 inputs and gives 1 output")
+    s = _const(inits, node.input[1], node, np.float32, "scale")
+    z = _const(inits, node.input[2], node, np.uint8, "zero_point")
+    if s.size != 1 or z.size != 1:
+        raise _err(node, "scale and zero_point must be scalars")
+    scale, zp = float(s.reshape(-1)[0]), int(z.reshape(-1)[0])
+    if not (np.isfinite(scale) and scale > 0):
+        raise _err(node, f"scale must be finite and > 0, got {scale}")
+    if zp > qmax:
+        raise _err(node, f"zero_point {zp} exceeds qmax {qmax}")
+    return QuantSpec(node.name, node.input[0], list(node.output), list(node.input[1:]), bits, False, scale, zp)
+
+
+def parse_layer(node: onnx.NodeProto, inits: dict, quant_of: dict[str, QuantSpec]) -> LayerSpec:
+    a = _attrs(node)
+    if len(node.input) != 6 or len(node.output) != 1:
+        raise _err(node, f"{node.op_type} takes 6 inputs and gives 1 output")
+    q = quant_of.get(node.input[0])
+    if q is None:
+        raise _err(node, "its codes input does not come from a BinQuantize node")
+    if q.outputs[0] != node.input[0]:
+        raise _err(node, "its codes input is not a quantizer's codes output")
+    if list(node.input[1:3]) != q.params:
+        raise _err(node, "its scale/zero_point are not those of the quantizer of its codes")
+    basis = _const(inits, node.input[3], node, np.uint8, "basis")
+    coeffs = _const(inits, node.input[4], node, np.float32, "coeffs")
+    bias = _const(inits, node.input[5], node, np.float32, "bias")
+    depth = a.get("depth")
+    if not isinstance(depth, int) or not 1 <= depth <= MAX_DIM:
+        raise _err(node, f"depth must be a positive integer, got {depth!r}")
+    if basis.ndim != 3 or not 1 <= basis.shape[1] <= 8:
+        raise _err(node, f"basis must be [Cout, k<=8, ceil(D/8)], got shape {list(basis.shape)}")
+    cout, k = basis.shape[0], basis.shape[1]
+    if basis.shape[2] != (depth + 7) // 8:
+        raise _err(node, f"basis has {basis.shape[2]} bytes per basis, expected ceil({depth}/8)")
+    if coeffs.shape != (cout, k) or not np.all(np.isfinite(coeffs)):
+        raise _err(node, f"coeffs must be finite float32 [{cout}, {k}], got {list(coeffs.shape)}")
+    if bias.shape != (cout,) or not np.all(np.isfinite(bias)):
+        raise _err(node, f"bias must be finite float32 [{cout}]")
+    if not (1 <= cout <= MAX_DIM):
+        raise _err(node, "no output channels")
+    spec = LayerSpec(node.name, node.op_type, q.name, node.output[0], np.ascontiguousarray(basis),
+                     np.ascontiguousarray(coeffs), np.ascontiguousarray(bias), depth, (cout, depth))
+    if node.op_type == ops.CONV:
+        ws = _ints(a, "weight_shape", 4, 1, node)
+        group = a.get("group", 1)
+        if not isinstance(group, int) or group < 1 or cout % group:
+            raise _err(node, f"group {group!r} must be positive and divide Cout {cout}")
+        if ws[0] != cout or ws[1] * ws[2] * ws[3] != depth:
+            raise _err(node, f"weight_shape {list(ws)} does not match basis [{cout}, {k}, D={depth}]")
+        spec.weight_shape, spec.group = ws, group
+        spec.strides = _ints(a, "strides", 2, 1, node, [1, 1])
+        spec.pads = _ints(a, "pads", 4, 0, node, [0, 0, 0, 0])
+        spec.dilations = _ints(a, "dilations", 2, 1, node, [1, 1])
+    return spec
+
+
+@dataclass
+class Step:
+    kind: str  # "ort" | "quant" | "layer"
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    spec: QuantSpec | LayerSpec | None = None
+
+
+def _clip_bounds(node: onnx.NodeProto, inits: dict) -> tuple[float, float] | None:
+    """Constant bounds of a Relu / Clip node, or None if not fusable."""
+    if node.op_type == "Relu":
+        return 0.0, np.inf
+    if node.op_type != "Clip":
+        return None
+    a = _attrs(node)
+    lo, hi = a.get("min", -np.inf), a.get("max", np.inf)
+    for idx in (1, 2):
+        if len(node.input) > idx and node.input[idx]:
+            if node.input[idx] not in inits:
+                return None
+            v = numpy_helper.to_array(inits[node.input[idx]])
+            if v.size != 1:
+                return None
+            if idx == 1:
+                lo = float(v.reshape(-1)[0])
+            else:
+                hi = float(v.reshape(-1)[0])
+    return float(lo), float(hi)
+
+
+def build_schedule(model: onnx.ModelProto) -> list[Step]:
+    """Validate the custom nodes, fuse a Relu/Clip that is a layer's only consumer into it, then
+    group the standard nodes into as few onnxruntime segments as the dependencies allow."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    nodes = list(g.node)
+    quant_of: dict[str, QuantSpec] = {}
+    specs: dict[int, QuantSpec | LayerSpec] = {}
+    for i, n in enumerate(nodes):
+        if n.domain == ops.DOMAIN and n.op_type in (ops.QUANTIZE, ops.QUANTIZE_DYNAMIC):
+            q = parse_quantizer(n, inits)
+            specs[i] = q
+            quant_of[q.outputs[0]] = q
+    for i, n in enumerate(nodes):
+        if n.domain == ops.DOMAIN and n.op_type in ops.LAYER_OPS:
+            specs[i] = parse_layer(n, inits, quant_of)
+        elif n.domain == ops.DOMAIN and i not in specs:
+            raise _err(n, f"unknown operator {ops.DOMAIN}.{n.op_type}")
+    graph_outputs = {o.name for o in g.output}
+    consumers: dict[str, list[int]] = {}
+    for i, n in enumerate(nodes):
+        for name in n.input:
+            consumers.setdefault(name, []).append(i)
+    removed: set[int] = set()
+    for i, spec in specs.items():
+        if not isinstance(spec, LayerSpec) or spec.output in graph_outputs:
+            continue
+        cons = consumers.get(spec.output, [])
+        if len(cons) != 1:
+            continue
+        act = nodes[cons[0]]
+        bounds = _clip_bounds(act, inits) if act.domain in ("", "ai.onnx") else None
+        if bounds is None or act.input[0] != spec.output:
+            continue
+        spec.act_min, spec.act_max = max(spec.act_min, bounds[0]), min(spec.act_max, bounds[1])
+        spec.output = act.output[0]
+        spec.fused.append(act.name)
+        removed.add(cons[0])
+
+    available = {i.name for i in g.input} | set(inits) | {""}
+    pending = [i for i in range(len(nodes)) if i not in removed]
+    steps: list[Step] = []
+    while pending:
+        progressed = False
+        seg: list[int] = []
+        seg_out: set[str] = set()
+        for i in pending:  # one pass in graph order collects every runnable standard node
+            n = nodes[i]
+            if i in specs:
+                continue
+            if all(x in available or x in seg_out for x in n.input) and not _uses_outer(n, available | seg_out):
+                seg.append(i)
+                seg_out.update(n.output)
+        if seg:
+            steps.append(Step("ort", [nodes[i] for i in seg]))
+            available |= seg_out
+            progressed = True
+        done = set(seg)
+        for i in pending:
+            if i in specs and i not in done:
+                spec = specs[i]
+                needs = [spec.input] if isinstance(spec, QuantSpec) else [nodes[i].input[0]]
+                if all(x in available for x in needs):
+                    outs = spec.outputs if isinstance(spec, QuantSpec) else [spec.output]
+                    steps.append(Step("quant" if isinstance(spec, QuantSpec) else "layer", [nodes[i]],
+                                      needs, outs, spec))
+                    available |= set(outs)
+                    done.add(i)
+                    progressed = True
+        pending = [i for i in pending if i not in done]
+        if not progressed:
+            missing = sorted({x for i in pending for x in nodes[i].input if x not in available})
+            raise DecomposedModelError(f"graph cannot be scheduled: inputs never produced: {', '.join(missing[:5])}")
+    return steps
+
+
+def _uses_outer(node: onnx.NodeProto, available: set[str]) -> bool:
+    """True if a node's subgraphs read outer-scope names that are not produced yet."""
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            inner = {o for sn in a.g.node for o in sn.output} | {i.name for i in a.g.input} | {t.name for t in a.g.initializer}
+            if any(x and x not in inner and x not in available for sn in a.g.node for x in sn.input):
+                return True
+    return False

@@ -1,0 +1,255 @@
+"""Running a model: decomposed layers in C, everything else in onnxruntime segments.
+
+    m = bdecomp.load("model.bd.onnx")            # backend="native" (default) or "onnxruntime"
+    logits = m.run(x)[0]                         # x float32 [N, 3, H, W]
+
+`backend="onnxruntime"` runs the whole file in stock onnxruntime through the custom ops' function
+bodies (the oracle). Original (non-decomposed) models run as one onnxruntime session either way.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from bdecomp.decomposer import ops
+from bdecomp.decomposer.convert import META_PREFIX, model_input
+from bdecomp.decomposer.load import read_model
+from bdecomp.errors import ConfigError, DecomposedModelError, ModelError
+from bdecomp.runtime.graph import LayerSpec, QuantSpec, Step, build_schedule
+
+BACKENDS = ("native", "onnxruntime")
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    return so
+
+
+def _session(model: onnx.ModelProto, threads: int | None) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(model.SerializeToString(), session_options(threads),
+                                    providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"onnxruntime cannot load the model: {msg[:300]}") from None
+
+
+class _Quantized:
+    """A quantizer's result, packed lazily per group count (consumers with different groups each
+    get the layout they read)."""
+
+    def __init__(self, x: np.ndarray, spec: QuantSpec, scale: float, zero_point: int, threads: int | None):
+        self.x, self.spec, self.scale, self.zero_point, self.threads = x, spec, scale, zero_point, threads
+        self._packed: dict[tuple[int, int], np.ndarray] = {}
+
+    def packed(self, groups: int, channel_axis: int) -> np.ndarray:
+        from bdecomp import native
+
+        key = (groups, channel_axis)
+        if key not in self._packed:
+            self._packed[key] = native.quantize_pack(self.x, groups=groups, scale=self.scale,
+                                                     zero_point=self.zero_point, bits=self.spec.bits,
+                                                     channel_axis=channel_axis, threads=self.threads)
+        return self._packed[key]
+
+    def codes(self) -> np.ndarray:
+        from bdecomp.runtime.reference import quantize
+
+        return quantize(self.x, self.scale, self.zero_point, self.spec.bits)
+
+
+def dynamic_qparams(x: np.ndarray, bits: int) -> tuple[float, int]:
+    """Run-time min/max step and zero point, computed exactly as the BinQuantizeDynamic body."""
+    f32 = np.float32
+    qmax = f32((1 << bits) - 1)
+    lo = min(f32(x.min()), f32(0))
+    hi = max(f32(x.max()), f32(0))
+    scale = f32(max(f32(hi - lo), f32(1e-8)) / qmax)
+    zp = int(np.clip(np.round(f32(-lo) / scale), 0, qmax))
+    return float(scale), zp
+
+
+class Model:
+    """An ONNX model (decomposed or not) ready to run on a batch of images."""
+
+    def __init__(self, path: str | Path, backend: str = "native", threads: int | None = None,
+                 isa: str | None = None):
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.path = Path(path)
+        self.model = read_model(self.path)
+        self.backend, self.threads, self.isa = backend, threads, isa
+        self.input_name, self.input_shape = model_input(self.model)
+        self.output_names = [o.name for o in self.model.graph.output]
+        self.metadata = {p.key[len(META_PREFIX):]: p.value for p in self.model.metadata_props
+                         if p.key.startswith(META_PREFIX)}
+        self.decomposed = any(n.domain == ops.DOMAIN for n in self.model.graph.node)
+        if self.decomposed:
+            have = {f.name for f in self.model.functions if f.domain == ops.DOMAIN}
+            used = {n.op_type for n in self.model.graph.node if n.domain == ops.DOMAIN}
+            if used - have:
+                raise DecomposedModelError(f"{path}: decomposed ops without a function body: "
+                                           f"{', '.join(sorted(used - have))}")
+        self._steps: list[Step] | None = None
+        self._whole: ort.InferenceSession | None = None
+        if backend == "native" and self.decomposed:
+            self._prepare_native()
+        else:
+            self._whole = _session(self.model, threads)
+
+    # ------------------------------------------------------------------------------------ native
+    def _prepare_native(self) -> None:
+        from bdecomp import native
+
+        self._steps = build_schedule(self.model)
+        types = _elem_types(self.model)
+        inits = {t.name: t for t in self.model.graph.initializer}
+        opsets = [o for o in self.model.opset_import if o.domain != ops.DOMAIN]
+        needed_later = _needed_after(self._steps, self.output_names)
+        for i, step in enumerate(self._steps):
+            if step.kind == "ort":
+                produced = {o for n in step.nodes for o in n.output}
+                used = {x for n in step.nodes for x in _all_inputs(n)}
+                step.inputs = sorted(x for x in used if x and x not in produced and x not in inits)
+                step.outputs = [o for n in step.nodes for o in n.output if o in needed_later[i]]
+                sub = helper.make_graph(
+                    step.nodes, f"segment{i}",
+                    [helper.make_tensor_value_info(x, types.get(x, onnx.TensorProto.FLOAT), None) for x in step.inputs],
+                    [helper.make_tensor_value_info(x, types.get(x, onnx.TensorProto.FLOAT), None) for x in step.outputs],
+                    [inits[x] for x in sorted(used) if x in inits])
+                m = helper.make_model(sub, opset_imports=opsets, ir_version=self.model.ir_version)
+                step.session = _session(m, self.threads) if step.outputs else None
+            elif step.kind == "layer":
+                spec: LayerSpec = step.spec
+                q = self._quant_spec(spec.quant)
+                kernel = spec.weight_shape[2:] if spec.op == ops.CONV else (1, 1)
+                cin = spec.weight_shape[1] * spec.group if spec.op == ops.CONV else spec.depth
+                try:
+                    step.kernel = native.PackedConv(
+                        spec.basis, spec.coeffs, spec.bias, cin=cin, groups=spec.group, kernel=kernel,
+                        strides=spec.strides, pads=spec.pads, dilations=spec.dilations, bits=q.bits,
+                        zero_point=q.zero_point or 0, scale=q.scale or 1.0, act_min=spec.act_min,
+                        act_max=spec.act_max)
+                except ValueError as e:
+                    raise DecomposedModelError(f"malformed decomposed node {spec.name!r}: {e}") from None
+
+    def _quant_spec(self, name: str) -> QuantSpec:
+        for s in self._steps:
+            if s.kind == "quant" and s.spec.name == name:
+                return s.spec
+        raise DecomposedModelError(f"quantizer {name!r} not found")
+
+    def _run_native(self, x: np.ndarray) -> list[np.ndarray]:
+        env: dict[str, Any] = {self.input_name: x}
+        quantized: dict[str, _Quantized] = {}
+        for step in self._steps:
+            if step.kind == "ort":
+                if step.session is None:
+                    continue
+                feeds = {name: _materialize(env[name], quantized) for name in step.inputs}
+                env.update(zip(step.outputs, step.session.run(step.outputs, feeds)))
+            elif step.kind == "quant":
+                spec: QuantSpec = step.spec
+                xin = np.ascontiguousarray(env[spec.input], dtype=np.float32)
+                scale, zp = dynamic_qparams(xin, spec.bits) if spec.dynamic else (spec.scale, spec.zero_point)
+                qz = _Quantized(xin, spec, scale, zp, self.threads)
+                quantized[spec.outputs[0]] = qz
+                env[spec.outputs[0]] = qz
+                if spec.dynamic:
+                    env[spec.outputs[1]] = np.array(scale, np.float32)
+                    env[spec.outputs[2]] = np.array(zp, np.uint8)
+            else:
+                env[step.spec.output] = self._run_layer(step, env)
+        return [_materialize(env[o], quantized) for o in self.output_names]
+
+    def _run_layer(self, step: Step, env: dict[str, Any]) -> np.ndarray:
+        spec: LayerSpec = step.spec
+        qz: _Quantized = env[step.inputs[0]]
+        xin = qz.x
+        if spec.op == ops.CONV:
+            if xin.ndim != 4 or xin.shape[1] != step.kernel.cin:
+                raise ModelError(f"layer {spec.name}: input of shape {list(xin.shape)}, expected "
+                                 f"[N, {step.kernel.cin}, H, W]")
+            n, _, h, w = xin.shape
+            act = qz.packed(spec.group, 1)
+            return step.kernel.run(act, n, h, w, isa=self.isa, threads=self.threads,
+                                   scale=qz.scale, zero_point=qz.zero_point)
+        if xin.ndim < 2 or xin.shape[-1] != spec.depth:
+            raise ModelError(f"layer {spec.name}: input of shape {list(xin.shape)}, expected [..., {spec.depth}]")
+        rows = int(np.prod(xin.shape[:-1]))
+        act = qz.packed(1, -1)
+        y = step.kernel.run(act, rows, 1, 1, isa=self.isa, threads=self.threads,
+                            scale=qz.scale, zero_point=qz.zero_point)
+        return y.reshape(*xin.shape[:-1], spec.basis.shape[0])
+
+    # ------------------------------------------------------------------------------------ public
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        """Outputs (in graph order) for input x (float32, NCHW, batch any size the model allows)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self._whole is not None:
+            try:
+                return self._whole.run(None, {self.input_name: x})
+            except Exception as e:
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ModelError(f"onnxruntime failed: {msg[:300]}") from None
+        return self._run_native(x)
+
+    def layer_names(self) -> list[str]:
+        return [s.spec.name for s in self._steps or [] if s.kind == "layer"]
+
+
+def _materialize(v: Any, quantized: dict[str, _Quantized]) -> np.ndarray:
+    return v.codes() if isinstance(v, _Quantized) else v
+
+
+def _all_inputs(node: onnx.NodeProto) -> list[str]:
+    """A node's inputs, including outer-scope names its subgraphs read."""
+    names = list(node.input)
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            inner = {o for sn in a.g.node for o in sn.output} | {i.name for i in a.g.input}
+            names += [x for sn in a.g.node for x in _all_inputs(sn) if x not in inner]
+    return names
+
+
+def _needed_after(steps: list[Step], graph_outputs: list[str]) -> list[set[str]]:
+    """For each step, the tensor names read by later steps or returned by the graph."""
+    needed: set[str] = set(graph_outputs)
+    out: list[set[str]] = [set() for _ in steps]
+    for i in range(len(steps) - 1, -1, -1):
+        out[i] = set(needed)
+        s = steps[i]
+        if s.kind == "ort":
+            needed |= {x for n in s.nodes for x in _all_inputs(n)}
+        else:
+            needed |= set(s.inputs)
+            if s.kind == "layer":
+                needed |= set(s.nodes[0].input[1:3])
+    return out
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element types of every tensor, for the boundaries of onnxruntime segments."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        inferred = model
+    types = {}
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        if v.type.tensor_type.elem_type:
+            types[v.name] = v.type.tensor_type.elem_type
+    return types
+
+
+def load(path: str | Path, backend: str = "native", threads: int | None = None, isa: str | None = None) -> Model:
+    """Load a model for inference; see Model."""
+    return Model(path, backend=backend, threads=threads, isa=isa)
