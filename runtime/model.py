@@ -25,18 +25,22 @@ from bdecomp.runtime.graph import LayerSpec, QuantSpec, Step, build_schedule
 BACKENDS = ("native", "onnxruntime")
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
+def session_options(threads: int | None, spinning: bool = True) -> ort.SessionOptions:
+    """`spinning=False` for segments that alternate with the C kernels: onnxruntime's idle
+    threads would otherwise spin on the cores OpenMP needs."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     return so
 
 
-def _session(model: onnx.ModelProto, threads: int | None) -> ort.InferenceSession:
+def _session(model: onnx.ModelProto, threads: int | None, spinning: bool = True) -> ort.InferenceSession:
     try:
-        return ort.InferenceSession(model.SerializeToString(), session_options(threads),
+        return ort.InferenceSession(model.SerializeToString(), session_options(threads, spinning),
                                     providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -61,10 +65,45 @@ class _Quantized:
                                                      channel_axis=channel_axis, threads=self.threads)
         return self._packed[key]
 
+    def packed_im2col(self, spec: LayerSpec) -> tuple[np.ndarray, int, int, int]:
+        """Packed patches of a 1×1-equivalent convolution: (act, n, oh, ow). Padding is 0.0,
+        which quantizes to the code z, so the zero-padding correction is implicit."""
+        from bdecomp import native
+
+        key = ("im2col", spec.weight_shape[2:], spec.strides, spec.pads, spec.dilations)
+        if key not in self._packed:
+            cols = im2col(self.x, spec.weight_shape[2:], spec.strides, spec.pads, spec.dilations)
+            self._packed[key] = (native.quantize_pack(cols, groups=1, scale=self.scale, zero_point=self.zero_point,
+                                                      bits=self.spec.bits, threads=self.threads),
+                                 cols.shape[0], cols.shape[2], cols.shape[3])
+        return self._packed[key]
+
     def codes(self) -> np.ndarray:
         from bdecomp.runtime.reference import quantize
 
         return quantize(self.x, self.scale, self.zero_point, self.spec.bits)
+
+
+def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
+    """[N, C, H, W] → [N, C·KH·KW, OH, OW] in the (c, ky, kx) order of the basis bits."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilations
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    win = np.lib.stride_tricks.sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+    win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # [N, C, OH, OW, KH, KW]
+    n, c, oh, ow = win.shape[:4]
+    return np.ascontiguousarray(win.transpose(0, 1, 4, 5, 2, 3)).reshape(n, c * kh * kw, oh, ow)
+
+
+IM2COL_MAX_BYTES = 64 << 20
+
+
+def use_im2col(spec: LayerSpec, in_hw: tuple[int, int] | None = None) -> bool:
+    """Few input channels waste most of each 64-bit word per tap (3 of 64 bits in a first
+    layer); packing whole patches instead needs ceil(D/64) words instead of taps·ceil(Cg/64)."""
+    if spec.op != ops.CONV or spec.group != 1:
+        return False
+    taps = spec.weight_shape[2] * spec.weight_shape[3]
+    return taps > 1 and -(-spec.depth // 64) < taps * -(-spec.weight_shape[1] // 64)
 
 
 def dynamic_qparams(x: np.ndarray, bits: int) -> tuple[float, int]:
@@ -127,18 +166,21 @@ class Model:
                     [helper.make_tensor_value_info(x, types.get(x, onnx.TensorProto.FLOAT), None) for x in step.outputs],
                     [inits[x] for x in sorted(used) if x in inits])
                 m = helper.make_model(sub, opset_imports=opsets, ir_version=self.model.ir_version)
-                step.session = _session(m, self.threads) if step.outputs else None
+                step.session = _session(m, self.threads, spinning=False) if step.outputs else None
             elif step.kind == "layer":
                 spec: LayerSpec = step.spec
                 q = self._quant_spec(spec.quant)
                 kernel = spec.weight_shape[2:] if spec.op == ops.CONV else (1, 1)
                 cin = spec.weight_shape[1] * spec.group if spec.op == ops.CONV else spec.depth
+                common = dict(bits=q.bits, zero_point=q.zero_point or 0, scale=q.scale or 1.0,
+                              act_min=spec.act_min, act_max=spec.act_max)
                 try:
                     step.kernel = native.PackedConv(
                         spec.basis, spec.coeffs, spec.bias, cin=cin, groups=spec.group, kernel=kernel,
-                        strides=spec.strides, pads=spec.pads, dilations=spec.dilations, bits=q.bits,
-                        zero_point=q.zero_point or 0, scale=q.scale or 1.0, act_min=spec.act_min,
-                        act_max=spec.act_max)
+                        strides=spec.strides, pads=spec.pads, dilations=spec.dilations, **common)
+                    step.patch_kernel = (native.PackedConv(spec.basis, spec.coeffs, spec.bias, cin=spec.depth,
+                                                           groups=1, kernel=(1, 1), **common)
+                                         if use_im2col(spec) else None)
                 except ValueError as e:
                     raise DecomposedModelError(f"malformed decomposed node {spec.name!r}: {e}") from None
 
@@ -180,6 +222,10 @@ class Model:
                 raise ModelError(f"layer {spec.name}: input of shape {list(xin.shape)}, expected "
                                  f"[N, {step.kernel.cin}, H, W]")
             n, _, h, w = xin.shape
+            if step.patch_kernel is not None and im2col_bytes(xin, step) <= IM2COL_MAX_BYTES:
+                act, n, oh, ow = qz.packed_im2col(spec)
+                return step.patch_kernel.run(act, n, oh, ow, isa=self.isa, threads=self.threads,
+                                             scale=qz.scale, zero_point=qz.zero_point)
             act = qz.packed(spec.group, 1)
             return step.kernel.run(act, n, h, w, isa=self.isa, threads=self.threads,
                                    scale=qz.scale, zero_point=qz.zero_point)
@@ -205,6 +251,11 @@ class Model:
 
     def layer_names(self) -> list[str]:
         return [s.spec.name for s in self._steps or [] if s.kind == "layer"]
+
+
+def im2col_bytes(x: np.ndarray, step: Step) -> int:
+    n, _, oh, ow = step.kernel.output_shape(x.shape[0], x.shape[2], x.shape[3])
+    return 4 * n * step.spec.depth * oh * ow
 
 
 def _materialize(v: Any, quantized: dict[str, _Quantized]) -> np.ndarray:
