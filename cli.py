@@ -1,0 +1,161 @@
+"""The `bdecomp` command: convert, infer, models.
+
+User errors (bdecomp.errors) become one line on stderr with the error's own exit code; anything
+else is a bug and says so in one line (BDECOMP_DEBUG=1 shows the traceback).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from bdecomp.errors import BdecompError
+
+INTERNAL_ERROR = 70
+
+
+class _Group(click.Group):
+    def main(self, args=None, prog_name=None, **kwargs):
+        kwargs.pop("standalone_mode", None)
+        try:
+            code = super().main(args=args, prog_name=prog_name, standalone_mode=False, **kwargs)
+            sys.exit(code if isinstance(code, int) else 0)
+        except click.exceptions.Abort:
+            click.echo("bdecomp: interrupted", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            click.echo(f"bdecomp: error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except BdecompError as e:
+            click.echo(f"bdecomp: error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("bdecomp: interrupted", err=True)
+            sys.exit(130)
+        except MemoryError:
+            click.echo("bdecomp: error: out of memory", err=True)
+            sys.exit(INTERNAL_ERROR)
+        except Exception as e:  # a bug: still one line unless asked for more
+            if os.environ.get("BDECOMP_DEBUG"):
+                traceback.print_exc()
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            click.echo(f"bdecomp: internal error: {type(e).__name__}: {msg} (BDECOMP_DEBUG=1 shows the traceback)",
+                       err=True)
+            sys.exit(INTERNAL_ERROR)
+
+
+def _recipe_options(f):
+    """Preprocessing flags shared by the commands that read images."""
+    opts = [
+        click.option("--size", help="network input size H,W (or HxW); alone: squash the image to it"),
+        click.option("--resize", help="resize the short side to N, then centre-crop"),
+        click.option("--crop", help="centre crop H,W after --resize"),
+        click.option("--mean", help="per-channel mean a,b,c (after --scale)"),
+        click.option("--std", help="per-channel std a,b,c"),
+        click.option("--scale", help="divide 0..255 pixels by this first (e.g. 255)"),
+        click.option("--bgr", is_flag=True, default=None, help="feed BGR instead of RGB"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _overrides(kw: dict) -> dict:
+    return {k: kw.pop(k) for k in ("size", "resize", "crop", "mean", "std", "scale", "bgr")}
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bdecomp", prog_name="bdecomp")
+def main() -> None:
+    """Binary decomposition of pretrained CNNs (ONNX), run with AND/popcount kernels."""
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="output file [MODEL.bd.onnx]")
+@click.option("-k", "--bases", default=8, show_default=True, type=int, help="binary bases per output channel")
+@click.option("-q", "--act-bits", default=8, show_default=True, type=int, help="activation bits Q")
+@click.option("--calib", type=click.Path(path_type=Path), help="folder of calibration images "
+              "(none: the original method's run-time min/max)")
+@click.option("--calib-limit", default=128, show_default=True, type=int,
+              help="calibration images used (evenly spread over the sorted folder)")
+@click.option("--range", "range_method", type=click.Choice(["mse", "minmax"]), default="mse", show_default=True,
+              help="how calibrated ranges are chosen")
+@click.option("--layer-config", type=click.Path(path_type=Path), help="per-layer k/q/skip (JSON or TOML)")
+@click.option("--report", type=click.Path(path_type=Path), help="write the conversion report as JSON")
+@click.option("--threads", type=int, help="onnxruntime threads during calibration")
+@click.option("--quiet", is_flag=True, help="no progress bars and no table")
+@_recipe_options
+def convert(model, output, bases, act_bits, calib, calib_limit, range_method, layer_config, report, threads,
+            quiet, **kw):
+    """Decompose MODEL into binary bases + quantized inputs; writes a standard ONNX file."""
+    from bdecomp.decomposer.convert import convert as run_convert
+
+    rep = run_convert(model, output, bases=bases, act_bits=act_bits, calib=calib, calib_limit=calib_limit,
+                      layer_config=layer_config, range_method=range_method, recipe_overrides=_overrides(kw),
+                      progress=not quiet, report_path=report, threads=threads)
+    if not quiet:
+        click.echo(rep.table())
+    click.echo(f"wrote {rep.output}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--backend", type=click.Choice(["native", "onnxruntime"]), default="native", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
+@click.option("--threads", type=int, help="threads for onnxruntime and the C kernels")
+@click.option("--masks", "mask_dir", type=click.Path(path_type=Path), default=Path("masks"), show_default=True,
+              help="segmentation models: folder for the colour mask PNGs")
+@click.option("--overlay", is_flag=True, help="segmentation models: also write mask-over-image PNGs")
+@_recipe_options
+def infer(model, images, top_k, backend, as_json, threads, mask_dir, overlay, **kw):
+    """Classify (or segment) IMAGES with MODEL, original or decomposed."""
+    from bdecomp.decomposer.convert import resolve_recipe
+    from bdecomp.models import load_image, preprocess
+    from bdecomp.runtime.model import load
+    from bdecomp.runtime.present import Presenter
+
+    m = load(model, backend=backend, threads=threads)
+    recipe, info = resolve_recipe(model, m.model, _overrides(kw))
+    present = Presenter(info, top_k, mask_dir, overlay)
+    results = []
+    for path in images:
+        img = load_image(path)
+        y = m.run(preprocess(img, recipe))[0]
+        res = present.result(path, img, y)
+        results.append(res)
+        if not as_json:
+            click.echo(present.text(res))
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+
+
+@main.group()
+def models() -> None:
+    """The model registry: builders, known pretrained files and their preprocessing."""
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def models_list(as_json):
+    """Known models (recognised by sha256 when you bring the file)."""
+    from bdecomp.models.registry import KNOWN
+
+    rows = [{"name": k.name, "task": k.task, "labels": k.labels, "sha256": k.sha256, "source": k.source,
+             "recipe": json.loads(k.recipe.to_json())} for k in KNOWN]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        sha = (r["sha256"] or "(no verified hash)")[:16]
+        click.echo(f"{r['name']:<34} {r['task']:<14} {r['labels']:<8} {sha:<18} {r['source']}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
