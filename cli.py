@@ -136,6 +136,44 @@ def infer(model, images, top_k, backend, as_json, threads, mask_dir, overlay, **
         click.echo(json.dumps(results, indent=2))
 
 
+@main.command()
+@click.argument("original", type=click.Path(path_type=Path))
+@click.argument("decomposed", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="labelled images: labels.tsv folder, ImageFolder tree, or segmentation pairs (DIR/test + "
+                   "DIR/testannot, or a folder with a sibling FOLDERannot)")
+@click.option("--labels", "label_dir", type=click.Path(path_type=Path),
+              help="segmentation: folder of label images (same file names as --data)")
+@click.option("--limit", type=int, help="use N images, evenly spread over the sorted set")
+@click.option("--threads", type=int, help="threads for every model (default: all cores)")
+@click.option("--int8", is_flag=True, help="add onnxruntime's own static int8 quantization (needs --calib)")
+@click.option("--calib", type=click.Path(path_type=Path),
+              help="calibration images for --int8 and --per-layer (not the images you report on)")
+@click.option("--per-layer", is_flag=True, help="per-layer error (SQNR), time and bit-op rate")
+@click.option("-o", "--output-dir", type=click.Path(path_type=Path), default=Path("compare-report"),
+              show_default=True, help="folder for report.md, report.json and the plots")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the JSON report here")
+@click.option("--ignore-index", type=int, help="segmentation: ground-truth class left out of the metrics "
+              "[the model's void class]")
+@click.option("--seconds", default=20.0, show_default=True, type=float, help="time budget of the latency runs")
+@click.option("--no-plots", is_flag=True, help="do not draw PNG plots")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+@_recipe_options
+def compare(original, decomposed, data, label_dir, limit, threads, int8, calib, per_layer, output_dir, json_path,
+            ignore_index, seconds, no_plots, quiet, **kw):
+    """Accuracy, speed and size of DECOMPOSED against ORIGINAL (onnxruntime fp32, optionally int8)."""
+    from bdecomp.runtime.compare import compare as run_compare
+    from bdecomp.runtime.report_md import terminal_text, write_report
+
+    log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
+    rep = run_compare(original, decomposed, data, labels=label_dir, limit=limit, threads=threads, int8=int8,
+                      calib=calib, per_layer=per_layer, out_dir=output_dir, recipe_overrides=_overrides(kw),
+                      ignore_index=ignore_index, seconds=seconds, progress=not quiet, log=log)
+    click.echo(terminal_text(rep))
+    for p in write_report(rep, output_dir, json_path, plots=not no_plots):
+        click.echo(f"wrote {p}")
+
+
 @main.group()
 def models() -> None:
     """The model registry: builders, known pretrained files and their preprocessing."""
@@ -149,12 +187,40 @@ def models_list(as_json):
 
     rows = [{"name": k.name, "task": k.task, "labels": k.labels, "sha256": k.sha256, "source": k.source,
              "recipe": json.loads(k.recipe.to_json())} for k in KNOWN]
+    from bdecomp.models.builders import BUILDERS, LABELS, RECIPES, TASKS
+
+    rows += [{"name": n, "task": TASKS[n], "labels": LABELS[n], "sha256": None,
+              "source": f"bdecomp models build {n} (random weights)", "recipe": json.loads(RECIPES[n].to_json()),
+              "builder": True} for n in BUILDERS]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     for r in rows:
-        sha = (r["sha256"] or "(no verified hash)")[:16]
+        sha = (r["sha256"] or ("(builder)" if r.get("builder") else "(no verified hash)"))[:16]
         click.echo(f"{r['name']:<34} {r['task']:<14} {r['labels']:<8} {sha:<18} {r['source']}")
+
+
+@models.command("build")
+@click.argument("name")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="ONNX file to write")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="seed of the random weights")
+@click.option("--batch", default="N", show_default=True, help="batch dimension: a number, or a name for a dynamic one")
+@click.option("--width", default=1.0, show_default=True, type=float, help="scale every channel count (small test models)")
+@click.option("--size", help="input size H,W (default: the model's own, 224x224 or SegNet 360x480)")
+def models_build(name, output, seed, batch, width, size):
+    """Write an ONNX model NAME (alexnet, vgg16, resnet18/50/152, segnet) with random weights."""
+    from bdecomp.decomposer.load import save_model
+    from bdecomp.models.builders import BUILDERS, build, parameter_count
+    from bdecomp.models.preprocess import parse_size
+
+    if name not in BUILDERS:
+        raise click.BadParameter(f"{name!r} is not a model builder; choose from {', '.join(BUILDERS)}",
+                                 param_hint="NAME")
+    batch = int(batch) if batch.strip().isdigit() else batch.strip()
+    model = build(name, seed, batch, width=width, size=parse_size(size) if size else None)
+    params = parameter_count({t.name: tuple(t.dims) for t in model.graph.initializer})
+    nbytes = save_model(model, output)
+    click.echo(f"wrote {output} ({nbytes / 1e6:.1f} MB, {params:,} parameters, seed {seed})")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -124,8 +124,10 @@ def _session(model: onnx.ModelProto, outputs: list[str], threads: int | None) ->
 
 def collect_stats(model: onnx.ModelProto, tensors: list[str], batches: Iterable[np.ndarray],
                   threads: int | None = None, seed: int = 0,
-                  on_batch: Callable[[int], None] | None = None) -> dict[str, TensorStats]:
-    """Run the float model over `batches` and gather statistics of `tensors` (graph inputs included)."""
+                  on_batch: Callable[[int], None] | None = None,
+                  samplers: "list[PatchSampler] | None" = None) -> dict[str, TensorStats]:
+    """Run the float model over `batches` and gather statistics of `tensors` (graph inputs
+    included); `samplers` also collect their layers' input patches."""
     graph_inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     inner = [t for t in tensors if t not in graph_inputs]
     sess = _session(model, inner, threads)
@@ -137,6 +139,65 @@ def collect_stats(model: onnx.ModelProto, tensors: list[str], batches: Iterable[
         values.update({n: x for n in tensors if n in graph_inputs})
         for t in tensors:
             stats[t].update(np.asarray(values[t], np.float32), rng)
+        for sp in samplers or ():
+            sp.update(np.asarray(values[sp.tensor], np.float32), rng)
         if on_batch:
             on_batch(x.shape[0])
     return stats
+
+
+class PatchSampler:
+    """A seeded sample of one layer's input patches (im2col rows in the (c, ky, kx) order of the
+    weights), for the data-aware fit. Memory is capped: at most `max_patches` rows, fewer for
+    wide layers."""
+
+    def __init__(self, tensor: str, depth: int, kind: str, kernel=(1, 1), strides=(1, 1),
+                 pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1, per_image: int = 512,
+                 max_bytes: int = 32 << 20, max_patches: int = 8192):
+        self.tensor, self.depth, self.kind = tensor, depth, kind
+        self.kernel, self.strides, self.pads, self.dilations, self.group = kernel, strides, pads, dilations, group
+        self.per_image = per_image
+        self.cap = max(256, min(max_patches, max_bytes // (4 * depth * group)))
+        self.chunks: list[np.ndarray] = []
+        self.count = 0
+
+    def update(self, x: np.ndarray, rng: np.random.Generator) -> None:
+        if self.count >= self.cap:
+            return
+        if self.kind == "Conv":
+            rows = self._conv_patches(x, rng)
+        else:
+            flat = x.reshape(-1, x.shape[-1])
+            take = rng.choice(flat.shape[0], min(self.per_image, flat.shape[0]), replace=False)
+            rows = flat[np.sort(take)][:, None, :]
+        rows = rows[: self.cap - self.count]
+        self.chunks.append(np.ascontiguousarray(rows, dtype=np.float32))
+        self.count += rows.shape[0]
+
+    def _conv_patches(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """[m, G, D] patches at m random output positions of image 0.. of the batch."""
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilations
+        t, l, b, r = self.pads
+        n, c, h, w = x.shape
+        oh = (h + t + b - (kh - 1) * dh - 1) // sh + 1
+        ow = (w + l + r - (kw - 1) * dw - 1) // sw + 1
+        xp = np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)))
+        total = n * oh * ow
+        pick = np.sort(rng.choice(total, min(self.per_image * n, total), replace=False))
+        ni, rem = np.divmod(pick, oh * ow)
+        oy, ox = np.divmod(rem, ow)
+        iy = (oy * sh)[:, None] + (np.arange(kh) * dh)[None, :]
+        ix = (ox * sw)[:, None] + (np.arange(kw) * dw)[None, :]
+        patches = xp[ni[:, None, None, None], np.arange(c)[None, :, None, None], iy[:, None, :, None], ix[:, None, None, :]]
+        return patches.reshape(len(pick), self.group, -1)
+
+    def patches(self) -> np.ndarray:
+        """[P, G, D] float32."""
+        return np.concatenate(self.chunks) if self.chunks else np.zeros((0, self.group, self.depth), np.float32)
+
+
+def quantize_dequantize(x: np.ndarray, q: QParams) -> np.ndarray:
+    """What the layer really sees: s·(clip(round(x/s) + z, 0, 2^Q − 1) − z)."""
+    qmax = (1 << q.bits) - 1
+    s = np.float32(q.scale)
+    return ((np.clip(np.rint(x / s) + q.zero_point, 0, qmax) - q.zero_point) * s).astype(np.float32)

@@ -23,6 +23,7 @@ except ModuleNotFoundError:  # Python < 3.11
 
 MAX_K = 8
 MAX_Q = 8
+SKIPPED = "skipped by layer config"  # the reason a report gives for a layer skipped on request
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,10 @@ def load_layer_config(path: str | Path | None, k: int, q: int) -> LayerConfig:
         overrides = {name: _entry(v, f"{path}: layer {name}") for name, v in layers.items()}
     else:
         raise ConfigError(f"{path}: 'layers' must be a list or a table")
+    for item in raw.get("float_layers", []) if isinstance(raw.get("float_layers"), list) else []:
+        # a conversion report: layers it skipped on request stay skipped when it is fed back
+        if isinstance(item, dict) and item.get("reason") == SKIPPED and isinstance(item.get("name"), str):
+            overrides[item["name"]] = {"skip": True}
     cfg = LayerConfig(defaults.get("k", k), defaults.get("q", q), overrides)
     check_kq(cfg.k, cfg.q, f"{path}: defaults: ")
     return cfg

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,15 @@ import onnx
 from tqdm import tqdm
 
 from bdecomp.decomposer import calibrate, decompose, load, rewrite, simplify
-from bdecomp.decomposer.config import load_layer_config
+from bdecomp.decomposer.config import SKIPPED, load_layer_config
 from bdecomp.decomposer.report import LayerRow, Report
 from bdecomp.errors import ConfigError, ModelError
 from bdecomp.models import datasets, registry
 from bdecomp.models.preprocess import Recipe, recipe_with_overrides
 
 META_PREFIX = "bdecomp."
+DATA_AWARE_MAX_DEPTH = 4608  # Gram matrices beyond this (FC layers) cost more than they return
+METHODS = ("data", "weight")
 
 
 def model_input(model: onnx.ModelProto) -> tuple[str, list[int | None]]:
@@ -68,9 +71,16 @@ def _progress(total: int | None, desc: str, enabled: bool):
 
 def convert(model_path: str | Path, output_path: str | Path | None = None, *, bases: int = 8, act_bits: int = 8,
             calib: str | Path | None = None, calib_limit: int | None = 128, layer_config: str | Path | None = None,
-            range_method: str = "mse", recipe_overrides: dict[str, Any] | None = None, progress: bool = True,
+            range_method: str = "mse", method: str = "data", bias_correction: bool = True,
+            recipe_overrides: dict[str, Any] | None = None, progress: bool = True,
             report_path: str | Path | None = None, threads: int | None = None) -> Report:
-    """Decompose `model_path` and write the decomposed ONNX file; returns the conversion report."""
+    """Decompose `model_path` and write the decomposed ONNX file; returns the conversion report.
+
+    method "data" (with calibration images) fits each layer's bases to its output on calibration
+    patches seen through its own quantizer; "weight" is the original weight-only fit.
+    bias_correction folds the mean output shift on calibration data into the bias."""
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     t0 = time.perf_counter()
     model_path = Path(model_path)
     output_path = Path(output_path) if output_path else model_path.with_name(model_path.stem + ".bd.onnx")
@@ -97,7 +107,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     for L in layers:
         s = cfg.setting((L.name, L.output))
         if s.skip:
-            float_layers.append({"name": L.name, "op": L.op, "reason": "skipped by layer config"})
+            float_layers.append({"name": L.name, "op": L.op, "reason": SKIPPED})
         else:
             chosen.append((L, s))
 
@@ -107,27 +117,38 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
         images = datasets.spread(datasets.list_images(calib), calib_limit)
         n_calib = len(images)
         tensors = sorted({L.input for L, _ in chosen})
+        if method == "data" or bias_correction:
+            per_image = max(32, 8192 // max(1, len(images)))
+            samplers = {L.name: calibrate.PatchSampler(
+                L.input, L.depth, "Conv" if L.op == "Conv" else "Gemm", tuple(L.weight_shape[2:]) if L.op == "Conv" else (1, 1),
+                L.strides, L.pads, L.dilations, L.group, per_image=per_image) for L, _ in chosen}
+        else:
+            samplers = {}
         with _progress(len(images), "calibrating", progress) as bar:
             batches = (x for x, _ in datasets.iter_batches(images, recipe, batch_size=1))
-            stats = calibrate.collect_stats(model, tensors, batches, threads=threads, on_batch=bar.update)
+            stats = calibrate.collect_stats(model, tensors, batches, threads=threads, on_batch=bar.update,
+                                            samplers=list(samplers.values()))
         for L, s in chosen:
             qparams[(L.input, s.q)] = calibrate.choose_qparams(stats[L.input], s.q, range_method)
 
     plans, rows = [], []
     with _progress(len(chosen), "decomposing", progress) as bar:
         for L, s in chosen:
-            dec = decompose.decompose(L.weight, s.k)
             qp = qparams.get((L.input, s.q))
+            sampler = samplers.get(L.name) if qp is not None else None
+            dec, L, out_err = fit_layer(L, s.k, qp, sampler, method, bias_correction)
             plans.append(rewrite.Plan(L, dec, s.q, qp))
             err = float(np.linalg.norm(L.weight - dec.reconstruct()) / max(np.linalg.norm(L.weight), 1e-30))
             bytes_after = dec.packed_basis().nbytes + 4 * dec.coeffs.size + 4 * L.cout
             rows.append(LayerRow(L.name, L.op, L.depth, L.cout, s.k, s.q, L.macs, err, 4 * (L.weight.size + L.cout),
-                                 bytes_after, qp.scale if qp else None, qp.zero_point if qp else None))
+                                 bytes_after, qp.scale if qp else None, qp.zero_point if qp else None, out_err))
             bar.update(1)
 
     out = rewrite.rewrite(model, plans)
     meta = {"version": "1", "recipe": recipe.to_json(), "source_sha256": registry.file_sha256(model_path),
-            "options": json.dumps({"bases": bases, "act_bits": act_bits, "calib_images": n_calib,
+            "options": json.dumps({"calib_images": n_calib,
+                                   "method": method if n_calib else "weight",
+                                   "bias_correction": bool(bias_correction and n_calib),
                                    "range_method": range_method if n_calib else "dynamic-minmax"}, sort_keys=True)}
     meta.update({k: str(v) for k, v in info.items()})
     existing = {p.key for p in out.metadata_props}
@@ -144,3 +165,37 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     if report_path:
         load.write_atomic(report.to_json().encode(), report_path)
     return report
+
+
+def fit_layer(L: rewrite.Layer, k: int, qp: calibrate.QParams | None, sampler: calibrate.PatchSampler | None,
+              method: str, bias_correction: bool) -> tuple[decompose.Decomposition, rewrite.Layer, float | None]:
+    """Decompose one layer; with calibration patches, fit to its output (method "data") and/or
+    correct its bias. Returns (decomposition, layer with the corrected bias, relative output error
+    on the calibration patches or None)."""
+    dec = decompose.decompose(L.weight, k)
+    if sampler is None or qp is None or sampler.count == 0:
+        return dec, L, None
+    P = sampler.patches()  # [P, G, D] float32
+    Ph = calibrate.quantize_dequantize(P, qp)
+    cout_g = L.cout // L.group
+    codes, coeffs, bias = dec.codes.copy(), dec.coeffs.copy(), L.bias.copy()
+    num = den = 0.0
+    for g in range(L.group):
+        rows = slice(g * cout_g, (g + 1) * cout_g)
+        X, Xh, W = P[:, g, :], Ph[:, g, :], L.weight[rows]
+        Y = X @ W.T.astype(np.float32)  # float outputs on the calibration patches (sgemm: fast enough)
+        G = (Xh.T @ Xh).astype(np.float64) / len(X)
+        T = (Xh.T @ Y).astype(np.float64) / len(X)
+        gdec = decompose.Decomposition(codes[rows], coeffs[rows], k)
+        if method == "data" and L.depth <= DATA_AWARE_MAX_DEPTH:
+            gdec = decompose.decompose_data_aware(W, k, G, T, init=gdec)
+            codes[rows], coeffs[rows] = gdec.codes, gdec.coeffs
+        Yh = Xh @ gdec.reconstruct().T.astype(np.float32)
+        shift = (Y - Yh).mean(axis=0, dtype=np.float64)
+        if bias_correction:
+            bias[rows] += shift
+            Yh = Yh + shift.astype(np.float32)
+        num += float(((Y - Yh).astype(np.float64) ** 2).sum())
+        den += float((Y.astype(np.float64) ** 2).sum())
+    out_err = float(np.sqrt(num / den)) if den > 0 else 0.0
+    return decompose.Decomposition(codes, coeffs, k), replace(L, bias=bias), out_err

@@ -136,3 +136,71 @@ def decompose(w: np.ndarray, k: int, max_iter: int = 30, tol: float = 1e-6) -> D
         prev_err = err
         codes = _nearest_codes(w_sorted, order, coeffs, k)
     return Decomposition(codes=codes, coeffs=coeffs.astype(np.float32), k=k)
+
+
+def _coeffs_data_aware(codes: np.ndarray, k: int, G: np.ndarray, T: np.ndarray) -> np.ndarray:
+    """Per row r: c = (M_rᵀ Ĝ M_r)⁺ M_rᵀ t_r (weighted least squares on calibration inputs)."""
+    B = code_table(k)
+    rows, depth = codes.shape
+    M = B[codes.astype(np.intp)]  # [rows, D, k]
+    GM = np.einsum("de,rek->rdk", G, M, optimize=True)
+    A = np.einsum("rdk,rdl->rkl", M, GM)
+    b = np.einsum("rdk,dr->rk", M, T)
+    ridge = 1e-9 * np.trace(A, axis1=1, axis2=2)[:, None, None] * np.eye(k)
+    return np.einsum("rkl,rl->rk", np.linalg.pinv(A + ridge, hermitian=True), b)
+
+
+def _codes_data_aware(codes: np.ndarray, coeffs: np.ndarray, k: int, G: np.ndarray, T: np.ndarray) -> np.ndarray:
+    """One sweep of exact coordinate descent over the D rows of M, all output channels at once.
+
+    With v = M c, the objective vᵀĜv − 2vᵀt is a 1-D parabola in v_d, so the best of the 2^k
+    values b·c for row d is the one nearest to its minimiser (t_d − Σ_{e≠d} Ĝ_de v_e) / Ĝ_dd."""
+    B = code_table(k)
+    vals = coeffs @ B.T  # [rows, 2^k]
+    vorder = np.argsort(vals, axis=1, kind="stable")
+    svals = np.take_along_axis(vals, vorder, axis=1)
+    mids = 0.5 * (svals[:, 1:] + svals[:, :-1])
+    rows = np.arange(codes.shape[0])
+    codes = codes.copy()
+    V = np.take_along_axis(vals, codes.astype(np.intp), axis=1).T.copy()  # [D, rows]
+    U = G @ V  # Ĝ v, kept up to date
+    for d in range(codes.shape[1]):
+        gdd = G[d, d]
+        if gdd <= 0:
+            continue
+        target = (T[d] - U[d] + gdd * V[d]) / gdd
+        idx = (mids < target[:, None]).sum(axis=1)
+        new_codes = vorder[rows, idx]
+        new_v = vals[rows, new_codes]
+        delta = new_v - V[d]
+        if np.any(delta):
+            U += G[:, d, None] * delta[None, :]
+            V[d] = new_v
+            codes[:, d] = new_codes
+    return codes
+
+
+def output_error(w: np.ndarray, d: Decomposition, G: np.ndarray, T: np.ndarray, Gx: float) -> float:
+    """‖X̂ᵀ M c − Xᵀ w‖ / ‖Xᵀ w‖ on the calibration patches, from the Gram statistics."""
+    V = d.reconstruct()  # [rows, D]
+    err = float(np.einsum("rd,de,re->", V, G, V) - 2 * np.einsum("rd,dr->", V, T) + Gx)
+    return float(np.sqrt(max(err, 0.0) / Gx)) if Gx > 0 else 0.0
+
+
+def decompose_data_aware(w: np.ndarray, k: int, G: np.ndarray, T: np.ndarray, rounds: int = 4,
+                         init: Decomposition | None = None) -> Decomposition:
+    """Fit M and c to the layer's *output* on calibration inputs: minimise ‖X̂ᵀ M c − Xᵀ w‖², where
+    X are the float input patches and X̂ the same patches after the layer's own quantizer, so the
+    weight and activation errors are reconciled (DESIGN §2, issue 6).
+
+    G = X̂X̂ᵀ [D, D] and T = X̂ Xᵀ wᵀ [D, Cout] are all the data needed. Starts from the weight-only
+    decomposition and alternates c (weighted least squares) and M (coordinate descent) sweeps;
+    each step cannot increase the objective."""
+    w2 = np.ascontiguousarray(w.reshape(w.shape[0], -1), dtype=np.float64)
+    dec = init if init is not None else decompose(w2, k)
+    codes, coeffs = dec.codes, dec.coeffs.astype(np.float64)
+    coeffs = _coeffs_data_aware(codes, k, G, T)
+    for _ in range(rounds):
+        codes = _codes_data_aware(codes, coeffs, k, G, T)
+        coeffs = _coeffs_data_aware(codes, k, G, T)
+    return Decomposition(codes=codes, coeffs=coeffs.astype(np.float32), k=k)

@@ -19,6 +19,7 @@ class LayerRow:
     bytes_after: int
     scale: float | None
     zero_point: int | None
+    output_error: float | None = None  # relative, on calibration patches (None without calibration)
 
 
 @dataclass
@@ -58,11 +59,13 @@ class Report:
                            "float_layers": self.float_layers, "totals": self.totals()}, indent=2)
 
     def table(self) -> str:
-        head = f"{'layer':<28} {'op':<6} {'D':>6} {'Cout':>5} {'k':>2} {'Q':>2} {'w.err':>6} {'bytes':>10} {'-> bytes':>9}"
+        head = (f"{'layer':<28} {'op':<6} {'D':>6} {'Cout':>5} {'k':>2} {'Q':>2} {'w.err':>6} {'out.err':>7} "
+                f"{'bytes':>10} {'-> bytes':>9}")
         lines = [head, "-" * len(head)]
         for r in self.layers:
             lines.append(f"{r.name[:28]:<28} {r.op:<6} {r.depth:>6} {r.cout:>5} {r.k:>2} {r.q:>2} "
-                         f"{r.weight_error:>6.3f} {r.bytes_before:>10,} {r.bytes_after:>9,}")
+                         f"{r.weight_error:>6.3f} {'-' if r.output_error is None else f'{r.output_error:.3f}':>7} "
+                         f"{r.bytes_before:>10,} {r.bytes_after:>9,}")
         for f in self.float_layers:
             lines.append(f"{f['name'][:28]:<28} {f['op']:<6} float: {f['reason']}")
         t = self.totals()

@@ -1,0 +1,165 @@
+"""Pure-numpy metrics for `bdecomp compare`: top-k accuracy, agreement, segmentation confusion
+matrices (pixel accuracy, IoU), SQNR and latency statistics.
+
+Conventions (tested in tests/test_metrics.py):
+
+* top-k ties: when several classes have the same score, the **lower class index wins** (a stable
+  sort of the negated scores), so results never depend on the sort implementation.
+* segmentation: the confusion matrix has ground truth in rows and prediction in columns. Pixels
+  whose *ground truth* is the ignore index are left out entirely; a *prediction* of the ignore
+  class (or of any class index ≥ the number of classes) on a labelled pixel counts as an error.
+  IoU of class c = TP / (TP + FP + FN); classes with TP + FP + FN = 0 (absent from both the labels
+  and the predictions) have no IoU (NaN) and are left out of the mean; the ignore class never counts.
+* SQNR = 10·log10(Σ y² / Σ (y − ŷ)²) in dB (∞ when equal).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+
+# ---------------------------------------------------------------- classification
+
+
+def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:
+    """[N, k] class indices by decreasing score; ties go to the lower class index."""
+    s = np.asarray(scores)
+    if s.ndim == 1:
+        s = s[None]
+    s = s.reshape(s.shape[0], -1)
+    k = max(1, min(int(k), s.shape[1]))
+    return np.argsort(-s.astype(np.float64), axis=1, kind="stable")[:, :k]
+
+
+def topk_correct(scores: np.ndarray, labels: Sequence[int], k: int) -> np.ndarray:
+    """Bool [N]: is the label among the top k (tie rule of topk_indices)."""
+    idx = topk_indices(scores, k)
+    lab = np.asarray(labels, dtype=np.int64).reshape(-1, 1)
+    return (idx == lab).any(axis=1)
+
+
+class ClassificationAccumulator:
+    """Counts top-1 / top-5 hits of one model over a streamed data set (labels may be None)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.n_labelled = 0
+        self.top1_hits = 0
+        self.top5_hits = 0
+        self.predictions: list[int] = []
+
+    def update(self, scores: np.ndarray, labels: Sequence[int | None]) -> np.ndarray:
+        s = np.asarray(scores).reshape(len(labels), -1)
+        pred = topk_indices(s, 1)[:, 0]
+        self.predictions.extend(int(p) for p in pred)
+        self.n += len(labels)
+        have = [i for i, lab in enumerate(labels) if lab is not None]
+        if have:
+            lab = np.array([labels[i] for i in have], dtype=np.int64)
+            self.n_labelled += len(have)
+            self.top1_hits += int(topk_correct(s[have], lab, 1).sum())
+            self.top5_hits += int(topk_correct(s[have], lab, 5).sum())
+        return pred
+
+    def result(self) -> dict:
+        if not self.n_labelled:
+            return {"top1": None, "top5": None, "n_labelled": 0}
+        return {"top1": self.top1_hits / self.n_labelled, "top5": self.top5_hits / self.n_labelled,
+                "n_labelled": self.n_labelled}
+
+
+def agreement(pred_a: Sequence[int] | np.ndarray, pred_b: Sequence[int] | np.ndarray) -> float | None:
+    """Fraction of equal entries (top-1 classes, or mask pixels)."""
+    a, b = np.asarray(pred_a).ravel(), np.asarray(pred_b).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"agreement: shapes differ ({a.shape} vs {b.shape})")
+    return float((a == b).mean()) if a.size else None
+
+
+# ---------------------------------------------------------------- segmentation
+
+
+def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int,
+                     ignore_index: int | None = None) -> np.ndarray:
+    """[C, C+1] int64 counts (rows: ground truth 0..C-1, columns: prediction 0..C-1, and a last
+    column for predictions outside 0..C-1). Ground-truth pixels equal to `ignore_index` or outside
+    0..C-1 are skipped; `ignore_index` may be < C (its row then stays zero)."""
+    p = np.asarray(pred).astype(np.int64).ravel()
+    t = np.asarray(target).astype(np.int64).ravel()
+    if p.shape != t.shape:
+        raise ValueError(f"prediction and label sizes differ: {np.shape(pred)} vs {np.shape(target)}")
+    keep = (t >= 0) & (t < num_classes)
+    if ignore_index is not None:
+        keep &= t != ignore_index
+    p, t = p[keep], t[keep]
+    p = np.where((p >= 0) & (p < num_classes), p, num_classes)
+    return np.bincount(t * (num_classes + 1) + p, minlength=num_classes * (num_classes + 1)).reshape(
+        num_classes, num_classes + 1)
+
+
+def segmentation_scores(cm: np.ndarray, ignore_index: int | None = None) -> dict:
+    """Pixel accuracy, mean IoU and per-class IoU (list, None where undefined) of a matrix from
+    confusion_matrix (extra prediction column allowed)."""
+    cm = np.asarray(cm, dtype=np.int64)
+    c = cm.shape[0]
+    tp = np.diag(cm[:, :c]).astype(np.float64)
+    total = cm.sum()
+    gt = cm.sum(axis=1).astype(np.float64)  # includes predictions in the extra column
+    predicted = cm[:, :c].sum(axis=0).astype(np.float64)
+    union = gt + predicted - tp
+    iou = np.full(c, np.nan)
+    ok = union > 0
+    iou[ok] = tp[ok] / union[ok]
+    valid = ok.copy()
+    if ignore_index is not None and 0 <= ignore_index < c:
+        valid[ignore_index] = False
+        iou[ignore_index] = np.nan
+    return {
+        "pixel_acc": float(tp.sum() / total) if total else None,
+        "miou": float(iou[valid].mean()) if valid.any() else None,
+        "per_class_iou": [None if math.isnan(v) else float(v) for v in iou],
+        "n_pixels": int(total),
+    }
+
+
+# ---------------------------------------------------------------- layers
+
+
+def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
+    """10·log10(Σ y² / Σ (y − ŷ)²); +inf when identical, -inf when the reference is all zero."""
+    y = np.asarray(reference, dtype=np.float64)
+    e = y - np.asarray(approx, dtype=np.float64)
+    sig, noise = float((y * y).sum()), float((e * e).sum())
+    if noise == 0:
+        return math.inf
+    if sig == 0:
+        return -math.inf
+    return 10.0 * math.log10(sig / noise)
+
+
+def decomposed_bits_per_weight(k: int, depth: int) -> float:
+    """Storage of one output channel of a decomposed layer per original weight:
+    (k·D basis bits + 32·k scale bits + 32 bias bits) / D."""
+    return (k * depth + 32 * k + 32) / depth
+
+
+# ---------------------------------------------------------------- latency
+
+
+def latency_stats(seconds: Sequence[float]) -> dict:
+    """Median, p10/p90, mean and the 95% confidence interval of the median (order statistics,
+    distribution-free) in milliseconds, plus its half-width relative to the median."""
+    t = np.sort(np.asarray(seconds, dtype=np.float64)) * 1e3
+    n = t.size
+    if n == 0:
+        return {"runs": 0, "median_ms": None, "p90_ms": None}
+    med = float(np.median(t))
+    lo_i = max(0, int(math.floor(n / 2 - 0.98 * math.sqrt(n))))
+    hi_i = min(n - 1, int(math.ceil(n / 2 + 0.98 * math.sqrt(n))))
+    ci = (float(t[lo_i]), float(t[hi_i]))
+    return {"runs": int(n), "median_ms": med, "p10_ms": float(np.percentile(t, 10)),
+            "p90_ms": float(np.percentile(t, 90)), "mean_ms": float(t.mean()), "min_ms": float(t[0]),
+            "median_ci95_ms": list(ci),
+            "median_rel_ci": float((ci[1] - ci[0]) / 2 / med) if med > 0 else None}

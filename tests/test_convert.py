@@ -1,0 +1,293 @@
+"""`bdecomp.convert` on small synthetic models (DESIGN §3, §4).
+
+Read as a spec: the decomposed file is valid ONNX whose ai.bdecomp nodes carry their own function
+bodies, holds bits and scales instead of float weights, is written atomically next to an input that
+is never touched, is byte-identical for identical inputs, folds BatchNorm, and honours per-layer
+configuration files (including a conversion report fed back in).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+from conftest import conv_node, file_sha256, make_images, make_model, run_onnx, save_model, weights
+from onnx import helper, numpy_helper
+
+import bdecomp
+from bdecomp.decomposer import simplify
+from bdecomp.decomposer.ops import DOMAIN
+from bdecomp.errors import ConfigError
+
+H = W = 8
+
+
+def small_cnn(seed: int = 0) -> onnx.ModelProto:
+    """conv1 → Relu → conv2 → Relu → GlobalAveragePool → Flatten → fc (Gemm, transB)."""
+    rng = np.random.default_rng(seed)
+    nodes = [conv_node("x", "w1", "c1", "b1", name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             conv_node("r1", "w2", "c2", "b2", name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1)]
+    inits = {"w1": weights(rng, 16, 3, 3, 3), "b1": 0.1 * rng.standard_normal(16).astype(np.float32),
+             "w2": weights(rng, 32, 16, 3, 3), "b2": 0.1 * rng.standard_normal(32).astype(np.float32),
+             "wf": weights(rng, 10, 32), "bf": 0.1 * rng.standard_normal(10).astype(np.float32)}
+    return make_model(nodes, inits, ["N", 3, H, W])
+
+
+def big_layer_model() -> onnx.ModelProto:
+    """A 1×1 stem and one 3×3 conv over 128 channels: 147k weights, ~590 kB as float32."""
+    rng = np.random.default_rng(1)
+    nodes = [conv_node("x", "w1", "c1", name="stem"), helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+             conv_node("r1", "w2", "y", "b2", name="big", pads=[1, 1, 1, 1])]
+    inits = {"w1": weights(rng, 128, 3, 1, 1), "w2": weights(rng, 128, 128, 3, 3),
+             "b2": np.zeros(128, np.float32)}
+    return make_model(nodes, inits, ["N", 3, H, W])
+
+
+def batchnorm_model(after: str) -> onnx.ModelProto:
+    """Conv → BatchNormalization → Relu, or Flatten → Gemm(transB) → BatchNormalization → Relu."""
+    rng = np.random.default_rng(2)
+    c = 12
+    bn = {"gamma": rng.uniform(0.5, 2.0, c), "beta": rng.normal(0, 0.3, c),
+          "mean": rng.normal(0, 0.3, c), "var": rng.uniform(0.2, 3.0, c)}
+    bn = {k: v.astype(np.float32) for k, v in bn.items()}
+    if after == "Conv":
+        layer = [conv_node("x", "w", "z", "b", name="conv", pads=[1, 1, 1, 1])]
+        inits = {"w": weights(rng, c, 3, 3, 3), "b": 0.1 * rng.standard_normal(c).astype(np.float32)}
+    else:
+        layer = [helper.make_node("Flatten", ["x"], ["f"], name="flatten"),
+                 helper.make_node("Gemm", ["f", "w", "b"], ["z"], name="fc", transB=1)]
+        inits = {"w": weights(rng, c, 3 * H * W), "b": 0.1 * rng.standard_normal(c).astype(np.float32)}
+    nodes = layer + [helper.make_node("BatchNormalization", ["z", "gamma", "beta", "mean", "var"], ["n"],
+                                      name="bn", epsilon=1e-3),
+                     helper.make_node("Relu", ["n"], ["y"], name="relu")]
+    return make_model(nodes, {**inits, **bn}, ["N", 3, H, W])
+
+
+@pytest.fixture
+def cnn(tmp_path):
+    return save_model(small_cnn(), tmp_path / "model.onnx")
+
+
+@pytest.fixture
+def images(tmp_path):
+    return make_images(tmp_path / "calib", 3, (H, W))
+
+
+def convert(src, out, **kw):
+    kw.setdefault("progress", False)
+    return bdecomp.convert(src, out, **kw)
+
+
+def x_batch(seed: int = 0, n: int = 2) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, H, W)).astype(np.float32)
+
+
+def custom_nodes(model: onnx.ModelProto, op_type: str | None = None) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.domain == DOMAIN and (op_type is None or n.op_type == op_type)]
+
+
+def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
+
+
+def layer_settings(path) -> dict[str, tuple[int, int]]:
+    """{layer name: (k, Q)} read back from a decomposed file: k from the basis, Q from its quantizer."""
+    m = onnx.load(path)
+    qbits = {o: int(next(a.i for a in n.attribute if a.name == "qmax")).bit_length()
+             for n in custom_nodes(m) if n.op_type.startswith("BinQuantize") for o in n.output[:1]}
+    return {n.name: (initializer(m, n.input[3]).shape[1], qbits[n.input[0]])
+            for n in m.graph.node if n.op_type in ("BinConv", "BinGemm")}
+
+
+# ---------------------------------------------------------------- the file
+
+
+def test_output_passes_the_onnx_checker(cnn, tmp_path):
+    convert(cnn, tmp_path / "out.onnx")
+    onnx.checker.check_model(onnx.load(tmp_path / "out.onnx"), full_check=True)
+
+
+def test_every_conv_and_gemm_becomes_an_ai_bdecomp_node_with_a_function_body(cnn, tmp_path):
+    convert(cnn, tmp_path / "out.onnx")
+    m = onnx.load(tmp_path / "out.onnx")
+    assert not [n for n in m.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    assert {n.name for n in custom_nodes(m, "BinConv")} == {"conv1", "conv2"}
+    assert {n.name for n in custom_nodes(m, "BinGemm")} == {"fc"}
+    bodies = {f.name for f in m.functions if f.domain == DOMAIN}
+    assert {n.op_type for n in custom_nodes(m)} <= bodies
+    assert all(len(f.node) > 0 for f in m.functions)
+    assert any(o.domain == DOMAIN for o in m.opset_import)
+
+
+def test_stock_onnxruntime_runs_the_file_and_eight_bases_track_the_float_model(cnn, tmp_path):
+    convert(cnn, tmp_path / "out.onnx", bases=8, act_bits=8)
+    x = x_batch()
+    ref, got = run_onnx(cnn, x)[0], run_onnx(tmp_path / "out.onnx", x)[0]
+    # k = 8 weight error ~3 %, Q = 8 activations ~0.4 % of range per layer: a few % at the output
+    assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+def test_decomposed_weights_have_no_float_copy_left(tmp_path):
+    src = save_model(big_layer_model(), tmp_path / "big.onnx")
+    convert(src, tmp_path / "out.onnx", bases=2)
+    m = onnx.load(tmp_path / "out.onnx")
+    floats = [t for t in m.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
+                                                                 onnx.TensorProto.FLOAT16)]
+    # the largest float tensors left are the per-output scales and biases ([Cout, k] and [Cout])
+    assert max(int(np.prod(t.dims)) for t in floats) <= 128 * 2
+
+
+def test_file_with_a_big_layer_shrinks_to_a_fraction_of_the_original(tmp_path):
+    src = save_model(big_layer_model(), tmp_path / "big.onnx")
+    report = convert(src, tmp_path / "out.onnx", bases=2)
+    size = (tmp_path / "out.onnx").stat().st_size
+    # 2 bits per weight instead of 32 (6.25 %) plus scales, biases and the function bodies
+    assert size < 0.10 * src.stat().st_size
+    assert report.bytes_after == size
+
+
+def test_input_model_is_never_modified(cnn, tmp_path, images):
+    before, mtime = file_sha256(cnn), cnn.stat().st_mtime_ns
+    convert(cnn, None, calib=images)  # default output name beside the input
+    assert (tmp_path / "model.bd.onnx").is_file()
+    assert file_sha256(cnn) == before and cnn.stat().st_mtime_ns == mtime
+
+
+def test_refuses_to_write_over_its_input(cnn):
+    before = file_sha256(cnn)
+    with pytest.raises(ConfigError):
+        convert(cnn, cnn)
+    assert file_sha256(cnn) == before
+
+
+def test_conversion_leaves_no_temporary_files_behind(cnn, tmp_path):
+    convert(cnn, tmp_path / "out.onnx", report_path=tmp_path / "report.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "out.onnx", "report.json"]
+
+
+def test_interrupted_write_keeps_the_previous_output_and_leaves_no_temporary_file(cnn, tmp_path, monkeypatch):
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"previous output")
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("bdecomp.decomposer.load.os.replace", crash)
+    with pytest.raises(OSError):
+        convert(cnn, out)
+    monkeypatch.undo()
+    assert out.read_bytes() == b"previous output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "out.onnx"]
+
+
+@pytest.mark.parametrize("with_calib", [False, True], ids=["dynamic", "calibrated"])
+def test_same_model_and_options_give_a_byte_identical_file(cnn, tmp_path, images, with_calib):
+    calib = images if with_calib else None
+    r1 = convert(cnn, tmp_path / "a.onnx", bases=3, act_bits=4, calib=calib)
+    r2 = convert(cnn, tmp_path / "b.onnx", bases=3, act_bits=4, calib=calib)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert r1.calibration_images == (3 if with_calib else 0)
+    assert all((r.scale is not None) == with_calib for r in r1.layers + r2.layers)
+
+
+def test_calibration_stores_the_quantizer_parameters_in_the_file(cnn, tmp_path, images):
+    convert(cnn, tmp_path / "out.onnx", calib=images)
+    m = onnx.load(tmp_path / "out.onnx")
+    assert custom_nodes(m, "BinQuantize") and not custom_nodes(m, "BinQuantizeDynamic")
+    for q in custom_nodes(m, "BinQuantize"):
+        assert initializer(m, q.input[1]).dtype == np.float32 and initializer(m, q.input[1]) > 0
+        assert initializer(m, q.input[2]).dtype == np.uint8
+
+
+# ---------------------------------------------------------------- BatchNorm
+
+
+@pytest.mark.parametrize("after", ["Conv", "Gemm"])
+def test_folding_batchnorm_keeps_the_float_outputs(after):
+    model = batchnorm_model(after)
+    folded, n = simplify.fold_batchnorm(model)
+    assert n == 1
+    assert "BatchNormalization" not in {node.op_type for node in folded.graph.node}
+    x = x_batch(1)
+    ref, got = run_onnx(model, x)[0], run_onnx(folded, x)[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("after", ["Conv", "Gemm"])
+def test_batchnorm_after_a_layer_is_folded_into_the_decomposed_layer(after, tmp_path):
+    model = batchnorm_model(after)
+    src = save_model(model, tmp_path / "bn.onnx")
+    report = convert(src, tmp_path / "out.onnx", bases=8, act_bits=8)
+    m = onnx.load(tmp_path / "out.onnx")
+    assert report.folded_batchnorms == 1
+    assert "BatchNormalization" not in {n.op_type for n in m.graph.node}
+    # the quantizer is a new node, so "fewer" counts the float nodes: BN is gone, the layer replaced
+    assert len([n for n in m.graph.node if n.domain != DOMAIN]) < len(model.graph.node) - 1
+    x = x_batch(2)
+    ref, got = run_onnx(model, x)[0], run_onnx(tmp_path / "out.onnx", x)[0]
+    assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+# ---------------------------------------------------------------- layer configuration
+
+
+CONFIGS = {
+    "json": json.dumps({"defaults": {"k": 5, "q": 6},
+                        "layers": {"conv1": {"k": 2, "q": 4}, "conv2": {"bases": 3}, "fc": {"skip": True}}}),
+    "toml": 'defaults = { k = 5, q = 6 }\n'
+            '[layers.conv1]\nk = 2\nq = 4\n'
+            '[layers.conv2]\nbases = 3\n'
+            '[layers.fc]\nskip = true\n',
+}
+
+
+@pytest.mark.parametrize("fmt", ["json", "toml"])
+def test_layer_config_overrides_k_q_and_skip_per_layer(fmt, cnn, tmp_path):
+    cfg = tmp_path / f"layers.{fmt}"
+    cfg.write_text(CONFIGS[fmt])
+    report = convert(cnn, tmp_path / "out.onnx", bases=8, act_bits=8, layer_config=cfg)
+    assert layer_settings(tmp_path / "out.onnx") == {"conv1": (2, 4), "conv2": (3, 6)}
+    assert {(r.name, r.k, r.q) for r in report.layers} == {("conv1", 2, 4), ("conv2", 3, 6)}
+    m = onnx.load(tmp_path / "out.onnx")
+    assert [n.op_type for n in m.graph.node if n.name == "fc"] == ["Gemm"]
+    assert [f["name"] for f in report.float_layers] == ["fc"]
+
+
+def test_layer_config_may_name_a_layer_by_its_output_tensor(cnn, tmp_path):
+    cfg = tmp_path / "layers.json"
+    cfg.write_text(json.dumps({"layers": [{"name": "c2", "k": 1, "q": 2}]}))
+    convert(cnn, tmp_path / "out.onnx", bases=4, act_bits=4, layer_config=cfg)
+    assert layer_settings(tmp_path / "out.onnx") == {"conv1": (4, 4), "conv2": (1, 2), "fc": (4, 4)}
+
+
+@pytest.mark.parametrize("fmt", ["json", "toml"])
+def test_unknown_layer_name_in_a_layer_config_raises_config_error(fmt, cnn, tmp_path):
+    cfg = tmp_path / f"layers.{fmt}"
+    cfg.write_text(json.dumps({"layers": {"conv_1": {"k": 2}}}) if fmt == "json" else '[layers.conv_1]\nk = 2\n')
+    with pytest.raises(ConfigError, match="conv_1"):
+        convert(cnn, tmp_path / "out.onnx", layer_config=cfg)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_report_fed_back_as_layer_config_gives_the_same_file(cnn, tmp_path, images):
+    cfg = tmp_path / "layers.json"
+    cfg.write_text(json.dumps({"layers": {"conv1": {"k": 2, "q": 4}, "fc": {"k": 3, "q": 5}}}))
+    convert(cnn, tmp_path / "a.onnx", calib=images, layer_config=cfg, report_path=tmp_path / "report.json")
+    assert json.loads((tmp_path / "report.json").read_text())["layers"]
+    convert(cnn, tmp_path / "b.onnx", calib=images, layer_config=tmp_path / "report.json")
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_report_fed_back_as_layer_config_keeps_a_skipped_layer_float(cnn, tmp_path):
+    cfg = tmp_path / "layers.json"
+    cfg.write_text(json.dumps({"layers": {"fc": {"skip": True}}}))
+    convert(cnn, tmp_path / "a.onnx", layer_config=cfg, report_path=tmp_path / "report.json")
+    convert(cnn, tmp_path / "b.onnx", layer_config=tmp_path / "report.json")
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()

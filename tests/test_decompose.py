@@ -1,0 +1,133 @@
+"""Weight decomposition w ≈ M c (DESIGN §2): k binary ±1 bases and k scales per output channel.
+
+Read as a spec: the fit gets better with every extra basis, k = 8 is close to the float weights,
+the alternating refinement never loses against its greedy start, degenerate rows stay finite, and
+the packed basis bits are laid out as the file format says.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bdecomp.decomposer.decompose import MAX_BASES, Decomposition, decompose, relative_error
+
+
+def gaussian_layer(seed: int = 0, cout: int = 64, depth: int = 1152) -> np.ndarray:
+    """A 64×1152 layer (a 3×3 conv over 128 channels) of standard normal weights."""
+    return np.random.default_rng(seed).standard_normal((cout, depth))
+
+
+def total_relative_error(w: np.ndarray, d: Decomposition) -> float:
+    w = w.reshape(w.shape[0], -1)
+    return float(np.linalg.norm(w - d.reconstruct()) / np.linalg.norm(w))
+
+
+def greedy_reconstruction(w: np.ndarray, k: int) -> np.ndarray:
+    """DESIGN §2 greedy start, written independently: r = w; m_j = sign(r) with sign(0) = +1,
+    c_j = mean|r|, r −= c_j m_j. Returns the reconstruction Σ c_j m_j per row."""
+    r = w.astype(np.float64).copy()
+    for _ in range(k):
+        m = np.where(r >= 0, 1.0, -1.0)
+        c = np.abs(r).mean(axis=1, keepdims=True)
+        r -= c * m
+    return w - r
+
+
+# ---------------------------------------------------------------- accuracy
+
+
+def test_relative_error_falls_strictly_with_every_extra_basis():
+    w = gaussian_layer()
+    errors = [total_relative_error(w, decompose(w, k)) for k in range(1, MAX_BASES + 1)]
+    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+
+
+def test_one_basis_reaches_the_optimum_for_gaussian_weights():
+    # the best single ±1 basis is sign(w) with c = mean|w|: error sqrt(1 − 2/π) ≈ 0.603 for N(0, 1)
+    w = gaussian_layer()
+    assert total_relative_error(w, decompose(w, 1)) == pytest.approx(np.sqrt(1 - 2 / np.pi), abs=0.01)
+
+
+def test_eight_bases_reproduce_gaussian_weights_within_five_percent():
+    w = gaussian_layer()
+    d = decompose(w, 8)
+    assert total_relative_error(w, d) <= 0.05
+    assert relative_error(w, d).max() <= 0.05  # every output channel, not just on average
+
+
+@pytest.mark.parametrize("k", range(1, MAX_BASES + 1))
+@pytest.mark.parametrize("dist", ["normal", "laplace", "uniform", "skewed"])
+def test_alternating_refinement_is_never_worse_than_the_greedy_start(k, dist):
+    rng = np.random.default_rng(k)
+    shape = (16, 75)  # a 5×5 conv over 3 channels: small depth, where ties and poor fits are common
+    w = {"normal": lambda: rng.standard_normal(shape),
+         "laplace": lambda: rng.laplace(size=shape),
+         "uniform": lambda: rng.uniform(-1, 1, shape),
+         "skewed": lambda: rng.exponential(size=shape) - 0.2}[dist]()
+    refined = np.linalg.norm(w - decompose(w, k).reconstruct(), axis=1)
+    greedy = np.linalg.norm(w - greedy_reconstruction(w, k), axis=1)
+    # per output channel; the slack covers only storing the scales as float32
+    assert np.all(refined <= greedy * (1 + 1e-6) + 1e-9), (refined - greedy).max()
+
+
+# ---------------------------------------------------------------- degenerate rows
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_all_zero_rows_decompose_to_zero_without_nan(k):
+    w = np.random.default_rng(0).standard_normal((6, 40))
+    w[[1, 4]] = 0.0
+    d = decompose(w, k)
+    assert np.all(np.isfinite(d.coeffs))
+    assert np.all(d.reconstruct()[[1, 4]] == 0.0)
+    err = relative_error(w, d)
+    assert np.all(np.isfinite(err)) and err[1] == 0.0 and err[4] == 0.0
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 8])
+def test_constant_rows_are_reproduced_without_nan(k):
+    w = np.array([[0.75] * 30, [-2.0] * 30, [1e-3] * 30])
+    d = decompose(w, k)
+    assert np.all(np.isfinite(d.coeffs))
+    np.testing.assert_allclose(d.reconstruct(), w, rtol=1e-6)
+
+
+def test_invalid_number_of_bases_raises_value_error():
+    w = gaussian_layer(cout=4, depth=16)
+    for k in (0, -1, MAX_BASES + 1):
+        with pytest.raises(ValueError):
+            decompose(w, k)
+
+
+def test_weights_of_any_rank_are_flattened_per_output_channel():
+    w4 = np.random.default_rng(3).standard_normal((8, 3, 3, 3))  # a conv weight [Cout, Cin, KH, KW]
+    d4, d2 = decompose(w4, 3), decompose(w4.reshape(8, 27), 3)
+    assert d4.codes.shape == (8, 27)
+    assert np.array_equal(d4.codes, d2.codes) and np.array_equal(d4.coeffs, d2.coeffs)
+
+
+# ---------------------------------------------------------------- file layout of the bases
+
+
+@pytest.mark.parametrize("depth", [1, 8, 13, 64, 77])
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_packed_basis_bit_d_mod_8_of_byte_d_div_8_is_one_exactly_where_the_basis_is_plus_one(k, depth):
+    w = np.random.default_rng(depth).standard_normal((5, depth))
+    d = decompose(w, k)
+    packed, pm = d.packed_basis(), d.basis_pm()
+    assert packed.dtype == np.uint8 and packed.shape == (5, k, (depth + 7) // 8)
+    assert pm.shape == (5, k, depth) and set(np.unique(pm)) <= {-1, 1}
+    for dd in range(depth):
+        bit = (packed[:, :, dd // 8] >> (dd % 8)) & 1  # LSB first
+        assert np.array_equal(bit == 1, pm[:, :, dd] == 1), f"position {dd}"
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])
+def test_plus_one_bits_times_the_scales_rebuild_the_reconstruction(k):
+    """The bases as stored (1 ⇔ +1) with the stored float32 scales give exactly M c."""
+    w = np.random.default_rng(k).standard_normal((7, 50))
+    d = decompose(w, k)
+    bits = np.unpackbits(d.packed_basis(), axis=2, bitorder="little")[:, :, :50]
+    m = 2.0 * bits - 1.0
+    rebuilt = np.einsum("ok,okd->od", d.coeffs.astype(np.float64), m)
+    np.testing.assert_allclose(rebuilt, d.reconstruct(), rtol=1e-12, atol=1e-12)
