@@ -85,18 +85,24 @@ def main() -> None:
               help="calibration images used (evenly spread over the sorted folder)")
 @click.option("--range", "range_method", type=click.Choice(["mse", "minmax"]), default="mse", show_default=True,
               help="how calibrated ranges are chosen")
+@click.option("--method", type=click.Choice(["data", "weight"]), default="data", show_default=True,
+              help="data: fit bases to each layer's output on calibration patches; weight: the original "
+                   "weight-only fit (always used without --calib)")
+@click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
+              help="fold the mean output shift on calibration data into the bias")
 @click.option("--layer-config", type=click.Path(path_type=Path), help="per-layer k/q/skip (JSON or TOML)")
 @click.option("--report", type=click.Path(path_type=Path), help="write the conversion report as JSON")
 @click.option("--threads", type=int, help="onnxruntime threads during calibration")
 @click.option("--quiet", is_flag=True, help="no progress bars and no table")
 @_recipe_options
-def convert(model, output, bases, act_bits, calib, calib_limit, range_method, layer_config, report, threads,
-            quiet, **kw):
+def convert(model, output, bases, act_bits, calib, calib_limit, range_method, method, bias_correction, layer_config,
+            report, threads, quiet, **kw):
     """Decompose MODEL into binary bases + quantized inputs; writes a standard ONNX file."""
     from bdecomp.decomposer.convert import convert as run_convert
 
     rep = run_convert(model, output, bases=bases, act_bits=act_bits, calib=calib, calib_limit=calib_limit,
-                      layer_config=layer_config, range_method=range_method, recipe_overrides=_overrides(kw),
+                      layer_config=layer_config, range_method=range_method, method=method,
+                      bias_correction=bias_correction, recipe_overrides=_overrides(kw),
                       progress=not quiet, report_path=report, threads=threads)
     if not quiet:
         click.echo(rep.table())

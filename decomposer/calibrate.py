@@ -129,18 +129,19 @@ def collect_stats(model: onnx.ModelProto, tensors: list[str], batches: Iterable[
     """Run the float model over `batches` and gather statistics of `tensors` (graph inputs
     included); `samplers` also collect their layers' input patches."""
     graph_inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-    inner = [t for t in tensors if t not in graph_inputs]
+    wanted = list(dict.fromkeys(list(tensors) + [sp.tensor for sp in samplers or ()]))
+    inner = [t for t in wanted if t not in graph_inputs]
     sess = _session(model, inner, threads)
     input_name = sess.get_inputs()[0].name
     rng = np.random.default_rng(seed)
     stats = {t: TensorStats() for t in tensors}
     for x in batches:
         values = dict(zip(inner, sess.run(inner, {input_name: x}))) if inner else {}
-        values.update({n: x for n in tensors if n in graph_inputs})
+        values.update({n: x for n in wanted if n in graph_inputs})
         for t in tensors:
             stats[t].update(np.asarray(values[t], np.float32), rng)
         for sp in samplers or ():
-            sp.update(np.asarray(values[sp.tensor], np.float32), rng)
+            sp.update(np.asarray(values[sp.tensor], np.float32))
         if on_batch:
             on_batch(x.shape[0])
     return stats
@@ -153,15 +154,17 @@ class PatchSampler:
 
     def __init__(self, tensor: str, depth: int, kind: str, kernel=(1, 1), strides=(1, 1),
                  pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1, per_image: int = 512,
-                 max_bytes: int = 32 << 20, max_patches: int = 8192):
+                 max_bytes: int = 32 << 20, max_patches: int = 8192, seed: int = 0):
         self.tensor, self.depth, self.kind = tensor, depth, kind
+        self.rng = np.random.default_rng(seed)  # its own stream: patch positions don't depend on other layers
         self.kernel, self.strides, self.pads, self.dilations, self.group = kernel, strides, pads, dilations, group
         self.per_image = per_image
         self.cap = max(256, min(max_patches, max_bytes // (4 * depth * group)))
         self.chunks: list[np.ndarray] = []
         self.count = 0
 
-    def update(self, x: np.ndarray, rng: np.random.Generator) -> None:
+    def update(self, x: np.ndarray) -> None:
+        rng = self.rng
         if self.count >= self.cap:
             return
         if self.kind == "Conv":

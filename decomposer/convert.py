@@ -112,6 +112,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
             chosen.append((L, s))
 
     qparams: dict[tuple[str, int], calibrate.QParams] = {}
+    samplers: dict[str, calibrate.PatchSampler] = {}
     n_calib = 0
     if calib is not None and chosen:
         images = datasets.spread(datasets.list_images(calib), calib_limit)
@@ -121,9 +122,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
             per_image = max(32, 8192 // max(1, len(images)))
             samplers = {L.name: calibrate.PatchSampler(
                 L.input, L.depth, "Conv" if L.op == "Conv" else "Gemm", tuple(L.weight_shape[2:]) if L.op == "Conv" else (1, 1),
-                L.strides, L.pads, L.dilations, L.group, per_image=per_image) for L, _ in chosen}
-        else:
-            samplers = {}
+                L.strides, L.pads, L.dilations, L.group, per_image=per_image, seed=i) for i, (L, _) in enumerate(chosen)}
         with _progress(len(images), "calibrating", progress) as bar:
             batches = (x for x, _ in datasets.iter_batches(images, recipe, batch_size=1))
             stats = calibrate.collect_stats(model, tensors, batches, threads=threads, on_batch=bar.update,
@@ -131,19 +130,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
         for L, s in chosen:
             qparams[(L.input, s.q)] = calibrate.choose_qparams(stats[L.input], s.q, range_method)
 
-    plans, rows = [], []
-    with _progress(len(chosen), "decomposing", progress) as bar:
-        for L, s in chosen:
-            qp = qparams.get((L.input, s.q))
-            sampler = samplers.get(L.name) if qp is not None else None
-            dec, L, out_err = fit_layer(L, s.k, qp, sampler, method, bias_correction)
-            plans.append(rewrite.Plan(L, dec, s.q, qp))
-            err = float(np.linalg.norm(L.weight - dec.reconstruct()) / max(np.linalg.norm(L.weight), 1e-30))
-            bytes_after = dec.packed_basis().nbytes + 4 * dec.coeffs.size + 4 * L.cout
-            rows.append(LayerRow(L.name, L.op, L.depth, L.cout, s.k, s.q, L.macs, err, 4 * (L.weight.size + L.cout),
-                                 bytes_after, qp.scale if qp else None, qp.zero_point if qp else None, out_err))
-            bar.update(1)
-
+    plans, rows = _fit_all(chosen, qparams, samplers, method, bias_correction, progress)
     out = rewrite.rewrite(model, plans)
     meta = {"version": "1", "recipe": recipe.to_json(), "source_sha256": registry.file_sha256(model_path),
             "options": json.dumps({"calib_images": n_calib,
@@ -167,11 +154,32 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     return report
 
 
+def _fit_all(chosen, qparams, samplers, method, bias_correction, progress):
+    """Fit every chosen layer; returns the rewrite plans and the report rows."""
+    plans, rows = [], []
+    with _progress(len(chosen), "decomposing", progress) as bar:
+        for L, s in chosen:
+            qp = qparams.get((L.input, s.q))
+            sampler = samplers.get(L.name) if qp is not None else None
+            dec, L2, out_err = fit_layer(L, s.k, qp, sampler, method, bias_correction)
+            plans.append(rewrite.Plan(L2, dec, s.q, qp))
+            err = float(np.linalg.norm(L.weight - dec.reconstruct()) / max(np.linalg.norm(L.weight), 1e-30))
+            bytes_after = dec.packed_basis().nbytes + 4 * dec.coeffs.size + 4 * L.cout
+            rows.append(LayerRow(L.name, L.op, L.depth, L.cout, s.k, s.q, L.macs, err, 4 * (L.weight.size + L.cout),
+                                 bytes_after, qp.scale if qp else None, qp.zero_point if qp else None, out_err))
+            bar.update(1)
+    return plans, rows
+
+
 def fit_layer(L: rewrite.Layer, k: int, qp: calibrate.QParams | None, sampler: calibrate.PatchSampler | None,
               method: str, bias_correction: bool) -> tuple[decompose.Decomposition, rewrite.Layer, float | None]:
     """Decompose one layer; with calibration patches, fit to its output (method "data") and/or
     correct its bias. Returns (decomposition, layer with the corrected bias, relative output error
-    on the calibration patches or None)."""
+    on the calibration patches or None).
+
+    Fitting to the float output from the *decomposed* network's inputs (a second calibration pass)
+    was tried: least squares on noisy inputs shrinks the scales and the errors compound (ResNet-20
+    at k = Q = 4: 74.0 % → 59.4 % top-1), so the fit uses the float network's inputs."""
     dec = decompose.decompose(L.weight, k)
     if sampler is None or qp is None or sampler.count == 0:
         return dec, L, None

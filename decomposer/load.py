@@ -12,6 +12,13 @@ from bdecomp.errors import InputFileError, ModelError
 
 MIN_OPSET = 13  # the decomposed ops' function bodies use opset-13 operators
 
+#: Limits checked before anything is allocated: no CNN bdecomp handles comes near them, and a file
+#: claiming more is corrupt or hostile.
+MAX_INPUT_DIM = 1 << 16  # any one static dimension of the model input (batch included)
+MAX_INPUT_ELEMS = 1 << 28  # elements of the model input per image (1 GiB of float32)
+MAX_TENSOR_ELEMS = 1 << 31  # elements of one initializer (8 GiB of float32)
+MAX_ACTIVATION_ELEMS = 1 << 30  # elements of one statically shaped intermediate tensor (4 GiB)
+
 
 def _check_readable(path: Path) -> None:
     if not path.exists():
@@ -29,20 +36,114 @@ def read_model(path: str | Path, check: bool = True) -> onnx.ModelProto:
     if path.stat().st_size == 0:
         raise ModelError(f"{path}: empty file, not an ONNX model")
     try:
-        model = onnx.load(str(path), load_external_data=True)
+        model = onnx.load(str(path), load_external_data=False)
     except DecodeError as e:
         raise ModelError(f"{path}: not an ONNX model or truncated ({e.__class__.__name__})") from None
     except (OSError, ValueError, RuntimeError) as e:
-        raise ModelError(f"{path}: cannot parse ONNX: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise ModelError(f"{path}: cannot parse ONNX: {_first_line(e)}") from None
     if not model.graph.node:
         raise ModelError(f"{path}: not an ONNX model (no graph nodes; truncated or another format)")
+    _check_declared_sizes(model, path)  # before external data is read or anything is allocated
+    if any(_is_external(t) for t in model.graph.initializer):
+        try:
+            from onnx.external_data_helper import load_external_data_for_model
+
+            load_external_data_for_model(model, str(path.resolve().parent))
+        except Exception as e:  # missing file, path outside the model's folder, short read, ...
+            raise ModelError(f"{path}: cannot read its external data: {_first_line(e)}") from None
     if check:
         try:
             onnx.checker.check_model(model)
         except onnx.checker.ValidationError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
-            raise ModelError(f"{path}: fails the ONNX checker: {first}") from None
+            raise ModelError(f"{path}: fails the ONNX checker: {_first_line(e) or 'invalid model'}") from None
+        except Exception as e:  # the checker itself can fail on corrupt protos
+            raise ModelError(f"{path}: fails the ONNX checker: {_first_line(e) or type(e).__name__}") from None
+        _check_inferred(model, path)
     return model
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0][:300] if s else type(e).__name__
+
+
+def _is_external(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _static_dims(vi: onnx.ValueInfoProto) -> list[int | None] | None:
+    t = vi.type.tensor_type
+    if not vi.type.HasField("tensor_type") or not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+
+
+def _check_declared_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse absurd sizes a file declares (initializers, input dimensions) before allocating."""
+    for t in model.graph.initializer:
+        if any(d < 0 for d in t.dims):
+            raise ModelError(f"{path}: initializer {t.name!r} has a negative dimension {list(t.dims)}")
+        n = 1
+        for d in t.dims:
+            n *= d
+        if n > MAX_TENSOR_ELEMS:
+            raise ModelError(f"{path}: initializer {t.name!r} claims {n:,} elements {list(t.dims)} "
+                             f"(limit {MAX_TENSOR_ELEMS:,})")
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = _static_dims(vi) or []
+        for d in dims:
+            if d is not None and d > MAX_INPUT_DIM:
+                raise ModelError(f"{path}: input {vi.name!r} has dimension {d:,} in {_fmt(dims)} "
+                                 f"(limit {MAX_INPUT_DIM:,})")
+        per_image = 1
+        for d in dims[1:]:
+            per_image *= d or 1
+        if per_image > MAX_INPUT_ELEMS:
+            raise ModelError(f"{path}: input {vi.name!r} of shape {_fmt(dims)} has {per_image:,} elements per "
+                             f"image (limit {MAX_INPUT_ELEMS:,})")
+
+
+def _fmt(dims) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+def _check_inferred(model: onnx.ModelProto, path: Path) -> None:
+    """Strict shape and type inference (wrong types, negative pads, zero strides, ...) and a size
+    limit on every statically shaped intermediate tensor (e.g. absurd pads)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as e:  # InferenceError, or a crash of inference on a corrupt graph
+        raise ModelError(f"{path}: fails ONNX shape inference: {_first_line(e)}") from None
+    g = inferred.graph
+    for vi in list(g.value_info) + list(g.output):
+        dims = _static_dims(vi)
+        if not dims or None in dims:
+            continue
+        n = 1
+        for d in dims:
+            n *= d
+        if n > MAX_ACTIVATION_ELEMS:
+            raise ModelError(f"{path}: tensor {vi.name!r} would have shape {_fmt(dims)} ({n:,} elements, "
+                             f"limit {MAX_ACTIVATION_ELEMS:,})")
+    shapes = {vi.name: _static_dims(vi) for vi in list(g.value_info) + list(g.input)}
+    inits = {t.name: t for t in g.initializer}
+    for node in g.node:
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        w = inits.get(node.input[1])
+        xs = shapes.get(node.input[0])
+        if w is None or len(w.dims) < 3:
+            continue
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if group < 1 or w.dims[0] % group:
+            raise ModelError(f"{path}: Conv {node.name or node.output[0]!r}: group {group} does not divide its "
+                             f"{w.dims[0]} output channels")
+        if xs and len(xs) > 1 and xs[1] is not None and xs[1] != w.dims[1] * group:
+            raise ModelError(f"{path}: Conv {node.name or node.output[0]!r}: input has {xs[1]} channels, weight "
+                             f"{list(w.dims)} with group {group} expects {w.dims[1] * group}")
 
 
 def default_opset(model: onnx.ModelProto) -> int:

@@ -349,6 +349,43 @@ class PackedConv:
             ffi.cast("int32_t *", ffi.from_buffer(self.tap_sums)),
         )
         _check_status(rc, "bd_pack_weights")
+        # lookup-table family (affine, Q ≤ 4, on AVX2 / AVX-512 machines): weights packed once
+        self.wlut = None
+        if not self.sign and self.bits <= 4 and any(
+                lib.bd_lut_supported(p, _ISA_IDS[i]) for i in available_isas() if i != "scalar"):
+            nb = lib.bd_lut_weight_bytes(p)
+            if nb > 0:
+                self.wlut = np.zeros(nb, dtype=np.uint8)
+                rc = lib.bd_pack_weights_lut(p, ffi.cast("const uint64_t *", ffi.from_buffer(self.wpacked)),
+                                             ffi.cast("uint8_t *", ffi.from_buffer(self.wlut)))
+                _check_status(rc, "bd_pack_weights_lut")
+
+    # -- kernel family ------------------------------------------------------------------------
+
+    def family(self, isa: str | None = None) -> str:
+        """Kernel family run() uses on ``isa``: "lut" (lookup tables) or "popcount".
+
+        ``BDECOMP_KERNEL=popcount|lut|auto`` forces it (lut only where supported); auto picks
+        by a cost model of the two inner loops (cycles per output pixel and group)."""
+        isa_id = _resolve_isa(isa)
+        return "lut" if self._use_lut(isa_id, os.environ.get("BDECOMP_KERNEL", "auto")) else "popcount"
+
+    def _use_lut(self, isa_id: int, choice) -> bool:
+        if choice not in ("auto", "lut", "popcount", "", None):
+            raise ValueError(f"kernel family must be auto, lut or popcount, got {choice!r}")
+        if self.wlut is None or isa_id == lib.BD_ISA_SCALAR or choice == "popcount":
+            return False
+        if choice == "lut":
+            return True
+        cg, coutg = self.cin // self.groups, self.cout // self.groups
+        kp = 4 if self.k <= 4 else 8
+        # popcount: one 4-lane step (AND + nibble popcount of 256 bits) ≈ 2 cycles, two sets per
+        # activation broadcast; LUT: one 32-lane vpshufb step ≈ 0.75 cycles (+ flushes at Q = 4)
+        # plus ≈ 20 cycles per 128-lane pass.
+        pop = coutg * (kp // 4) * self.wpg * self.bits * 2.0
+        npass = -(-coutg * self.k // 128)
+        lut = -(-coutg * self.k // 32) * -(-cg // 4) * (0.75 if self.bits < 4 else 1.0) + 20.0 * npass
+        return lut < pop
 
     # -- geometry ---------------------------------------------------------------------------------
 
@@ -404,12 +441,14 @@ class PackedConv:
         out: np.ndarray | None = None,
         scale: float | None = None,
         zero_point: int | None = None,
+        family: str | None = None,
     ):
         """Run on packed activations ``act`` (from quantize_pack with the same groups/bits) of an
         n×C×h×w input.  Returns float32 [n, cout, oh, ow], plus int32 A [n, oh, ow, cout, k] if
         ``return_acc``.  ``scale`` / ``zero_point`` override the construction values (dynamic
-        quantization)."""
+        quantization).  ``family`` forces the kernel family ("lut" / "popcount", see family())."""
         isa_id = _resolve_isa(isa)
+        use_lut = self._use_lut(isa_id, family if family is not None else os.environ.get("BDECOMP_KERNEL", "auto"))
         nthreads = _threads(threads)
         n = _int_in("n", n, 1, _MAX_DIM)
         h = _int_in("h", h, 1, _MAX_DIM)
@@ -438,10 +477,11 @@ class PackedConv:
         p = self._params(n, h, w, scale_v, zp)
         if lib.bd_act_words(p) != act.size:
             raise ValueError("act size does not match the convolution parameters")
-        rc = lib.bd_conv(
+        rc = (lib.bd_conv_lut if use_lut else lib.bd_conv)(
             p,
             ffi.cast("const uint64_t *", ffi.from_buffer(act)),
-            ffi.cast("const uint64_t *", ffi.from_buffer(self.wpacked)),
+            ffi.cast("const uint8_t *", ffi.from_buffer(self.wlut)) if use_lut
+            else ffi.cast("const uint64_t *", ffi.from_buffer(self.wpacked)),
             ffi.cast("const int32_t *", ffi.from_buffer(self.tap_sums)),
             ffi.cast("const float *", ffi.from_buffer(self.coeffs)),
             ffi.NULL if self.bias is None else ffi.cast("const float *", ffi.from_buffer(self.bias)),

@@ -55,6 +55,12 @@ int bd_conv(const bd_conv_params *p, const uint64_t *act, const uint64_t *wpacke
             const int32_t *tap_sums, const float *coeffs, const float *bias, float *out,
             int32_t *acc, int32_t isa, int32_t nthreads);
 double bd_popcount_peak(int32_t isa, double seconds);
+int64_t bd_lut_weight_bytes(const bd_conv_params *p);
+int bd_pack_weights_lut(const bd_conv_params *p, const uint64_t *wpacked, uint8_t *wlut);
+int bd_lut_supported(const bd_conv_params *p, int32_t isa);
+int bd_conv_lut(const bd_conv_params *p, const uint64_t *act, const uint8_t *wlut,
+                const int32_t *tap_sums, const float *coeffs, const float *bias, float *out,
+                int32_t *acc, int32_t isa, int32_t nthreads);
 """
 
 SOURCES = sorted(os.path.basename(f) for f in glob.glob(os.path.join(HERE, "*.c")))

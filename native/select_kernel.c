@@ -182,7 +182,64 @@ int bd_pack_weights(const bd_conv_params *p, const uint8_t *basis, int64_t basis
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * Lookup-table kernel family (kernel_lut_avx2.c) */
+
+int64_t bd_lut_weight_bytes(const bd_conv_params *p)
+{
+    bd_geom gm;
+    if (bd_geom_weights(p, &gm) != BD_OK) return 0;
+    const int64_t f[5] = {p->groups, bd_lut_npass(p, &gm), gm.taps, bd_lut_nq(&gm), 128};
+    return checked_prod(f, 5);
+}
+
+int bd_pack_weights_lut(const bd_conv_params *p, const uint64_t *wpacked, uint8_t *wlut)
+{
+    bd_geom gm;
+    if (bd_geom_weights(p, &gm) != BD_OK || !wpacked || !wlut) return BD_EINVAL;
+    if (bd_lut_weight_bytes(p) <= 0) return BD_EINVAL;
+    bd_lut_pack_weights(p, &gm, wpacked, wlut);
+    return BD_OK;
+}
+
+int bd_lut_supported(const bd_conv_params *p, int32_t isa)
+{
+    if (!p || p->sign || p->bits < 1 || p->bits > 4) return 0;
+    if (isa != BD_ISA_AVX2 && isa != BD_ISA_AVX512) return 0;
+    return bd_isa_supported(isa) && bd_isa_supported(BD_ISA_AVX2);
+}
+
+/* ---------------------------------------------------------------------------------------------
  * Entry points */
+
+static int check_conv_args(const bd_conv_params *p, bd_geom *gm, const void *act, const void *w,
+                           const int32_t *tap_sums, const float *coeffs, const float *bias,
+                           const float *out)
+{
+    if (validate_conv(p, gm) != BD_OK) return BD_EINVAL;
+    if (!act || !w || !tap_sums || !coeffs || !out) return BD_EINVAL;
+    for (int64_t i = 0; i < p->cout * (int64_t)p->k; ++i)
+        if (!isfinite(coeffs[i])) return BD_EINVAL;
+    if (bias)
+        for (int64_t i = 0; i < p->cout; ++i)
+            if (!isfinite(bias[i])) return BD_EINVAL;
+    return BD_OK;
+}
+
+int bd_conv_lut(const bd_conv_params *p, const uint64_t *act, const uint8_t *wlut,
+                const int32_t *tap_sums, const float *coeffs, const float *bias, float *out,
+                int32_t *acc, int32_t isa, int32_t nthreads)
+{
+    bd_geom gm;
+    if (check_conv_args(p, &gm, act, wlut, tap_sums, coeffs, bias, out) != BD_OK) return BD_EINVAL;
+    if (isa < BD_ISA_SCALAR || isa > BD_ISA_AVX512) return BD_EINVAL;
+    if (p->sign || p->bits > 4) return BD_EINVAL;
+    if (!bd_lut_supported(p, isa)) return BD_EUNSUPPORTED;
+    const int64_t tab[5] = {p->n, p->h, p->w, p->groups * bd_lut_nq(&gm), 16};
+    if (checked_prod(tab, 5) < 0) return BD_EINVAL;
+    if (nthreads <= 0) nthreads = 1;
+    if (nthreads > BD_MAX_THREADS) nthreads = BD_MAX_THREADS;
+    return bd_conv_lut_avx2(p, &gm, act, wlut, tap_sums, coeffs, bias, out, acc, nthreads);
+}
 
 int bd_conv(const bd_conv_params *p, const uint64_t *act, const uint64_t *wpacked,
             const int32_t *tap_sums, const float *coeffs, const float *bias, float *out,

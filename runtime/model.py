@@ -29,7 +29,7 @@ def session_options(threads: int | None, spinning: bool = True) -> ort.SessionOp
     """`spinning=False` for segments that alternate with the C kernels: onnxruntime's idle
     threads would otherwise spin on the cores OpenMP needs."""
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # fatal only: failures become one ModelError line, not an extra log line
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
@@ -95,6 +95,7 @@ def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
 
 
 IM2COL_MAX_BYTES = 64 << 20
+MAX_OUTPUT_ELEMS = 1 << 30  # one native layer's output (4 GiB of float32): refused before allocating
 
 
 def use_im2col(spec: LayerSpec, in_hw: tuple[int, int] | None = None) -> bool:
@@ -110,9 +111,18 @@ def dynamic_qparams(x: np.ndarray, bits: int) -> tuple[float, int]:
     """Run-time min/max step and zero point, computed exactly as the BinQuantizeDynamic body."""
     f32 = np.float32
     qmax = f32((1 << bits) - 1)
-    lo = min(f32(x.min()), f32(0))
-    hi = max(f32(x.max()), f32(0))
-    scale = f32(max(f32(hi - lo), f32(1e-8)) / qmax)
+    if x.size == 0:
+        raise ModelError("a quantizer got an empty tensor")
+    lo, hi = f32(x.min()), f32(x.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN / Inf inside the network: range of the finite part
+        fin = x[np.isfinite(x)]
+        lo, hi = (f32(fin.min()), f32(fin.max())) if fin.size else (f32(0), f32(0))
+    lo = min(lo, f32(0))
+    hi = max(hi, f32(0))
+    with np.errstate(over="ignore", invalid="ignore"):
+        scale = f32(max(f32(hi - lo), f32(1e-8)) / qmax)
+    if not np.isfinite(scale):
+        raise ModelError(f"activation range {float(lo):g}..{float(hi):g} overflows float32 in a quantizer")
     zp = int(np.clip(np.round(f32(-lo) / scale), 0, qmax))
     return float(scale), zp
 
@@ -137,7 +147,7 @@ class Model:
             used = {n.op_type for n in self.model.graph.node if n.domain == ops.DOMAIN}
             if used - have:
                 raise DecomposedModelError(f"{path}: decomposed ops without a function body: "
-                                           f"{', '.join(sorted(used - have))}")
+                                           f"{', '.join(sorted(map(str, used - have)))}")
         self._steps: list[Step] | None = None
         self._whole: ort.InferenceSession | None = None
         if backend == "native" and self.decomposed:
@@ -198,7 +208,10 @@ class Model:
                 if step.session is None:
                     continue
                 feeds = {name: _materialize(env[name], quantized) for name in step.inputs}
-                env.update(zip(step.outputs, step.session.run(step.outputs, feeds)))
+                try:
+                    env.update(zip(step.outputs, step.session.run(step.outputs, feeds)))
+                except Exception as e:  # onnxruntime raises its own exception types
+                    raise ModelError(f"onnxruntime failed: {_first_line(e)}") from None
             elif step.kind == "quant":
                 spec: QuantSpec = step.spec
                 xin = np.ascontiguousarray(env[spec.input], dtype=np.float32)
@@ -214,6 +227,12 @@ class Model:
         return [_materialize(env[o], quantized) for o in self.output_names]
 
     def _run_layer(self, step: Step, env: dict[str, Any]) -> np.ndarray:
+        try:
+            return self._run_layer_checked(step, env)
+        except ValueError as e:  # the native layer's own argument checks (sizes, geometry)
+            raise ModelError(f"layer {step.spec.name}: {_first_line(e)}") from None
+
+    def _run_layer_checked(self, step: Step, env: dict[str, Any]) -> np.ndarray:
         spec: LayerSpec = step.spec
         qz: _Quantized = env[step.inputs[0]]
         xin = qz.x
@@ -222,6 +241,7 @@ class Model:
                 raise ModelError(f"layer {spec.name}: input of shape {list(xin.shape)}, expected "
                                  f"[N, {step.kernel.cin}, H, W]")
             n, _, h, w = xin.shape
+            _check_output_size(spec, step.kernel.output_shape(n, h, w))
             if step.patch_kernel is not None and im2col_bytes(xin, step) <= IM2COL_MAX_BYTES:
                 act, n, oh, ow = qz.packed_im2col(spec)
                 return step.patch_kernel.run(act, n, oh, ow, isa=self.isa, threads=self.threads,
@@ -232,6 +252,7 @@ class Model:
         if xin.ndim < 2 or xin.shape[-1] != spec.depth:
             raise ModelError(f"layer {spec.name}: input of shape {list(xin.shape)}, expected [..., {spec.depth}]")
         rows = int(np.prod(xin.shape[:-1]))
+        _check_output_size(spec, (rows, spec.basis.shape[0]))
         act = qz.packed(1, -1)
         y = step.kernel.run(act, rows, 1, 1, isa=self.isa, threads=self.threads,
                             scale=qz.scale, zero_point=qz.zero_point)
@@ -240,7 +261,7 @@ class Model:
     # ------------------------------------------------------------------------------------ public
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         """Outputs (in graph order) for input x (float32, NCHW, batch any size the model allows)."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = self._check_input(x)
         if self._whole is not None:
             try:
                 return self._whole.run(None, {self.input_name: x})
@@ -249,8 +270,40 @@ class Model:
                 raise ModelError(f"onnxruntime failed: {msg[:300]}") from None
         return self._run_native(x)
 
+    def _check_input(self, x) -> np.ndarray:
+        """float32 C-contiguous input of the model's rank and channel count, non-empty, finite."""
+        try:
+            x = np.ascontiguousarray(x, dtype=np.float32)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ModelError(f"input is not a float array: {_first_line(e)}") from None
+        shape = self.input_shape
+        if shape and x.ndim != len(shape):
+            raise ModelError(f"input of shape {list(x.shape)}, the model expects rank {len(shape)} "
+                             f"({['?' if d is None else d for d in shape]})")
+        if x.size == 0:
+            raise ModelError(f"input of shape {list(x.shape)} is empty")
+        if shape and len(shape) > 1 and shape[1] and x.shape[1] != shape[1]:
+            raise ModelError(f"input has {x.shape[1]} channels, the model expects {shape[1]}")
+        if not np.all(np.isfinite(x)):
+            raise ModelError("input contains NaN or Inf")
+        return x
+
     def layer_names(self) -> list[str]:
         return [s.spec.name for s in self._steps or [] if s.kind == "layer"]
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0][:300] if s else type(e).__name__
+
+
+def _check_output_size(spec: LayerSpec, shape) -> None:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    if n > MAX_OUTPUT_ELEMS:
+        raise ModelError(f"layer {spec.name}: output of shape {list(shape)} ({n:,} elements) exceeds the limit "
+                         f"{MAX_OUTPUT_ELEMS:,}")
 
 
 def im2col_bytes(x: np.ndarray, step: Step) -> int:

@@ -445,3 +445,53 @@ def test_forced_isa_is_used_by_run(monkeypatch):
 def test_popcount_peak_is_positive_and_finite(isa):
     peak = native.popcount_peak(isa, seconds=0.02)
     assert math.isfinite(peak) and peak > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# the lookup-table kernel family (affine, Q ≤ 4): same integers and floats as the popcount family
+
+LUT_ISAS = [i for i in ISAS if i != "scalar"]
+
+
+@pytest.mark.skipif(not LUT_ISAS, reason="no SIMD ISA for the LUT kernels on this CPU")
+@SETTINGS
+@given(case=conv_cases())
+def test_lut_kernel_matches_reference_bit_for_bit(case):
+    conv = make_conv(case)
+    if case["sign"] or case["bits"] > 4:
+        assert conv.wlut is None
+        return
+    act = pack_nchw(case["codes"], case["groups"], case["bits"])
+    for isa in LUT_ISAS:
+        y, acc = conv.run(act, case["n"], case["h"], case["w"], isa=isa, family="lut", return_acc=True)
+        np.testing.assert_array_equal(acc, reference_acc(case))
+        y_ref = conv.run(act, case["n"], case["h"], case["w"], isa="scalar")
+        np.testing.assert_array_equal(y, y_ref)
+
+
+@pytest.mark.skipif(not LUT_ISAS, reason="no SIMD ISA for the LUT kernels on this CPU")
+@pytest.mark.parametrize("bits,k,c,cout", [(4, 4, 600, 5), (4, 3, 520, 130), (1, 8, 260, 40), (2, 2, 64, 300)])
+def test_lut_kernel_long_depth_and_many_lanes(bits, k, c, cout):
+    """Depth past the 16-bit counter spill (> 1024 steps at Q = 4) and several 128-lane passes,
+    codes at the maximum (worst case for the byte counters)."""
+    case = small_case(c=c, cout=cout, k=k, bits=bits, zero_point=1, h=4, w=5)
+    case["codes"][:] = 2**bits - 1
+    case["codes"][0, :, 0, 0] = np.random.default_rng(1).integers(0, 2**bits, c)
+    conv = make_conv(case)
+    act = pack_nchw(case["codes"], 1, bits)
+    for isa in LUT_ISAS:
+        y, acc = conv.run(act, 1, 4, 5, isa=isa, family="lut", threads=2, return_acc=True)
+        np.testing.assert_array_equal(acc, reference_acc(case))
+        np.testing.assert_array_equal(y, conv.run(act, 1, 4, 5, isa="scalar"))
+
+
+def test_kernel_family_env_and_argument(monkeypatch):
+    case, conv, act = _valid_conv_and_act()
+    with pytest.raises(ValueError):
+        conv.run(act, 1, 5, 5, family="gemm")
+    if LUT_ISAS:
+        monkeypatch.setenv("BDECOMP_KERNEL", "lut")
+        assert conv.family(LUT_ISAS[-1]) == "lut"
+        monkeypatch.setenv("BDECOMP_KERNEL", "popcount")
+        assert conv.family(LUT_ISAS[-1]) == "popcount"
+    assert conv.family("scalar") == "popcount"  # no LUT kernel in the scalar reference

@@ -1,0 +1,318 @@
+/*
+ * Lookup-table kernel family (T-MAC style), AVX2 + POPCNT; chosen per layer (bd_conv_lut).
+ *
+ * Affine mode with Q ≤ 4 only.  Instead of one AND + popcount per weight bit, activation bit plane
+ * and channel, the activation codes of every quad of channels (4u … 4u+3 of a group, at one input
+ * pixel) are turned into a 16-entry table once per input pixel:
+ *
+ *   T[idx] = Σ_{i<4, bit i of idx set} q_{4u+i}         (≤ 4·(2^Q − 1) ≤ 60: one byte)
+ *
+ * and each basis j of each output channel indexes it with its 4 weight bits of that (tap, quad)
+ * (a nibble): Σ_{d: m_jd = +1} q_d = Σ_{tap, quad} T[nibble].  One vpshufb does 32 such lookups
+ * (32 (co, j) lanes against one broadcast table), independent of Q.  The lane sums are exactly
+ * S_j = Σ_b 2^b P_jb of the popcount kernels, so the epilogue (A_j = 2 S_j − N − z·Sv_j, float
+ * output) is the same code (output_transform.h) and results are bit-identical.
+ *
+ * Counters: bytes for F = ⌊255 / (4·qmax)⌋ steps, then split into even/odd 16-bit counters
+ * (≤ 256 flushes of ≤ 255 each), then added to int32 lane sums.
+ *
+ * Layouts (internal; see bdecomp.h "LUT weights"):
+ *   tables  uint8 [pixel][G][nq][16], nq = ceil(Cg/4), built per call from the packed activations.
+ *   weights uint8 [G][npass][KH·KW][nq][4 blocks][32 bytes], one nibble per byte; lane L of a group
+ *           (L = co_local·k + j, L < Cout/G·k) is block b = L/32 of pass L/128, byte lane
+ *           l = 2s (s < 16) or 2(s − 16) + 1 (s ≥ 16) for s = L % 32 (the order the even/odd
+ *           16-bit counters come out in).  Missing lanes and channels ≥ Cg are zero nibbles.
+ *
+ * AVX-512 machines run this same code (they all have AVX2): the family is ISA-independent above
+ * the scalar reference.
+ */
+#include "kernels.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+
+#pragma GCC target("avx2,popcnt")
+#include <immintrin.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "output_transform.h"
+
+#define LUT_BLOCKS 4 /* 32-lane blocks per pass (accumulators in registers) */
+
+static inline int64_t lut_lane_byte(int64_t s) { return s < 16 ? 2 * s : 2 * (s - 16) + 1; }
+
+int64_t bd_lut_nq(const bd_geom *gm) { return (gm->cg + 3) / 4; }
+
+int64_t bd_lut_npass(const bd_conv_params *p, const bd_geom *gm)
+{
+    const int64_t lanes = gm->coutg * p->k;
+    return (lanes + 32 * LUT_BLOCKS - 1) / (32 * LUT_BLOCKS);
+}
+
+/* weight bytes: G·npass·taps·nq·128 (overflow-checked by the caller) */
+void bd_lut_pack_weights(const bd_conv_params *p, const bd_geom *gm, const uint64_t *wpacked,
+                         uint8_t *wl)
+{
+    const int64_t G = p->groups, K = p->k, KP = gm->kp, T = gm->taps, WPG = gm->wpg;
+    const int64_t nq = bd_lut_nq(gm), npass = bd_lut_npass(p, gm), lanes = gm->coutg * K;
+    memset(wl, 0, (size_t)(G * npass * T * nq * 128));
+    for (int64_t g = 0; g < G; ++g)
+        for (int64_t L = 0; L < lanes; ++L) {
+            const int64_t co = g * gm->coutg + L / K, j = L % K;
+            const int64_t ps = L / 128, blk = (L % 128) / 32, l = lut_lane_byte(L % 32);
+            for (int64_t t = 0; t < T; ++t)
+                for (int64_t u = 0; u < nq; ++u) {
+                    const int64_t c0 = 4 * u;
+                    const uint64_t m = wpacked[((co * T + t) * WPG + c0 / 64) * KP + j];
+                    const uint8_t nib = (uint8_t)((m >> (c0 % 64)) & 15u);
+                    wl[((((g * npass + ps) * T + t) * nq + u) * LUT_BLOCKS + blk) * 32 + l] = nib;
+                }
+        }
+}
+
+/* The 16-byte table of every (pixel, group, quad) from the packed bit planes:
+ * T[idx] = Σ_b 2^b popcount(idx AND nibble_b). */
+static void build_tables(const uint64_t *act, int64_t pixels, int64_t G, int32_t Q, int64_t wpg,
+                         int64_t nq, uint8_t *tab)
+{
+    /* V[b][n][idx] = popcount(n & idx) << b */
+    static __thread uint8_t V[4][16][16] __attribute__((aligned(16)));
+    static __thread int ready = 0;
+    if (!ready) {
+        for (int b = 0; b < 4; ++b)
+            for (int n = 0; n < 16; ++n)
+                for (int i = 0; i < 16; ++i) V[b][n][i] = (uint8_t)(__builtin_popcount(n & i) << b);
+        ready = 1;
+    }
+#pragma omp for schedule(static)
+    for (int64_t pg = 0; pg < pixels * G; ++pg) {
+        const uint64_t *a = act + pg * Q * wpg;
+        uint8_t *out = tab + pg * nq * 16;
+        for (int64_t u = 0; u < nq; ++u) {
+            const int64_t w = u / 16, sh = 4 * (u % 16);
+            __m128i t = _mm_load_si128((const __m128i *)V[0][(a[w] >> sh) & 15u]);
+            for (int32_t b = 1; b < Q; ++b)
+                t = _mm_add_epi8(t, _mm_load_si128((const __m128i *)V[b][(a[b * wpg + w] >> sh) & 15u]));
+            _mm_storeu_si128((__m128i *)(out + 16 * u), t);
+        }
+    }
+}
+
+/* 16-bit counters of one block (even / odd byte lanes) += the byte counters a8 */
+static inline __attribute__((always_inline)) void flush8(__m256i *c16, __m256i a8)
+{
+    const __m256i lo8 = _mm256_set1_epi16(0x00ff);
+    _mm256_store_si256(c16, _mm256_add_epi16(_mm256_load_si256(c16), _mm256_and_si256(a8, lo8)));
+    _mm256_store_si256(c16 + 1, _mm256_add_epi16(_mm256_load_si256(c16 + 1), _mm256_srli_epi16(a8, 8)));
+}
+
+/* s32[0..31] += the 16-bit counters (even lanes → s 0..15, odd → 16..31), which are zeroed */
+static inline __attribute__((always_inline)) void spill16(int32_t *s32, __m256i *c16)
+{
+    __m256i *d = (__m256i *)s32;
+    const __m256i e = _mm256_load_si256(c16), o = _mm256_load_si256(c16 + 1);
+    _mm256_storeu_si256(d, _mm256_add_epi32(_mm256_loadu_si256(d),
+                                            _mm256_cvtepu16_epi32(_mm256_castsi256_si128(e))));
+    _mm256_storeu_si256(d + 1, _mm256_add_epi32(_mm256_loadu_si256(d + 1),
+                                                _mm256_cvtepu16_epi32(_mm256_extracti128_si256(e, 1))));
+    _mm256_storeu_si256(d + 2, _mm256_add_epi32(_mm256_loadu_si256(d + 2),
+                                                _mm256_cvtepu16_epi32(_mm256_castsi256_si128(o))));
+    _mm256_storeu_si256(d + 3, _mm256_add_epi32(_mm256_loadu_si256(d + 3),
+                                                _mm256_cvtepu16_epi32(_mm256_extracti128_si256(o, 1))));
+    c16[0] = c16[1] = _mm256_setzero_si256();
+}
+
+/* One pass: R blocks of 32 lanes over ny × nx valid taps; adds the lane sums to s32[R·32]
+ * (block r, s = 0..31 in the order of lut_lane_byte).  Only the R byte counters live in
+ * registers; the 16-bit counters are touched once per F steps. */
+static inline __attribute__((always_inline)) void
+lut_pass(int32_t *s32, const uint8_t *tp0, int64_t t_sy, int64_t t_sx, const uint8_t *wp0,
+         int64_t w_sy, int64_t w_sx, int64_t ny, int64_t nx, int64_t nq, const int R, int F)
+{
+    const __m256i zero = _mm256_setzero_si256();
+    __m256i c16[2 * LUT_BLOCKS] __attribute__((aligned(32)));
+    __m256i a0 = zero, a1 = zero, a2 = zero, a3 = zero;
+#pragma GCC unroll 8
+    for (int r = 0; r < 2 * R; ++r) c16[r] = zero;
+    int steps = 0, flushes = 0;
+    for (int64_t y = 0; y < ny; ++y)
+        for (int64_t x = 0; x < nx; ++x) {
+            const uint8_t *tp = tp0 + y * t_sy + x * t_sx;
+            const uint8_t *wu = wp0 + y * w_sy + x * w_sx;
+            for (int64_t u = 0; u < nq; ++u, tp += 16, wu += 32 * LUT_BLOCKS) {
+                const __m256i tab = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tp));
+                a0 = _mm256_add_epi8(a0, _mm256_shuffle_epi8(tab, _mm256_loadu_si256((const __m256i *)wu)));
+                if (R > 1)
+                    a1 = _mm256_add_epi8(a1, _mm256_shuffle_epi8(tab, _mm256_loadu_si256((const __m256i *)(wu + 32))));
+                if (R > 2)
+                    a2 = _mm256_add_epi8(a2, _mm256_shuffle_epi8(tab, _mm256_loadu_si256((const __m256i *)(wu + 64))));
+                if (R > 3)
+                    a3 = _mm256_add_epi8(a3, _mm256_shuffle_epi8(tab, _mm256_loadu_si256((const __m256i *)(wu + 96))));
+                if (__builtin_expect(++steps == F, 0)) {
+                    flush8(c16, a0);
+                    if (R > 1) flush8(c16 + 2, a1);
+                    if (R > 2) flush8(c16 + 4, a2);
+                    if (R > 3) flush8(c16 + 6, a3);
+                    a0 = a1 = a2 = a3 = zero;
+                    steps = 0;
+                    if (++flushes == 256) { /* 16-bit counters full (≤ 256 · 255) */
+#pragma GCC unroll 4
+                        for (int r = 0; r < R; ++r) spill16(s32 + 32 * r, c16 + 2 * r);
+                        flushes = 0;
+                    }
+                }
+            }
+        }
+    flush8(c16, a0);
+    if (R > 1) flush8(c16 + 2, a1);
+    if (R > 2) flush8(c16 + 4, a2);
+    if (R > 3) flush8(c16 + 6, a3);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) spill16(s32 + 32 * r, c16 + 2 * r);
+}
+
+static void lut_pass_r(int R, int32_t *s32, const uint8_t *tp0, int64_t t_sy, int64_t t_sx,
+                       const uint8_t *wp0, int64_t w_sy, int64_t w_sx, int64_t ny, int64_t nx,
+                       int64_t nq, int F)
+{
+    switch (R) {
+    case 1: lut_pass(s32, tp0, t_sy, t_sx, wp0, w_sy, w_sx, ny, nx, nq, 1, F); break;
+    case 2: lut_pass(s32, tp0, t_sy, t_sx, wp0, w_sy, w_sx, ny, nx, nq, 2, F); break;
+    case 3: lut_pass(s32, tp0, t_sy, t_sx, wp0, w_sy, w_sx, ny, nx, nq, 3, F); break;
+    default: lut_pass(s32, tp0, t_sy, t_sx, wp0, w_sy, w_sx, ny, nx, nq, 4, F); break;
+    }
+}
+
+int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t *act,
+                     const uint8_t *wl, const int32_t *tap_sums, const float *coeffs,
+                     const float *bias, float *out, int32_t *acc, int32_t nthreads)
+{
+    const int64_t H = p->h, W = p->w, G = p->groups, OH = p->oh, OW = p->ow;
+    const int64_t KH = p->kh, KW = p->kw, COUT = p->cout;
+    const int32_t Q = p->bits, K = p->k, KP = gm->kp;
+    const int64_t WPG = gm->wpg, CG = gm->cg, COUTG = gm->coutg, T = gm->taps;
+    const int64_t z = p->zero_point;
+    const int64_t nq = bd_lut_nq(gm), npass = bd_lut_npass(p, gm), lanes = COUTG * K;
+    const int64_t nblk = (lanes + 31) / 32;
+    const int F = 255 / (4 * ((1 << Q) - 1));
+    const int64_t rows = p->n * OH;
+    const int64_t pix_words = G * Q * WPG;
+    const int64_t a_sy = p->dil_h * W * pix_words, a_sx = p->dil_w * pix_words;
+    const int64_t tpix = G * nq * 16;                      /* table bytes per input pixel */
+    const int64_t t_sy = p->dil_h * W * tpix, t_sx = p->dil_w * tpix;
+    const int64_t w_sx = nq * 32 * LUT_BLOCKS, w_sy = KW * w_sx, w_pass = T * w_sx;
+    if (nthreads <= 0) nthreads = 1;
+
+    uint8_t *tab = (uint8_t *)malloc((size_t)(p->n * H * W * tpix));
+    int64_t *sv_all = (int64_t *)malloc((size_t)(COUT * K) * sizeof(int64_t));
+    int64_t *lane_to_s = (int64_t *)malloc((size_t)lanes * sizeof(int64_t));
+    if (!tab || !sv_all || !lane_to_s) {
+        free(tab); free(sv_all); free(lane_to_s);
+        return BD_ENOMEM;
+    }
+    for (int64_t co = 0; co < COUT; ++co)
+        bd_tap_sum_valid(tap_sums + co * T * K, KW, K, 0, KH, 0, KW, sv_all + co * K);
+    for (int64_t L = 0; L < lanes; ++L) lane_to_s[L] = (L / K) * KP + L % K;
+    int failed = 0;
+
+#pragma omp parallel num_threads(nthreads)
+    {
+        build_tables(act, p->n * H * W, G, Q, WPG, nq, tab); /* omp for inside: ends in a barrier */
+        int64_t *S = (int64_t *)malloc((size_t)(COUTG * KP) * sizeof(int64_t));
+        int32_t *s32 = (int32_t *)aligned_alloc(32, (size_t)(npass * 128) * sizeof(int32_t));
+        if (!S || !s32) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t r = 0; r < rows; ++r) {
+            if (!S || !s32) continue;
+            const int64_t n = r / OH, oy = r % OH;
+            int64_t ky0, ky1;
+            bd_valid_range(oy, p->stride_h, p->pad_top, p->dil_h, KH, H, &ky0, &ky1);
+            const int64_t iy0 = oy * p->stride_h - p->pad_top + ky0 * p->dil_h;
+            for (int64_t ox = 0; ox < OW; ++ox) {
+                int64_t kx0, kx1;
+                bd_valid_range(ox, p->stride_w, p->pad_left, p->dil_w, KW, W, &kx0, &kx1);
+                const int64_t ix0 = ox * p->stride_w - p->pad_left + kx0 * p->dil_w;
+                const int64_t ny = ky1 - ky0, nx = kx1 - kx0;
+                const int interior = ny == KH && nx == KW;
+                const int64_t pix = (n * OH + oy) * OW + ox;
+                const int any = ny > 0 && nx > 0;
+                const int64_t ipix = any ? (n * H + iy0) * W + ix0 : 0;
+                for (int64_t g = 0; g < G; ++g) {
+                    const uint64_t *a = act + ipix * pix_words + g * Q * WPG;
+                    int64_t N = 0;
+                    for (int64_t y = 0; y < ny; ++y)
+                        for (int64_t x = 0; x < nx; ++x) {
+                            const uint64_t *at = a + y * a_sy + x * a_sx;
+                            for (int32_t b = 0; b < Q; ++b) {
+                                int64_t nb = 0;
+                                for (int64_t w = 0; w < WPG; ++w)
+                                    nb += __builtin_popcountll(at[b * WPG + w]);
+                                N += nb << b;
+                            }
+                        }
+                    const int64_t Dv = ny * nx * CG;
+                    memset(s32, 0, (size_t)(npass * 128) * sizeof(int32_t));
+                    if (any) {
+                        const uint8_t *tp0 = tab + ipix * tpix + g * nq * 16;
+                        for (int64_t ps = 0; ps < npass; ++ps) {
+                            const int64_t left = nblk - ps * LUT_BLOCKS;
+                            const int R = left < LUT_BLOCKS ? (int)left : LUT_BLOCKS;
+                            const uint8_t *wp0 = wl + (g * npass + ps) * w_pass + ky0 * w_sy + kx0 * w_sx;
+                            lut_pass_r(R, s32 + ps * 128, tp0, t_sy, t_sx, wp0, w_sy, w_sx, ny,
+                                       nx, nq, F);
+                        }
+                    }
+                    for (int64_t L = 0; L < lanes; ++L) S[lane_to_s[L]] = s32[L];
+                    float *out_g = out + ((n * COUT + g * COUTG) * OH + oy) * OW + ox;
+                    int32_t *acc_g = acc ? acc + (pix * COUT + g * COUTG) * K : NULL;
+                    const bd_group_ctx ctx = {S, KP, COUTG, g * COUTG, 0, Dv, N, z, sv_all,
+                                              interior, tap_sums, KH, KW, ky0, ky1, kx0, kx1,
+                                              coeffs, bias, p->scale, p->act_min, p->act_max,
+                                              out_g, OH * OW, acc_g};
+                    switch (K) {
+                    case 1: bd_group_outputs(&ctx, 1); break;
+                    case 2: bd_group_outputs(&ctx, 2); break;
+                    case 3: bd_group_outputs(&ctx, 3); break;
+                    case 4: bd_group_outputs(&ctx, 4); break;
+                    case 5: bd_group_outputs(&ctx, 5); break;
+                    case 6: bd_group_outputs(&ctx, 6); break;
+                    case 7: bd_group_outputs(&ctx, 7); break;
+                    default: bd_group_outputs(&ctx, 8); break;
+                    }
+                }
+            }
+        }
+        free(S);
+        free(s32);
+    }
+    free(tab);
+    free(sv_all);
+    free(lane_to_s);
+    return failed ? BD_ENOMEM : BD_OK;
+}
+
+#else /* not x86 */
+
+int64_t bd_lut_nq(const bd_geom *gm) { return (gm->cg + 3) / 4; }
+int64_t bd_lut_npass(const bd_conv_params *p, const bd_geom *gm)
+{
+    return (gm->coutg * p->k + 127) / 128;
+}
+void bd_lut_pack_weights(const bd_conv_params *p, const bd_geom *gm, const uint64_t *wpacked,
+                         uint8_t *wl)
+{
+    (void)p; (void)gm; (void)wpacked; (void)wl;
+}
+int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t *act,
+                     const uint8_t *wl, const int32_t *tap_sums, const float *coeffs,
+                     const float *bias, float *out, int32_t *acc, int32_t nthreads)
+{
+    (void)p; (void)gm; (void)act; (void)wl; (void)tap_sums; (void)coeffs; (void)bias;
+    (void)out; (void)acc; (void)nthreads;
+    return BD_EUNSUPPORTED;
+}
+
+#endif
