@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from bdecomp.errors import BdecompError
+from bdecomp.errors import BdecompError, ModelError
 
 INTERNAL_ERROR = 70
 
@@ -43,6 +43,9 @@ class _Group(click.Group):
             if os.environ.get("BDECOMP_DEBUG"):
                 traceback.print_exc()
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            if type(e).__module__.startswith("onnxruntime"):  # onnxruntime refusing the user's model
+                click.echo(f"bdecomp: error: onnxruntime cannot run the model: {msg[:300]}", err=True)
+                sys.exit(ModelError.exit_code)
             click.echo(f"bdecomp: internal error: {type(e).__name__}: {msg} (BDECOMP_DEBUG=1 shows the traceback)",
                        err=True)
             sys.exit(INTERNAL_ERROR)
@@ -90,19 +93,23 @@ def main() -> None:
                    "weight-only fit (always used without --calib)")
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
               help="fold the mean output shift on calibration data into the bias")
+@click.option("--budget", type=float, help="choose k and Q per layer for this MAC-weighted mean k*Q (needs --calib)")
+@click.option("--target-drop", type=float, help="choose k and Q per layer for the smallest budget that keeps top-1 "
+              "agreement with the original on the calibration images within this many points (needs --calib)")
 @click.option("--layer-config", type=click.Path(path_type=Path), help="per-layer k/q/skip (JSON or TOML)")
 @click.option("--report", type=click.Path(path_type=Path), help="write the conversion report as JSON")
 @click.option("--threads", type=int, help="onnxruntime threads during calibration")
 @click.option("--quiet", is_flag=True, help="no progress bars and no table")
 @_recipe_options
-def convert(model, output, bases, act_bits, calib, calib_limit, range_method, method, bias_correction, layer_config,
-            report, threads, quiet, **kw):
+def convert(model, output, bases, act_bits, calib, calib_limit, range_method, method, bias_correction, budget,
+            target_drop, layer_config, report, threads, quiet, **kw):
     """Decompose MODEL into binary bases + quantized inputs; writes a standard ONNX file."""
     from bdecomp.decomposer.convert import convert as run_convert
 
     rep = run_convert(model, output, bases=bases, act_bits=act_bits, calib=calib, calib_limit=calib_limit,
                       layer_config=layer_config, range_method=range_method, method=method,
-                      bias_correction=bias_correction, recipe_overrides=_overrides(kw),
+                      bias_correction=bias_correction, budget=budget, target_drop=target_drop,
+                      recipe_overrides=_overrides(kw),
                       progress=not quiet, report_path=report, threads=threads)
     if not quiet:
         click.echo(rep.table())

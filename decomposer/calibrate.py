@@ -122,6 +122,13 @@ def _session(model: onnx.ModelProto, outputs: list[str], threads: int | None) ->
     return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
+def first_outputs(model: onnx.ModelProto, xs: list[np.ndarray], threads: int | None = None) -> list[np.ndarray]:
+    """The first output of `model` (float or decomposed, through onnxruntime) for each batch."""
+    sess = _session(model, [], threads)
+    name = sess.get_inputs()[0].name
+    return [sess.run(None, {name: x})[0] for x in xs]
+
+
 def collect_stats(model: onnx.ModelProto, tensors: list[str], batches: Iterable[np.ndarray],
                   threads: int | None = None, seed: int = 0,
                   on_batch: Callable[[int], None] | None = None,

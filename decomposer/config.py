@@ -75,6 +75,10 @@ class LayerConfig:
         check_kq(s.k, s.q, f"layer {names[0]}: ")
         return s
 
+    def overridden(self, names: tuple[str, ...]) -> bool:
+        """True if the config fixes this layer's k or Q (allocation then leaves it alone)."""
+        return any(n in (self.overrides or {}) and ({"k", "q"} & set(self.overrides[n])) for n in names)
+
     def check_names(self, known: set[str]) -> None:
         unknown = sorted(set(self.overrides or {}) - known)
         if unknown:

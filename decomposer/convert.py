@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from bdecomp.decomposer import calibrate, decompose, load, rewrite, simplify
-from bdecomp.decomposer.config import SKIPPED, load_layer_config
+from bdecomp.decomposer import allocate, calibrate, decompose, load, rewrite, simplify
+from bdecomp.decomposer.config import SKIPPED, LayerSetting, load_layer_config
 from bdecomp.decomposer.report import LayerRow, Report
 from bdecomp.errors import ConfigError, ModelError
 from bdecomp.models import datasets, registry
@@ -65,20 +65,25 @@ def resolve_recipe(path: str | Path, model: onnx.ModelProto, overrides: dict[str
 
 
 def _progress(total: int | None, desc: str, enabled: bool):
-    return tqdm(total=total, desc=desc, unit="img" if "calib" in desc else "layer", disable=not enabled,
+    # disable=None: shown on a terminal, silent in logs and pipes
+    return tqdm(total=total, desc=desc, unit="img" if "calib" in desc else "layer", disable=None if enabled else True,
                 leave=False, dynamic_ncols=True)
 
 
 def convert(model_path: str | Path, output_path: str | Path | None = None, *, bases: int = 8, act_bits: int = 8,
             calib: str | Path | None = None, calib_limit: int | None = 128, layer_config: str | Path | None = None,
             range_method: str = "mse", method: str = "data", bias_correction: bool = True,
+            budget: float | None = None, target_drop: float | None = None,
             recipe_overrides: dict[str, Any] | None = None, progress: bool = True,
             report_path: str | Path | None = None, threads: int | None = None) -> Report:
     """Decompose `model_path` and write the decomposed ONNX file; returns the conversion report.
 
     method "data" (with calibration images) fits each layer's bases to its output on calibration
     patches seen through its own quantizer; "weight" is the original weight-only fit.
-    bias_correction folds the mean output shift on calibration data into the bias."""
+    bias_correction folds the mean output shift on calibration data into the bias.
+    budget (MAC-weighted mean k·Q) or target_drop (points of top-1 agreement with the float model
+    on the calibration images) let bdecomp choose k and Q per layer; layers whose k or Q the layer
+    config fixes keep them."""
     if method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     t0 = time.perf_counter()
@@ -87,6 +92,15 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     if output_path.exists() and output_path.resolve() == model_path.resolve():
         raise ConfigError(f"{output_path}: refusing to overwrite the input model")
     cfg = load_layer_config(layer_config, bases, act_bits)
+    allocating = budget is not None or target_drop is not None
+    if allocating and calib is None:
+        raise ConfigError("--budget and --target-drop need calibration images (--calib DIR)")
+    if budget is not None and target_drop is not None:
+        raise ConfigError("give either --budget or --target-drop, not both")
+    if budget is not None and not 1 <= budget <= 64:
+        raise ConfigError(f"--budget must be a MAC-weighted k*Q in 1..64, got {budget}")
+    if target_drop is not None and not 0 <= target_drop <= 100:
+        raise ConfigError(f"--target-drop must be in 0..100 points, got {target_drop}")
     if calib_limit is not None and calib_limit < 1:
         raise ConfigError("--calib-limit must be at least 1")
 
@@ -113,12 +127,13 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
 
     qparams: dict[tuple[str, int], calibrate.QParams] = {}
     samplers: dict[str, calibrate.PatchSampler] = {}
+    search: dict = {}
     n_calib = 0
     if calib is not None and chosen:
         images = datasets.spread(datasets.list_images(calib), calib_limit)
         n_calib = len(images)
         tensors = sorted({L.input for L, _ in chosen})
-        if method == "data" or bias_correction:
+        if method == "data" or bias_correction or allocating:
             per_image = max(32, 8192 // max(1, len(images)))
             samplers = {L.name: calibrate.PatchSampler(
                 L.input, L.depth, "Conv" if L.op == "Conv" else "Gemm", tuple(L.weight_shape[2:]) if L.op == "Conv" else (1, 1),
@@ -127,6 +142,9 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
             batches = (x for x, _ in datasets.iter_batches(images, recipe, batch_size=1))
             stats = calibrate.collect_stats(model, tensors, batches, threads=threads, on_batch=bar.update,
                                             samplers=list(samplers.values()))
+        if allocating:
+            chosen, search = _allocate(model, chosen, cfg, stats, samplers, range_method, budget, target_drop,
+                                       images, recipe, threads, progress)
         for L, s in chosen:
             qparams[(L.input, s.q)] = calibrate.choose_qparams(stats[L.input], s.q, range_method)
 
@@ -148,10 +166,50 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
         raise RuntimeError(f"decomposed model fails the ONNX checker: {str(e).splitlines()[0]}") from None
     bytes_after = load.save_model(out, output_path)
     report = Report(str(model_path), str(output_path), rows, float_layers, bytes_before, bytes_after,
-                    time.perf_counter() - t0, n_calib, folded)
+                    time.perf_counter() - t0, n_calib, folded, search)
     if report_path:
         load.write_atomic(report.to_json().encode(), report_path)
     return report
+
+
+def _allocate(model, chosen, cfg, stats, samplers, range_method, budget, target_drop, images, recipe, threads,
+              progress):
+    """Choose (k, Q) per layer; returns the new `chosen` list and what the search saw."""
+    free = [i for i, (L, _) in enumerate(chosen) if not cfg.overridden((L.name, L.output))]
+    fixed = {i: (s.k, s.q) for i, (_, s) in enumerate(chosen) if i not in free}
+    decomps: dict[str, dict[int, decompose.Decomposition]] = {}
+    costs = []
+    with _progress(len(chosen), "measuring layers", progress) as bar:
+        for i, (L, s) in enumerate(chosen):
+            if i in free:
+                decomps[L.name] = {k: decompose.decompose(L.weight, k) for k in allocate.K_CHOICES}
+                err = allocate.layer_errors(L.weight, L.group, samplers[L.name], stats[L.input], range_method,
+                                            decomps[L.name])
+            else:
+                err = np.full((len(allocate.K_CHOICES), len(allocate.Q_CHOICES)), np.inf)
+                err[allocate.K_CHOICES.index(s.k), allocate.Q_CHOICES.index(max(s.q, 2))] = 0.0
+            costs.append(allocate.LayerCosts(L.name, L.macs, err))
+            bar.update(1)
+    if budget is not None:
+        choice = [fixed.get(i, c) for i, c in enumerate(allocate.allocate(costs, budget))]
+        search = {"budget": budget}
+    else:
+        eval_images = images[:: max(1, len(images) // allocate.EVAL_IMAGES)][: allocate.EVAL_IMAGES]
+        xs = [x for x, _ in datasets.iter_batches(eval_images, recipe, batch_size=1)]
+        ref = calibrate.first_outputs(model, xs, threads)
+
+        def evaluate(ch):
+            plans = []
+            for (L, _), (k, q) in zip(chosen, ch):
+                dec = decomps[L.name][k] if L.name in decomps else decompose.decompose(L.weight, k)
+                plans.append(rewrite.Plan(L, dec, q, calibrate.choose_qparams(stats[L.input], q, range_method)))
+            return allocate.agreement(ref, calibrate.first_outputs(rewrite.rewrite(model, plans), xs, threads))
+
+        choice, tried = allocate.search_budget(costs, fixed, target_drop, evaluate)
+        search = {"target_drop": target_drop, "tried": tried, "eval_images": len(xs)}
+    search["mac_weighted_kq"] = allocate.mac_weighted_kq(costs, choice)
+    new = [(L, LayerSetting(k, q, False)) for (L, _), (k, q) in zip(chosen, choice)]
+    return new, search
 
 
 def _fit_all(chosen, qparams, samplers, method, bias_correction, progress):

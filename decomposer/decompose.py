@@ -143,9 +143,9 @@ def _coeffs_data_aware(codes: np.ndarray, k: int, G: np.ndarray, T: np.ndarray) 
     B = code_table(k)
     rows, depth = codes.shape
     M = B[codes.astype(np.intp)]  # [rows, D, k]
-    GM = np.einsum("de,rek->rdk", G, M, optimize=True)
-    A = np.einsum("rdk,rdl->rkl", M, GM)
-    b = np.einsum("rdk,dr->rk", M, T)
+    Mt = M.transpose(0, 2, 1)  # [rows, k, D]
+    A = Mt @ (G @ M)  # batched BLAS: M_rᵀ Ĝ M_r
+    b = (Mt @ T.T[:, :, None])[:, :, 0]
     ridge = 1e-9 * np.trace(A, axis1=1, axis2=2)[:, None, None] * np.eye(k)
     return np.einsum("rkl,rl->rk", np.linalg.pinv(A + ridge, hermitian=True), b)
 
@@ -178,13 +178,6 @@ def _codes_data_aware(codes: np.ndarray, coeffs: np.ndarray, k: int, G: np.ndarr
             V[d] = new_v
             codes[:, d] = new_codes
     return codes
-
-
-def output_error(w: np.ndarray, d: Decomposition, G: np.ndarray, T: np.ndarray, Gx: float) -> float:
-    """‖X̂ᵀ M c − Xᵀ w‖ / ‖Xᵀ w‖ on the calibration patches, from the Gram statistics."""
-    V = d.reconstruct()  # [rows, D]
-    err = float(np.einsum("rd,de,re->", V, G, V) - 2 * np.einsum("rd,dr->", V, T) + Gx)
-    return float(np.sqrt(max(err, 0.0) / Gx)) if Gx > 0 else 0.0
 
 
 def decompose_data_aware(w: np.ndarray, k: int, G: np.ndarray, T: np.ndarray, rounds: int = 4,

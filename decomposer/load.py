@@ -44,6 +44,9 @@ def read_model(path: str | Path, check: bool = True) -> onnx.ModelProto:
     if not model.graph.node:
         raise ModelError(f"{path}: not an ONNX model (no graph nodes; truncated or another format)")
     _check_declared_sizes(model, path)  # before external data is read or anything is allocated
+    newest = onnx.defs.onnx_opset_version()
+    if default_opset(model) > newest:
+        raise ModelError(f"{path}: opset {default_opset(model)} is newer than this onnx supports ({newest})")
     if any(_is_external(t) for t in model.graph.initializer):
         try:
             from onnx.external_data_helper import load_external_data_for_model

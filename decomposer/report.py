@@ -33,6 +33,7 @@ class Report:
     seconds: float = 0.0
     calibration_images: int = 0
     folded_batchnorms: int = 0
+    allocation: dict = field(default_factory=dict)  # what --budget / --target-drop chose and tried
 
     @property
     def mac_weighted_kq(self) -> float:
@@ -56,7 +57,8 @@ class Report:
     def to_json(self) -> str:
         return json.dumps({"source": self.source, "output": self.output,
                            "layers": [asdict(r) for r in self.layers],
-                           "float_layers": self.float_layers, "totals": self.totals()}, indent=2)
+                           "float_layers": self.float_layers, "allocation": self.allocation,
+                           "totals": self.totals()}, indent=2)
 
     def table(self) -> str:
         head = (f"{'layer':<28} {'op':<6} {'D':>6} {'Cout':>5} {'k':>2} {'Q':>2} {'w.err':>6} {'out.err':>7} "

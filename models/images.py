@@ -50,7 +50,10 @@ def open_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
             if p.stat().st_size == 0:
                 raise ImageError(f"{p}: empty file")
             with warnings.catch_warnings():
-                # PIL's own bomb check warns above MAX_IMAGE_PIXELS; make it an error we convert.
+                # PIL's plugins warn about damaged metadata ("Truncated File Read", bad EXIF, ...):
+                # the pixels decide, and stderr stays one line. Its bomb check warns above
+                # MAX_IMAGE_PIXELS; make that an error we convert.
+                warnings.simplefilter("ignore")
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 img = Image.open(f)
                 w, h = img.size
@@ -136,6 +139,8 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
     matching how the reference models were evaluated)."""
     img = open_image(path, max_pixels)
     try:
-        return to_rgb(img)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. PIL's note on palette transparency in bytes
+            return to_rgb(img)
     except ImageError as e:
         raise ImageError(f"{path}: {str(e).split(': ', 1)[-1]}") from None

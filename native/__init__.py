@@ -19,6 +19,12 @@ import operator
 
 import numpy as np
 
+# OpenMP threads that spin-wait after a parallel region steal the cores onnxruntime segments and
+# the next layer need (measured: 2 threads were ~20x slower than 1 on a busy 2-core machine with
+# the default policy); sleeping workers cost only a futex wake per layer.  Read by libgomp when
+# the extension below loads it; a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 try:
     from bdecomp.native._kernels import ffi, lib
 except ImportError as exc:  # pragma: no cover - depends on the build

@@ -126,11 +126,11 @@ static inline __attribute__((always_inline)) void spill16(int32_t *s32, __m256i 
  * (block r, s = 0..31 in the order of lut_lane_byte).  Only the R byte counters live in
  * registers; the 16-bit counters are touched once per F steps. */
 static inline __attribute__((always_inline)) void
-lut_pass(int32_t *s32, const uint8_t *tp0, int64_t t_sy, int64_t t_sx, const uint8_t *wp0,
-         int64_t w_sy, int64_t w_sx, int64_t ny, int64_t nx, int64_t nq, const int R, int F)
+lut_pass(int32_t *s32, __m256i *c16, const uint8_t *tp0, int64_t t_sy, int64_t t_sx,
+         const uint8_t *wp0, int64_t w_sy, int64_t w_sx, int64_t ny, int64_t nx, int64_t nq,
+         const int R, int F)
 {
     const __m256i zero = _mm256_setzero_si256();
-    __m256i c16[2 * LUT_BLOCKS] __attribute__((aligned(32)));
     __m256i a0 = zero, a1 = zero, a2 = zero, a3 = zero;
 #pragma GCC unroll 8
     for (int r = 0; r < 2 * R; ++r) c16[r] = zero;
@@ -171,17 +171,22 @@ lut_pass(int32_t *s32, const uint8_t *tp0, int64_t t_sy, int64_t t_sx, const uin
     for (int r = 0; r < R; ++r) spill16(s32 + 32 * r, c16 + 2 * r);
 }
 
-static void lut_pass_r(int R, int32_t *s32, const uint8_t *tp0, int64_t t_sy, int64_t t_sx,
-                       const uint8_t *wp0, int64_t w_sy, int64_t w_sx, int64_t ny, int64_t nx,
-                       int64_t nq, int F)
-{
-    switch (R) {
-    case 1: lut_pass(s32, tp0, t_sy, t_sx, wp0, w_sy, w_sx, ny, nx, nq, 1, F); break;
-    case 2: lut_pass(s32, tp0, t_sy, t_sx, wp0, w_sy, w_sx, ny, nx, nq, 2, F); break;
-    case 3: lut_pass(s32, tp0, t_sy, t_sx, wp0, w_sy, w_sx, ny, nx, nq, 3, F); break;
-    default: lut_pass(s32, tp0, t_sy, t_sx, wp0, w_sy, w_sx, ny, nx, nq, 4, F); break;
+#define LUT_PASS_FN(R)                                                                            \
+    static __attribute__((noinline)) void lut_pass##R(                                            \
+        int32_t *s32, __m256i *c16, const uint8_t *tp0, int64_t t_sy, int64_t t_sx,               \
+        const uint8_t *wp0, int64_t w_sy, int64_t w_sx, int64_t ny, int64_t nx, int64_t nq, int F) \
+    {                                                                                             \
+        lut_pass(s32, c16, tp0, t_sy, t_sx, wp0, w_sy, w_sx, ny, nx, nq, R, F);                   \
     }
-}
+LUT_PASS_FN(1)
+LUT_PASS_FN(2)
+LUT_PASS_FN(3)
+LUT_PASS_FN(4)
+
+typedef void (*lut_pass_fn)(int32_t *, __m256i *, const uint8_t *, int64_t, int64_t,
+                            const uint8_t *, int64_t, int64_t, int64_t, int64_t, int64_t, int);
+static const lut_pass_fn lut_passes[LUT_BLOCKS + 1] = {lut_pass1, lut_pass1, lut_pass2, lut_pass3,
+                                                       lut_pass4};
 
 int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t *act,
                      const uint8_t *wl, const int32_t *tap_sums, const float *coeffs,
@@ -205,14 +210,12 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
 
     uint8_t *tab = (uint8_t *)malloc((size_t)(p->n * H * W * tpix));
     int64_t *sv_all = (int64_t *)malloc((size_t)(COUT * K) * sizeof(int64_t));
-    int64_t *lane_to_s = (int64_t *)malloc((size_t)lanes * sizeof(int64_t));
-    if (!tab || !sv_all || !lane_to_s) {
-        free(tab); free(sv_all); free(lane_to_s);
+    if (!tab || !sv_all) {
+        free(tab); free(sv_all);
         return BD_ENOMEM;
     }
     for (int64_t co = 0; co < COUT; ++co)
         bd_tap_sum_valid(tap_sums + co * T * K, KW, K, 0, KH, 0, KW, sv_all + co * K);
-    for (int64_t L = 0; L < lanes; ++L) lane_to_s[L] = (L / K) * KP + L % K;
     int failed = 0;
 
 #pragma omp parallel num_threads(nthreads)
@@ -220,13 +223,14 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
         build_tables(act, p->n * H * W, G, Q, WPG, nq, tab); /* omp for inside: ends in a barrier */
         int64_t *S = (int64_t *)malloc((size_t)(COUTG * KP) * sizeof(int64_t));
         int32_t *s32 = (int32_t *)aligned_alloc(32, (size_t)(npass * 128) * sizeof(int32_t));
-        if (!S || !s32) {
+        __m256i *c16 = (__m256i *)aligned_alloc(32, 2 * LUT_BLOCKS * sizeof(__m256i));
+        if (!S || !s32 || !c16) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t r = 0; r < rows; ++r) {
-            if (!S || !s32) continue;
+            if (!S || !s32 || !c16) continue;
             const int64_t n = r / OH, oy = r % OH;
             int64_t ky0, ky1;
             bd_valid_range(oy, p->stride_h, p->pad_top, p->dil_h, KH, H, &ky0, &ky1);
@@ -261,14 +265,14 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
                             const int64_t left = nblk - ps * LUT_BLOCKS;
                             const int R = left < LUT_BLOCKS ? (int)left : LUT_BLOCKS;
                             const uint8_t *wp0 = wl + (g * npass + ps) * w_pass + ky0 * w_sy + kx0 * w_sx;
-                            lut_pass_r(R, s32 + ps * 128, tp0, t_sy, t_sx, wp0, w_sy, w_sx, ny,
+                            lut_passes[R](s32 + ps * 128, c16, tp0, t_sy, t_sx, wp0, w_sy, w_sx, ny,
                                        nx, nq, F);
                         }
                     }
-                    for (int64_t L = 0; L < lanes; ++L) S[lane_to_s[L]] = s32[L];
+                    for (int64_t L = 0; L < lanes; ++L) S[L] = s32[L]; /* lane L = i·K + j */
                     float *out_g = out + ((n * COUT + g * COUTG) * OH + oy) * OW + ox;
                     int32_t *acc_g = acc ? acc + (pix * COUT + g * COUTG) * K : NULL;
-                    const bd_group_ctx ctx = {S, KP, COUTG, g * COUTG, 0, Dv, N, z, sv_all,
+                    const bd_group_ctx ctx = {S, K, COUTG, g * COUTG, 0, Dv, N, z, sv_all,
                                               interior, tap_sums, KH, KW, ky0, ky1, kx0, kx1,
                                               coeffs, bias, p->scale, p->act_min, p->act_max,
                                               out_g, OH * OW, acc_g};
@@ -287,10 +291,10 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
         }
         free(S);
         free(s32);
+        free(c16);
     }
     free(tab);
     free(sv_all);
-    free(lane_to_s);
     return failed ? BD_ENOMEM : BD_OK;
 }
 

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "bdecomp.h"
+#include "kernels.h"
 
 /* rint(t) for |t| ≤ 2^22 by the float magic number (exact, half to even in the default
  * rounding mode); t is clamped to ±1024 first, which cannot change the clamped code. */
@@ -33,6 +34,69 @@ static inline int32_t code_of(float v, float scale, int32_t zp, int32_t qmax, in
 {
     return sign ? (v >= 0.0f) : quant_code(v, scale, zp, qmax);
 }
+
+/* the Q plane words of ni pixels from their 64 code bytes each (codes[i·64 + c]) */
+static void planes_scalar(const uint8_t *codes, int64_t ni, int32_t Q, uint64_t *aw, int64_t wpp,
+                          int64_t wpg)
+{
+    for (int64_t i = 0; i < ni; ++i) {
+        uint64_t pl[8] = {0};
+        const uint8_t *ci = codes + i * 64;
+        for (int c = 0; c < 64; ++c)
+            for (int32_t b = 0; b < Q; ++b) pl[b] |= (uint64_t)((ci[c] >> b) & 1u) << c;
+        for (int32_t b = 0; b < Q; ++b) aw[i * wpp + b * wpg] = pl[b];
+    }
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+__attribute__((target("avx2"))) static void planes_avx2(const uint8_t *codes, int64_t ni, int32_t Q,
+                                                        uint64_t *aw, int64_t wpp, int64_t wpg)
+{
+    for (int64_t i = 0; i < ni; ++i) {
+        const __m256i v0 = _mm256_load_si256((const __m256i *)(codes + i * 64));
+        const __m256i v1 = _mm256_load_si256((const __m256i *)(codes + i * 64 + 32));
+        for (int32_t b = 0; b < Q; ++b) {
+            /* bit b of every byte to its bit 7 (a 16-bit shift keeps each byte's bits in place) */
+            const __m128i sh = _mm_cvtsi32_si128(7 - b);
+            const uint32_t lo = (uint32_t)_mm256_movemask_epi8(_mm256_sll_epi16(v0, sh));
+            const uint32_t hi = (uint32_t)_mm256_movemask_epi8(_mm256_sll_epi16(v1, sh));
+            aw[i * wpp + b * wpg] = (uint64_t)lo | ((uint64_t)hi << 32);
+        }
+    }
+}
+
+/* codes of n floats, exactly code_of (same float operations in the same order, lane by lane) */
+__attribute__((target("avx2"))) static void codes_avx2(const float *row, int64_t n, float scale,
+                                                       int32_t zp, int32_t qmax, int sign,
+                                                       int32_t *out)
+{
+    int64_t i = 0;
+    const __m256 vs = _mm256_set1_ps(scale), lim = _mm256_set1_ps(1024.0f),
+                 nlim = _mm256_set1_ps(-1024.0f), magic = _mm256_set1_ps(12582912.0f),
+                 zero = _mm256_setzero_ps();
+    const __m256i vz = _mm256_set1_epi32(zp), vq = _mm256_set1_epi32(qmax),
+                  izero = _mm256_setzero_si256(), one = _mm256_set1_epi32(1);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(row + i);
+        __m256i q;
+        if (sign) {
+            q = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(v, zero, _CMP_GE_OQ)), one);
+        } else {
+            __m256 t = _mm256_div_ps(v, vs);
+            const __m256 nan = _mm256_cmp_ps(t, t, _CMP_UNORD_Q);
+            t = _mm256_min_ps(t, lim);  /* NaN lanes are replaced below */
+            t = _mm256_max_ps(t, nlim);
+            const __m256 r = _mm256_sub_ps(_mm256_add_ps(t, magic), magic);
+            q = _mm256_add_epi32(_mm256_cvttps_epi32(r), vz);
+            q = _mm256_min_epi32(_mm256_max_epi32(q, izero), vq);
+            q = _mm256_blendv_epi8(q, vz, _mm256_castps_si256(nan));
+        }
+        _mm256_storeu_si256((__m256i *)(out + i), q);
+    }
+    for (; i < n; ++i) out[i] = code_of(row[i], scale, zp, qmax, sign);
+}
+#endif
 
 int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t inner,
                      int64_t groups, float scale, int32_t zero_point, int32_t bits,
@@ -58,6 +122,7 @@ int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t in
     const int32_t Q = bits, qmax = (1 << bits) - 1;
     if (nthreads <= 0) nthreads = 1;
     if (nthreads > BD_MAX_THREADS) nthreads = BD_MAX_THREADS;
+    if (total < 32768 && nthreads > 1) nthreads = 1; /* small: not worth a thread wake-up */
 
     if (inner == 1) {
         /* channel-last: one pixel's channels are contiguous */
@@ -80,35 +145,52 @@ int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t in
         return BD_OK;
     }
 
-    /* channel-first: blocks of PB pixels of one `outer` index; ≤ ~32 KiB of output per block */
-    int64_t pb = 4096 / wpp;
-    if (pb < 16) pb = 16;
-    if (pb > 1024) pb = 1024;
+    /* channel-first: blocks of ≤ 256 pixels of one `outer` index.  Per block, group and 64-channel
+     * word: the codes are written pixel-major into a small byte buffer (one channel row of
+     * contiguous floats at a time, the cache-friendly order for channel-first input), then each
+     * pixel's Q plane words are taken from its 64 code bytes at once (vpmovmskb on AVX2). */
+    int64_t pb = 256;
     if (pb > inner) pb = inner;
     const int64_t blocks_per_outer = (inner + pb - 1) / pb;
     const int64_t blocks = outer * blocks_per_outer;
+    const int avx2 = bd_isa_supported(BD_ISA_AVX2);
 
 #pragma omp parallel num_threads(nthreads)
     {
-        int32_t codes[1024];
+        uint8_t codes[256 * 64] __attribute__((aligned(32)));
+        int32_t tmp[256];
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < blocks; ++blk) {
             const int64_t o = blk / blocks_per_outer;
             const int64_t i0 = (blk % blocks_per_outer) * pb;
             const int64_t ni = (inner - i0) < pb ? (inner - i0) : pb;
             uint64_t *ab = act + (o * inner + i0) * wpp; /* this block's words, contiguous */
-            memset(ab, 0, (size_t)(ni * wpp) * sizeof(uint64_t));
-            for (int64_t c = 0; c < channels; ++c) {
-                const float *row = x + (o * channels + c) * inner + i0;
-                const int64_t g = c / cg, cc = c % cg;
-                const int64_t w = cc / 64;
-                const int bit = (int)(cc % 64);
-                for (int64_t i = 0; i < ni; ++i) codes[i] = code_of(row[i], scale, zero_point, qmax, sign);
-                uint64_t *aw = ab + g * Q * wpg + w; /* plane 0 of word w of group g, pixel i0 */
-                for (int32_t b = 0; b < Q; ++b)
-                    for (int64_t i = 0; i < ni; ++i)
-                        aw[i * wpp + b * wpg] |= (uint64_t)(((uint32_t)codes[i] >> b) & 1u) << bit;
-            }
+            for (int64_t g = 0; g < groups; ++g)
+                for (int64_t w = 0; w < wpg; ++w) {
+                    const int64_t c0 = g * cg + w * 64;
+                    const int64_t nc = (cg - w * 64) < 64 ? (cg - w * 64) : 64;
+                    if (nc < 64) memset(codes, 0, (size_t)(ni * 64));
+                    for (int64_t cc = 0; cc < nc; ++cc) {
+                        const float *row = x + (o * channels + c0 + cc) * inner + i0;
+#if defined(__x86_64__) || defined(__i386__)
+                        if (avx2) {
+                            codes_avx2(row, ni, scale, zero_point, qmax, sign, tmp);
+                            for (int64_t i = 0; i < ni; ++i) codes[i * 64 + cc] = (uint8_t)tmp[i];
+                            continue;
+                        }
+#endif
+                        for (int64_t i = 0; i < ni; ++i)
+                            codes[i * 64 + cc] = (uint8_t)code_of(row[i], scale, zero_point, qmax, sign);
+                    }
+                    uint64_t *aw = ab + g * Q * wpg + w; /* plane 0 of word w of group g, pixel i0 */
+#if defined(__x86_64__) || defined(__i386__)
+                    if (avx2) {
+                        planes_avx2(codes, ni, Q, aw, wpp, wpg);
+                        continue;
+                    }
+#endif
+                    planes_scalar(codes, ni, Q, aw, wpp, wpg);
+                }
         }
     }
     return BD_OK;

@@ -181,6 +181,19 @@ int bd_pack_weights(const bd_conv_params *p, const uint8_t *basis, int64_t basis
     return BD_OK;
 }
 
+/* Threads worth waking for a layer: one per ~2^23 bit-operations (≈ 50 µs of work), so that
+ * tiny layers do not pay a thread wake-up.  Results do not depend on the thread count. */
+static int32_t useful_threads(const bd_conv_params *p, const bd_geom *gm, int32_t nthreads)
+{
+    if (nthreads <= 0) nthreads = 1;
+    if (nthreads > BD_MAX_THREADS) nthreads = BD_MAX_THREADS;
+    const double work = (double)p->n * (double)p->oh * (double)p->ow * (double)p->cout *
+                        (double)gm->depth * (double)p->k * (double)p->bits;
+    const double cap = work / 8388608.0;
+    if (cap < (double)nthreads) nthreads = cap < 1.0 ? 1 : (int32_t)cap;
+    return nthreads;
+}
+
 /* ---------------------------------------------------------------------------------------------
  * Lookup-table kernel family (kernel_lut_avx2.c) */
 
@@ -236,8 +249,7 @@ int bd_conv_lut(const bd_conv_params *p, const uint64_t *act, const uint8_t *wlu
     if (!bd_lut_supported(p, isa)) return BD_EUNSUPPORTED;
     const int64_t tab[5] = {p->n, p->h, p->w, p->groups * bd_lut_nq(&gm), 16};
     if (checked_prod(tab, 5) < 0) return BD_EINVAL;
-    if (nthreads <= 0) nthreads = 1;
-    if (nthreads > BD_MAX_THREADS) nthreads = BD_MAX_THREADS;
+    nthreads = useful_threads(p, &gm, nthreads);
     return bd_conv_lut_avx2(p, &gm, act, wlut, tap_sums, coeffs, bias, out, acc, nthreads);
 }
 
@@ -255,8 +267,7 @@ int bd_conv(const bd_conv_params *p, const uint64_t *act, const uint64_t *wpacke
     if (bias)
         for (int64_t i = 0; i < p->cout; ++i)
             if (!isfinite(bias[i])) return BD_EINVAL;
-    if (nthreads <= 0) nthreads = 1;
-    if (nthreads > BD_MAX_THREADS) nthreads = BD_MAX_THREADS;
+    nthreads = useful_threads(p, &gm, nthreads);
     return bd_kernels[isa].conv(p, &gm, act, wpacked, tap_sums, coeffs, bias, out, acc, nthreads);
 }
 

@@ -151,7 +151,10 @@ class Model:
         self._steps: list[Step] | None = None
         self._whole: ort.InferenceSession | None = None
         if backend == "native" and self.decomposed:
-            self._prepare_native()
+            try:
+                self._prepare_native()
+            except DecomposedModelError as e:  # name the file: infer may be given several
+                raise DecomposedModelError(f"{self.path}: {e}") from None
         else:
             self._whole = _session(self.model, threads)
 

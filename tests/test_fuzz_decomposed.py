@@ -9,6 +9,7 @@ C sees it. A watchdog (faulthandler) turns a hang into a failure with a tracebac
 from __future__ import annotations
 
 import collections
+import contextlib
 import faulthandler
 import os
 from pathlib import Path
@@ -45,6 +46,12 @@ def _summary(request):
     tr = request.config.pluginmanager.getplugin("terminalreporter")
     if tr is None or not COUNTS:
         return
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+        _write_summary(tr)
+
+
+def _write_summary(tr) -> None:
     cats = sorted({k.split(":")[0] for k in COUNTS if ":" in k})
     tr.write_line("")
     tr.write_line("fuzz_decomposed: malformed cases per category (rejected with BdecompError / ran):")

@@ -1,0 +1,138 @@
+"""Per-layer (k, Q) allocation under a budget: `convert --budget KQ` and `--target-drop D`.
+
+Cost of a layer is MACs·k·Q (AND+popcount work); the budget is the MAC-weighted mean k·Q.
+Error of a layer at (k, Q) is its relative output error on calibration patches — weight-only
+bases for k, the layer's own calibrated quantizer for Q, bias corrected — computed from Gram
+statistics so the whole k × Q grid costs one Gram matrix per Q. The allocation minimises the sum
+of the layers' errors for a given budget by Lagrangian relaxation (each layer independently picks
+argmin err + λ·cost; λ bisected to meet the budget).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bdecomp.decomposer import calibrate, decompose
+
+K_CHOICES = tuple(range(1, 9))
+Q_CHOICES = tuple(range(2, 9))
+GRAM_MAX_DEPTH = 4608
+
+
+@dataclass
+class LayerCosts:
+    """err[k_index, q_index] (relative output MSE) and the layer's MACs."""
+
+    name: str
+    macs: int
+    err: np.ndarray
+
+
+def layer_errors(weight: np.ndarray, group: int, sampler: calibrate.PatchSampler,
+                 stats: calibrate.TensorStats, range_method: str,
+                 decomps: dict[int, decompose.Decomposition]) -> np.ndarray:
+    """Relative output MSE of one layer for every (k, Q) in K_CHOICES × Q_CHOICES."""
+    P = sampler.patches()
+    cout_g = weight.shape[0] // group
+    err = np.zeros((len(K_CHOICES), len(Q_CHOICES)))
+    den = 0.0
+    for g in range(group):
+        rows = slice(g * cout_g, (g + 1) * cout_g)
+        X = P[:, g, :]
+        Y = X @ weight[rows].T.astype(np.float32)
+        den += float((Y.astype(np.float64) ** 2).sum())
+        for qi, q in enumerate(Q_CHOICES):
+            Xh = calibrate.quantize_dequantize(X, calibrate.choose_qparams(stats, q, range_method))
+            if X.shape[1] <= GRAM_MAX_DEPTH:
+                G = (Xh.T @ Xh).astype(np.float64)
+                T = (Xh.T @ Y).astype(np.float64)
+                mx = Xh.mean(axis=0, dtype=np.float64)
+                my = Y.mean(axis=0, dtype=np.float64)
+            for ki, k in enumerate(K_CHOICES):
+                V = decomps[k].reconstruct()[rows]  # [cout_g, D]
+                if X.shape[1] <= GRAM_MAX_DEPTH:
+                    sse = float(((V @ G) * V).sum() - 2 * (V * T.T).sum() + (Y.astype(np.float64) ** 2).sum())
+                    shift = my - V @ mx  # bias correction removes the mean error
+                    sse -= len(X) * float((shift ** 2).sum())
+                else:
+                    diff = Y - Xh @ V.T.astype(np.float32)
+                    diff = diff - diff.mean(axis=0)
+                    sse = float((diff.astype(np.float64) ** 2).sum())
+                err[ki, qi] += max(sse, 0.0)
+    return err / den if den > 0 else err
+
+
+def allocate(layers: list[LayerCosts], budget: float) -> list[tuple[int, int]]:
+    """(k, Q) per layer minimising Σ err subject to MAC-weighted mean k·Q ≤ budget."""
+    total = float(sum(L.macs for L in layers)) or 1.0
+    kq = np.outer(K_CHOICES, Q_CHOICES).astype(np.float64)
+
+    def pick(lam: float) -> tuple[list[tuple[int, int]], float]:
+        choice, cost = [], 0.0
+        for L in layers:
+            obj = L.err + lam * (L.macs / total) * kq
+            ki, qi = np.unravel_index(int(np.argmin(obj)), obj.shape)
+            choice.append((K_CHOICES[ki], Q_CHOICES[qi]))
+            cost += L.macs / total * K_CHOICES[ki] * Q_CHOICES[qi]
+        return choice, cost
+
+    choice, cost = pick(0.0)
+    if cost <= budget:
+        return choice
+    lo, hi = 0.0, 1.0
+    while pick(hi)[1] > budget and hi < 1e12:
+        hi *= 4
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if pick(mid)[1] > budget:
+            lo = mid
+        else:
+            hi = mid
+    return pick(hi)[0]
+
+
+def mac_weighted_kq(layers: list[LayerCosts], choice: list[tuple[int, int]]) -> float:
+    total = float(sum(L.macs for L in layers)) or 1.0
+    return sum(L.macs * k * q for L, (k, q) in zip(layers, choice)) / total
+
+
+BUDGETS = (2, 3, 4, 5, 6, 8, 9, 10, 12, 16, 20, 25, 30, 36, 49, 64)
+EVAL_IMAGES = 64
+
+
+def agreement(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
+    """Share of argmax decisions (per image, or per pixel for dense outputs) that agree."""
+    same = total = 0
+    for a, b in zip(reference, outputs):
+        pa, pb = a.argmax(axis=1), b.argmax(axis=1)
+        same += int((pa == pb).sum())
+        total += pa.size
+    return same / total if total else 1.0
+
+
+def search_budget(costs: list[LayerCosts], fixed: dict[int, tuple[int, int]], target_drop: float,
+                  evaluate) -> tuple[list[tuple[int, int]], list[dict]]:
+    """Smallest budget in BUDGETS whose allocation keeps calibration agreement ≥ 1 − drop/100.
+
+    `evaluate(choice) -> agreement` builds and runs the candidate (weight-only bases, so the final
+    data-aware fit can only do better). Bisection over the sorted budgets: agreement grows with
+    the budget in practice; the largest budget is taken if none qualifies."""
+    tried: list[dict] = []
+
+    def choice_for(b: float) -> list[tuple[int, int]]:
+        ch = allocate(costs, b)
+        return [fixed.get(i, c) for i, c in enumerate(ch)]
+
+    lo, hi = 0, len(BUDGETS) - 1
+    best = choice_for(BUDGETS[hi])
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        ch = choice_for(BUDGETS[mid])
+        agr = evaluate(ch)
+        tried.append({"budget": BUDGETS[mid], "mac_weighted_kq": mac_weighted_kq(costs, ch), "agreement": agr})
+        if 100 * (1 - agr) <= target_drop:
+            best, hi = ch, mid - 1
+        else:
+            lo = mid + 1
+    return best, tried
