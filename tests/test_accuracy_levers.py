@@ -1,0 +1,134 @@
+"""The accuracy levers beyond the original method: data-aware fit, bias correction, allocation."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bdecomp.decomposer import allocate, calibrate, decompose
+from bdecomp.errors import ConfigError
+
+from test_convert import convert, images, cnn, layer_settings  # noqa: F401  (fixtures)
+
+
+def _correlated_problem(seed=0, n=4000, d=72, cout=24):
+    """Inputs with a strongly anisotropic covariance (as real activations are) and weights."""
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((d, d)) * np.geomspace(3.0, 0.05, d)[None, :]
+    X = np.maximum(rng.standard_normal((n, d)) @ mix.T, 0).astype(np.float32)  # post-ReLU
+    W = rng.standard_normal((cout, d))
+    return X, W
+
+
+def _output_error(X, Xh, W, dec):
+    Y = X @ W.T
+    return np.linalg.norm(Xh @ dec.reconstruct().T - Y) / np.linalg.norm(Y)
+
+
+@pytest.mark.parametrize("k,q", [(2, 4), (3, 3), (4, 4)])
+def test_data_aware_fit_beats_weight_only_fit_on_output_error(k, q):
+    X, W = _correlated_problem()
+    stats = calibrate.TensorStats()
+    stats.update(X, np.random.default_rng(0))
+    Xh = calibrate.quantize_dequantize(X, calibrate.choose_qparams(stats, q))
+    G, T = Xh.T.astype(np.float64) @ Xh / len(X), Xh.T.astype(np.float64) @ (X @ W.T) / len(X)
+    weight_only = decompose.decompose(W, k)
+    data_aware = decompose.decompose_data_aware(W, k, G, T, init=weight_only)
+    assert _output_error(X, Xh, W, data_aware) < 0.9 * _output_error(X, Xh, W, weight_only)
+
+
+def test_data_aware_fit_never_worsens_its_starting_point():
+    X, W = _correlated_problem(seed=3)
+    G, T = X.T.astype(np.float64) @ X / len(X), X.T.astype(np.float64) @ (X @ W.T) / len(X)
+    for k in (1, 2, 5):
+        start = decompose.decompose(W, k)
+        assert _output_error(X, X, W, decompose.decompose_data_aware(W, k, G, T, init=start)) <= \
+            _output_error(X, X, W, start) + 1e-9
+
+
+def _costs():
+    """Three layers: a cheap sensitive one, a big robust one, a middle one."""
+    kq = np.outer(allocate.K_CHOICES, allocate.Q_CHOICES).astype(float)
+    return [allocate.LayerCosts("sensitive", 1_000, 10.0 / kq),
+            allocate.LayerCosts("robust", 100_000, 0.1 / kq),
+            allocate.LayerCosts("middle", 10_000, 1.0 / kq)]
+
+
+@pytest.mark.parametrize("budget", [4, 9, 16, 30])
+def test_allocation_meets_the_budget(budget):
+    costs = _costs()
+    assert allocate.mac_weighted_kq(costs, allocate.allocate(costs, budget)) <= budget + 1e-9
+
+
+def test_allocation_error_does_not_grow_with_the_budget():
+    costs = _costs()
+
+    def total(b):
+        return sum(L.err[allocate.K_CHOICES.index(k), allocate.Q_CHOICES.index(q)]
+                   for L, (k, q) in zip(costs, allocate.allocate(costs, b)))
+    errs = [total(b) for b in (4, 6, 9, 16, 25, 64)]
+    assert all(a >= b - 1e-12 for a, b in zip(errs, errs[1:]))
+
+
+def test_allocation_gives_the_cheap_sensitive_layer_more_bits_than_the_big_robust_one():
+    choice = allocate.allocate(_costs(), 6)
+    assert choice[0][0] * choice[0][1] > choice[1][0] * choice[1][1]
+
+
+def test_agreement_counts_pixels_for_dense_outputs():
+    a = np.zeros((1, 3, 2, 2)); a[0, 1] = 1
+    b = a.copy(); b[0, 2, 0, 0] = 5
+    assert allocate.agreement([a], [b]) == pytest.approx(0.75)
+
+
+def test_convert_with_a_budget_writes_per_layer_settings_within_it(cnn, images, tmp_path):
+    report = convert(cnn, tmp_path / "b.onnx", calib=images, budget=9, report_path=tmp_path / "r.json")
+    assert report.mac_weighted_kq <= 9 + 1e-9
+    assert json.loads((tmp_path / "r.json").read_text())["allocation"]["budget"] == 9
+    settings = layer_settings(tmp_path / "b.onnx")
+    assert {r.name: (r.k, r.q) for r in report.layers} == settings
+
+
+def test_target_drop_records_the_budgets_it_tried(cnn, images, tmp_path):
+    report = convert(cnn, tmp_path / "t.onnx", calib=images, target_drop=50)
+    assert report.allocation["tried"] and all(0 <= t["agreement"] <= 1 for t in report.allocation["tried"])
+
+
+def test_budget_without_calibration_is_refused(cnn, tmp_path):
+    with pytest.raises(ConfigError, match="calib"):
+        convert(cnn, tmp_path / "x.onnx", budget=9)
+
+
+def _gemm_layer_with_patches(X, W):
+    from bdecomp.decomposer.rewrite import Layer
+
+    layer = Layer("fc", "Gemm", "x", "y", W, np.zeros(W.shape[0]), W.shape)
+    sampler = calibrate.PatchSampler("x", W.shape[1], "Gemm", per_image=len(X), max_patches=len(X))
+    sampler.update(X)
+    stats = calibrate.TensorStats()
+    stats.update(X, np.random.default_rng(0))
+    return layer, sampler, stats
+
+
+def test_bias_correction_lowers_the_output_error_and_moves_the_bias():
+    from bdecomp.decomposer.convert import fit_layer
+
+    X, W = _correlated_problem(seed=5, n=2000)
+    layer, sampler, stats = _gemm_layer_with_patches(X, W)
+    qp = calibrate.choose_qparams(stats, 2)
+    _, plain, err_plain = fit_layer(layer, 2, qp, sampler, "weight", bias_correction=False)
+    _, corrected, err_corr = fit_layer(layer, 2, qp, sampler, "weight", bias_correction=True)
+    assert err_corr < err_plain
+    assert np.any(corrected.bias != 0) and np.all(plain.bias == 0)
+
+
+def test_data_aware_method_lowers_the_output_error_of_fit_layer():
+    from bdecomp.decomposer.convert import fit_layer
+
+    X, W = _correlated_problem(seed=6, n=2000)
+    layer, sampler, stats = _gemm_layer_with_patches(X, W)
+    qp = calibrate.choose_qparams(stats, 4)
+    _, _, err_weight = fit_layer(layer, 3, qp, sampler, "weight", bias_correction=True)
+    _, _, err_data = fit_layer(layer, 3, qp, sampler, "data", bias_correction=True)
+    assert err_data < 0.9 * err_weight
