@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import onnx
 from tqdm import tqdm
 
 from bdecomp.decomposer import allocate, calibrate, decompose, load, rewrite, simplify
+from bdecomp.decomposer.fit import fit_layer
 from bdecomp.decomposer.config import SKIPPED, LayerSetting, load_layer_config
 from bdecomp.decomposer.report import LayerRow, Report
 from bdecomp.errors import ConfigError, ModelError
@@ -23,7 +23,6 @@ from bdecomp.models import datasets, registry
 from bdecomp.models.preprocess import Recipe, recipe_with_overrides
 
 META_PREFIX = "bdecomp."
-DATA_AWARE_MAX_DEPTH = 4608  # Gram matrices beyond this (FC layers) cost more than they return
 METHODS = ("data", "weight")
 
 
@@ -227,41 +226,3 @@ def _fit_all(chosen, qparams, samplers, method, bias_correction, progress):
                                  bytes_after, qp.scale if qp else None, qp.zero_point if qp else None, out_err))
             bar.update(1)
     return plans, rows
-
-
-def fit_layer(L: rewrite.Layer, k: int, qp: calibrate.QParams | None, sampler: calibrate.PatchSampler | None,
-              method: str, bias_correction: bool) -> tuple[decompose.Decomposition, rewrite.Layer, float | None]:
-    """Decompose one layer; with calibration patches, fit to its output (method "data") and/or
-    correct its bias. Returns (decomposition, layer with the corrected bias, relative output error
-    on the calibration patches or None).
-
-    Fitting to the float output from the *decomposed* network's inputs (a second calibration pass)
-    was tried: least squares on noisy inputs shrinks the scales and the errors compound (ResNet-20
-    at k = Q = 4: 74.0 % → 59.4 % top-1), so the fit uses the float network's inputs."""
-    dec = decompose.decompose(L.weight, k)
-    if sampler is None or qp is None or sampler.count == 0:
-        return dec, L, None
-    P = sampler.patches()  # [P, G, D] float32
-    Ph = calibrate.quantize_dequantize(P, qp)
-    cout_g = L.cout // L.group
-    codes, coeffs, bias = dec.codes.copy(), dec.coeffs.copy(), L.bias.copy()
-    num = den = 0.0
-    for g in range(L.group):
-        rows = slice(g * cout_g, (g + 1) * cout_g)
-        X, Xh, W = P[:, g, :], Ph[:, g, :], L.weight[rows]
-        Y = X @ W.T.astype(np.float32)  # float outputs on the calibration patches (sgemm: fast enough)
-        G = (Xh.T @ Xh).astype(np.float64) / len(X)
-        T = (Xh.T @ Y).astype(np.float64) / len(X)
-        gdec = decompose.Decomposition(codes[rows], coeffs[rows], k)
-        if method == "data" and L.depth <= DATA_AWARE_MAX_DEPTH:
-            gdec = decompose.decompose_data_aware(W, k, G, T, init=gdec)
-            codes[rows], coeffs[rows] = gdec.codes, gdec.coeffs
-        Yh = Xh @ gdec.reconstruct().T.astype(np.float32)
-        shift = (Y - Yh).mean(axis=0, dtype=np.float64)
-        if bias_correction:
-            bias[rows] += shift
-            Yh = Yh + shift.astype(np.float32)
-        num += float(((Y - Yh).astype(np.float64) ** 2).sum())
-        den += float((Y.astype(np.float64) ** 2).sum())
-    out_err = float(np.sqrt(num / den)) if den > 0 else 0.0
-    return decompose.Decomposition(codes, coeffs, k), replace(L, bias=bias), out_err

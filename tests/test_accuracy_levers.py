@@ -112,7 +112,7 @@ def _gemm_layer_with_patches(X, W):
 
 
 def test_bias_correction_lowers_the_output_error_and_moves_the_bias():
-    from bdecomp.decomposer.convert import fit_layer
+    from bdecomp.decomposer.fit import fit_layer
 
     X, W = _correlated_problem(seed=5, n=2000)
     layer, sampler, stats = _gemm_layer_with_patches(X, W)
@@ -124,7 +124,7 @@ def test_bias_correction_lowers_the_output_error_and_moves_the_bias():
 
 
 def test_data_aware_method_lowers_the_output_error_of_fit_layer():
-    from bdecomp.decomposer.convert import fit_layer
+    from bdecomp.decomposer.fit import fit_layer
 
     X, W = _correlated_problem(seed=6, n=2000)
     layer, sampler, stats = _gemm_layer_with_patches(X, W)

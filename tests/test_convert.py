@@ -8,7 +8,6 @@ configuration files (including a conversion report fed back in).
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import onnx
