@@ -16,8 +16,9 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def guess_labels(n_classes: int) -> str | None:
-    return {1000: "imagenet", 10: "cifar10"}.get(n_classes)
+def guess_labels(n_classes: int, dense: bool = False) -> str | None:
+    """The label set a model of unknown origin most likely uses, from its number of classes."""
+    return {12: "camvid"}.get(n_classes) if dense else {1000: "imagenet", 10: "cifar10"}.get(n_classes)
 
 
 class Presenter:
@@ -26,13 +27,13 @@ class Presenter:
     def __init__(self, info: dict[str, Any], top_k: int, mask_dir: Path, overlay: bool):
         self.info, self.top_k, self.mask_dir, self.overlay = info, top_k, Path(mask_dir), overlay
 
-    def _names(self, n: int) -> list[str]:
-        labels = self.info.get("labels") or guess_labels(n)
-        if labels:
-            names = class_names(labels)
-            if len(names) == n:
-                return names
-        return [str(i) for i in range(n)]
+    def _labels(self, n: int, dense: bool) -> str | None:
+        return self.info.get("labels") or guess_labels(n, dense)
+
+    def _names(self, n: int, dense: bool = False) -> list[str]:
+        labels = self._labels(n, dense)
+        names = class_names(labels) if labels else []
+        return names if len(names) == n else [str(i) for i in range(n)]
 
     def result(self, path: Path, image: Image.Image, y: np.ndarray) -> dict[str, Any]:
         y = np.asarray(y)
@@ -47,8 +48,8 @@ class Presenter:
     def _segmentation(self, path: Path, image: Image.Image, scores: np.ndarray) -> dict[str, Any]:
         n = scores.shape[0]
         mask = scores.argmax(axis=0).astype(np.uint8)
-        pal = palette(self.info.get("labels") or "camvid" if n == 12 else self.info.get("labels"), n)
-        names = self._names(n) if not (self.info.get("labels") or n == 12) else class_names(self.info.get("labels") or "camvid")[:n]
+        pal = palette(self._labels(n, True), n)
+        names = self._names(n, dense=True)
         self.mask_dir.mkdir(parents=True, exist_ok=True)
         out = self.mask_dir / (Path(path).stem + "_mask.png")
         colour = Image.fromarray(pal[mask])
@@ -60,7 +61,7 @@ class Presenter:
             Image.blend(base, colour, 0.5).save(ov)
             res["overlay"] = str(ov)
         counts = np.bincount(mask.ravel(), minlength=n) / mask.size
-        res["classes"] = [{"index": i, "label": names[i] if i < len(names) else str(i), "fraction": float(counts[i])}
+        res["classes"] = [{"index": i, "label": names[i], "fraction": float(counts[i])}
                           for i in range(n) if counts[i] > 0]
         return res
 
