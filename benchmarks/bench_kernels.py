@@ -34,7 +34,7 @@ class _TimedLib:
 
     def __getattr__(self, name):
         fn = getattr(self._lib, name)
-        if name not in ("bd_conv", "bd_conv_lut", "bd_quantize_pack"):
+        if name not in ("bd_conv", "bd_conv_lut", "bd_quantize_pack", "bd_im2col_quantize_pack"):
             return fn
         sink = self._sink
 
@@ -130,7 +130,8 @@ def layer_rows(model: Model, x: np.ndarray):
             kh, kw = spec.weight_shape[2:]
             geo = (f"{xin[1]}x{xin[2]}x{xin[3]}>{cout} {kh}x{kw}/{spec.strides[0]}"
                    + (f" g{spec.group}" if spec.group > 1 else ""))
-            im2col = s.patch_kernel is not None and rm.im2col_bytes(np.empty(xin, np.float32), s) <= rm.IM2COL_MAX_BYTES
+            im2col = (s.patch_kernel is not None and rm.im2col_bytes(np.empty(xin, np.float32), s) <= rm.IM2COL_MAX_BYTES
+                      and rm.prefer_im2col(s.kernel, s.patch_kernel, model.isa))
         else:
             geo = f"gemm {rows_}x{spec.depth}>{cout}"
             im2col = False
@@ -193,7 +194,7 @@ def main() -> None:
         print(f"{r['name'][:28]:<28} {r['geo'][:34]:<34} {r['k']:>2} {r['q']:>2} {r['family']:>8} "
               f"{c * 1e3:7.3f} {st * 1e3:7.3f} {rate / 1e9:7.1f} {100 * rate / peak:5.1f}%")
     total = prof[("total", None)]
-    qp = prof.get(("bd_quantize_pack", None), 0.0)
+    qp = prof.get(("bd_quantize_pack", None), 0.0) + prof.get(("bd_im2col_quantize_pack", None), 0.0)
     ort_t = prof.get(("ort", None), 0.0)
     all_bitops = sum(r["bitops"] for r in rows)
     print("-" * len(hdr))

@@ -8,8 +8,14 @@ argument raises ValueError, never reaches C.  The C side re-validates and return
                       bits=4, zero_point=z, scale=s)
     y = conv.run(act, N, H, W)                                            # float32 [N,Cout,OH,OW]
 
-Environment: BDECOMP_ISA=scalar|avx2|avx512 forces a kernel; BDECOMP_THREADS sets the default
-thread count (else os.cpu_count()).
+Environment: BDECOMP_ISA=scalar|avx2|avx512 forces a kernel; BDECOMP_KERNEL=auto|lut|popcount
+the kernel family; BDECOMP_THREADS sets the default thread count (else os.cpu_count());
+BDECOMP_MIN_PARALLEL_WORK=<int ≥ 0> overrides the work below which C runs a call on one thread
+(0: always use the threads given — tests use it to exercise the parallel code on small inputs).
+
+Speed: PackedConv.run and quantize_pack validate a (geometry, options) combination once and cache
+the result (with the C parameter block and weight pointers); a repeated call only checks the
+array's type, dtype, contiguity and shape — O(1) — before C runs, and C re-validates sizes.
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ __all__ = [
     "default_isa",
     "default_threads",
     "quantize_pack",
+    "im2col_quantize_pack",
     "words_per_group",
     "PackedConv",
     "popcount_peak",
@@ -53,6 +60,29 @@ _STATUS = {
     lib.BD_ENOMEM: "out of memory",
 }
 _MAX_DIM = 2**31 - 1
+
+# The environment variables that change what a call does, read on every call of the fast paths
+# below as part of their cache keys.  os.environ.get costs ~1 µs (key encoding); the underlying
+# mapping of encoded keys, where CPython has one, is a plain dict lookup.
+_ENV_NAMES = ("BDECOMP_ISA", "BDECOMP_KERNEL", "BDECOMP_THREADS")
+try:
+    _ENV_DATA = os.environ._data  # type: ignore[attr-defined]
+    _ENV_KEYS = tuple(os.environ.encodekey(k) for k in _ENV_NAMES)  # type: ignore[attr-defined]
+    _THREADS_KEY = _ENV_KEYS[2]
+
+    def _env_state() -> tuple:
+        d = _ENV_DATA
+        return (d.get(_ENV_KEYS[0]), d.get(_ENV_KEYS[1]), d.get(_ENV_KEYS[2]))
+
+    def _env_threads():
+        return _ENV_DATA.get(_THREADS_KEY)
+except AttributeError:  # pragma: no cover - other Python implementations
+    def _env_state() -> tuple:
+        return tuple(os.environ.get(k) for k in _ENV_NAMES)
+
+    def _env_threads():
+        return os.environ.get("BDECOMP_THREADS")
+_U64 = np.dtype(np.uint64)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,7 +225,38 @@ def quantize_pack(
     ``channel_axis=1``: x is [N, C, *spatial]; ``channel_axis=-1``: x is [..., C].  Codes are
     clamp(rint(x / scale) + zero_point, 0, 2^bits − 1) (or [x ≥ 0] with ``sign``).  Returns uint64
     of shape (pixels, groups, bits, ceil(C / groups / 64)) in the layout of bdecomp.h.
+
+    The checks of a (shape, options) combination run once and are cached: a repeated call on a
+    float32 C-contiguous array only looks its plan up.
     """
+    fast = type(x) is np.ndarray and x.dtype == _F32 and x.flags.c_contiguous
+    key = None
+    if fast:
+        key = (x.shape, groups, scale, zero_point, bits, sign, channel_axis, threads, _env_threads())
+        try:
+            plan = _QP_PLANS.get(key)
+        except TypeError:  # unhashable option: the checks below reject it
+            plan, key = None, None
+    if not fast or plan is None:
+        x, plan = _quantize_pack_plan(x, groups, scale, zero_point, bits, sign, channel_axis, threads)
+        if key is not None and all(type(v) in (int, type(None)) for v in (groups, bits, zero_point, channel_axis, threads)):
+            if len(_QP_PLANS) >= 256:
+                _QP_PLANS.clear()
+            _QP_PLANS[key] = plan
+    outer, channels, inner, groups_v, scale_v, zp, bits_v, sign_v, nthreads, shape = plan
+    act = np.empty(shape, dtype=np.uint64)
+    rc = lib.bd_quantize_pack(ffi.from_buffer("float[]", x), outer, channels, inner, groups_v, scale_v,
+                              zp, bits_v, sign_v, ffi.from_buffer("uint64_t[]", act), nthreads)
+    _check_status(rc, "bd_quantize_pack")
+    return act
+
+
+_F32 = np.dtype(np.float32)
+_QP_PLANS: dict = {}
+
+
+def _quantize_pack_plan(x, groups, scale, zero_point, bits, sign, channel_axis, threads):
+    """quantize_pack's checks: (x as float32 C-contiguous, the C arguments and output shape)."""
     if not isinstance(x, np.ndarray):
         raise ValueError(f"x must be a numpy array, got {type(x).__name__}")
     if x.dtype != np.float32:
@@ -232,22 +293,77 @@ def quantize_pack(
     if channels % groups:
         raise ValueError(f"channels ({channels}) must be a multiple of groups ({groups})")
     wpg = words_per_group(channels // groups)
-    act = np.empty((outer * inner, groups, bits, wpg), dtype=np.uint64)
-    rc = lib.bd_quantize_pack(
-        ffi.cast("const float *", ffi.from_buffer(x)),
-        outer,
-        channels,
-        inner,
-        groups,
-        scale_v,
-        zero_point,
-        bits,
-        int(sign),
-        ffi.cast("uint64_t *", ffi.from_buffer(act)),
-        _threads(threads),
-    )
-    _check_status(rc, "bd_quantize_pack")
-    return act
+    return x, (outer, channels, inner, groups, scale_v, zero_point, bits, int(sign), _threads(threads),
+               (outer * inner, groups, bits, wpg))
+
+
+def im2col_quantize_pack(
+    x: np.ndarray,
+    *,
+    kernel,
+    strides=(1, 1),
+    pads=(0, 0, 0, 0),
+    dilations=(1, 1),
+    scale: float,
+    zero_point: int,
+    bits: int,
+    sign: bool = False,
+    threads: int | None = None,
+) -> tuple[np.ndarray, int, int, int]:
+    """Packed patches of a (groups = 1) convolution of x float32 [N, C, H, W], in one C pass:
+    exactly ``quantize_pack(im2col(x), groups=1, ...)`` (taps in the zero padding get the code of
+    0.0).  Returns (act, n, oh, ow): act is the (n·oh·ow, 1, bits, ceil(C·KH·KW / 64)) input of
+    a 1×1 PackedConv with cin = C·KH·KW on an n × oh × ow image."""
+    if not isinstance(x, np.ndarray) or x.ndim != 4:
+        raise ValueError(f"x must be a float32 numpy array [N, C, H, W], got {getattr(x, 'shape', type(x).__name__)}")
+    if x.dtype != np.float32:
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise ValueError(f"x must be a float array, got dtype {x.dtype}")
+        x = x.astype(np.float32)
+    x = np.ascontiguousarray(x)
+    if x.size == 0:
+        raise ValueError(f"x must be non-empty, got shape {x.shape}")
+    sign = bool(sign)
+    if sign:
+        bits = _int_in("bits", bits, 1, 1)
+        zero_point = 0
+        scale_v = 1.0 if scale is None else _scale(scale)
+    else:
+        bits = _int_in("bits", bits, 1, 8)
+        zero_point = _int_in("zero_point", zero_point, 0, 2**bits - 1)
+        scale_v = _scale(scale)
+    n, c, h, w = (int(d) for d in x.shape)
+    geo = PackedConv.__new__(PackedConv)  # geometry only: reuse the constructor's checks
+    geo.kernel = _pair("kernel", kernel, 1)
+    geo.strides = _pair("strides", strides, 1)
+    geo.dilations = _pair("dilations", dilations, 1)
+    try:
+        pads_t = tuple(pads)
+    except TypeError:
+        raise ValueError(f"pads must be 4 integers (top, left, bottom, right), got {pads!r}") from None
+    if len(pads_t) != 4:
+        raise ValueError(f"pads must be 4 integers (top, left, bottom, right), got {pads!r}")
+    geo.pads = tuple(_int_in("pads", v, 0, _MAX_DIM) for v in pads_t)
+    oh, ow = geo.output_hw(h, w)
+    p = ffi.new("bd_conv_params *")
+    p.n, p.h, p.w, p.c, p.groups, p.cout = n, h, w, c, 1, 1
+    p.kh, p.kw = geo.kernel
+    p.stride_h, p.stride_w = geo.strides
+    p.pad_top, p.pad_left, p.pad_bottom, p.pad_right = geo.pads
+    p.dil_h, p.dil_w = geo.dilations
+    p.oh, p.ow = oh, ow
+    p.bits, p.k, p.sign, p.zero_point = bits, 1, int(sign), zero_point
+    p.scale, p.act_min, p.act_max = scale_v, -math.inf, math.inf
+    words = lib.bd_im2col_words(p)
+    if words <= 0:
+        raise ValueError("invalid im2col parameters (C rejected the geometry)")
+    act = np.empty((n * oh * ow, 1, bits, words_per_group(c * geo.kernel[0] * geo.kernel[1])), np.uint64)
+    if act.size != words:
+        raise ValueError("im2col size mismatch")
+    rc = lib.bd_im2col_quantize_pack(ffi.cast("const float *", ffi.from_buffer(x)), p,
+                                     ffi.cast("uint64_t *", ffi.from_buffer(act)), _threads(threads))
+    _check_status(rc, "bd_im2col_quantize_pack")
+    return act, n, oh, ow
 
 
 # ------------------------------------------------------------------------------------------------
@@ -338,6 +454,7 @@ class PackedConv:
                 raise ValueError("bias must be finite")
         self.coeffs = coeffs.copy()
         self.bias = None if bias is None else bias.copy()
+        self._plans: dict = {}
         self.wpg = words_per_group(self.cin // self.groups)
 
         p = self._params(1, self.kernel[0], self.kernel[1], self.scale, self.zero_point, check=False)
@@ -452,7 +569,58 @@ class PackedConv:
         """Run on packed activations ``act`` (from quantize_pack with the same groups/bits) of an
         n×C×h×w input.  Returns float32 [n, cout, oh, ow], plus int32 A [n, oh, ow, cout, k] if
         ``return_acc``.  ``scale`` / ``zero_point`` override the construction values (dynamic
-        quantization).  ``family`` forces the kernel family ("lut" / "popcount", see family())."""
+        quantization).  ``family`` forces the kernel family ("lut" / "popcount", see family()).
+
+        Everything that depends only on the call's geometry and options (ISA, kernel family,
+        threads, output shape, the C parameter block) is validated once and cached per
+        (n, h, w, isa, threads, family, scale, zero point, environment); a repeated call only
+        checks the activations' type, dtype, contiguity and shape (O(1)) before C runs."""
+        key = (n, h, w, isa, threads, family, scale, zero_point, _env_state())
+        try:
+            plan = self._plans[key] if type(n) is int and type(h) is int and type(w) is int else None
+        except (KeyError, TypeError):  # TypeError: an unhashable argument (validated below)
+            plan = None
+        if plan is None:
+            plan = self._plan(n, h, w, isa, threads, family, scale, zero_point)
+            try:
+                if type(n) is int and type(h) is int and type(w) is int:
+                    if len(self._plans) >= 64:  # dynamic quantizers: a new scale every call
+                        self._plans.clear()
+                    self._plans[key] = plan
+            except TypeError:
+                pass
+        p, use_lut, wptr, oshape, act_shape, act_size, nthreads, isa_id = plan
+        if type(act) is not np.ndarray or act.dtype != _U64 or not act.flags.c_contiguous or (
+                act.shape != act_shape and (act.ndim == 4 or act.size != act_size)):
+            _check_array("act", act, np.uint64)
+            raise ValueError(
+                f"act must be the packed activations of shape {act_shape} (pixels, groups, bits, "
+                f"words) for n={n}, h={h}, w={w}; got shape {act.shape}")
+        if out is None:
+            out = np.empty(oshape, dtype=np.float32)
+        else:
+            _check_array("out", out, np.float32, oshape)
+            if not out.flags.writeable:
+                raise ValueError("out must be writeable")
+        acc = np.empty((oshape[0], oshape[2], oshape[3], self.cout, self.k), np.int32) if return_acc else None
+        rc = (lib.bd_conv_lut if use_lut else lib.bd_conv)(
+                p, ffi.from_buffer("uint64_t[]", act), wptr, self._ts_ptr, self._coeffs_ptr,
+                self._bias_ptr, ffi.from_buffer("float[]", out),
+                ffi.NULL if acc is None else ffi.from_buffer("int32_t[]", acc), isa_id, nthreads)
+        _check_status(rc, "bd_conv")
+        return (out, acc) if return_acc else out
+
+    def threads_used(self, n: int, h: int, w: int, threads: int | None = None) -> int:
+        """Threads run() gives the C kernel for an n×C×h×w input: ``threads`` (default
+        default_threads()) capped so that each thread has enough work (see bdecomp.h,
+        BDECOMP_MIN_PARALLEL_WORK)."""
+        n = _int_in("n", n, 1, _MAX_DIM)
+        h = _int_in("h", h, 1, _MAX_DIM)
+        w = _int_in("w", w, 1, _MAX_DIM)
+        return int(lib.bd_conv_threads(self._params(n, h, w, self.scale, self.zero_point), _threads(threads)))
+
+    def _plan(self, n, h, w, isa, threads, family, scale, zero_point):
+        """Full validation of one call geometry; the cached part of run()."""
         isa_id = _resolve_isa(isa)
         use_lut = self._use_lut(isa_id, family if family is not None else os.environ.get("BDECOMP_KERNEL", "auto"))
         nthreads = _threads(threads)
@@ -465,39 +633,24 @@ class PackedConv:
         else:
             zp = self.zero_point if zero_point is None else _int_in(
                 "zero_point", zero_point, 0, 2**self.bits - 1)
-        _check_array("act", act, np.uint64)
-        expect = self.act_shape(n, h, w)
-        if act.size != math.prod(expect) or (act.ndim == 4 and tuple(act.shape) != expect):
-            raise ValueError(
-                f"act must be the packed activations of shape {expect} (pixels, groups, bits, "
-                f"words) for n={n}, h={h}, w={w}; got shape {act.shape}"
-            )
         oshape = self.output_shape(n, h, w)
-        if out is None:
-            out = np.empty(oshape, dtype=np.float32)
-        else:
-            _check_array("out", out, np.float32, oshape)
-            if not out.flags.writeable:
-                raise ValueError("out must be writeable")
-        acc = np.empty((n, oshape[2], oshape[3], self.cout, self.k), np.int32) if return_acc else None
+        act_shape = self.act_shape(n, h, w)
         p = self._params(n, h, w, scale_v, zp)
-        if lib.bd_act_words(p) != act.size:
+        act_size = lib.bd_act_words(p)
+        if act_size != math.prod(act_shape):
             raise ValueError("act size does not match the convolution parameters")
-        rc = (lib.bd_conv_lut if use_lut else lib.bd_conv)(
-            p,
-            ffi.cast("const uint64_t *", ffi.from_buffer(act)),
-            ffi.cast("const uint8_t *", ffi.from_buffer(self.wlut)) if use_lut
-            else ffi.cast("const uint64_t *", ffi.from_buffer(self.wpacked)),
-            ffi.cast("const int32_t *", ffi.from_buffer(self.tap_sums)),
-            ffi.cast("const float *", ffi.from_buffer(self.coeffs)),
-            ffi.NULL if self.bias is None else ffi.cast("const float *", ffi.from_buffer(self.bias)),
-            ffi.cast("float *", ffi.from_buffer(out)),
-            ffi.NULL if acc is None else ffi.cast("int32_t *", ffi.from_buffer(acc)),
-            isa_id,
-            nthreads,
-        )
-        _check_status(rc, "bd_conv")
-        return (out, acc) if return_acc else out
+        if not hasattr(self, "_ts_ptr"):  # weight pointers, once (the arrays live as long as self)
+            self._wpacked_ptr = ffi.cast("const uint64_t *", ffi.from_buffer(self.wpacked))
+            self._wlut_ptr = (None if self.wlut is None
+                              else ffi.cast("const uint8_t *", ffi.from_buffer(self.wlut)))
+            self._ts_ptr = ffi.cast("const int32_t *", ffi.from_buffer(self.tap_sums))
+            self._coeffs_ptr = ffi.cast("const float *", ffi.from_buffer(self.coeffs))
+            self._bias_ptr = (ffi.NULL if self.bias is None
+                              else ffi.cast("const float *", ffi.from_buffer(self.bias)))
+            # the pointers stay valid even if a caller rebinds the public attributes
+            self._keep = (self.wpacked, self.wlut, self.tap_sums, self.coeffs, self.bias)
+        wptr = self._wlut_ptr if use_lut else self._wpacked_ptr
+        return (p, use_lut, wptr, oshape, act_shape, int(act_size), nthreads, isa_id)
 
 
 # ------------------------------------------------------------------------------------------------

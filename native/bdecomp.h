@@ -129,6 +129,24 @@ int bd_conv_lut(const bd_conv_params *p, const uint64_t *act, const uint8_t *wlu
                 const int32_t *tap_sums, const float *coeffs, const float *bias, float *out,
                 int32_t *acc, int32_t isa, int32_t nthreads);
 
+/* Packed patches of a groups = 1 convolution (im2col fused with quantize + pack): the activations
+ * of the equivalent 1×1 convolution on an n·oh·ow-pixel image of D = C·KH·KW channels, i.e.
+ * word index (pix·Q + b)·ceil(D/64) + w, pix = (n·OH + oy)·OW + ox, bit i = bit b of the code of
+ * patch element d = 64·w + i = (c·KH + ky)·KW + kx of x [N][C][H][W] (float, NCHW), taps outside
+ * the image having the code of 0.0 (= zero_point: zero padding stays exact).  Uses n, c, h, w,
+ * kernel, strides, pads, dilations, oh, ow, bits, sign, zero_point and scale of `p` (validated as
+ * for bd_conv; k and cout must be valid but are unused).  bd_im2col_words: the size of `act`
+ * (0 if p is invalid or groups ≠ 1).  Bit for bit bd_quantize_pack of the im2col of x. */
+int64_t bd_im2col_words(const bd_conv_params *p);
+int bd_im2col_quantize_pack(const float *x, const bd_conv_params *p, uint64_t *act,
+                            int32_t nthreads);
+
+/* Threads: a call whose work is below a per-function threshold runs on one thread (a wake-up
+ * costs more); BDECOMP_MIN_PARALLEL_WORK=<integer ≥ 0> in the environment overrides that
+ * threshold (0: always use the requested threads, as the tests do).  Results never depend on it.
+ * bd_conv_threads: the threads bd_conv / bd_conv_lut would use for `p` (0 if p is invalid). */
+int32_t bd_conv_threads(const bd_conv_params *p, int32_t nthreads);
+
 /* AND + popcount throughput of one thread on `isa`, in bit-operations per second, measured by a
  * tiny in-cache loop for about `seconds` (the machine's own peak for efficiency reports). */
 double bd_popcount_peak(int32_t isa, double seconds);

@@ -55,6 +55,10 @@ int bd_conv(const bd_conv_params *p, const uint64_t *act, const uint64_t *wpacke
             const int32_t *tap_sums, const float *coeffs, const float *bias, float *out,
             int32_t *acc, int32_t isa, int32_t nthreads);
 double bd_popcount_peak(int32_t isa, double seconds);
+int32_t bd_conv_threads(const bd_conv_params *p, int32_t nthreads);
+int64_t bd_im2col_words(const bd_conv_params *p);
+int bd_im2col_quantize_pack(const float *x, const bd_conv_params *p, uint64_t *act,
+                            int32_t nthreads);
 int64_t bd_lut_weight_bytes(const bd_conv_params *p);
 int bd_pack_weights_lut(const bd_conv_params *p, const uint64_t *wpacked, uint8_t *wlut);
 int bd_lut_supported(const bd_conv_params *p, int32_t isa);
@@ -90,7 +94,7 @@ ffibuilder.set_source(
     '#include "bdecomp.h"',
     sources=[_path(f) for f in SOURCES],
     include_dirs=[HERE],
-    depends=[_path(f) for f in ("bdecomp.h", "kernels.h", "reference.h", "output_transform.h",
+    depends=[_path(f) for f in ("bdecomp.h", "kernels.h", "reference.h", "output_transform.h", "epilogue_avx2.h",
                                 "conv_driver.inc")],
     extra_compile_args=_compile_args,
     extra_link_args=_link_args,

@@ -36,6 +36,7 @@
 #include <string.h>
 
 #include "output_transform.h"
+#include "epilogue_avx2.h"
 
 #define LUT_BLOCKS 4 /* 32-lane blocks per pass (accumulators in registers) */
 
@@ -73,21 +74,25 @@ void bd_lut_pack_weights(const bd_conv_params *p, const bd_geom *gm, const uint6
 /* The 16-byte table of every (pixel, group, quad) from the packed bit planes:
  * T[idx] = Σ_b 2^b popcount(idx AND nibble_b). */
 static void build_tables(const uint64_t *act, int64_t pixels, int64_t G, int32_t Q, int64_t wpg,
-                         int64_t nq, uint8_t *tab)
+                         int64_t nq, uint8_t *tab, int32_t *npix)
 {
-    /* V[b][n][idx] = popcount(n & idx) << b */
-    static __thread uint8_t V[4][16][16] __attribute__((aligned(16)));
-    static __thread int ready = 0;
-    if (!ready) {
-        for (int b = 0; b < 4; ++b)
-            for (int n = 0; n < 16; ++n)
-                for (int i = 0; i < 16; ++i) V[b][n][i] = (uint8_t)(__builtin_popcount(n & i) << b);
-        ready = 1;
-    }
+    /* V[b][n][idx] = popcount(n & idx) << b: 1 KiB per thread and call, on the stack (a
+     * thread-local table would cost a __tls_get_addr per use in a shared library) */
+    uint8_t V[4][16][16] __attribute__((aligned(16)));
+    for (int b = 0; b < Q; ++b)
+        for (int n = 0; n < 16; ++n)
+            for (int i = 0; i < 16; ++i) V[b][n][i] = (uint8_t)(__builtin_popcount(n & i) << b);
 #pragma omp for schedule(static)
     for (int64_t pg = 0; pg < pixels * G; ++pg) {
         const uint64_t *a = act + pg * Q * wpg;
         uint8_t *out = tab + pg * nq * 16;
+        int32_t nsum = 0; /* N of this pixel and group: Σ_b 2^b popcount(plane b) */
+        for (int32_t b = 0; b < Q; ++b) {
+            int32_t nb = 0;
+            for (int64_t w = 0; w < wpg; ++w) nb += (int32_t)__builtin_popcountll(a[b * wpg + w]);
+            nsum += nb << b;
+        }
+        npix[pg] = nsum;
         for (int64_t u = 0; u < nq; ++u) {
             const int64_t w = u / 16, sh = 4 * (u % 16);
             __m128i t = _mm_load_si128((const __m128i *)V[0][(a[w] >> sh) & 15u]);
@@ -194,43 +199,51 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
 {
     const int64_t H = p->h, W = p->w, G = p->groups, OH = p->oh, OW = p->ow;
     const int64_t KH = p->kh, KW = p->kw, COUT = p->cout;
-    const int32_t Q = p->bits, K = p->k, KP = gm->kp;
-    const int64_t WPG = gm->wpg, CG = gm->cg, COUTG = gm->coutg, T = gm->taps;
+    const int32_t Q = p->bits, K = p->k;
+    const int64_t WPG = gm->wpg, COUTG = gm->coutg, T = gm->taps;
     const int64_t z = p->zero_point;
     const int64_t nq = bd_lut_nq(gm), npass = bd_lut_npass(p, gm), lanes = COUTG * K;
     const int64_t nblk = (lanes + 31) / 32;
     const int F = 255 / (4 * ((1 << Q) - 1));
     const int64_t rows = p->n * OH;
-    const int64_t pix_words = G * Q * WPG;
-    const int64_t a_sy = p->dil_h * W * pix_words, a_sx = p->dil_w * pix_words;
     const int64_t tpix = G * nq * 16;                      /* table bytes per input pixel */
     const int64_t t_sy = p->dil_h * W * tpix, t_sx = p->dil_w * tpix;
     const int64_t w_sx = nq * 32 * LUT_BLOCKS, w_sy = KW * w_sx, w_pass = T * w_sx;
     if (nthreads <= 0) nthreads = 1;
 
+    const int64_t LS = COUT * K + 8; /* lane-major arrays: all lanes of all groups, padded */
     uint8_t *tab = (uint8_t *)malloc((size_t)(p->n * H * W * tpix));
-    int64_t *sv_all = (int64_t *)malloc((size_t)(COUT * K) * sizeof(int64_t));
-    if (!tab || !sv_all) {
-        free(tab); free(sv_all);
+    int32_t *npix = (int32_t *)malloc((size_t)(p->n * H * W * G) * sizeof(int32_t));
+    int32_t *lane_ts = (int32_t *)calloc((size_t)(T * LS), sizeof(int32_t));
+    int32_t *lane_sv = (int32_t *)calloc((size_t)LS, sizeof(int32_t));
+    float *lane_c = (float *)calloc((size_t)LS, sizeof(float));
+    if (!tab || !npix || !lane_ts || !lane_sv || !lane_c) {
+        free(tab); free(npix); free(lane_ts); free(lane_sv); free(lane_c);
         return BD_ENOMEM;
     }
     for (int64_t co = 0; co < COUT; ++co)
-        bd_tap_sum_valid(tap_sums + co * T * K, KW, K, 0, KH, 0, KW, sv_all + co * K);
+        for (int64_t t = 0; t < T; ++t)
+            for (int32_t j = 0; j < K; ++j) {
+                const int32_t v = tap_sums[(co * T + t) * K + j];
+                lane_ts[t * LS + co * K + j] = v;
+                lane_sv[co * K + j] += v;
+            }
+    memcpy(lane_c, coeffs, (size_t)(COUT * K) * sizeof(float));
     int failed = 0;
 
 #pragma omp parallel num_threads(nthreads)
     {
-        build_tables(act, p->n * H * W, G, Q, WPG, nq, tab); /* omp for inside: ends in a barrier */
-        int64_t *S = (int64_t *)malloc((size_t)(COUTG * KP) * sizeof(int64_t));
+        build_tables(act, p->n * H * W, G, Q, WPG, nq, tab, npix); /* omp for inside: ends in a barrier */
+        float *P = (float *)malloc((size_t)(npass * 128 + 8) * sizeof(float));
         int32_t *s32 = (int32_t *)aligned_alloc(32, (size_t)(npass * 128) * sizeof(int32_t));
         __m256i *c16 = (__m256i *)aligned_alloc(32, 2 * LUT_BLOCKS * sizeof(__m256i));
-        if (!S || !s32 || !c16) {
+        if (!P || !s32 || !c16) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t r = 0; r < rows; ++r) {
-            if (!S || !s32 || !c16) continue;
+            if (!P || !s32 || !c16) continue;
             const int64_t n = r / OH, oy = r % OH;
             int64_t ky0, ky1;
             bd_valid_range(oy, p->stride_h, p->pad_top, p->dil_h, KH, H, &ky0, &ky1);
@@ -245,19 +258,10 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
                 const int any = ny > 0 && nx > 0;
                 const int64_t ipix = any ? (n * H + iy0) * W + ix0 : 0;
                 for (int64_t g = 0; g < G; ++g) {
-                    const uint64_t *a = act + ipix * pix_words + g * Q * WPG;
-                    int64_t N = 0;
+                    int64_t N = 0; /* Σ over the valid taps of the per-pixel N (≤ 255·D: exact) */
                     for (int64_t y = 0; y < ny; ++y)
-                        for (int64_t x = 0; x < nx; ++x) {
-                            const uint64_t *at = a + y * a_sy + x * a_sx;
-                            for (int32_t b = 0; b < Q; ++b) {
-                                int64_t nb = 0;
-                                for (int64_t w = 0; w < WPG; ++w)
-                                    nb += __builtin_popcountll(at[b * WPG + w]);
-                                N += nb << b;
-                            }
-                        }
-                    const int64_t Dv = ny * nx * CG;
+                        for (int64_t x = 0; x < nx; ++x)
+                            N += npix[(ipix + y * p->dil_h * W + x * p->dil_w) * G + g];
                     memset(s32, 0, (size_t)(npass * 128) * sizeof(int32_t));
                     if (any) {
                         const uint8_t *tp0 = tab + ipix * tpix + g * nq * 16;
@@ -269,32 +273,24 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
                                        nx, nq, F);
                         }
                     }
-                    for (int64_t L = 0; L < lanes; ++L) S[L] = s32[L]; /* lane L = i·K + j */
                     float *out_g = out + ((n * COUT + g * COUTG) * OH + oy) * OW + ox;
                     int32_t *acc_g = acc ? acc + (pix * COUT + g * COUTG) * K : NULL;
-                    const bd_group_ctx ctx = {S, K, COUTG, g * COUTG, 0, Dv, N, z, sv_all,
-                                              interior, tap_sums, KH, KW, ky0, ky1, kx0, kx1,
-                                              coeffs, bias, p->scale, p->act_min, p->act_max,
-                                              out_g, OH * OW, acc_g};
-                    switch (K) {
-                    case 1: bd_group_outputs(&ctx, 1); break;
-                    case 2: bd_group_outputs(&ctx, 2); break;
-                    case 3: bd_group_outputs(&ctx, 3); break;
-                    case 4: bd_group_outputs(&ctx, 4); break;
-                    case 5: bd_group_outputs(&ctx, 5); break;
-                    case 6: bd_group_outputs(&ctx, 6); break;
-                    case 7: bd_group_outputs(&ctx, 7); break;
-                    default: bd_group_outputs(&ctx, 8); break;
-                    }
+                    const int64_t l0 = g * lanes; /* lane L of group g = global lane l0 + L */
+                    bd_epilogue_lanes_avx2(s32, lanes, K, COUTG, 0, 0, N, z, interior, lane_sv + l0, lane_ts + l0, LS,
+                                 KW, ky0, ky1, kx0, kx1, lane_c + l0, bias ? bias + g * COUTG : NULL,
+                                 p->scale, p->act_min, p->act_max, out_g, OH * OW, acc_g, P);
                 }
             }
         }
-        free(S);
+        free(P);
         free(s32);
         free(c16);
     }
     free(tab);
-    free(sv_all);
+    free(npix);
+    free(lane_ts);
+    free(lane_sv);
+    free(lane_c);
     return failed ? BD_ENOMEM : BD_OK;
 }
 

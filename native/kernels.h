@@ -48,6 +48,11 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
                      const uint8_t *wl, const int32_t *tap_sums, const float *coeffs,
                      const float *bias, float *out, int32_t *acc, int32_t nthreads);
 
+/* quantize_pack.c: im2col + quantize + pack (parameters validated by bd_im2col_quantize_pack) and
+ * the BDECOMP_MIN_PARALLEL_WORK override of the single-thread thresholds. */
+int bd_im2col_pack_impl(const float *x, const bd_conv_params *p, uint64_t *act, int32_t nthreads);
+int64_t bd_min_parallel_work(int64_t dflt);
+
 /* Monotonic wall clock in seconds (for bd_popcount_peak). */
 double bd_now_seconds(void);
 

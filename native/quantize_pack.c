@@ -9,6 +9,7 @@
  * channel-first input; channel-last input (inner = 1) is read pixel by pixel instead.
  */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bdecomp.h"
@@ -122,7 +123,7 @@ int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t in
     const int32_t Q = bits, qmax = (1 << bits) - 1;
     if (nthreads <= 0) nthreads = 1;
     if (nthreads > BD_MAX_THREADS) nthreads = BD_MAX_THREADS;
-    if (total < 32768 && nthreads > 1) nthreads = 1; /* small: not worth a thread wake-up */
+    if (total < bd_min_parallel_work(32768) && nthreads > 1) nthreads = 1; /* small: not worth a thread wake-up */
 
     if (inner == 1) {
         /* channel-last: one pixel's channels are contiguous */
@@ -194,4 +195,107 @@ int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t in
         }
     }
     return BD_OK;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * bd_im2col_quantize_pack (validated by select_kernel.c): the packed patches of a 1×1-equivalent
+ * convolution.  Pass 1 quantizes the whole input once into code bytes (the same code_of /
+ * codes_avx2 arithmetic as bd_quantize_pack); pass 2 gathers each output pixel's D codes in the
+ * (c, ky, kx) order of the basis bits into a 64-byte-aligned buffer (taps outside the image get
+ * the code of 0.0, i.e. z: zero padding stays exact) and takes the Q plane words of every 64 codes
+ * at once.  Bit for bit what quantize_pack(im2col(x)) gives. */
+int bd_im2col_pack_impl(const float *x, const bd_conv_params *p, uint64_t *act, int32_t nthreads)
+{
+    const int64_t N = p->n, C = p->c, H = p->h, W = p->w, KH = p->kh, KW = p->kw;
+    const int64_t OH = p->oh, OW = p->ow, D = C * KH * KW, wpg = (D + 63) / 64;
+    const int32_t Q = p->bits, qmax = (1 << p->bits) - 1, zp = p->sign ? 0 : p->zero_point;
+    const int sign = p->sign != 0;
+    const float scale = p->scale;
+    const int64_t wpp = Q * wpg, planes = N * C, hw = H * W, pixels = N * OH * OW;
+    const uint8_t padc = (uint8_t)code_of(0.0f, scale, zp, qmax, sign);
+    if (nthreads <= 0) nthreads = 1;
+    if (nthreads > BD_MAX_THREADS) nthreads = BD_MAX_THREADS;
+    if (pixels * wpp < bd_min_parallel_work(32768) && nthreads > 1) nthreads = 1;
+    uint8_t *codes = (uint8_t *)malloc((size_t)(planes * hw));
+    if (!codes) return BD_ENOMEM;
+#if defined(__x86_64__) || defined(__i386__)
+    const int avx2 = bd_isa_supported(BD_ISA_AVX2);
+#endif
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int32_t tmp[256];
+#pragma omp for schedule(static)
+        for (int64_t pl = 0; pl < planes; ++pl)
+            for (int64_t i0 = 0; i0 < hw; i0 += 256) {
+                const int64_t ni = (hw - i0) < 256 ? (hw - i0) : 256;
+                const float *row = x + pl * hw + i0;
+                uint8_t *cr = codes + pl * hw + i0;
+#if defined(__x86_64__) || defined(__i386__)
+                if (avx2) {
+                    codes_avx2(row, ni, scale, zp, qmax, sign, tmp);
+                    for (int64_t i = 0; i < ni; ++i) cr[i] = (uint8_t)tmp[i];
+                    continue;
+                }
+#endif
+                for (int64_t i = 0; i < ni; ++i) cr[i] = (uint8_t)code_of(row[i], scale, zp, qmax, sign);
+            }
+        /* implicit barrier: every code byte is written */
+        uint8_t *buf = (uint8_t *)aligned_alloc(32, (size_t)(wpg * 64));
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            memset(buf, 0, (size_t)(wpg * 64)); /* bits ≥ D stay zero */
+        }
+#pragma omp for schedule(static)
+        for (int64_t pix = 0; pix < pixels; ++pix) {
+            if (!buf) continue;
+            const int64_t n = pix / (OH * OW), oy = (pix / OW) % OH, ox = pix % OW;
+            const int64_t by = oy * p->stride_h - p->pad_top, bx = ox * p->stride_w - p->pad_left;
+            uint8_t *d = buf;
+            for (int64_t c = 0; c < C; ++c) {
+                const uint8_t *cp = codes + (n * C + c) * hw;
+                for (int64_t ky = 0; ky < KH; ++ky) {
+                    const int64_t iy = by + ky * p->dil_h;
+                    if (iy < 0 || iy >= H) {
+                        memset(d, padc, (size_t)KW);
+                        d += KW;
+                        continue;
+                    }
+                    const uint8_t *rp = cp + iy * W;
+                    for (int64_t kx = 0; kx < KW; ++kx) {
+                        const int64_t ix = bx + kx * p->dil_w;
+                        *d++ = (ix >= 0 && ix < W) ? rp[ix] : padc;
+                    }
+                }
+            }
+            uint64_t *aw = act + pix * wpp;
+            for (int64_t w = 0; w < wpg; ++w) {
+#if defined(__x86_64__) || defined(__i386__)
+                if (avx2) {
+                    planes_avx2(buf + 64 * w, 1, Q, aw + w, wpp, wpg);
+                    continue;
+                }
+#endif
+                planes_scalar(buf + 64 * w, 1, Q, aw + w, wpp, wpg);
+            }
+        }
+        free(buf);
+    }
+    free(codes);
+    return failed ? BD_ENOMEM : BD_OK;
+}
+
+/* BDECOMP_MIN_PARALLEL_WORK (a non-negative integer) overrides the work below which a call runs
+ * single-threaded (`dflt`, in each caller's own unit); 0 makes every call use its threads, which
+ * tests use to exercise the multi-threaded code on small inputs.  Results never depend on it. */
+int64_t bd_min_parallel_work(int64_t dflt)
+{
+    const char *s = getenv("BDECOMP_MIN_PARALLEL_WORK");
+    if (!s || !*s) return dflt;
+    char *end = NULL;
+    const long long v = strtoll(s, &end, 10);
+    if (end == s || *end != '\0' || v < 0) return dflt;
+    return (int64_t)v;
 }

@@ -189,8 +189,8 @@ static int32_t useful_threads(const bd_conv_params *p, const bd_geom *gm, int32_
     if (nthreads > BD_MAX_THREADS) nthreads = BD_MAX_THREADS;
     const double work = (double)p->n * (double)p->oh * (double)p->ow * (double)p->cout *
                         (double)gm->depth * (double)p->k * (double)p->bits;
-    const double cap = work / 8388608.0;
-    if (cap < (double)nthreads) nthreads = cap < 1.0 ? 1 : (int32_t)cap;
+    const double cap = work / (double)bd_min_parallel_work(8388608);
+    if (!(cap >= (double)nthreads)) nthreads = cap < 1.0 ? 1 : (int32_t)cap; /* cap = inf: all */
     return nthreads;
 }
 
@@ -269,6 +269,30 @@ int bd_conv(const bd_conv_params *p, const uint64_t *act, const uint64_t *wpacke
             if (!isfinite(bias[i])) return BD_EINVAL;
     nthreads = useful_threads(p, &gm, nthreads);
     return bd_kernels[isa].conv(p, &gm, act, wpacked, tap_sums, coeffs, bias, out, acc, nthreads);
+}
+
+int32_t bd_conv_threads(const bd_conv_params *p, int32_t nthreads)
+{
+    bd_geom gm;
+    if (validate_conv(p, &gm) != BD_OK) return 0;
+    return useful_threads(p, &gm, nthreads);
+}
+
+int64_t bd_im2col_words(const bd_conv_params *p)
+{
+    bd_geom gm;
+    if (validate_conv(p, &gm) != BD_OK || p->groups != 1) return 0;
+    const int64_t a[4] = {p->n * p->oh, p->ow, (int64_t)p->bits, (gm.depth + 63) / 64};
+    return checked_prod(a, 4);
+}
+
+int bd_im2col_quantize_pack(const float *x, const bd_conv_params *p, uint64_t *act,
+                            int32_t nthreads)
+{
+    if (!x || !act || bd_im2col_words(p) <= 0) return BD_EINVAL;
+    const int64_t in[4] = {p->n, p->c, p->h, p->w};
+    if (checked_prod(in, 4) < 0) return BD_EINVAL;
+    return bd_im2col_pack_impl(x, p, act, nthreads);
 }
 
 double bd_popcount_peak(int32_t isa, double seconds)

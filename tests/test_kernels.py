@@ -495,3 +495,188 @@ def test_kernel_family_env_and_argument(monkeypatch):
         monkeypatch.setenv("BDECOMP_KERNEL", "popcount")
         assert conv.family(LUT_ISAS[-1]) == "popcount"
     assert conv.family("scalar") == "popcount"  # no LUT kernel in the scalar reference
+
+
+# ------------------------------------------------------------------------------------------------
+# im2col fused with quantize + pack (the packed-patch path of few-channel convolutions)
+
+
+@st.composite
+def patch_cases(draw):
+    c = draw(st.sampled_from([1, 3, 5, 16, 17, 70]))
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    pads = tuple(draw(st.integers(0, 3)) for _ in range(4))
+    min_h = max(1, dh * (kh - 1) + 1 - pads[0] - pads[2])
+    min_w = max(1, dw * (kw - 1) + 1 - pads[1] - pads[3])
+    h = draw(st.integers(min_h, max(min_h, 9)))
+    w = draw(st.integers(min_w, max(min_w, 9)))
+    n = draw(st.integers(1, 2))
+    sign = draw(st.integers(0, 4)) == 0
+    bits = 1 if sign else draw(st.integers(1, 8))
+    zp = 0 if sign else draw(st.integers(0, 2**bits - 1))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    scale = float(np.float32(rng.uniform(0.01, 1.0)))
+    x = (rng.standard_normal((n, c, h, w)) * scale * 2 ** (bits - 1)).astype(np.float32)
+    flat = x.reshape(-1)
+    m = min(flat.size, 4)
+    flat[rng.choice(flat.size, m, replace=False)] = np.array([0.5, -2.5, np.nan, 1.5], np.float32)[:m] * np.float32(scale)
+    return dict(x=x, kernel=(kh, kw), strides=(sh, sw), dilations=(dh, dw), pads=pads, bits=bits,
+                zero_point=zp, sign=sign, scale=scale)
+
+
+def reference_patch_codes(a) -> np.ndarray:
+    """[pixels, C·KH·KW] codes of every patch in (c, ky, kx) order, padding = the code of 0.0."""
+    codes = ref.quantize(a["x"], a["scale"], a["zero_point"], a["bits"], a["sign"])
+    pad_code = ref.quantize(np.zeros((1, 1), np.float32), a["scale"], a["zero_point"], a["bits"], a["sign"])[0, 0]
+    (kh, kw), (sh, sw), (dh, dw), (pt, pl, pb, pr) = a["kernel"], a["strides"], a["dilations"], a["pads"]
+    n, c, h, w = codes.shape
+    padded = np.full((n, c, h + pt + pb, w + pl + pr), pad_code, np.uint8)
+    padded[:, :, pt:pt + h, pl:pl + w] = codes
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    out = np.empty((n, oh, ow, c, kh, kw), np.uint8)
+    for ky in range(kh):
+        for kx in range(kw):
+            win = padded[:, :, ky * dh: ky * dh + sh * (oh - 1) + 1: sh, kx * dw: kx * dw + sw * (ow - 1) + 1: sw]
+            out[:, :, :, :, ky, kx] = win.transpose(0, 2, 3, 1)
+    return out.reshape(n * oh * ow, c * kh * kw)
+
+
+@SETTINGS
+@given(a=patch_cases())
+def test_im2col_quantize_pack_equals_packing_of_reference_patch_codes(a):
+    act, n, oh, ow = native.im2col_quantize_pack(
+        a["x"], kernel=a["kernel"], strides=a["strides"], pads=a["pads"], dilations=a["dilations"],
+        scale=a["scale"], zero_point=a["zero_point"], bits=a["bits"], sign=a["sign"], threads=2)
+    expect = pack_codes(reference_patch_codes(a), 1, a["bits"])
+    assert (n * oh * ow,) == expect.shape[:1]
+    np.testing.assert_array_equal(act, expect)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_patch_conv_on_fused_im2col_packing_equals_the_reference_conv(isa):
+    case = small_case(c=3, h=9, w=8, cout=6, k=3, bits=4, zero_point=5, scale=0.25, strides=(2, 1),
+                      pads=(1, 0, 2, 1))
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 3, 9, 8)).astype(np.float32)
+    case["codes"] = ref.quantize(x, 0.25, 5, 4)
+    act, n, oh, ow = native.im2col_quantize_pack(x, kernel=case["kernel"], strides=case["strides"],
+                                                 pads=case["pads"], scale=0.25, zero_point=5, bits=4)
+    patch = native.PackedConv(case["basis"], case["coeffs"], case["bias"], cin=case["depth"], groups=1,
+                              kernel=(1, 1), bits=4, zero_point=5, scale=0.25)
+    _, acc = patch.run(act, n, oh, ow, isa=isa, return_acc=True)
+    np.testing.assert_array_equal(acc.reshape(reference_acc(case).shape), reference_acc(case))
+
+
+@pytest.mark.parametrize("kwargs", [dict(kernel=(0, 3)), dict(kernel=(3, 3), pads=(1, 1, 1)),
+                                    dict(kernel=(9, 9)), dict(kernel=(3, 3), bits=9),
+                                    dict(kernel=(3, 3), scale=0.0), dict(kernel=(3, 3), zero_point=16),
+                                    dict(kernel=(3, 3), strides=(0, 1))])
+def test_im2col_quantize_pack_rejects_invalid_parameters(kwargs):
+    args = dict(scale=0.5, zero_point=0, bits=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError):
+        native.im2col_quantize_pack(np.zeros((1, 3, 5, 5), np.float32), **args)
+    with pytest.raises(ValueError):
+        native.im2col_quantize_pack(np.zeros((3, 5, 5), np.float32), kernel=(1, 1), scale=1.0, zero_point=0, bits=4)
+
+
+# ------------------------------------------------------------------------------------------------
+# threads: small layers run on one thread unless BDECOMP_MIN_PARALLEL_WORK says otherwise
+
+
+def test_min_parallel_work_override_makes_small_layers_multithreaded(monkeypatch):
+    case, conv, act = _valid_conv_and_act()
+    monkeypatch.delenv("BDECOMP_MIN_PARALLEL_WORK", raising=False)
+    assert conv.threads_used(1, 5, 5, threads=4) == 1
+    monkeypatch.setenv("BDECOMP_MIN_PARALLEL_WORK", "0")
+    assert conv.threads_used(1, 5, 5, threads=4) == 4
+    monkeypatch.setenv("BDECOMP_MIN_PARALLEL_WORK", "junk")  # ignored: the default threshold
+    assert conv.threads_used(1, 5, 5, threads=4) == 1
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("family", ["popcount", "lut"])
+def test_results_do_not_depend_on_the_thread_count_of_a_real_parallel_run(monkeypatch, isa, family):
+    monkeypatch.setenv("BDECOMP_MIN_PARALLEL_WORK", "0")
+    bits = 5 if family == "popcount" else 3
+    case = small_case(n=2, c=70, h=9, w=7, cout=40, k=3, bits=bits, zero_point=2, strides=(2, 1),
+                      pads=(0, 1, 2, 1))
+    conv = make_conv(case)
+    if family == "lut" and (isa == "scalar" or conv.wlut is None):
+        pytest.skip("no LUT kernel here")
+    assert conv.threads_used(2, 9, 7, threads=3) == 3
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 70, 9, 7)).astype(np.float32)
+    runs = []
+    for t in (1, 2, 3):
+        act = native.quantize_pack(x, groups=1, scale=0.5, zero_point=2, bits=bits, threads=t)
+        patches = native.im2col_quantize_pack(x, kernel=(3, 3), strides=(2, 1), pads=(0, 1, 2, 1),
+                                              scale=0.5, zero_point=2, bits=bits, threads=t)[0]
+        y, acc = conv.run(act, 2, 9, 7, isa=isa, threads=t, family=family, return_acc=True)
+        runs.append((act, patches, y, acc))
+    case["codes"] = ref.quantize(x, 0.5, 2, bits)
+    np.testing.assert_array_equal(runs[0][3], reference_acc(case))
+    for r in runs[1:]:
+        for a, b in zip(runs[0], r):
+            assert a.tobytes() == b.tobytes()
+
+
+@st.composite
+def wide_lut_cases(draw):
+    """Layers wide enough for the vectorised LUT epilogue (≥ 8 output channels per group, every
+    k, tails of 1..7 channels, border pixels, with and without bias and clamp)."""
+    groups = draw(st.sampled_from([1, 1, 2]))
+    c = groups * draw(st.integers(1, 40))
+    cout = groups * draw(st.integers(8, 45))
+    kh = kw = draw(st.sampled_from([1, 3]))
+    sh = draw(st.integers(1, 2))
+    pads = tuple(draw(st.integers(0, 2)) for _ in range(4))
+    h, w = draw(st.integers(3, 7)), draw(st.integers(3, 7))
+    bits, k = draw(st.integers(1, 4)), draw(st.integers(1, 8))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    depth = c // groups * kh * kw
+    case = dict(n=1, c=c, h=h, w=w, groups=groups, cout=cout, kernel=(kh, kw), strides=(sh, sh), pads=pads,
+                dilations=(1, 1), k=k, bits=bits, zero_point=draw(st.integers(0, 2**bits - 1)), sign=False,
+                scale=float(np.float32(rng.uniform(0.01, 2.0))),
+                codes=rng.integers(0, 2**bits, (1, c, h, w)).astype(np.uint8),
+                basis=random_basis(rng, cout, k, depth), coeffs=rng.standard_normal((cout, k)).astype(np.float32),
+                bias=rng.standard_normal(cout).astype(np.float32) if draw(st.booleans()) else None, depth=depth)
+    clamp = draw(st.sampled_from([(-math.inf, math.inf), (0.0, math.inf), (0.0, 6.0)]))
+    return case, clamp
+
+
+@SETTINGS
+@given(wc=wide_lut_cases(), bits=st.integers(1, 8), sign=st.booleans())
+def test_popcount_kernels_wide_layers_match_reference_and_scalar_bit_for_bit(wc, bits, sign):
+    """The vectorised epilogue of the SIMD popcount drivers (every ISA), affine and sign mode."""
+    case, (lo, hi) = wc
+    bits = 1 if sign else bits
+    rng = np.random.default_rng(bits)
+    case.update(bits=bits, sign=sign, zero_point=0 if sign else int(rng.integers(0, 2**bits)),
+                codes=rng.integers(0, 2**bits, case["codes"].shape).astype(np.uint8))
+    conv = make_conv(case, act_min=lo, act_max=hi)
+    act = pack_nchw(case["codes"], case["groups"], case["bits"])
+    y_ref = conv.run(act, 1, case["h"], case["w"], isa="scalar")
+    for isa in ISAS:
+        y, acc = conv.run(act, 1, case["h"], case["w"], isa=isa, family="popcount", return_acc=True)
+        np.testing.assert_array_equal(acc, reference_acc(case))
+        assert y.tobytes() == y_ref.tobytes()
+        assert conv.run(act, 1, case["h"], case["w"], isa=isa, family="popcount").tobytes() == y_ref.tobytes()
+
+
+@pytest.mark.skipif(not LUT_ISAS, reason="no SIMD ISA for the LUT kernels on this CPU")
+@SETTINGS
+@given(wc=wide_lut_cases())
+def test_lut_kernel_wide_layers_match_reference_and_scalar_bit_for_bit(wc):
+    case, (lo, hi) = wc
+    conv = make_conv(case, act_min=lo, act_max=hi)
+    act = pack_nchw(case["codes"], case["groups"], case["bits"])
+    y_ref = conv.run(act, 1, case["h"], case["w"], isa="scalar")
+    for isa in LUT_ISAS:
+        y, acc = conv.run(act, 1, case["h"], case["w"], isa=isa, family="lut", return_acc=True)
+        np.testing.assert_array_equal(acc, reference_acc(case))
+        assert y.tobytes() == y_ref.tobytes()
+        assert conv.run(act, 1, case["h"], case["w"], isa=isa, family="lut").tobytes() == y_ref.tobytes()

@@ -250,3 +250,22 @@ def test_with_calibration_each_image_of_a_batch_gives_what_it_gives_alone(conver
     for i in range(2):
         alone = model.run(x[i:i + 1])[0]
         assert both[i:i + 1].tobytes() == alone.tobytes()
+
+
+@pytest.mark.parametrize("name", ["plain", "grouped", "first_layer_5x5", "gemm_transB_alpha_beta"])
+@pytest.mark.parametrize("k, q", [(8, 8), (3, 2)], ids=["k8q8", "k3q2"])
+def test_a_really_multithreaded_run_gives_bit_identical_results(converted, monkeypatch, name, k, q):
+    """BDECOMP_MIN_PARALLEL_WORK=0 makes even these tiny layers use every thread they are given
+    (the kernels' multi-threaded code paths, normally hidden below the work threshold)."""
+    path = converted(name, k, q, True)
+    x = batch(name)
+    monkeypatch.setenv("BDECOMP_MIN_PARALLEL_WORK", "0")
+    one = bdecomp.load(path, threads=1).run(x)
+    model = bdecomp.load(path, threads=3)
+    for step in model._steps:
+        if step.kind == "layer":
+            n, h, w = (2, H, W) if step.spec.op != "BinGemm" else (2, 1, 1)
+            assert step.kernel.threads_used(n, h, w, threads=3) == 3
+    three = model.run(x)
+    for a, b in zip(one, three):
+        assert a.tobytes() == b.tobytes()

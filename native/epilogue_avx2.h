@@ -1,0 +1,112 @@
+/*
+ * The vectorised per-(pixel, group) epilogue of the AVX2 / AVX-512 kernels (the LUT kernel and the
+ * popcount drivers of conv_driver.inc): bit for bit bd_group_outputs of output_transform.h, 8
+ * lanes / output channels per instruction.  Include only from files compiled for AVX2 (or a
+ * superset), after <immintrin.h>.
+ *
+ * Lane-major inputs, built once per call by the kernel: lane L = co·K + j over all output
+ * channels; lane_ts [KH·KW][LS] tap sums, lane_sv [LS] their sum over all taps, coeffs [LS], all
+ * int32 / float and zero-padded to LS = Cout·K + 8 entries (vector reads past the last lane).
+ */
+#ifndef BDECOMP_EPILOGUE_AVX2_H
+#define BDECOMP_EPILOGUE_AVX2_H
+
+#include <stdint.h>
+
+/* The epilogue of one (pixel, group), 8 lanes / 8 output channels per instruction; bit for bit
+ * bd_group_outputs (output_transform.h):
+ *   lane L = i·K + j (i = channel of the group):  A_L = 2 S_L − N − z·Sv_L (sign mode: Dv − 2 S_L)
+ *   in int32 (A fits an int32 by the depth limit; the wrapping intermediate 2 S_L cannot change
+ *   it), Sv_L from the
+ *   per-call lane-major tap sums (all taps for interior pixels, else the valid ones);
+ *   P_L = c_L · (float)A_L;  y_i = ((0 + P_{iK}) + P_{iK+1}) + … (the scalar order), then
+ *   y·s + bias and the clamp written as max(lo, y), min(hi, y) (= the scalar comparisons, NaN
+ *   included).  s32 [lanes + 8] lane sums; P [lanes + 8] scratch. */
+static inline __attribute__((always_inline)) void
+bd_epilogue_lanes_avx2(const int32_t *s32, int64_t lanes, int32_t K, int64_t coutg, int sign,
+                       int64_t Dv, int64_t N, int64_t z, int interior, const int32_t *lane_sv,
+                       const int32_t *lane_ts, int64_t lt_stride, int64_t kw, int64_t ky0,
+                       int64_t ky1, int64_t kx0, int64_t kx1, const float *coeffs_g,
+                       const float *bias_g, float scale, float lo, float hi, float *out_g,
+                       int64_t out_stride, int32_t *acc_g, float *P)
+{
+    const __m256i vN = _mm256_set1_epi32((int32_t)N), vz = _mm256_set1_epi32((int32_t)z),
+                  vD = _mm256_set1_epi32((int32_t)Dv);
+    for (int64_t L = 0; L < lanes; L += 8) {
+        const __m256i S = _mm256_loadu_si256((const __m256i *)(s32 + L));
+        __m256i sv, A;
+        if (sign) {
+            sv = _mm256_setzero_si256();
+        } else if (interior) {
+            sv = _mm256_loadu_si256((const __m256i *)(lane_sv + L));
+        } else {
+            sv = _mm256_setzero_si256();
+            for (int64_t ky = ky0; ky < ky1; ++ky)
+                for (int64_t kx = kx0; kx < kx1; ++kx)
+                    sv = _mm256_add_epi32(sv, _mm256_loadu_si256(
+                        (const __m256i *)(lane_ts + (ky * kw + kx) * lt_stride + L)));
+        }
+        if (sign)
+            A = _mm256_sub_epi32(vD, _mm256_add_epi32(S, S));
+        else
+            A = _mm256_sub_epi32(_mm256_sub_epi32(_mm256_add_epi32(S, S), vN), _mm256_mullo_epi32(vz, sv));
+        if (acc_g) {
+            if (L + 8 <= lanes) {
+                _mm256_storeu_si256((__m256i *)(acc_g + L), A);
+            } else {
+                int32_t tmp[8];
+                _mm256_storeu_si256((__m256i *)tmp, A);
+                for (int64_t i = 0; i < lanes - L; ++i) acc_g[L + i] = tmp[i];
+            }
+        }
+        /* lanes ≥ `lanes` read zero-padded coefficients: P = 0 there, never used */
+        _mm256_storeu_ps(P + L, _mm256_mul_ps(_mm256_loadu_ps(coeffs_g + L), _mm256_cvtepi32_ps(A)));
+    }
+    const __m256i step = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(K));
+    const __m256 vs = _mm256_set1_ps(scale), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+    int64_t i0 = 0;
+    /* channel order of the lanes of y: K = 4 → (0,2,4,6,1,3,5,7), K = 2 → (0,1,4,5,2,3,6,7)
+     * (in-lane transposes of the P vectors), else 0..7 (gathers) */
+    const __m256i perm = K == 4 ? _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7)
+                       : K == 2 ? _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7)
+                                : _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    int32_t ch[8];
+    _mm256_storeu_si256((__m256i *)ch, perm);
+    for (; i0 + 8 <= coutg; i0 += 8) {
+        __m256 y = _mm256_setzero_ps();
+        const float *Pi = P + i0 * K;
+        if (K == 4) {
+            const __m256 v0 = _mm256_loadu_ps(Pi), v1 = _mm256_loadu_ps(Pi + 8),
+                         v2 = _mm256_loadu_ps(Pi + 16), v3 = _mm256_loadu_ps(Pi + 24);
+            const __m256 t0 = _mm256_unpacklo_ps(v0, v1), t1 = _mm256_unpackhi_ps(v0, v1),
+                         t2 = _mm256_unpacklo_ps(v2, v3), t3 = _mm256_unpackhi_ps(v2, v3);
+            y = _mm256_add_ps(y, _mm256_shuffle_ps(t0, t2, 0x44));
+            y = _mm256_add_ps(y, _mm256_shuffle_ps(t0, t2, 0xEE));
+            y = _mm256_add_ps(y, _mm256_shuffle_ps(t1, t3, 0x44));
+            y = _mm256_add_ps(y, _mm256_shuffle_ps(t1, t3, 0xEE));
+        } else if (K == 2) {
+            const __m256 v0 = _mm256_loadu_ps(Pi), v1 = _mm256_loadu_ps(Pi + 8);
+            y = _mm256_add_ps(y, _mm256_shuffle_ps(v0, v1, 0x88));
+            y = _mm256_add_ps(y, _mm256_shuffle_ps(v0, v1, 0xDD));
+        } else {
+            for (int32_t j = 0; j < K; ++j)
+                y = _mm256_add_ps(y, _mm256_i32gather_ps(Pi + j, step, 4));
+        }
+        y = _mm256_mul_ps(y, vs);
+        y = _mm256_add_ps(y, bias_g ? _mm256_i32gather_ps(bias_g + i0, perm, 4) : _mm256_setzero_ps());
+        y = _mm256_min_ps(vhi, _mm256_max_ps(vlo, y));
+        float t[8];
+        _mm256_storeu_ps(t, y);
+        for (int i = 0; i < 8; ++i) out_g[(i0 + ch[i]) * out_stride] = t[i];
+    }
+    for (; i0 < coutg; ++i0) { /* the same float operations, one channel */
+        float acc = 0.0f;
+        for (int32_t j = 0; j < K; ++j) acc += P[i0 * K + j];
+        float y = acc * scale + (bias_g ? bias_g[i0] : 0.0f);
+        if (y < lo) y = lo;
+        if (y > hi) y = hi;
+        out_g[i0 * out_stride] = y;
+    }
+}
+
+#endif /* BDECOMP_EPILOGUE_AVX2_H */
