@@ -116,7 +116,7 @@ def _session(model: onnx.ModelProto, outputs: list[str], threads: int | None) ->
         if name not in have:
             m.graph.output.append(onnx.ValueInfoProto(name=name))
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors surface as exceptions; logs would add lines to stderr
     if threads:
         so.intra_op_num_threads = threads
     return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])

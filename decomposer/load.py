@@ -113,11 +113,45 @@ def _fmt(dims) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
+_STUB_MIN_ELEMS = 4096  # initializers this large are weights: inference needs their shape, not data
+
+
+def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its large floating-point initializers reduced to name, type and shape, so that
+    shape inference does not copy hundreds of MB of weights. Small ones (shape constants that
+    data propagation reads) keep their data."""
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                   onnx.TensorProto.BFLOAT16}
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    g, lg = model.graph, light.graph
+    lg.name = g.name
+    lg.node.extend(g.node)
+    lg.input.extend(g.input)
+    lg.output.extend(g.output)
+    lg.value_info.extend(g.value_info)
+    lg.sparse_initializer.extend(g.sparse_initializer)
+    for t in g.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        if t.data_type in float_types and n >= _STUB_MIN_ELEMS:
+            stub = lg.initializer.add()
+            stub.name, stub.data_type = t.name, t.data_type
+            stub.dims.extend(t.dims)
+        else:
+            lg.initializer.append(t)
+    return light
+
+
 def _check_inferred(model: onnx.ModelProto, path: Path) -> None:
     """Strict shape and type inference (wrong types, negative pads, zero strides, ...) and a size
     limit on every statically shaped intermediate tensor (e.g. absurd pads)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(_without_weights(model), check_type=True, strict_mode=True,
+                                                     data_prop=True)
     except Exception as e:  # InferenceError, or a crash of inference on a corrupt graph
         raise ModelError(f"{path}: fails ONNX shape inference: {_first_line(e)}") from None
     g = inferred.graph
