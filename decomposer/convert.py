@@ -109,6 +109,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     bytes_before = model_path.stat().st_size
     recipe, info = resolve_recipe(model_path, original, recipe_overrides)
     model = load.upgrade_opset(original, model_path)
+    del original  # big models: keep one copy of the weights alive, not several
     rewrite.ensure_node_names(model)
     model, folded = simplify.fold_batchnorm(model)
     model = simplify.infer_shapes(model)
@@ -220,8 +221,8 @@ def _fit_all(chosen, qparams, samplers, method, bias_correction, progress):
             sampler = samplers.get(L.name) if qp is not None else None
             dec, L2, out_err = fit_layer(L, s.k, qp, sampler, method, bias_correction)
             plans.append(rewrite.Plan(L2, dec, s.q, qp))
-            err = float(np.linalg.norm(L.weight - dec.reconstruct()) / max(np.linalg.norm(L.weight), 1e-30))
-            bytes_after = dec.packed_basis().nbytes + 4 * dec.coeffs.size + 4 * L.cout
+            err = decompose.total_relative_error(L.weight, dec)
+            bytes_after = dec.packed_bytes() + 4 * dec.coeffs.size + 4 * L.cout
             rows.append(LayerRow(L.name, L.op, L.depth, L.cout, s.k, s.q, L.macs, err, 4 * (L.weight.size + L.cout),
                                  bytes_after, qp.scale if qp else None, qp.zero_point if qp else None, out_err))
             bar.update(1)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 MAX_BASES = 8
+BLOCK_ELEMENTS = 1 << 22  # rows are independent: big layers are fitted a block of rows at a time,
+# so VGG-16's 4096×25088 fc6 never has more than ~32 MB of float64 temporaries per array
 
 
 @dataclass
@@ -33,13 +35,25 @@ class Decomposition:
     def packed_basis(self) -> np.ndarray:
         """uint8 [Cout, k, ceil(D/8)], the file layout: bit d%8 (LSB first) of byte d/8, 1 ⇔ +1."""
         j = np.arange(self.k, dtype=np.uint8)
-        bits = (self.codes[:, None, :] >> j[None, :, None]) & 1
-        return np.packbits(bits, axis=2, bitorder="little")
+        rows, depth = self.codes.shape
+        out = np.empty((rows, self.k, (depth + 7) // 8), np.uint8)
+        for r in _row_blocks(rows, depth * self.k):
+            bits = (self.codes[r, None, :] >> j[None, :, None]) & 1
+            out[r] = np.packbits(bits, axis=2, bitorder="little")
+        return out
+
+    def packed_bytes(self) -> int:
+        return self.codes.shape[0] * self.k * ((self.codes.shape[1] + 7) // 8)
 
     def reconstruct(self) -> np.ndarray:
         """M c as float64 [Cout, D] (from the stored float32 scales)."""
         vals = self.coeffs.astype(np.float64) @ code_table(self.k).T  # [Cout, 2^k]
         return np.take_along_axis(vals, self.codes.astype(np.intp), axis=1)
+
+
+def _row_blocks(rows: int, per_row: int) -> list[slice]:
+    step = max(1, BLOCK_ELEMENTS // max(1, per_row))
+    return [slice(i, min(rows, i + step)) for i in range(0, rows, step)]
 
 
 def code_table(k: int) -> np.ndarray:
@@ -104,10 +118,24 @@ def _nearest_codes(w_sorted: np.ndarray, order: np.ndarray, coeffs: np.ndarray, 
 
 def relative_error(w: np.ndarray, d: Decomposition) -> np.ndarray:
     """‖w − M c‖ / ‖w‖ per output channel (0 for all-zero rows)."""
-    w = w.reshape(w.shape[0], -1).astype(np.float64)
-    diff = np.linalg.norm(w - d.reconstruct(), axis=1)
-    norm = np.linalg.norm(w, axis=1)
+    w = w.reshape(w.shape[0], -1)
+    diff, norm = np.empty(w.shape[0]), np.empty(w.shape[0])
+    vals = d.coeffs.astype(np.float64) @ code_table(d.k).T
+    for r in _row_blocks(*w.shape):
+        wr = w[r].astype(np.float64)
+        diff[r] = np.linalg.norm(wr - np.take_along_axis(vals[r], d.codes[r].astype(np.intp), axis=1), axis=1)
+        norm[r] = np.linalg.norm(wr, axis=1)
     return np.where(norm > 0, diff / np.where(norm > 0, norm, 1), 0.0)
+
+
+def total_relative_error(w: np.ndarray, d: Decomposition) -> float:
+    """‖W − M C‖_F / ‖W‖_F over the whole layer."""
+    w = w.reshape(w.shape[0], -1)
+    norms = np.linalg.norm(w.astype(np.float64), axis=1) if w.size <= BLOCK_ELEMENTS else np.concatenate(
+        [np.linalg.norm(w[r].astype(np.float64), axis=1) for r in _row_blocks(*w.shape)])
+    num = float(((relative_error(w, d) * norms) ** 2).sum())
+    den = float((norms ** 2).sum())
+    return float(np.sqrt(num / den)) if den > 0 else 0.0
 
 
 def decompose(w: np.ndarray, k: int, max_iter: int = 30, tol: float = 1e-6) -> Decomposition:
@@ -119,7 +147,12 @@ def decompose(w: np.ndarray, k: int, max_iter: int = 30, tol: float = 1e-6) -> D
     """
     if not 1 <= k <= MAX_BASES:
         raise ValueError(f"k must be in 1..{MAX_BASES}, got {k}")
-    w2 = np.ascontiguousarray(w.reshape(w.shape[0], -1), dtype=np.float64)
+    w = w.reshape(w.shape[0], -1)
+    blocks = _row_blocks(*w.shape)
+    if len(blocks) > 1:
+        parts = [decompose(w[r], k, max_iter, tol) for r in blocks]
+        return Decomposition(np.concatenate([p.codes for p in parts]), np.concatenate([p.coeffs for p in parts]), k)
+    w2 = np.ascontiguousarray(w, dtype=np.float64)
     order = np.argsort(w2, axis=1, kind="stable")
     w_sorted = np.take_along_axis(w2, order, axis=1)
     codes, coeffs = _greedy(w2, k)

@@ -19,7 +19,8 @@ from bdecomp.decomposer.simplify import prune_initializers
 
 @dataclass
 class Layer:
-    """One decomposable layer, with its weight as [Cout, D] (Gemm alpha folded in)."""
+    """One decomposable layer, with its weight as float32 [Cout, D] (Gemm alpha folded in); fits
+    convert to float64 a block at a time."""
 
     name: str
     op: str  # "Conv" | "Gemm" | "MatMul"
@@ -72,7 +73,7 @@ def _same_pads(in_hw, kernel, strides, dilations, upper: bool) -> tuple[int, int
 
 def _conv_layer(node, inits, vi) -> Layer | str:
     a = _attrs(node)
-    W = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+    W = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
     if W.ndim != 4:
         return f"{W.ndim - 2}-D convolution (only 2-D is decomposed)"
     group = int(a.get("group", 1))
@@ -103,10 +104,12 @@ def _gemm_layer(node, inits, vi) -> Layer | str:
     a = _attrs(node)
     if a.get("transA", 0):
         return "Gemm with transA=1"
-    B = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+    B = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
     if B.ndim != 2:
         return "Gemm weight is not 2-D"
-    W = (B if a.get("transB", 0) else B.T) * float(a.get("alpha", 1.0))
+    W = np.ascontiguousarray(B if a.get("transB", 0) else B.T)
+    if a.get("alpha", 1.0) != 1.0:
+        W = W * np.float32(a.get("alpha", 1.0))
     cout = W.shape[0]
     bias = np.zeros(cout)
     if len(node.input) > 2 and node.input[2]:
@@ -124,14 +127,14 @@ def _gemm_layer(node, inits, vi) -> Layer | str:
 
 
 def _matmul_layer(node, inits, vi) -> Layer | str:
-    B = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+    B = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
     if B.ndim != 2:
         return "MatMul weight is not 2-D"
     shape = _shape(vi, node.input[0])
     if shape is not None and len(shape) < 2:
         return "MatMul input is 1-D"
     rows = int(np.prod(shape[1:-1])) if shape and None not in shape[1:-1] else 1
-    W = B.T
+    W = np.ascontiguousarray(B.T)
     return Layer(node.name, "MatMul", node.input[0], node.output[0], W, np.zeros(W.shape[0]), tuple(W.shape),
                  out_pixels=rows, weight_names=(node.input[1],))
 
