@@ -172,6 +172,17 @@ def _pair(name, value, lo) -> tuple[int, int]:
     return tuple(_int_in(name, v, lo, _MAX_DIM) for v in items)
 
 
+def _pads(pads) -> tuple[int, int, int, int]:
+    """Four non-negative pads (top, left, bottom, right)."""
+    try:
+        pads_t = tuple(pads)
+    except TypeError:
+        raise ValueError(f"pads must be 4 integers (top, left, bottom, right), got {pads!r}") from None
+    if len(pads_t) != 4:
+        raise ValueError(f"pads must be 4 integers (top, left, bottom, right), got {pads!r}")
+    return tuple(_int_in("pads", v, 0, _MAX_DIM) for v in pads_t)
+
+
 def _scale(value) -> float:
     try:
         s = float(value)
@@ -337,13 +348,7 @@ def im2col_quantize_pack(
     geo.kernel = _pair("kernel", kernel, 1)
     geo.strides = _pair("strides", strides, 1)
     geo.dilations = _pair("dilations", dilations, 1)
-    try:
-        pads_t = tuple(pads)
-    except TypeError:
-        raise ValueError(f"pads must be 4 integers (top, left, bottom, right), got {pads!r}") from None
-    if len(pads_t) != 4:
-        raise ValueError(f"pads must be 4 integers (top, left, bottom, right), got {pads!r}")
-    geo.pads = tuple(_int_in("pads", v, 0, _MAX_DIM) for v in pads_t)
+    geo.pads = _pads(pads)
     oh, ow = geo.output_hw(h, w)
     p = ffi.new("bd_conv_params *")
     p.n, p.h, p.w, p.c, p.groups, p.cout = n, h, w, c, 1, 1
@@ -403,13 +408,7 @@ class PackedConv:
         self.kernel = _pair("kernel", kernel, 1)
         self.strides = _pair("strides", strides, 1)
         self.dilations = _pair("dilations", dilations, 1)
-        try:
-            pads_t = tuple(pads)
-        except TypeError:
-            raise ValueError(f"pads must be 4 integers (top, left, bottom, right), got {pads!r}") from None
-        if len(pads_t) != 4:
-            raise ValueError(f"pads must be 4 integers (top, left, bottom, right), got {pads!r}")
-        self.pads = tuple(_int_in("pads", v, 0, _MAX_DIM) for v in pads_t)
+        self.pads = _pads(pads)
         self.sign = bool(sign)
         if self.sign:
             self.bits = _int_in("bits", bits, 1, 1)
