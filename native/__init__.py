@@ -172,6 +172,24 @@ def _pair(name, value, lo) -> tuple[int, int]:
     return tuple(_int_in(name, v, lo, _MAX_DIM) for v in items)
 
 
+def _float32_c(x: np.ndarray) -> np.ndarray:
+    """x as C-contiguous float32 (integer and float inputs are converted, anything else refused)."""
+    if x.dtype != np.float32:
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise ValueError(f"x must be a float array, got dtype {x.dtype}")
+        x = x.astype(np.float32)
+    return np.ascontiguousarray(x)
+
+
+def _quant_args(bits, zero_point, scale, sign) -> tuple[bool, int, int, float]:
+    """Checked (sign, bits, zero_point, scale) of a quantizer; sign mode is Q = 1 with no zero point."""
+    sign = bool(sign)
+    if sign:
+        return sign, _int_in("bits", bits, 1, 1), 0, 1.0 if scale is None else _scale(scale)
+    bits = _int_in("bits", bits, 1, 8)
+    return sign, bits, _int_in("zero_point", zero_point, 0, 2**bits - 1), _scale(scale)
+
+
 def _pads(pads) -> tuple[int, int, int, int]:
     """Four non-negative pads (top, left, bottom, right)."""
     try:
@@ -270,21 +288,9 @@ def _quantize_pack_plan(x, groups, scale, zero_point, bits, sign, channel_axis, 
     """quantize_pack's checks: (x as float32 C-contiguous, the C arguments and output shape)."""
     if not isinstance(x, np.ndarray):
         raise ValueError(f"x must be a numpy array, got {type(x).__name__}")
-    if x.dtype != np.float32:
-        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-            raise ValueError(f"x must be a float array, got dtype {x.dtype}")
-        x = x.astype(np.float32)
-    x = np.ascontiguousarray(x)
+    x = _float32_c(x)
     groups = _int_in("groups", groups, 1, _MAX_DIM)
-    sign = bool(sign)
-    if sign:
-        bits = _int_in("bits", bits, 1, 1)
-        zero_point = 0
-        scale_v = 1.0 if scale is None else _scale(scale)
-    else:
-        bits = _int_in("bits", bits, 1, 8)
-        zero_point = _int_in("zero_point", zero_point, 0, 2**bits - 1)
-        scale_v = _scale(scale)
+    sign, bits, zero_point, scale_v = _quant_args(bits, zero_point, scale, sign)
     channel_axis = _int("channel_axis", channel_axis)
     if channel_axis == 1:
         if x.ndim < 2:
@@ -327,22 +333,10 @@ def im2col_quantize_pack(
     a 1×1 PackedConv with cin = C·KH·KW on an n × oh × ow image."""
     if not isinstance(x, np.ndarray) or x.ndim != 4:
         raise ValueError(f"x must be a float32 numpy array [N, C, H, W], got {getattr(x, 'shape', type(x).__name__)}")
-    if x.dtype != np.float32:
-        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-            raise ValueError(f"x must be a float array, got dtype {x.dtype}")
-        x = x.astype(np.float32)
-    x = np.ascontiguousarray(x)
+    x = _float32_c(x)
     if x.size == 0:
         raise ValueError(f"x must be non-empty, got shape {x.shape}")
-    sign = bool(sign)
-    if sign:
-        bits = _int_in("bits", bits, 1, 1)
-        zero_point = 0
-        scale_v = 1.0 if scale is None else _scale(scale)
-    else:
-        bits = _int_in("bits", bits, 1, 8)
-        zero_point = _int_in("zero_point", zero_point, 0, 2**bits - 1)
-        scale_v = _scale(scale)
+    sign, bits, zero_point, scale_v = _quant_args(bits, zero_point, scale, sign)
     n, c, h, w = (int(d) for d in x.shape)
     geo = PackedConv.__new__(PackedConv)  # geometry only: reuse the constructor's checks
     geo.kernel = _pair("kernel", kernel, 1)
