@@ -30,7 +30,6 @@ QUANTIZE_DYNAMIC = "BinQuantizeDynamic"
 CONV = "BinConv"
 GEMM = "BinGemm"
 LAYER_OPS = (CONV, GEMM)
-ALL_OPS = (QUANTIZE, QUANTIZE_DYNAMIC, CONV, GEMM)
 
 
 def _const(name: str, value: np.ndarray) -> onnx.NodeProto:
