@@ -88,6 +88,9 @@ def main() -> None:
               help="calibration images used (evenly spread over the sorted folder)")
 @click.option("--range", "range_method", type=click.Choice(["mse", "minmax"]), default="mse", show_default=True,
               help="how calibrated ranges are chosen")
+@click.option("--act-scales", type=click.Choice(["channel", "tensor"]), default="channel", show_default=True,
+              help="calibrated activation steps: one per input channel (folded into the weights) or one "
+                   "per tensor")
 @click.option("--method", type=click.Choice(["data", "weight"]), default="data", show_default=True,
               help="data: fit bases to each layer's output on calibration patches; weight: the original "
                    "weight-only fit (always used without --calib)")
@@ -101,13 +104,13 @@ def main() -> None:
 @click.option("--threads", type=int, help="onnxruntime threads during calibration")
 @click.option("--quiet", is_flag=True, help="no progress bars and no table")
 @_recipe_options
-def convert(model, output, bases, act_bits, calib, calib_limit, range_method, method, bias_correction, budget,
+def convert(model, output, bases, act_bits, calib, calib_limit, range_method, act_scales, method, bias_correction, budget,
             target_drop, layer_config, report, threads, quiet, **kw):
     """Decompose MODEL into binary bases + quantized inputs; writes a standard ONNX file."""
     from bdecomp.decomposer.convert import convert as run_convert
 
     rep = run_convert(model, output, bases=bases, act_bits=act_bits, calib=calib, calib_limit=calib_limit,
-                      layer_config=layer_config, range_method=range_method, method=method,
+                      layer_config=layer_config, range_method=range_method, act_scales=act_scales, method=method,
                       bias_correction=bias_correction, budget=budget, target_drop=target_drop,
                       recipe_overrides=_overrides(kw),
                       progress=not quiet, report_path=report, threads=threads)

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bdecomp.decomposer import calibrate, decompose
+from typing import Callable
+
+from bdecomp.decomposer import calibrate, decompose, fold
 
 K_CHOICES = tuple(range(1, 9))
 Q_CHOICES = tuple(range(2, 9))
@@ -30,9 +32,11 @@ class LayerCosts:
 
 
 def layer_errors(weight: np.ndarray, group: int, sampler: calibrate.PatchSampler,
-                 stats: calibrate.TensorStats, range_method: str,
+                 qparams_for: Callable[[int], calibrate.QParams],
                  decomps: dict[int, decompose.Decomposition]) -> np.ndarray:
-    """Relative output MSE of one layer for every (k, Q) in K_CHOICES × Q_CHOICES."""
+    """Relative output MSE of one layer for every (k, Q) in K_CHOICES × Q_CHOICES, with the
+    quantizer `qparams_for(Q)` (per-channel steps applied to the inputs; the weight-only bases of
+    the unfolded weight stand in for the folded ones, which are not fitted at this stage)."""
     P = sampler.patches()
     cout_g = weight.shape[0] // group
     err = np.zeros((len(K_CHOICES), len(Q_CHOICES)))
@@ -43,7 +47,10 @@ def layer_errors(weight: np.ndarray, group: int, sampler: calibrate.PatchSampler
         Y = X @ weight[rows].T.astype(np.float32)
         den += float((Y.astype(np.float64) ** 2).sum())
         for qi, q in enumerate(Q_CHOICES):
-            Xh = calibrate.quantize_dequantize(X, calibrate.choose_qparams(stats, q, range_method))
+            qp = qparams_for(q)
+            es = (None if qp.channel_scales is None
+                  else fold.element_scales(qp.channel_scales, group, weight.shape[1])[g])
+            Xh = calibrate.quantize_dequantize(X, qp, es)
             if X.shape[1] <= GRAM_MAX_DEPTH:
                 G = (Xh.T @ Xh).astype(np.float64)
                 T = (Xh.T @ Y).astype(np.float64)

@@ -53,11 +53,16 @@ class TensorStats:
 
 @dataclass(frozen=True)
 class QParams:
-    """Affine activation quantizer: q = clip(round(x/scale) + zero_point, 0, 2^bits − 1)."""
+    """Affine activation quantizer: q = clip(round(x/scale) + zero_point, 0, 2^bits − 1).
+
+    With `channel_scales` every input channel c has its own step (x/channel_scales[c]) and all
+    share the zero point; the consuming layers carry the steps in their weights (fold.py), so the
+    binary inner product stays integer."""
 
     scale: float
     zero_point: int
     bits: int
+    channel_scales: tuple[float, ...] | None = None
 
 
 def qparams_from_range(lo: float, hi: float, bits: int) -> QParams:
@@ -109,6 +114,86 @@ def choose_qparams(stats: TensorStats, bits: int, method: str = "mse") -> QParam
     return best
 
 
+@dataclass
+class ChannelStats:
+    """Per-channel running min/max and a bounded seeded sample of positions (every channel at the
+    same positions) of one tensor, channels along `axis` (1 for NCHW, −1 for rows of features)."""
+
+    axis: int
+    lo: np.ndarray | None = None
+    hi: np.ndarray | None = None
+    chunks: list[np.ndarray] = field(default_factory=list)
+    count: int = 0
+
+    def update(self, x: np.ndarray, rng: np.random.Generator) -> None:
+        v = np.moveaxis(np.asarray(x, np.float32), self.axis, 0)
+        v = v.reshape(v.shape[0], -1)
+        v = np.where(np.isfinite(v), v, np.float32(0))
+        if v.shape[1] == 0:
+            return
+        lo, hi = v.min(axis=1), v.max(axis=1)
+        self.lo = lo if self.lo is None else np.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else np.maximum(self.hi, hi)
+        cap = self.cap(v.shape[0])
+        per_batch = max(1, min(v.shape[1], cap // 16))
+        if v.shape[1] > per_batch:
+            v = v[:, np.sort(rng.choice(v.shape[1], per_batch, replace=False))]
+        self.chunks.append(np.ascontiguousarray(v))
+        self.count += v.shape[1]
+        if self.count > 2 * cap:
+            allv = np.concatenate(self.chunks, axis=1)
+            self.chunks = [allv[:, np.sort(rng.choice(allv.shape[1], cap, replace=False))]]
+            self.count = cap
+
+    @staticmethod
+    def cap(channels: int) -> int:
+        """Sample columns kept: about 2^19 values per tensor, 64..4096 per channel."""
+        return int(np.clip((1 << 19) // max(1, channels), 64, 4096))
+
+    def sample(self) -> np.ndarray:
+        """[C, S] float32."""
+        return np.concatenate(self.chunks, axis=1) if self.chunks else np.zeros((0, 1), np.float32)
+
+
+CHANNEL_FRACTIONS = np.concatenate([np.linspace(0.1, 1.0, 24), [1.0]])
+
+
+def choose_channel_scales(cs: ChannelStats, base: QParams, method: str = "mse") -> QParams:
+    """Per-channel steps sharing `base`'s zero point: each channel's range (widened to contain 0)
+    mapped onto the codes around z, then, for "mse", the fraction of it kept that minimises that
+    channel's squared quantization error on the sample. A channel that is always 0 keeps
+    `base.scale`. Returns `base` with channel_scales set."""
+    if method not in ("mse", "minmax"):
+        raise ValueError(f"unknown range method {method!r}")
+    if cs.lo is None:
+        return base
+    z, qmax = base.zero_point, (1 << base.bits) - 1
+    lo, hi = np.minimum(cs.lo, 0.0).astype(np.float64), np.maximum(cs.hi, 0.0).astype(np.float64)
+    pos = hi / (qmax - z) if qmax > z else np.zeros_like(hi)
+    neg = -lo / z if z > 0 else np.zeros_like(lo)
+    full = np.maximum(pos, neg)
+    live = full > 0
+    scales = np.where(live, full, base.scale)
+    if method == "mse" and live.any():
+        V = cs.sample()[live].astype(np.float32)
+        fl = full[live]
+
+        def err(s: np.ndarray) -> np.ndarray:
+            s32 = s.astype(np.float32)[:, None]
+            codes = np.clip(np.rint(V / s32) + z, 0, qmax)
+            return (((codes - z) * s32 - V) ** 2).sum(axis=1, dtype=np.float64)
+
+        best, best_err = fl.copy(), err(fl)
+        for f in CHANNEL_FRACTIONS:
+            e = err(fl * f)
+            better = e < best_err
+            best, best_err = np.where(better, fl * f, best), np.where(better, e, best_err)
+        scales[live] = best
+    s32 = scales.astype(np.float32)
+    s32 = np.where(np.isfinite(s32) & (s32 > 0), s32, np.float32(base.scale))
+    return QParams(base.scale, base.zero_point, base.bits, tuple(float(v) for v in s32))
+
+
 def _session(model: onnx.ModelProto, outputs: list[str], threads: int | None) -> ort.InferenceSession:
     m = onnx.ModelProto.FromString(model.SerializeToString())
     have = {o.name for o in m.graph.output}
@@ -132,11 +217,14 @@ def first_outputs(model: onnx.ModelProto, xs: list[np.ndarray], threads: int | N
 def collect_stats(model: onnx.ModelProto, tensors: list[str], batches: Iterable[np.ndarray],
                   threads: int | None = None, seed: int = 0,
                   on_batch: Callable[[int], None] | None = None,
-                  samplers: "list[PatchSampler] | None" = None) -> dict[str, TensorStats]:
+                  samplers: "list[PatchSampler] | None" = None,
+                  channel_stats: dict[tuple[str, int], ChannelStats] | None = None) -> dict[str, TensorStats]:
     """Run the float model over `batches` and gather statistics of `tensors` (graph inputs
-    included); `samplers` also collect their layers' input patches."""
+    included); `samplers` also collect their layers' input patches and `channel_stats`, keyed by
+    (tensor, channel axis), are updated in place."""
     graph_inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-    wanted = list(dict.fromkeys(list(tensors) + [sp.tensor for sp in samplers or ()]))
+    channel_stats = channel_stats or {}
+    wanted = list(dict.fromkeys(list(tensors) + [sp.tensor for sp in samplers or ()] + [t for t, _ in channel_stats]))
     inner = [t for t in wanted if t not in graph_inputs]
     sess = _session(model, inner, threads)
     input_name = sess.get_inputs()[0].name
@@ -147,6 +235,8 @@ def collect_stats(model: onnx.ModelProto, tensors: list[str], batches: Iterable[
         values.update({n: x for n in wanted if n in graph_inputs})
         for t in tensors:
             stats[t].update(np.asarray(values[t], np.float32), rng)
+        for (t, _), cs in channel_stats.items():
+            cs.update(np.asarray(values[t], np.float32), rng)
         for sp in samplers or ():
             sp.update(np.asarray(values[sp.tensor], np.float32))
         if on_batch:
@@ -206,8 +296,9 @@ class PatchSampler:
         return np.concatenate(self.chunks) if self.chunks else np.zeros((0, self.group, self.depth), np.float32)
 
 
-def quantize_dequantize(x: np.ndarray, q: QParams) -> np.ndarray:
-    """What the layer really sees: s·(clip(round(x/s) + z, 0, 2^Q − 1) − z)."""
+def quantize_dequantize(x: np.ndarray, q: QParams, scales: np.ndarray | None = None) -> np.ndarray:
+    """What the layer really sees: s·(clip(round(x/s) + z, 0, 2^Q − 1) − z); `scales` (broadcast
+    against x) replaces q.scale for per-channel quantizers."""
     qmax = (1 << q.bits) - 1
-    s = np.float32(q.scale)
+    s = np.float32(q.scale) if scales is None else np.asarray(scales, np.float32)
     return ((np.clip(np.rint(x / s) + q.zero_point, 0, qmax) - q.zero_point) * s).astype(np.float32)

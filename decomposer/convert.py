@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from bdecomp.decomposer import allocate, calibrate, decompose, load, rewrite, simplify
+from bdecomp.decomposer import allocate, calibrate, decompose, fold, load, rewrite, simplify
 from bdecomp.decomposer.fit import fit_layer
 from bdecomp.decomposer.config import SKIPPED, LayerSetting, load_layer_config
 from bdecomp.decomposer.report import LayerRow, Report
@@ -24,6 +24,7 @@ from bdecomp.models.preprocess import Recipe, recipe_with_overrides
 
 META_PREFIX = "bdecomp."
 METHODS = ("data", "weight")
+ACT_SCALES = ("channel", "tensor")
 
 
 def model_input(model: onnx.ModelProto) -> tuple[str, list[int | None]]:
@@ -72,6 +73,7 @@ def _progress(total: int | None, desc: str, enabled: bool):
 def convert(model_path: str | Path, output_path: str | Path | None = None, *, bases: int = 8, act_bits: int = 8,
             calib: str | Path | None = None, calib_limit: int | None = 128, layer_config: str | Path | None = None,
             range_method: str = "mse", method: str = "data", bias_correction: bool = True,
+            act_scales: str = "channel",
             budget: float | None = None, target_drop: float | None = None,
             recipe_overrides: dict[str, Any] | None = None, progress: bool = True,
             report_path: str | Path | None = None, threads: int | None = None) -> Report:
@@ -80,11 +82,15 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     method "data" (with calibration images) fits each layer's bases to its output on calibration
     patches seen through its own quantizer; "weight" is the original weight-only fit.
     bias_correction folds the mean output shift on calibration data into the bias.
+    act_scales "channel" gives every input channel of a calibrated quantizer its own step (folded
+    into the consuming layers' weights); "tensor" one step per tensor.
     budget (MAC-weighted mean k·Q) or target_drop (points of top-1 agreement with the float model
     on the calibration images) let bdecomp choose k and Q per layer; layers whose k or Q the layer
     config fixes keep them."""
     if method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if act_scales not in ACT_SCALES:
+        raise ConfigError(f"act_scales must be one of {', '.join(ACT_SCALES)}, got {act_scales!r}")
     t0 = time.perf_counter()
     model_path = Path(model_path)
     output_path = Path(output_path) if output_path else model_path.with_name(model_path.stem + ".bd.onnx")
@@ -125,7 +131,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
         else:
             chosen.append((L, s))
 
-    qparams: dict[tuple[str, int], calibrate.QParams] = {}
+    qparams: dict[tuple[str, int, int], calibrate.QParams] = {}
     samplers: dict[str, calibrate.PatchSampler] = {}
     search: dict = {}
     n_calib = 0
@@ -138,15 +144,25 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
             samplers = {L.name: calibrate.PatchSampler(
                 L.input, L.depth, "Conv" if L.op == "Conv" else "Gemm", tuple(L.weight_shape[2:]) if L.op == "Conv" else (1, 1),
                 L.strides, L.pads, L.dilations, L.group, per_image=per_image, seed=i) for i, (L, _) in enumerate(chosen)}
+        cstats = ({(L.input, _channel_axis(L)): calibrate.ChannelStats(_channel_axis(L)) for L, _ in chosen}
+                  if act_scales == "channel" else {})
         with _progress(len(images), "calibrating", progress) as bar:
             batches = (x for x, _ in datasets.iter_batches(images, recipe, batch_size=1))
             stats = calibrate.collect_stats(model, tensors, batches, threads=threads, on_batch=bar.update,
-                                            samplers=list(samplers.values()))
+                                            samplers=list(samplers.values()), channel_stats=cstats)
+
+        def qparams_for(L, q: int) -> calibrate.QParams:
+            key = (L.input, q, _channel_axis(L))
+            if key not in qparams:
+                qp = calibrate.choose_qparams(stats[L.input], q, range_method)
+                qparams[key] = (calibrate.choose_channel_scales(cstats[key[0], key[2]], qp, range_method)
+                                if cstats else qp)
+            return qparams[key]
+
         if allocating:
-            chosen, search = _allocate(model, chosen, cfg, stats, samplers, range_method, budget, target_drop,
+            chosen, search = _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop,
                                        images, recipe, threads, progress)
-        for L, s in chosen:
-            qparams[(L.input, s.q)] = calibrate.choose_qparams(stats[L.input], s.q, range_method)
+        qparams = {(L.input, s.q, _channel_axis(L)): qparams_for(L, s.q) for L, s in chosen}
 
     plans, rows = _fit_all(chosen, qparams, samplers, method, bias_correction, progress)
     out = rewrite.rewrite(model, plans)
@@ -154,7 +170,8 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
             "options": json.dumps({"calib_images": n_calib,
                                    "method": method if n_calib else "weight",
                                    "bias_correction": bool(bias_correction and n_calib),
-                                   "range_method": range_method if n_calib else "dynamic-minmax"}, sort_keys=True)}
+                                   "range_method": range_method if n_calib else "dynamic-minmax",
+                                   "act_scales": act_scales if n_calib else "tensor"}, sort_keys=True)}
     meta.update({k: str(v) for k, v in info.items()})
     existing = {p.key for p in out.metadata_props}
     for k, v in sorted(meta.items()):
@@ -172,7 +189,12 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     return report
 
 
-def _allocate(model, chosen, cfg, stats, samplers, range_method, budget, target_drop, images, recipe, threads,
+def _channel_axis(L: rewrite.Layer) -> int:
+    """Where a layer's input keeps its channels: NCHW for Conv, the last axis for Gemm/MatMul."""
+    return 1 if L.op == "Conv" else -1
+
+
+def _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, images, recipe, threads,
               progress):
     """Choose (k, Q) per layer; returns the new `chosen` list and what the search saw."""
     free = [i for i, (L, _) in enumerate(chosen) if not cfg.overridden((L.name, L.output))]
@@ -183,7 +205,7 @@ def _allocate(model, chosen, cfg, stats, samplers, range_method, budget, target_
         for i, (L, s) in enumerate(chosen):
             if i in free:
                 decomps[L.name] = {k: decompose.decompose(L.weight, k) for k in allocate.K_CHOICES}
-                err = allocate.layer_errors(L.weight, L.group, samplers[L.name], stats[L.input], range_method,
+                err = allocate.layer_errors(L.weight, L.group, samplers[L.name], lambda q, L=L: qparams_for(L, q),
                                             decomps[L.name])
             else:
                 err = np.full((len(allocate.K_CHOICES), len(allocate.Q_CHOICES)), np.inf)
@@ -201,8 +223,11 @@ def _allocate(model, chosen, cfg, stats, samplers, range_method, budget, target_
         def evaluate(ch):
             plans = []
             for (L, _), (k, q) in zip(chosen, ch):
-                dec = decomps[L.name][k] if L.name in decomps else decompose.decompose(L.weight, k)
-                plans.append(rewrite.Plan(L, dec, q, calibrate.choose_qparams(stats[L.input], q, range_method)))
+                qp = qparams_for(L, q)
+                Lf = fold.fold_layer(L, qp)
+                dec = (decomps[L.name][k] if L.name in decomps and Lf is L
+                       else decompose.decompose(Lf.weight, k))
+                plans.append(rewrite.Plan(Lf, dec, q, qp))
             return allocate.agreement(ref, calibrate.first_outputs(rewrite.rewrite(model, plans), xs, threads))
 
         choice, tried = allocate.search_budget(costs, fixed, target_drop, evaluate)
@@ -217,11 +242,11 @@ def _fit_all(chosen, qparams, samplers, method, bias_correction, progress):
     plans, rows = [], []
     with _progress(len(chosen), "decomposing", progress) as bar:
         for L, s in chosen:
-            qp = qparams.get((L.input, s.q))
+            qp = qparams.get((L.input, s.q, _channel_axis(L)))
             sampler = samplers.get(L.name) if qp is not None else None
             dec, L2, out_err = fit_layer(L, s.k, qp, sampler, method, bias_correction)
             plans.append(rewrite.Plan(L2, dec, s.q, qp))
-            err = decompose.total_relative_error(L.weight, dec)
+            err = decompose.total_relative_error(L2.weight, dec)
             bytes_after = dec.packed_bytes() + 4 * dec.coeffs.size + 4 * L.cout
             rows.append(LayerRow(L.name, L.op, L.depth, L.cout, s.k, s.q, L.macs, err, 4 * (L.weight.size + L.cout),
                                  bytes_after, qp.scale if qp else None, qp.zero_point if qp else None, out_err))

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from bdecomp.decomposer import calibrate, decompose
+from bdecomp.decomposer import calibrate, decompose, fold
 from bdecomp.decomposer.rewrite import Layer
 
 DATA_AWARE_MAX_DEPTH = 4608  # Gram matrices beyond this (FC layers) cost more than they return
@@ -18,16 +18,18 @@ def fit_layer(L: Layer, k: int, qp: calibrate.QParams | None, sampler: calibrate
               method: str, bias_correction: bool) -> tuple[decompose.Decomposition, Layer, float | None]:
     """Decompose one layer; with calibration patches, fit to its output (method "data") and/or
     correct its bias. Returns (decomposition, layer with the corrected bias, relative output error
-    on the calibration patches or None).
+    on the calibration patches or None). With a per-channel quantizer the returned layer is the
+    folded one (fold.py): its weight, the decomposition and the bias are in code units.
 
     Fitting to the float output from the *decomposed* network's inputs (a second calibration pass)
     was tried: least squares on noisy inputs shrinks the scales and the errors compound (ResNet-20
     at k = Q = 4: 74.0 % → 59.4 % top-1), so the fit uses the float network's inputs."""
+    L = fold.fold_layer(L, qp)
     dec = decompose.decompose(L.weight, k)
     if sampler is None or qp is None or sampler.count == 0:
         return dec, L, None
-    P = sampler.patches()  # [P, G, D] float32
-    Ph = calibrate.quantize_dequantize(P, qp)
+    P = fold.fold_patches(sampler.patches(), L, qp)  # [P, G, D] float32
+    Ph = calibrate.quantize_dequantize(P, fold.unit_qparams(qp) if qp.channel_scales else qp)
     cout_g = L.cout // L.group
     codes, coeffs, bias = dec.codes.copy(), dec.coeffs.copy(), L.bias.copy()
     num = den = 0.0

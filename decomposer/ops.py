@@ -7,12 +7,15 @@ function written with opset-13 standard operators, so stock onnxruntime runs the
 Ops (all tensors of one layer; attributes in brackets):
 
 * ``BinQuantize(x, scale, zero_point) -> codes`` [qmax]: q = clip(round(x/scale) + z, 0, qmax),
-  uint8 codes; scale float scalar, zero_point uint8 scalar (calibrated).
+  uint8 codes; zero_point uint8 scalar (calibrated); scale a float scalar, or one step per input
+  channel shaped to broadcast ([C, 1, 1] for NCHW, [C] for a feature axis).
 * ``BinQuantizeDynamic(x) -> codes, scale, zero_point`` [qmax]: the original method's run-time
   min/max (range widened to contain 0 so zero padding stays exact; a zero range is guarded).
 * ``BinConv(codes, scale, zero_point, basis, coeffs, bias) -> y``
   [weight_shape, depth, strides, pads, dilations, group]: basis uint8 [Cout, k, ceil(D/8)]
   (bit d%8 of byte d/8, 1 ⇔ +1), coeffs float [Cout, k]; y = Conv(s·(q − z), M·c) + bias.
+  scale is a float scalar: the quantizer's own, or (after a per-channel quantizer, whose steps
+  are folded into M·c) a constant 1; zero_point is always the quantizer's.
 * ``BinGemm(codes, scale, zero_point, basis, coeffs, bias) -> y`` [depth]: y = s·(q − z) @ (M·c)ᵀ + bias.
 """
 from __future__ import annotations

@@ -216,19 +216,29 @@ def rewrite(model: onnx.ModelProto, plans: list[Plan]) -> onnx.ModelProto:
             continue
         L = p.layer
         qp = p.qparams
-        key = (L.input, p.q, L.group if L.op == "Conv" else 1, None if qp is None else (qp.scale, qp.zero_point))
+        per_channel = qp is not None and qp.channel_scales is not None
+        key = (L.input, p.q, L.group if L.op == "Conv" else 1, L.op == "Conv",
+               None if qp is None else (qp.scale, qp.zero_point, qp.channel_scales))
         if key not in quantizers:
             qname = unique(f"{L.input}/q{p.q}" + (f"g{key[2]}" if key[2] != 1 else ""))
             codes, scale, zp = unique(f"{qname}.codes"), unique(f"{qname}.scale"), unique(f"{qname}.zero_point")
+            layer_scale = scale
             qmax = (1 << p.q) - 1
             if qp is None:
                 new_nodes.append(helper.make_node(ops.QUANTIZE_DYNAMIC, [L.input], [codes, scale, zp], name=qname,
                                                   domain=ops.DOMAIN, qmax=qmax))
             else:
-                new_inits += [_t(np.array(qp.scale, np.float32), scale), _t(np.array(qp.zero_point, np.uint8), zp)]
+                if per_channel:  # [C,1,1] broadcasts over NCHW, [C] over the feature axis
+                    s = np.array(qp.channel_scales, np.float32)
+                    new_inits.append(_t(s.reshape(-1, 1, 1) if L.op == "Conv" else s, scale))
+                    layer_scale = unique(f"{qname}.unit_scale")  # the layers' weights carry the steps
+                    new_inits.append(_t(np.array(1.0, np.float32), layer_scale))
+                else:
+                    new_inits.append(_t(np.array(qp.scale, np.float32), scale))
+                new_inits.append(_t(np.array(qp.zero_point, np.uint8), zp))
                 new_nodes.append(helper.make_node(ops.QUANTIZE, [L.input, scale, zp], [codes], name=qname,
                                                   domain=ops.DOMAIN, qmax=qmax))
-            quantizers[key] = (codes, scale, zp)
+            quantizers[key] = (codes, layer_scale, zp)
         codes, scale, zp = quantizers[key]
         basis, coeffs, bias = unique(f"{L.name}.basis"), unique(f"{L.name}.coeffs"), unique(f"{L.name}.bd_bias")
         new_inits += [_t(p.dec.packed_basis(), basis), _t(p.dec.coeffs.astype(np.float32), coeffs),

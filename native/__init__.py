@@ -212,6 +212,31 @@ def _scale(value) -> float:
     return float(s32)
 
 
+def _channel_scales(value, channels: int):
+    """Optional per-channel activation scales: None, or a private float32 C-contiguous copy of a
+    1-D real array-like of ``channels`` entries, each finite and > 0 once rounded to float32."""
+    if value is None:
+        return None
+    try:
+        a = np.asarray(value)
+    except Exception:  # ragged lists and the like  # noqa: BLE001
+        raise ValueError(f"channel_scales must be a 1-D array of {channels} positive finite numbers, "
+                         f"got {type(value).__name__}") from None
+    if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+        raise ValueError(f"channel_scales must be a real numeric array, got dtype {a.dtype}")
+    if a.ndim != 1 or a.shape[0] != channels:
+        raise ValueError(f"channel_scales must be 1-D with one scale per channel (C = {channels}), "
+                         f"got shape {a.shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        a32 = np.array(a, dtype=np.float32, order="C", copy=True)  # never aliases the caller's array
+    bad = ~(np.isfinite(a32) & (a32 > 0))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"channel_scales must be finite and > 0 (as float32); channel {i} has "
+                         f"{a[i].item()!r} ({int(bad.sum())} bad of {channels})")
+    return a32
+
+
 def _check_array(name, a, dtype, shape=None):
     if not isinstance(a, np.ndarray):
         raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}")
@@ -248,34 +273,48 @@ def quantize_pack(
     sign: bool = False,
     channel_axis: int = 1,
     threads: int | None = None,
+    channel_scales=None,
 ) -> np.ndarray:
     """Quantize float activations and pack them into bit planes.
 
     ``channel_axis=1``: x is [N, C, *spatial]; ``channel_axis=-1``: x is [..., C].  Codes are
-    clamp(rint(x / scale) + zero_point, 0, 2^bits − 1) (or [x ≥ 0] with ``sign``).  Returns uint64
-    of shape (pixels, groups, bits, ceil(C / groups / 64)) in the layout of bdecomp.h.
+    clamp(rint(x / s_c) + zero_point, 0, 2^bits − 1) (or [x ≥ 0] with ``sign``), s_c = ``scale``
+    for every channel, or ``channel_scales[c]`` if given: a 1-D array-like of C scales (finite,
+    > 0 in float32; ``scale`` must then still be valid but is unused; sign mode ignores them after
+    validation).  The zero point is shared by all channels.  Returns uint64 of shape (pixels,
+    groups, bits, ceil(C / groups / 64)) in the layout of bdecomp.h.
 
     The checks of a (shape, options) combination run once and are cached: a repeated call on a
-    float32 C-contiguous array only looks its plan up.
+    float32 C-contiguous array only looks its plan up (channel_scales given as a numpy array are
+    part of the cache key by value — dtype, shape and bytes —, other array-likes skip the cache).
     """
     fast = type(x) is np.ndarray and x.dtype == _F32 and x.flags.c_contiguous
     key = None
     if fast:
-        key = (x.shape, groups, scale, zero_point, bits, sign, channel_axis, threads, _env_threads())
+        if channel_scales is None:
+            cs_key = None
+        elif type(channel_scales) is np.ndarray:
+            cs_key = (channel_scales.dtype.str, channel_scales.shape, channel_scales.tobytes())
+        else:
+            fast = False
+    if fast:
+        key = (x.shape, groups, scale, zero_point, bits, sign, channel_axis, threads, _env_threads(), cs_key)
         try:
             plan = _QP_PLANS.get(key)
         except TypeError:  # unhashable option: the checks below reject it
             plan, key = None, None
     if not fast or plan is None:
-        x, plan = _quantize_pack_plan(x, groups, scale, zero_point, bits, sign, channel_axis, threads)
+        x, plan = _quantize_pack_plan(x, groups, scale, zero_point, bits, sign, channel_axis, threads,
+                                      channel_scales)
         if key is not None and all(type(v) in (int, type(None)) for v in (groups, bits, zero_point, channel_axis, threads)):
             if len(_QP_PLANS) >= 256:
                 _QP_PLANS.clear()
             _QP_PLANS[key] = plan
-    outer, channels, inner, groups_v, scale_v, zp, bits_v, sign_v, nthreads, shape = plan
+    outer, channels, inner, groups_v, scale_v, zp, bits_v, sign_v, nthreads, shape, cs_ptr = plan
     act = np.empty(shape, dtype=np.uint64)
+    # cs_ptr: ffi.NULL or a cffi buffer over the plan's own float32 copy (alive with `plan`)
     rc = lib.bd_quantize_pack(ffi.from_buffer("float[]", x), outer, channels, inner, groups_v, scale_v,
-                              zp, bits_v, sign_v, ffi.from_buffer("uint64_t[]", act), nthreads)
+                              cs_ptr, zp, bits_v, sign_v, ffi.from_buffer("uint64_t[]", act), nthreads)
     _check_status(rc, "bd_quantize_pack")
     return act
 
@@ -284,7 +323,7 @@ _F32 = np.dtype(np.float32)
 _QP_PLANS: dict = {}
 
 
-def _quantize_pack_plan(x, groups, scale, zero_point, bits, sign, channel_axis, threads):
+def _quantize_pack_plan(x, groups, scale, zero_point, bits, sign, channel_axis, threads, channel_scales=None):
     """quantize_pack's checks: (x as float32 C-contiguous, the C arguments and output shape)."""
     if not isinstance(x, np.ndarray):
         raise ValueError(f"x must be a numpy array, got {type(x).__name__}")
@@ -310,8 +349,11 @@ def _quantize_pack_plan(x, groups, scale, zero_point, bits, sign, channel_axis, 
     if channels % groups:
         raise ValueError(f"channels ({channels}) must be a multiple of groups ({groups})")
     wpg = words_per_group(channels // groups)
+    cs = _channel_scales(channel_scales, int(channels))
+    # the cffi buffer keeps the private float32 copy alive as long as the plan
+    cs_ptr = ffi.NULL if cs is None else ffi.from_buffer("float[]", cs)
     return x, (outer, channels, inner, groups, scale_v, zero_point, bits, int(sign), _threads(threads),
-               (outer * inner, groups, bits, wpg))
+               (outer * inner, groups, bits, wpg), cs_ptr)
 
 
 def im2col_quantize_pack(
@@ -326,11 +368,15 @@ def im2col_quantize_pack(
     bits: int,
     sign: bool = False,
     threads: int | None = None,
+    channel_scales=None,
 ) -> tuple[np.ndarray, int, int, int]:
     """Packed patches of a (groups = 1) convolution of x float32 [N, C, H, W], in one C pass:
     exactly ``quantize_pack(im2col(x), groups=1, ...)`` (taps in the zero padding get the code of
-    0.0).  Returns (act, n, oh, ow): act is the (n·oh·ow, 1, bits, ceil(C·KH·KW / 64)) input of
-    a 1×1 PackedConv with cin = C·KH·KW on an n × oh × ow image."""
+    0.0, i.e. zero_point).  ``channel_scales``: None, or a 1-D array-like of C per-channel scales
+    as in quantize_pack (patch element (c, ky, kx) uses channel c's scale, i.e. quantize_pack of
+    the im2col with the scales repeated KH·KW times each).  Returns (act, n, oh, ow): act is the
+    (n·oh·ow, 1, bits, ceil(C·KH·KW / 64)) input of a 1×1 PackedConv with cin = C·KH·KW on an
+    n × oh × ow image."""
     if not isinstance(x, np.ndarray) or x.ndim != 4:
         raise ValueError(f"x must be a float32 numpy array [N, C, H, W], got {getattr(x, 'shape', type(x).__name__)}")
     x = _float32_c(x)
@@ -338,6 +384,7 @@ def im2col_quantize_pack(
         raise ValueError(f"x must be non-empty, got shape {x.shape}")
     sign, bits, zero_point, scale_v = _quant_args(bits, zero_point, scale, sign)
     n, c, h, w = (int(d) for d in x.shape)
+    cs = _channel_scales(channel_scales, c)
     geo = PackedConv.__new__(PackedConv)  # geometry only: reuse the constructor's checks
     geo.kernel = _pair("kernel", kernel, 1)
     geo.strides = _pair("strides", strides, 1)
@@ -359,7 +406,8 @@ def im2col_quantize_pack(
     act = np.empty((n * oh * ow, 1, bits, words_per_group(c * geo.kernel[0] * geo.kernel[1])), np.uint64)
     if act.size != words:
         raise ValueError("im2col size mismatch")
-    rc = lib.bd_im2col_quantize_pack(ffi.cast("const float *", ffi.from_buffer(x)), p,
+    cs_buf = ffi.NULL if cs is None else ffi.from_buffer("float[]", cs)  # alive for the call
+    rc = lib.bd_im2col_quantize_pack(ffi.cast("const float *", ffi.from_buffer(x)), p, cs_buf,
                                      ffi.cast("uint64_t *", ffi.from_buffer(act)), _threads(threads))
     _check_status(rc, "bd_im2col_quantize_pack")
     return act, n, oh, ow

@@ -99,12 +99,17 @@ int64_t bd_weight_words(const bd_conv_params *p);       /* Cout·KH·KW·wpg·KP
 int64_t bd_tap_sum_count(const bd_conv_params *p);      /* Cout·KH·KW·k             */
 
 /* Quantize x (element (o, c, i) at x[(o·channels + c)·inner + i], pixel p = o·inner + i) into
- * the activation bit planes above: q = clamp(nearbyint(x / scale) + zero_point, 0, 2^bits − 1)
+ * the activation bit planes above: q = clamp(nearbyint(x / s_c) + zero_point, 0, 2^bits − 1)
  * (round half to even, as onnxruntime's QuantizeLinear; NaN → zero_point), or q = [x ≥ 0] in
- * sign mode.  `act` must hold outer·inner·groups·bits·wpg words. */
+ * sign mode.  `act` must hold outer·inner·groups·bits·wpg words.
+ * Per-channel scales: s_c = scale for every channel if channel_scales is NULL (per-tensor), else
+ * s_c = channel_scales[c] (`channels` floats, each finite and > 0, else BD_EINVAL); the quotient
+ * is the same single float division x / s_c (onnxruntime's Div by a [1, C, 1, 1] scale, bit for
+ * bit).  `scale` is then unused but must still be finite and > 0.  The zero point is shared by
+ * all channels.  Sign mode uses no scale: channel_scales is ignored (not read) there. */
 int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t inner,
-                     int64_t groups, float scale, int32_t zero_point, int32_t bits,
-                     int32_t sign, uint64_t *act, int32_t nthreads);
+                     int64_t groups, float scale, const float *channel_scales, int32_t zero_point,
+                     int32_t bits, int32_t sign, uint64_t *act, int32_t nthreads);
 
 /* Reorder file-layout basis bits into the kernel layout and compute the tap sums. */
 int bd_pack_weights(const bd_conv_params *p, const uint8_t *basis, int64_t basis_bytes,
@@ -136,10 +141,15 @@ int bd_conv_lut(const bd_conv_params *p, const uint64_t *act, const uint8_t *wlu
  * the image having the code of 0.0 (= zero_point: zero padding stays exact).  Uses n, c, h, w,
  * kernel, strides, pads, dilations, oh, ow, bits, sign, zero_point and scale of `p` (validated as
  * for bd_conv; k and cout must be valid but are unused).  bd_im2col_words: the size of `act`
- * (0 if p is invalid or groups ≠ 1).  Bit for bit bd_quantize_pack of the im2col of x. */
+ * (0 if p is invalid or groups ≠ 1).  Bit for bit bd_quantize_pack of the im2col of x.
+ * channel_scales: NULL (every channel uses p->scale) or p->c floats, each finite and > 0 (else
+ * BD_EINVAL): channel c of x is quantized with channel_scales[c] exactly as in bd_quantize_pack,
+ * i.e. patch element d uses the scale of its channel d / (KH·KW); p->scale is then unused for
+ * quantization but still validated.  Padded taps keep the code of 0.0 = zero_point whatever the
+ * scales.  Sign mode ignores channel_scales (not read). */
 int64_t bd_im2col_words(const bd_conv_params *p);
-int bd_im2col_quantize_pack(const float *x, const bd_conv_params *p, uint64_t *act,
-                            int32_t nthreads);
+int bd_im2col_quantize_pack(const float *x, const bd_conv_params *p, const float *channel_scales,
+                            uint64_t *act, int32_t nthreads);
 
 /* Threads: a call whose work is below a per-function threshold runs on one thread (a wake-up
  * costs more); BDECOMP_MIN_PARALLEL_WORK=<integer ≥ 0> in the environment overrides that

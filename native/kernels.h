@@ -48,9 +48,12 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
                      const uint8_t *wl, const int32_t *tap_sums, const float *coeffs,
                      const float *bias, float *out, int32_t *acc, int32_t nthreads);
 
-/* quantize_pack.c: im2col + quantize + pack (parameters validated by bd_im2col_quantize_pack) and
+/* quantize_pack.c: im2col + quantize + pack (parameters validated by bd_im2col_quantize_pack), the
+ * check of optional per-channel scales (BD_OK if NULL or all n finite and > 0, else BD_EINVAL) and
  * the BDECOMP_MIN_PARALLEL_WORK override of the single-thread thresholds. */
-int bd_im2col_pack_impl(const float *x, const bd_conv_params *p, uint64_t *act, int32_t nthreads);
+int bd_im2col_pack_impl(const float *x, const bd_conv_params *p, const float *channel_scales,
+                        uint64_t *act, int32_t nthreads);
+int bd_check_channel_scales(const float *channel_scales, int64_t n);
 int64_t bd_min_parallel_work(int64_t dflt);
 
 /* Monotonic wall clock in seconds (for bd_popcount_peak). */

@@ -3,6 +3,11 @@
  *
  *   q = clamp(rint(x / s) + z, 0, 2^Q − 1)   (round half to even, NaN → z)   or   q = [x ≥ 0]
  *
+ * s is the per-tensor scale, or channel c's own scale when per-channel scales are given (the
+ * same single float division either way).  A channel row of channel-first input has one scale,
+ * so the vector code path takes it as a broadcast constant; channel-last input reads the scale
+ * of each element's channel.
+ *
  * Work is split into blocks of consecutive pixels; the words of a block are a contiguous range
  * of `act` (pixel-major layout), so a thread owns every word it writes.  Inside a block the input
  * is read one channel row at a time (contiguous floats), which is the cache-friendly order for
@@ -99,9 +104,17 @@ __attribute__((target("avx2"))) static void codes_avx2(const float *row, int64_t
 }
 #endif
 
+int bd_check_channel_scales(const float *channel_scales, int64_t n)
+{
+    if (!channel_scales) return BD_OK;
+    for (int64_t c = 0; c < n; ++c)
+        if (!(isfinite(channel_scales[c]) && channel_scales[c] > 0.0f)) return BD_EINVAL;
+    return BD_OK;
+}
+
 int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t inner,
-                     int64_t groups, float scale, int32_t zero_point, int32_t bits,
-                     int32_t sign, uint64_t *act, int32_t nthreads)
+                     int64_t groups, float scale, const float *channel_scales, int32_t zero_point,
+                     int32_t bits, int32_t sign, uint64_t *act, int32_t nthreads)
 {
     if (!x || !act) return BD_EINVAL;
     if (outer <= 0 || channels <= 0 || inner <= 0 || groups <= 0) return BD_EINVAL;
@@ -111,7 +124,11 @@ int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t in
     if (!sign) {
         if (!(isfinite(scale) && scale > 0.0f)) return BD_EINVAL;
         if (zero_point < 0 || zero_point > (1 << bits) - 1) return BD_EINVAL;
+        if (bd_check_channel_scales(channel_scales, channels) != BD_OK) return BD_EINVAL;
+    } else {
+        channel_scales = NULL; /* sign mode uses no scale */
     }
+    const float *const cs = channel_scales; /* NULL: `scale` for every channel */
     const int64_t cg = channels / groups;
     const int64_t wpg = (cg + 63) / 64;
     int64_t pixels, wpp, total;
@@ -137,7 +154,8 @@ int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t in
                     const int64_t c0 = g * cg + w * 64;
                     const int64_t nc = (cg - w * 64) < 64 ? (cg - w * 64) : 64;
                     for (int64_t i = 0; i < nc; ++i) {
-                        const uint32_t q = (uint32_t)code_of(xp[c0 + i], scale, zero_point, qmax, sign);
+                        const float s = cs ? cs[c0 + i] : scale;
+                        const uint32_t q = (uint32_t)code_of(xp[c0 + i], s, zero_point, qmax, sign);
                         for (int32_t b = 0; b < Q; ++b) planes[b] |= (uint64_t)((q >> b) & 1u) << i;
                     }
                     for (int32_t b = 0; b < Q; ++b) ap[(g * Q + b) * wpg + w] = planes[b];
@@ -173,15 +191,16 @@ int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t in
                     if (nc < 64) memset(codes, 0, (size_t)(ni * 64));
                     for (int64_t cc = 0; cc < nc; ++cc) {
                         const float *row = x + (o * channels + c0 + cc) * inner + i0;
+                        const float s = cs ? cs[c0 + cc] : scale; /* one scale per channel row */
 #if defined(__x86_64__) || defined(__i386__)
                         if (avx2) {
-                            codes_avx2(row, ni, scale, zero_point, qmax, sign, tmp);
+                            codes_avx2(row, ni, s, zero_point, qmax, sign, tmp);
                             for (int64_t i = 0; i < ni; ++i) codes[i * 64 + cc] = (uint8_t)tmp[i];
                             continue;
                         }
 #endif
                         for (int64_t i = 0; i < ni; ++i)
-                            codes[i * 64 + cc] = (uint8_t)code_of(row[i], scale, zero_point, qmax, sign);
+                            codes[i * 64 + cc] = (uint8_t)code_of(row[i], s, zero_point, qmax, sign);
                     }
                     uint64_t *aw = ab + g * Q * wpg + w; /* plane 0 of word w of group g, pixel i0 */
 #if defined(__x86_64__) || defined(__i386__)
@@ -203,8 +222,11 @@ int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t in
  * codes_avx2 arithmetic as bd_quantize_pack); pass 2 gathers each output pixel's D codes in the
  * (c, ky, kx) order of the basis bits into a 64-byte-aligned buffer (taps outside the image get
  * the code of 0.0, i.e. z: zero padding stays exact) and takes the Q plane words of every 64 codes
- * at once.  Bit for bit what quantize_pack(im2col(x)) gives. */
-int bd_im2col_pack_impl(const float *x, const bd_conv_params *p, uint64_t *act, int32_t nthreads)
+ * at once.  Bit for bit what quantize_pack(im2col(x)) gives.  With per-channel scales (already
+ * checked, NULL in sign mode) pass 1 quantizes plane (n, c) with channel_scales[c]; the padding
+ * code stays z (0 / s = 0 for every s > 0). */
+int bd_im2col_pack_impl(const float *x, const bd_conv_params *p, const float *channel_scales,
+                        uint64_t *act, int32_t nthreads)
 {
     const int64_t N = p->n, C = p->c, H = p->h, W = p->w, KH = p->kh, KW = p->kw;
     const int64_t OH = p->oh, OW = p->ow, D = C * KH * KW, wpg = (D + 63) / 64;
@@ -231,14 +253,15 @@ int bd_im2col_pack_impl(const float *x, const bd_conv_params *p, uint64_t *act, 
                 const int64_t ni = (hw - i0) < 256 ? (hw - i0) : 256;
                 const float *row = x + pl * hw + i0;
                 uint8_t *cr = codes + pl * hw + i0;
+                const float s = channel_scales ? channel_scales[pl % C] : scale; /* plane = (n, c) */
 #if defined(__x86_64__) || defined(__i386__)
                 if (avx2) {
-                    codes_avx2(row, ni, scale, zp, qmax, sign, tmp);
+                    codes_avx2(row, ni, s, zp, qmax, sign, tmp);
                     for (int64_t i = 0; i < ni; ++i) cr[i] = (uint8_t)tmp[i];
                     continue;
                 }
 #endif
-                for (int64_t i = 0; i < ni; ++i) cr[i] = (uint8_t)code_of(row[i], scale, zp, qmax, sign);
+                for (int64_t i = 0; i < ni; ++i) cr[i] = (uint8_t)code_of(row[i], s, zp, qmax, sign);
             }
         /* implicit barrier: every code byte is written */
         uint8_t *buf = (uint8_t *)aligned_alloc(32, (size_t)(wpg * 64));

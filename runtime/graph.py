@@ -26,8 +26,10 @@ class QuantSpec:
     params: list[str]  # the scale and zero_point tensors layers must take from this quantizer
     bits: int
     dynamic: bool
-    scale: float | None = None
+    scale: float | None = None  # 1.0 for a per-channel quantizer (its layers carry the steps)
     zero_point: int | None = None
+    channel_scales: np.ndarray | None = None  # float32 [C]: one step per input channel
+    channel_ndim: int = 0  # 3: steps shaped [C, 1, 1] (NCHW, BinConv); 1: [C] (feature axis, BinGemm)
 
 
 @dataclass
@@ -48,7 +50,7 @@ class LayerSpec:
     act_min: float = -np.inf
     act_max: float = np.inf
     fused: list[str] = field(default_factory=list)  # names of fused activation nodes
-
+    scale: float | None = None  # the layer's own constant step; None: its quantizer's
     @property
     def k(self) -> int:
         return self.basis.shape[1]
@@ -97,14 +99,23 @@ def parse_quantizer(node: onnx.NodeProto, inits: dict) -> QuantSpec:
         raise _err(node, "BinQuantize takes 3 inputs and gives 1 output")
     s = _const(inits, node.input[1], node, np.float32, "scale")
     z = _const(inits, node.input[2], node, np.uint8, "zero_point")
-    if s.size != 1 or z.size != 1:
-        raise _err(node, "scale and zero_point must be scalars")
-    scale, zp = float(s.reshape(-1)[0]), int(z.reshape(-1)[0])
-    if not (np.isfinite(scale) and scale > 0):
-        raise _err(node, f"scale must be finite and > 0, got {scale}")
+    if z.size != 1:
+        raise _err(node, "zero_point must be a scalar")
+    zp = int(z.reshape(-1)[0])
     if zp > qmax:
         raise _err(node, f"zero_point {zp} exceeds qmax {qmax}")
-    return QuantSpec(node.name, node.input[0], list(node.output), list(node.input[1:]), bits, False, scale, zp)
+    if not (np.all(np.isfinite(s)) and np.all(s > 0)) or s.size == 0:
+        raise _err(node, "scale must be finite and > 0")
+    spec = QuantSpec(node.name, node.input[0], list(node.output), list(node.input[1:]), bits, False, 1.0, zp)
+    if s.size == 1:  # also [1], [1, 1, 1]: broadcasting makes them one step
+        spec.scale = float(s.reshape(-1)[0])
+    elif s.ndim == 1 or (s.ndim == 3 and s.shape[1:] == (1, 1)):
+        if s.shape[0] > MAX_DIM:
+            raise _err(node, "too many channel steps")
+        spec.channel_scales, spec.channel_ndim = np.ascontiguousarray(s.reshape(-1)), s.ndim
+    else:
+        raise _err(node, f"scale must be a scalar, [C] or [C, 1, 1], got shape {list(s.shape)}")
+    return spec
 
 
 def parse_layer(node: onnx.NodeProto, inits: dict, quant_of: dict[str, QuantSpec]) -> LayerSpec:
@@ -116,8 +127,19 @@ def parse_layer(node: onnx.NodeProto, inits: dict, quant_of: dict[str, QuantSpec
         raise _err(node, "its codes input does not come from a BinQuantize node")
     if q.outputs[0] != node.input[0]:
         raise _err(node, "its codes input is not a quantizer's codes output")
-    if list(node.input[1:3]) != q.params:
-        raise _err(node, "its scale/zero_point are not those of the quantizer of its codes")
+    if node.input[2] != q.params[1]:
+        raise _err(node, "its zero_point is not that of the quantizer of its codes")
+    own_scale = None
+    if node.input[1] != q.params[0]:  # its own constant step (weights carrying per-channel steps)
+        s = _const(inits, node.input[1], node, np.float32, "scale")
+        if s.size != 1 or not (np.isfinite(s.reshape(-1)[0]) and s.reshape(-1)[0] > 0):
+            raise _err(node, "its own scale must be a finite float32 scalar > 0")
+        own_scale = float(s.reshape(-1)[0])
+    elif q.channel_scales is not None:
+        raise _err(node, "a per-channel quantizer's steps cannot be a layer's scale")
+    if q.channel_scales is not None and q.channel_ndim != (3 if node.op_type == ops.CONV else 1):
+        raise _err(node, "its quantizer's per-channel steps are not shaped for this op "
+                         "([C, 1, 1] for BinConv, [C] for BinGemm)")
     basis = _const(inits, node.input[3], node, np.uint8, "basis")
     coeffs = _const(inits, node.input[4], node, np.float32, "coeffs")
     bias = _const(inits, node.input[5], node, np.float32, "bias")
@@ -136,7 +158,8 @@ def parse_layer(node: onnx.NodeProto, inits: dict, quant_of: dict[str, QuantSpec
     if not (1 <= cout <= MAX_DIM):
         raise _err(node, "no output channels")
     spec = LayerSpec(node.name, node.op_type, q.name, node.output[0], np.ascontiguousarray(basis),
-                     np.ascontiguousarray(coeffs), np.ascontiguousarray(bias), depth, (cout, depth))
+                     np.ascontiguousarray(coeffs), np.ascontiguousarray(bias), depth, (cout, depth),
+                     scale=own_scale)
     if node.op_type == ops.CONV:
         ws = _ints(a, "weight_shape", 4, 1, node)
         group = a.get("group", 1)

@@ -62,7 +62,8 @@ class _Quantized:
         if key not in self._packed:
             self._packed[key] = native.quantize_pack(self.x, groups=groups, scale=self.scale,
                                                      zero_point=self.zero_point, bits=self.spec.bits,
-                                                     channel_axis=channel_axis, threads=self.threads)
+                                                     channel_axis=channel_axis, threads=self.threads,
+                                                     channel_scales=self.spec.channel_scales)
         return self._packed[key]
 
     def packed_im2col(self, spec: LayerSpec) -> tuple[np.ndarray, int, int, int]:
@@ -76,13 +77,16 @@ class _Quantized:
             self._packed[key] = native.im2col_quantize_pack(
                 self.x, kernel=spec.weight_shape[2:], strides=spec.strides, pads=spec.pads,
                 dilations=spec.dilations, scale=self.scale, zero_point=self.zero_point,
-                bits=self.spec.bits, threads=self.threads)
+                bits=self.spec.bits, threads=self.threads, channel_scales=self.spec.channel_scales)
         return self._packed[key]
 
     def codes(self) -> np.ndarray:
         from bdecomp.runtime.reference import quantize
 
-        return quantize(self.x, self.scale, self.zero_point, self.spec.bits)
+        s = self.spec.channel_scales
+        if s is not None:
+            s = s.reshape(-1, 1, 1) if self.spec.channel_ndim == 3 else s
+        return quantize(self.x, self.scale if s is None else s, self.zero_point, self.spec.bits)
 
 
 IM2COL_MAX_BYTES = 64 << 20
@@ -185,7 +189,7 @@ class Model:
                 q = self._quant_spec(spec.quant)
                 kernel = spec.weight_shape[2:] if spec.op == ops.CONV else (1, 1)
                 cin = spec.weight_shape[1] * spec.group if spec.op == ops.CONV else spec.depth
-                common = dict(bits=q.bits, zero_point=q.zero_point or 0, scale=q.scale or 1.0,
+                common = dict(bits=q.bits, zero_point=q.zero_point or 0, scale=spec.scale or q.scale or 1.0,
                               act_min=spec.act_min, act_max=spec.act_max)
                 try:
                     step.kernel = native.PackedConv(
@@ -251,9 +255,9 @@ class Model:
         if patch:
             act, n, oh, ow = qz.packed_im2col(spec)
             return kernel.run(act, n, oh, ow, isa=self.isa, threads=self.threads,
-                              scale=qz.scale, zero_point=qz.zero_point)
+                              scale=spec.scale or qz.scale, zero_point=qz.zero_point)
         y = kernel.run(qz.packed(groups, axis), *args, isa=self.isa, threads=self.threads,
-                       scale=qz.scale, zero_point=qz.zero_point)
+                       scale=spec.scale or qz.scale, zero_point=qz.zero_point)
         return y if oshape is None else y.reshape(oshape)
 
     def _layer_plan(self, step: Step, xin: np.ndarray):

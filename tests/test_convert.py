@@ -201,8 +201,16 @@ def test_calibration_stores_the_quantizer_parameters_in_the_file(cnn, tmp_path, 
     m = onnx.load(tmp_path / "out.onnx")
     assert custom_nodes(m, "BinQuantize") and not custom_nodes(m, "BinQuantizeDynamic")
     for q in custom_nodes(m, "BinQuantize"):
-        assert initializer(m, q.input[1]).dtype == np.float32 and initializer(m, q.input[1]) > 0
+        assert initializer(m, q.input[1]).dtype == np.float32 and np.all(initializer(m, q.input[1]) > 0)
         assert initializer(m, q.input[2]).dtype == np.uint8
+
+
+@pytest.mark.parametrize("act_scales, shape", [("channel", (3, 1, 1)), ("tensor", (1,))])
+def test_act_scales_choose_one_step_per_input_channel_or_one_per_tensor(cnn, tmp_path, images, act_scales, shape):
+    convert(cnn, tmp_path / "out.onnx", calib=images, act_scales=act_scales)
+    m = onnx.load(tmp_path / "out.onnx")
+    first = next(q for q in custom_nodes(m, "BinQuantize") if q.input[0] == m.graph.input[0].name)
+    assert initializer(m, first.input[1]).shape == shape  # the image has 3 channels
 
 
 # ---------------------------------------------------------------- BatchNorm

@@ -398,7 +398,7 @@ def test_c_layer_rejects_inconsistent_parameters_with_einval():
     assert lib.bd_act_words(p) == 1
     p.oh = 2  # does not match the formula
     assert lib.bd_act_words(p) == 0
-    assert lib.bd_quantize_pack(ffi.NULL, 1, 1, 1, 1, 1.0, 0, 1, 0, ffi.NULL, 1) == lib.BD_EINVAL
+    assert lib.bd_quantize_pack(ffi.NULL, 1, 1, 1, 1, 1.0, ffi.NULL, 0, 1, 0, ffi.NULL, 1) == lib.BD_EINVAL
     assert lib.bd_popcount_peak(99, 0.01) == 0.0
 
 
