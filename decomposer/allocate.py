@@ -3,7 +3,8 @@
 Cost of a layer is MACs·k·Q (AND+popcount work); the budget is the MAC-weighted mean k·Q.
 Error of a layer at (k, Q) is its relative output error on calibration patches — weight-only
 bases for k, the layer's own calibrated quantizer for Q, bias corrected — computed from Gram
-statistics so the whole k × Q grid costs one Gram matrix per Q. The allocation minimises the sum
+statistics so the whole k × Q grid costs one Gram matrix per Q — times the layer's measured
+sensitivity (how much of it reaches the network's output, `sensitivity`). The allocation minimises the sum
 of the layers' errors for a given budget by Lagrangian relaxation (each layer independently picks
 argmin err + λ·cost; λ bisected to meet the budget).
 """
@@ -106,6 +107,22 @@ def mac_weighted_kq(layers: list[LayerCosts], choice: list[tuple[int, int]]) -> 
 
 BUDGETS = (2, 3, 4, 5, 6, 8, 9, 10, 12, 16, 20, 25, 30, 36, 49, 64)
 EVAL_IMAGES = 64
+SENSITIVITY_IMAGES = 16
+PROBE = (2, 4)  # (k, Q) a layer is put at, alone, to measure how its error reaches the output
+
+
+def sensitivity(reference: list[np.ndarray], outputs: list[np.ndarray], layer_error: float | None) -> float:
+    """How much of a layer's own relative output error reaches the network's output: relative
+    squared error of the outputs when only this layer is decomposed (at PROBE), divided by that
+    layer's relative squared output error on its calibration patches. Multiplying the layer's
+    error grid by it makes the allocation's Σ err an estimate of the *network's* output error
+    (errors of different layers add up about linearly when small), instead of counting an early
+    layer's 1 % the same as a last layer's 1 %."""
+    num = sum(float(np.square(a.astype(np.float64) - b).sum()) for a, b in zip(reference, outputs))
+    den = sum(float(np.square(a.astype(np.float64)).sum()) for a in reference)
+    if not layer_error or den == 0:
+        return 1.0
+    return (num / den) / layer_error ** 2
 
 
 def agreement(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:

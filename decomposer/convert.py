@@ -212,14 +212,24 @@ def _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, im
                 err[allocate.K_CHOICES.index(s.k), allocate.Q_CHOICES.index(max(s.q, 2))] = 0.0
             costs.append(allocate.LayerCosts(L.name, L.macs, err))
             bar.update(1)
+    eval_images = images[:: max(1, len(images) // allocate.EVAL_IMAGES)][: allocate.EVAL_IMAGES]
+    xs = [x for x, _ in datasets.iter_batches(eval_images, recipe, batch_size=1)]
+    ref = calibrate.first_outputs(model, xs, threads)
+    weights = {}
+    with _progress(len(free), "measuring sensitivity", progress) as bar:
+        for i in free:
+            L = chosen[i][0]
+            qp = qparams_for(L, allocate.PROBE[1])
+            dec, L2, layer_err = fit_layer(L, allocate.PROBE[0], qp, samplers[L.name], "weight", True)
+            out = calibrate.first_outputs(rewrite.rewrite(model, [rewrite.Plan(L2, dec, allocate.PROBE[1], qp)]),
+                                          xs[: allocate.SENSITIVITY_IMAGES], threads)
+            weights[L.name] = allocate.sensitivity(ref[: allocate.SENSITIVITY_IMAGES], out, layer_err)
+            costs[i].err = costs[i].err * weights[L.name]
+            bar.update(1)
     if budget is not None:
         choice = [fixed.get(i, c) for i, c in enumerate(allocate.allocate(costs, budget))]
         search = {"budget": budget}
     else:
-        eval_images = images[:: max(1, len(images) // allocate.EVAL_IMAGES)][: allocate.EVAL_IMAGES]
-        xs = [x for x, _ in datasets.iter_batches(eval_images, recipe, batch_size=1)]
-        ref = calibrate.first_outputs(model, xs, threads)
-
         def evaluate(ch):
             plans = []
             for (L, _), (k, q) in zip(chosen, ch):
@@ -233,6 +243,7 @@ def _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, im
         choice, tried = allocate.search_budget(costs, fixed, target_drop, evaluate)
         search = {"target_drop": target_drop, "tried": tried, "eval_images": len(xs)}
     search["mac_weighted_kq"] = allocate.mac_weighted_kq(costs, choice)
+    search["sensitivity"] = {name: round(float(w), 6) for name, w in weights.items()}
     new = [(L, LayerSetting(k, q, False)) for (L, _), (k, q) in zip(chosen, choice)]
     return new, search
 

@@ -76,6 +76,22 @@ def test_allocation_gives_the_cheap_sensitive_layer_more_bits_than_the_big_robus
     assert choice[0][0] * choice[0][1] > choice[1][0] * choice[1][1]
 
 
+def test_sensitivity_is_the_output_error_per_unit_of_layer_error():
+    rng = np.random.default_rng(0)
+    ref = [rng.standard_normal((1, 10)) for _ in range(4)]
+    noisy = [r + 0.1 * rng.standard_normal(r.shape) for r in ref]
+    out_err = sum(np.square(r - n).sum() for r, n in zip(ref, noisy)) / sum(np.square(r).sum() for r in ref)
+    assert allocate.sensitivity(ref, noisy, layer_error=0.2) == pytest.approx(out_err / 0.04)
+    assert allocate.sensitivity(ref, ref, layer_error=0.2) == 0.0
+
+
+def test_convert_with_a_budget_records_each_layers_measured_sensitivity(cnn, images, tmp_path):
+    report = convert(cnn, tmp_path / "s.onnx", calib=images, budget=9)
+    sens = report.allocation["sensitivity"]
+    assert set(sens) == {r.name for r in report.layers}
+    assert all(np.isfinite(v) and v >= 0 for v in sens.values()) and any(v > 0 for v in sens.values())
+
+
 def test_agreement_counts_pixels_for_dense_outputs():
     a = np.zeros((1, 3, 2, 2)); a[0, 1] = 1
     b = a.copy(); b[0, 2, 0, 0] = 5
