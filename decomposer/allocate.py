@@ -139,8 +139,8 @@ def search_budget(costs: list[LayerCosts], fixed: dict[int, tuple[int, int]], ta
                   evaluate) -> tuple[list[tuple[int, int]], list[dict]]:
     """Smallest budget in BUDGETS whose allocation keeps calibration agreement ≥ 1 − drop/100.
 
-    `evaluate(choice) -> agreement` builds and runs the candidate (weight-only bases, so the final
-    data-aware fit can only do better). Bisection over the sorted budgets: agreement grows with
+    `evaluate(choice) -> agreement` builds and runs the candidate (weight-only bases with bias
+    correction, so the final data-aware fit can only do better). Bisection over the sorted budgets: agreement grows with
     the budget in practice; the largest budget is taken if none qualifies."""
     tried: list[dict] = []
 

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from bdecomp.decomposer import allocate, calibrate, decompose, fold, load, rewrite, simplify
+from bdecomp.decomposer import allocate, calibrate, decompose, load, rewrite, simplify
 from bdecomp.decomposer.fit import fit_layer
 from bdecomp.decomposer.config import SKIPPED, LayerSetting, load_layer_config
 from bdecomp.decomposer.report import LayerRow, Report
@@ -230,14 +230,19 @@ def _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, im
         choice = [fixed.get(i, c) for i, c in enumerate(allocate.allocate(costs, budget))]
         search = {"budget": budget}
     else:
+        fitted: dict[tuple[str, int, int], rewrite.Plan] = {}
+
         def evaluate(ch):
+            """Agreement of a candidate built with weight-only bases + bias correction (the final
+            data-aware fit can only do better; without the bias correction low-Q candidates look
+            far worse than they end up)."""
             plans = []
             for (L, _), (k, q) in zip(chosen, ch):
-                qp = qparams_for(L, q)
-                Lf = fold.fold_layer(L, qp)
-                dec = (decomps[L.name][k] if L.name in decomps and Lf is L
-                       else decompose.decompose(Lf.weight, k))
-                plans.append(rewrite.Plan(Lf, dec, q, qp))
+                if (L.name, k, q) not in fitted:
+                    qp = qparams_for(L, q)
+                    dec, L2, _ = fit_layer(L, k, qp, samplers.get(L.name), "weight", True)
+                    fitted[L.name, k, q] = rewrite.Plan(L2, dec, q, qp)
+                plans.append(fitted[L.name, k, q])
             return allocate.agreement(ref, calibrate.first_outputs(rewrite.rewrite(model, plans), xs, threads))
 
         choice, tried = allocate.search_budget(costs, fixed, target_drop, evaluate)
