@@ -12,6 +12,8 @@ from bdecomp.decomposer import calibrate, decompose, fold
 from bdecomp.decomposer.rewrite import Layer
 
 DATA_AWARE_MAX_DEPTH = 4608  # Gram matrices beyond this (FC layers) cost more than they return
+DATA_AWARE_MAX_FLOPS = 2e11  # D²·Cout·k per sweep: beyond this (e.g. VGG's 4096×4096 fc7, ~3 min) the
+# layer keeps its weight-only bases (+ bias correction)
 
 
 def fit_layer(L: Layer, k: int, qp: calibrate.QParams | None, sampler: calibrate.PatchSampler | None,
@@ -40,7 +42,7 @@ def fit_layer(L: Layer, k: int, qp: calibrate.QParams | None, sampler: calibrate
         G = (Xh.T @ Xh).astype(np.float64) / len(X)
         T = (Xh.T @ Y).astype(np.float64) / len(X)
         gdec = decompose.Decomposition(codes[rows], coeffs[rows], k)
-        if method == "data" and L.depth <= DATA_AWARE_MAX_DEPTH:
+        if method == "data" and L.depth <= DATA_AWARE_MAX_DEPTH and L.depth ** 2 * cout_g * k <= DATA_AWARE_MAX_FLOPS:
             gdec = decompose.decompose_data_aware(W, k, G, T, init=gdec)
             codes[rows], coeffs[rows] = gdec.codes, gdec.coeffs
         Yh = Xh @ gdec.reconstruct().T.astype(np.float32)
