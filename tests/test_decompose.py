@@ -131,3 +131,18 @@ def test_plus_one_bits_times_the_scales_rebuild_the_reconstruction(k):
     m = 2.0 * bits - 1.0
     rebuilt = np.einsum("ok,okd->od", d.coeffs.astype(np.float64), m)
     np.testing.assert_allclose(rebuilt, d.reconstruct(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("block", [1, 7, 64])
+def test_blocked_coordinate_descent_visits_rows_exactly_like_the_row_by_row_sweep(block):
+    from bdecomp.decomposer.decompose import _codes_data_aware, _coeffs_data_aware
+
+    rng = np.random.default_rng(5)
+    X = np.maximum(rng.standard_normal((600, 90)), 0)
+    W = rng.standard_normal((12, 90))
+    G, T = X.T @ X / len(X), X.T @ (X @ W.T) / len(X)
+    start = decompose(W, 3)
+    coeffs = _coeffs_data_aware(start.codes, 3, G, T)
+    row_by_row = _codes_data_aware(start.codes, coeffs, 3, G, T, block=1)
+    np.testing.assert_array_equal(_codes_data_aware(start.codes, coeffs, 3, G, T, block=block), row_by_row)
+    assert not np.array_equal(row_by_row, start.codes)  # the sweep did move codes
