@@ -51,6 +51,7 @@ class LayerSpec:
     act_max: float = np.inf
     fused: list[str] = field(default_factory=list)  # names of fused activation nodes
     scale: float | None = None  # the layer's own constant step; None: its quantizer's
+
     @property
     def k(self) -> int:
         return self.basis.shape[1]

@@ -209,6 +209,17 @@ def test_native_backend_matches_the_oracle_with_default_conversion_options(conve
     assert_same_outputs(got, ref, layer_steps(path, x))
 
 
+@pytest.mark.parametrize("name", ["first_layer_5x5", "grouped", "gemm_plain", "concat"])
+def test_one_step_per_tensor_files_still_match_the_oracle(tmp_path, name):
+    src = save_model(make_model(*pattern(name), ["N", 3, H, W]), tmp_path / f"{name}.onnx")
+    out = tmp_path / f"{name}.bd.onnx"
+    bdecomp.convert(src, out, bases=3, act_bits=4, calib=make_images(tmp_path / "calib", 3, (H, W)),
+                    act_scales="tensor", progress=False, **FAST_FIT)
+    x = batch(name)
+    assert_same_outputs(bdecomp.load(out, backend="native").run(x), bdecomp.load(out, backend="onnxruntime").run(x),
+                        layer_steps(out, x))
+
+
 @pytest.mark.parametrize("name, act, bounds", [("relu_after_conv", "relu", (0.0, np.inf)),
                                                ("clip06_after_conv", "clip", (0.0, 6.0))])
 def test_relu_and_clip_after_a_layer_are_fused_into_the_native_layer(converted, name, act, bounds):
