@@ -39,10 +39,10 @@ def fit_layer(L: Layer, k: int, qp: calibrate.QParams | None, sampler: calibrate
         rows = slice(g * cout_g, (g + 1) * cout_g)
         X, Xh, W = P[:, g, :], Ph[:, g, :], L.weight[rows]
         Y = X @ W.T.astype(np.float32)  # float outputs on the calibration patches (sgemm: fast enough)
-        G = (Xh.T @ Xh).astype(np.float64) / len(X)
-        T = (Xh.T @ Y).astype(np.float64) / len(X)
         gdec = decompose.Decomposition(codes[rows], coeffs[rows], k)
         if method == "data" and L.depth <= DATA_AWARE_MAX_DEPTH and L.depth ** 2 * cout_g * k <= DATA_AWARE_MAX_FLOPS:
+            G = (Xh.T @ Xh).astype(np.float64) / len(X)  # D × D: only built where it is used
+            T = (Xh.T @ Y).astype(np.float64) / len(X)
             gdec = decompose.decompose_data_aware(W, k, G, T, init=gdec)
             codes[rows], coeffs[rows] = gdec.codes, gdec.coeffs
         Yh = Xh @ gdec.reconstruct().T.astype(np.float32)
