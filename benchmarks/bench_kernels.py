@@ -34,7 +34,8 @@ class _TimedLib:
 
     def __getattr__(self, name):
         fn = getattr(self._lib, name)
-        if name not in ("bd_conv", "bd_conv_lut", "bd_quantize_pack", "bd_im2col_quantize_pack"):
+        if name not in ("bd_conv", "bd_conv_lut", "bd_conv_depthwise", "bd_quantize_pack", "bd_im2col_quantize_pack",
+                        "bd_quantize_codes"):
             return fn
         sink = self._sink
 
@@ -65,7 +66,7 @@ def profile(model: Model, x: np.ndarray, runs: int):
     rec: dict = {}
 
     def sink(what, dt):
-        key = (what, current[0]) if what in ("bd_conv", "bd_conv_lut") else (what, None)
+        key = (what, current[0]) if what in ("bd_conv", "bd_conv_lut", "bd_conv_depthwise") else (what, None)
         rec[key] = rec.get(key, 0.0) + dt
 
     orig_lib, orig_run_layer = native.lib, Model._run_layer
@@ -186,7 +187,7 @@ def main() -> None:
     print("-" * len(hdr))
     c_total = step_total = 0.0
     for r in rows:
-        c = prof.get(("bd_conv", r["name"]), 0.0) + prof.get(("bd_conv_lut", r["name"]), 0.0)
+        c = sum(prof.get((f, r["name"]), 0.0) for f in ("bd_conv", "bd_conv_lut", "bd_conv_depthwise"))
         st = prof.get(("step", r["name"]), 0.0)
         c_total += c
         step_total += st
@@ -194,7 +195,7 @@ def main() -> None:
         print(f"{r['name'][:28]:<28} {r['geo'][:34]:<34} {r['k']:>2} {r['q']:>2} {r['family']:>8} "
               f"{c * 1e3:7.3f} {st * 1e3:7.3f} {rate / 1e9:7.1f} {100 * rate / peak:5.1f}%")
     total = prof[("total", None)]
-    qp = prof.get(("bd_quantize_pack", None), 0.0) + prof.get(("bd_im2col_quantize_pack", None), 0.0)
+    qp = sum(prof.get((f, None), 0.0) for f in ("bd_quantize_pack", "bd_im2col_quantize_pack", "bd_quantize_codes"))
     ort_t = prof.get(("ort", None), 0.0)
     all_bitops = sum(r["bitops"] for r in rows)
     print("-" * len(hdr))

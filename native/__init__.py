@@ -49,6 +49,8 @@ __all__ = [
     "im2col_quantize_pack",
     "words_per_group",
     "PackedConv",
+    "DepthwiseConv",
+    "quantize_codes",
     "popcount_peak",
 ]
 
@@ -692,6 +694,69 @@ class PackedConv:
             self._keep = (self.wpacked, self.wlut, self.tap_sums, self.coeffs, self.bias)
         wptr = self._wlut_ptr if use_lut else self._wpacked_ptr
         return (p, use_lut, wptr, oshape, act_shape, int(act_size), nthreads, isa_id)
+
+
+def quantize_codes(x: np.ndarray, *, scale: float, zero_point: int, bits: int, channel_scales=None,
+                   threads: int | None = None) -> np.ndarray:
+    """uint8 codes of float activations x [N, C, *spatial] (same shape): exactly the codes
+    quantize_pack packs (same arguments, channel axis 1), for the depthwise kernel."""
+    if not isinstance(x, np.ndarray) or x.ndim < 2 or x.size == 0:
+        raise ValueError(f"x must be a non-empty float32 array [N, C, ...], got {getattr(x, 'shape', type(x).__name__)}")
+    x = _float32_c(x)
+    _, bits, zero_point, scale_v = _quant_args(bits, zero_point, scale, False)
+    outer, channels = int(x.shape[0]), int(x.shape[1])
+    inner = int(math.prod(x.shape[2:]))
+    cs = _channel_scales(channel_scales, channels)
+    codes = np.empty(x.shape, dtype=np.uint8)
+    rc = lib.bd_quantize_codes(ffi.from_buffer("float[]", x), outer, channels, inner, scale_v,
+                               ffi.NULL if cs is None else ffi.from_buffer("float[]", cs), zero_point, bits,
+                               ffi.from_buffer("uint8_t[]", codes), _threads(threads))
+    _check_status(rc, "bd_quantize_codes")
+    return codes
+
+
+class DepthwiseConv(PackedConv):
+    """A depthwise decomposed convolution (groups = cin = cout, affine quantizer) run straight
+    from activation codes (``quantize_codes``) by bd_conv_depthwise: bit planes of one channel
+    would waste almost every bit of each 64-bit word.  Same constructor as PackedConv; results
+    (accumulators and float outputs) are bit-identical to PackedConv.run on the packed codes."""
+
+    def __init__(self, basis: np.ndarray, coeffs: np.ndarray, bias: np.ndarray | None, **kw):
+        super().__init__(basis, coeffs, bias, **kw)
+        if self.sign or not (self.groups == self.cin == self.cout):
+            raise ValueError("DepthwiseConv needs groups = cin = cout and an affine (not sign) quantizer")
+        taps = self.kernel[0] * self.kernel[1]
+        bits = np.unpackbits(basis, axis=-1, bitorder="little")[..., :taps]
+        self.basis_pm = np.ascontiguousarray(2 * bits.astype(np.int8) - 1)  # [cout, k, KH·KW] ±1
+        self._dw_ptrs = (ffi.cast("const int8_t *", ffi.from_buffer(self.basis_pm)),
+                         ffi.cast("const float *", ffi.from_buffer(self.coeffs)),
+                         ffi.NULL if self.bias is None else ffi.cast("const float *", ffi.from_buffer(self.bias)))
+        self._dw_keep = (self.basis_pm, self.coeffs, self.bias)
+
+    def family(self, isa: str | None = None) -> str:
+        return "depthwise"
+
+    def run_codes(self, codes: np.ndarray, *, threads: int | None = None, scale: float | None = None,
+                  zero_point: int | None = None, return_acc: bool = False):
+        """float32 [n, cout, oh, ow] (plus int32 A [n, oh, ow, cout, k] if ``return_acc``) from
+        codes uint8 [n, cin, h, w]."""
+        if type(codes) is not np.ndarray or codes.dtype != np.uint8 or codes.ndim != 4 \
+                or not codes.flags.c_contiguous or codes.shape[1] != self.cin:
+            raise ValueError(f"codes must be C-contiguous uint8 [N, {self.cin}, H, W], got "
+                             f"{getattr(codes, 'dtype', type(codes).__name__)} {getattr(codes, 'shape', '')}")
+        n, _, h, w = (int(d) for d in codes.shape)
+        scale_v = self.scale if scale is None else _scale(scale)
+        zp = self.zero_point if zero_point is None else _int_in("zero_point", zero_point, 0, 2**self.bits - 1)
+        oshape = self.output_shape(n, h, w)
+        p = self._params(n, h, w, scale_v, zp)
+        out = np.empty(oshape, dtype=np.float32)
+        acc = np.empty((n, oshape[2], oshape[3], self.cout, self.k), np.int32) if return_acc else None
+        wptr, cptr, bptr = self._dw_ptrs
+        rc = lib.bd_conv_depthwise(p, ffi.from_buffer("uint8_t[]", codes), wptr, cptr, bptr,
+                                   ffi.from_buffer("float[]", out),
+                                   ffi.NULL if acc is None else ffi.from_buffer("int32_t[]", acc), _threads(threads))
+        _check_status(rc, "bd_conv_depthwise")
+        return (out, acc) if return_acc else out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -151,6 +151,20 @@ int64_t bd_im2col_words(const bd_conv_params *p);
 int bd_im2col_quantize_pack(const float *x, const bd_conv_params *p, const float *channel_scales,
                             uint64_t *act, int32_t nthreads);
 
+/* Depthwise convolutions (groups = C = Cout, affine mode) straight from activation codes
+ * (native/depthwise.c): bit planes of a single channel would leave each 64-bit word almost empty.
+ *   bd_quantize_codes: codes uint8 in the layout of x (element (o, c, i) at (o·channels + c)·inner
+ *     + i), the same codes bd_quantize_pack packs; channel_scales as there (NULL: `scale`).
+ *   bd_conv_depthwise: codes uint8 [N][C][H][W], basis_pm int8 ±1 [C][k][KH·KW] (the file's basis
+ *     bits unpacked, tap t = ky·KW + kx); same A_j, float outputs and acc layout as bd_conv, bit
+ *     for bit.  Uses the geometry, bits, zero_point, scale, k and clamp of `p`. */
+int bd_quantize_codes(const float *x, int64_t outer, int64_t channels, int64_t inner, float scale,
+                      const float *channel_scales, int32_t zero_point, int32_t bits, uint8_t *codes,
+                      int32_t nthreads);
+int bd_conv_depthwise(const bd_conv_params *p, const uint8_t *codes, const int8_t *basis_pm,
+                      const float *coeffs, const float *bias, float *out, int32_t *acc,
+                      int32_t nthreads);
+
 /* Threads: a call whose work is below a per-function threshold runs on one thread (a wake-up
  * costs more); BDECOMP_MIN_PARALLEL_WORK=<integer ≥ 0> in the environment overrides that
  * threshold (0: always use the requested threads, as the tests do).  Results never depend on it.

@@ -65,6 +65,12 @@ int bd_lut_supported(const bd_conv_params *p, int32_t isa);
 int bd_conv_lut(const bd_conv_params *p, const uint64_t *act, const uint8_t *wlut,
                 const int32_t *tap_sums, const float *coeffs, const float *bias, float *out,
                 int32_t *acc, int32_t isa, int32_t nthreads);
+int bd_quantize_codes(const float *x, int64_t outer, int64_t channels, int64_t inner, float scale,
+                      const float *channel_scales, int32_t zero_point, int32_t bits, uint8_t *codes,
+                      int32_t nthreads);
+int bd_conv_depthwise(const bd_conv_params *p, const uint8_t *codes, const int8_t *basis_pm,
+                      const float *coeffs, const float *bias, float *out, int32_t *acc,
+                      int32_t nthreads);
 """
 
 SOURCES = sorted(os.path.basename(f) for f in glob.glob(os.path.join(HERE, "*.c")))

@@ -56,6 +56,11 @@ int bd_im2col_pack_impl(const float *x, const bd_conv_params *p, const float *ch
 int bd_check_channel_scales(const float *channel_scales, int64_t n);
 int64_t bd_min_parallel_work(int64_t dflt);
 
+/* depthwise.c: the depthwise kernel (parameters validated by bd_conv_depthwise). */
+int bd_depthwise_impl(const bd_conv_params *p, const uint8_t *codes, const int8_t *basis_pm,
+                      const float *coeffs, const float *bias, float *out, int32_t *acc,
+                      int32_t nthreads);
+
 /* Monotonic wall clock in seconds (for bd_popcount_peak). */
 double bd_now_seconds(void);
 

@@ -216,6 +216,51 @@ int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t in
     return BD_OK;
 }
 
+/* bd_quantize_codes: the codes themselves, uint8 in the layout of x (for the depthwise kernel),
+ * by the same code_of / codes_avx2 arithmetic as the bit planes above. */
+int bd_quantize_codes(const float *x, int64_t outer, int64_t channels, int64_t inner, float scale,
+                      const float *channel_scales, int32_t zero_point, int32_t bits, uint8_t *codes,
+                      int32_t nthreads)
+{
+    if (!x || !codes || outer <= 0 || channels <= 0 || inner <= 0) return BD_EINVAL;
+    if (bits < 1 || bits > 8 || zero_point < 0 || zero_point > (1 << bits) - 1) return BD_EINVAL;
+    if (!(isfinite(scale) && scale > 0.0f)) return BD_EINVAL;
+    if (bd_check_channel_scales(channel_scales, channels) != BD_OK) return BD_EINVAL;
+    int64_t rows, total;
+    if (__builtin_mul_overflow(outer, channels, &rows) || __builtin_mul_overflow(rows, inner, &total) ||
+        total > BD_MAX_WORDS)
+        return BD_EINVAL;
+    const int32_t qmax = (1 << bits) - 1;
+    if (nthreads <= 0) nthreads = 1;
+    if (nthreads > BD_MAX_THREADS) nthreads = BD_MAX_THREADS;
+    if (total < bd_min_parallel_work(1 << 18) && nthreads > 1) nthreads = 1;
+#if defined(__x86_64__) || defined(__i386__)
+    const int avx2 = bd_isa_supported(BD_ISA_AVX2);
+#endif
+#pragma omp parallel num_threads(nthreads)
+    {
+        int32_t tmp[256];
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; ++r) {
+            const float s = channel_scales ? channel_scales[r % channels] : scale;
+            for (int64_t i0 = 0; i0 < inner; i0 += 256) {
+                const int64_t ni = (inner - i0) < 256 ? (inner - i0) : 256;
+                const float *row = x + r * inner + i0;
+                uint8_t *cr = codes + r * inner + i0;
+#if defined(__x86_64__) || defined(__i386__)
+                if (avx2) {
+                    codes_avx2(row, ni, s, zero_point, qmax, 0, tmp);
+                    for (int64_t i = 0; i < ni; ++i) cr[i] = (uint8_t)tmp[i];
+                    continue;
+                }
+#endif
+                for (int64_t i = 0; i < ni; ++i) cr[i] = (uint8_t)code_of(row[i], s, zero_point, qmax, 0);
+            }
+        }
+    }
+    return BD_OK;
+}
+
 /* ---------------------------------------------------------------------------------------------
  * bd_im2col_quantize_pack (validated by select_kernel.c): the packed patches of a 1×1-equivalent
  * convolution.  Pass 1 quantizes the whole input once into code bytes (the same code_of /

@@ -271,6 +271,23 @@ int bd_conv(const bd_conv_params *p, const uint64_t *act, const uint64_t *wpacke
     return bd_kernels[isa].conv(p, &gm, act, wpacked, tap_sums, coeffs, bias, out, acc, nthreads);
 }
 
+int bd_conv_depthwise(const bd_conv_params *p, const uint8_t *codes, const int8_t *basis_pm,
+                      const float *coeffs, const float *bias, float *out, int32_t *acc,
+                      int32_t nthreads)
+{
+    bd_geom gm;
+    if (validate_conv(p, &gm) != BD_OK || !codes || !basis_pm || !coeffs || !out) return BD_EINVAL;
+    if (p->sign || p->groups != p->c || p->cout != p->c) return BD_EINVAL;
+    for (int64_t i = 0; i < p->cout * (int64_t)p->k; ++i)
+        if (!isfinite(coeffs[i])) return BD_EINVAL;
+    if (bias)
+        for (int64_t i = 0; i < p->cout; ++i)
+            if (!isfinite(bias[i])) return BD_EINVAL;
+    const int64_t in[4] = {p->n, p->c, p->h, p->w};
+    if (checked_prod(in, 4) < 0) return BD_EINVAL;
+    return bd_depthwise_impl(p, codes, basis_pm, coeffs, bias, out, acc, nthreads);
+}
+
 int32_t bd_conv_threads(const bd_conv_params *p, int32_t nthreads)
 {
     bd_geom gm;

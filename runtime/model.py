@@ -80,6 +80,16 @@ class _Quantized:
                 bits=self.spec.bits, threads=self.threads, channel_scales=self.spec.channel_scales)
         return self._packed[key]
 
+    def native_codes(self) -> np.ndarray:
+        """uint8 codes of x (NCHW), for the depthwise kernel; computed once."""
+        from bdecomp import native
+
+        if "codes" not in self._packed:
+            self._packed["codes"] = native.quantize_codes(
+                self.x, scale=self.scale, zero_point=self.zero_point, bits=self.spec.bits,
+                channel_scales=self.spec.channel_scales, threads=self.threads)
+        return self._packed["codes"]
+
     def codes(self) -> np.ndarray:
         from bdecomp.runtime.reference import quantize
 
@@ -191,13 +201,14 @@ class Model:
                 cin = spec.weight_shape[1] * spec.group if spec.op == ops.CONV else spec.depth
                 common = dict(bits=q.bits, zero_point=q.zero_point or 0, scale=spec.scale or q.scale or 1.0,
                               act_min=spec.act_min, act_max=spec.act_max)
+                depthwise = spec.op == ops.CONV and spec.group == cin == spec.basis.shape[0] > 1
                 try:
-                    step.kernel = native.PackedConv(
+                    step.kernel = (native.DepthwiseConv if depthwise else native.PackedConv)(
                         spec.basis, spec.coeffs, spec.bias, cin=cin, groups=spec.group, kernel=kernel,
                         strides=spec.strides, pads=spec.pads, dilations=spec.dilations, **common)
                     step.patch_kernel = (native.PackedConv(spec.basis, spec.coeffs, spec.bias, cin=spec.depth,
                                                            groups=1, kernel=(1, 1), **common)
-                                         if use_im2col(spec) else None)
+                                         if use_im2col(spec) and not depthwise else None)
                     step.plans = {}
                 except ValueError as e:
                     raise DecomposedModelError(f"malformed decomposed node {spec.name!r}: {e}") from None
@@ -252,6 +263,9 @@ class Model:
                 step.plans.clear()
             step.plans[xin.shape] = plan
         kernel, patch, args, groups, axis, oshape = plan
+        if groups == -1:  # depthwise: straight from the codes
+            return kernel.run_codes(qz.native_codes(), threads=self.threads, scale=spec.scale or qz.scale,
+                                    zero_point=qz.zero_point)
         if patch:
             act, n, oh, ow = qz.packed_im2col(spec)
             return kernel.run(act, n, oh, ow, isa=self.isa, threads=self.threads,
@@ -272,6 +286,10 @@ class Model:
             if step.patch_kernel is not None and im2col_bytes(xin, step) <= IM2COL_MAX_BYTES \
                     and prefer_im2col(step.kernel, step.patch_kernel, self.isa):
                 return step.patch_kernel, True, None, 1, 1, None
+            from bdecomp import native
+
+            if isinstance(step.kernel, native.DepthwiseConv):
+                return step.kernel, False, (n, h, w), -1, 1, None
             return step.kernel, False, (n, h, w), spec.group, 1, None
         if xin.ndim < 2 or xin.shape[-1] != spec.depth:
             raise ModelError(f"layer {spec.name}: input of shape {list(xin.shape)}, expected [..., {spec.depth}]")
