@@ -199,20 +199,20 @@ def _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, im
     """Choose (k, Q) per layer; returns the new `chosen` list and what the search saw."""
     free = [i for i, (L, _) in enumerate(chosen) if not cfg.overridden((L.name, L.output))]
     fixed = {i: (s.k, s.q) for i, (_, s) in enumerate(chosen) if i not in free}
-    decomps: dict[str, dict[int, decompose.Decomposition]] = {}
     costs = []
     with _progress(len(chosen), "measuring layers", progress) as bar:
         for i, (L, s) in enumerate(chosen):
             if i in free:
-                decomps[L.name] = {k: decompose.decompose(L.weight, k) for k in allocate.K_CHOICES}
+                decomps = {k: decompose.decompose(L.weight, k) for k in allocate.K_CHOICES}
                 err = allocate.layer_errors(L.weight, L.group, samplers[L.name], lambda q, L=L: qparams_for(L, q),
-                                            decomps[L.name])
+                                            decomps)
             else:
                 err = np.full((len(allocate.K_CHOICES), len(allocate.Q_CHOICES)), np.inf)
                 err[allocate.K_CHOICES.index(s.k), allocate.Q_CHOICES.index(max(s.q, 2))] = 0.0
             costs.append(allocate.LayerCosts(L.name, L.macs, err))
             bar.update(1)
-    eval_images = images[:: max(1, len(images) // allocate.EVAL_IMAGES)][: allocate.EVAL_IMAGES]
+    n_eval = allocate.SENSITIVITY_IMAGES if budget is not None else allocate.EVAL_IMAGES
+    eval_images = images[:: max(1, len(images) // n_eval)][:n_eval]
     xs = [x for x, _ in datasets.iter_batches(eval_images, recipe, batch_size=1)]
     ref = calibrate.first_outputs(model, xs, threads)
     weights = {}
