@@ -4,17 +4,16 @@ Cost of a layer is MACs·k·Q (AND+popcount work); the budget is the MAC-weighte
 Error of a layer at (k, Q) is its relative output error on calibration patches — weight-only
 bases for k, the layer's own calibrated quantizer for Q, bias corrected — computed from Gram
 statistics so the whole k × Q grid costs one Gram matrix per Q — times the layer's measured
-sensitivity (how much of it reaches the network's output, `sensitivity`). The allocation minimises the sum
-of the layers' errors for a given budget by Lagrangian relaxation (each layer independently picks
+sensitivity (how much of it reaches the network's output, `sensitivity`). The allocation
+minimises the sum of the layers' errors for a given budget by Lagrangian relaxation (each layer independently picks
 argmin err + λ·cost; λ bisected to meet the budget).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
-
-from typing import Callable
 
 from bdecomp.decomposer import calibrate, decompose, fold
 
@@ -140,8 +139,9 @@ def search_budget(costs: list[LayerCosts], fixed: dict[int, tuple[int, int]], ta
     """Smallest budget in BUDGETS whose allocation keeps calibration agreement ≥ 1 − drop/100.
 
     `evaluate(choice) -> agreement` builds and runs the candidate (weight-only bases with bias
-    correction, so the final data-aware fit can only do better). Bisection over the sorted budgets: agreement grows with
-    the budget in practice; the largest budget is taken if none qualifies."""
+    correction, so the final data-aware fit can only do better). Bisection over the sorted
+    budgets: agreement grows with the budget in practice; the largest budget is taken if none
+    qualifies."""
     tried: list[dict] = []
 
     def choice_for(b: float) -> list[tuple[int, int]]:

@@ -21,7 +21,7 @@ def fit_layer(L: Layer, k: int, qp: calibrate.QParams | None, sampler: calibrate
     """Decompose one layer; with calibration patches, fit to its output (method "data") and/or
     correct its bias. Returns (decomposition, layer with the corrected bias, relative output error
     on the calibration patches or None). With a per-channel quantizer the returned layer is the
-    folded one (fold.py): its weight, the decomposition and the bias are in code units.
+    folded one (fold.py): its weight and the decomposition are in code units.
 
     Fitting to the float output from the *decomposed* network's inputs (a second calibration pass)
     was tried: least squares on noisy inputs shrinks the scales and the errors compound (ResNet-20
