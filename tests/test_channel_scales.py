@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 native = pytest.importorskip("bdecomp.native", reason="native kernels not built")
 from bdecomp.runtime import reference as ref  # noqa: E402  (conv_acc / unpack_basis, read only)
 
-from test_kernels import ISAS, SETTINGS, make_conv, pack_codes, reference_acc, small_case  # noqa: E402
+from test_kernels import (ISAS, SETTINGS, draw_geometry, make_conv, pack_codes, reference_acc,  # noqa: E402
+                          small_case)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -232,22 +233,15 @@ def test_plan_cache_never_reuses_the_plan_of_other_channel_scales():
 @st.composite
 def patch_cases(draw):
     c = draw(st.sampled_from([1, 3, 5, 16, 17, 70]))
-    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
-    pads = tuple(draw(st.integers(0, 3)) for _ in range(4))
-    min_h = max(1, dh * (kh - 1) + 1 - pads[0] - pads[2])
-    min_w = max(1, dw * (kw - 1) + 1 - pads[1] - pads[3])
-    h = draw(st.integers(min_h, max(min_h, 9)))
-    w = draw(st.integers(min_w, max(min_w, 9)))
-    n = draw(st.integers(1, 2))
+    g = draw_geometry(draw)
+    n, h, w = g["n"], g["h"], g["w"]
     bits = draw(st.integers(1, 8))
     zp = draw(st.integers(0, 2**bits - 1))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     s = spread_scales(rng, c)
     x = channel_data(rng, (n, c, h, w), s, bits, 1)
-    return dict(x=x, kernel=(kh, kw), strides=(sh, sw), dilations=(dh, dw), pads=pads, bits=bits,
-                zero_point=zp, channel_scales=s, scale=float(np.float32(rng.uniform(0.01, 1.0))))
+    return dict(x=x, kernel=g["kernel"], strides=g["strides"], dilations=g["dilations"], pads=g["pads"],
+                bits=bits, zero_point=zp, channel_scales=s, scale=float(np.float32(rng.uniform(0.01, 1.0))))
 
 
 def _im2col_pack(a, **extra):

@@ -10,24 +10,19 @@ from hypothesis import strategies as st
 from bdecomp import native
 from bdecomp.runtime import reference as ref
 
-from test_kernels import ISAS, SETTINGS, make_conv, pack_nchw, random_basis, reference_acc
+from test_kernels import ISAS, SETTINGS, draw_geometry, make_conv, pack_nchw, random_basis, reference_acc
 
 
 @st.composite
 def depthwise_cases(draw):
     c = draw(st.integers(1, 24))
-    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
-    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
-    pads = tuple(draw(st.integers(0, 3)) for _ in range(4))
-    min_h = max(1, dh * (kh - 1) + 1 - pads[0] - pads[2])
-    min_w = max(1, dw * (kw - 1) + 1 - pads[1] - pads[3])
-    h, w = draw(st.integers(min_h, min_h + 9)), draw(st.integers(min_w, min_w + 9))
-    n, k, bits = draw(st.integers(1, 2)), draw(st.integers(1, 8)), draw(st.integers(1, 8))
+    g = draw_geometry(draw, kmax=5, size=14)
+    n, h, w, (kh, kw) = g["n"], g["h"], g["w"], g["kernel"]
+    k, bits = draw(st.integers(1, 8)), draw(st.integers(1, 8))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     depth = kh * kw
-    return dict(n=n, c=c, h=h, w=w, groups=c, cout=c, kernel=(kh, kw), strides=(sh, sw), pads=pads,
-                dilations=(dh, dw), k=k, bits=bits, zero_point=int(rng.integers(0, 2**bits)), sign=False,
+    return dict(n=n, c=c, h=h, w=w, groups=c, cout=c, kernel=g["kernel"], strides=g["strides"], pads=g["pads"],
+                dilations=g["dilations"], k=k, bits=bits, zero_point=int(rng.integers(0, 2**bits)), sign=False,
                 scale=float(np.float32(rng.uniform(0.01, 2.0))),
                 codes=rng.integers(0, 2**bits, (n, c, h, w)).astype(np.uint8),
                 basis=random_basis(rng, c, k, depth), coeffs=rng.standard_normal((c, k)).astype(np.float32),

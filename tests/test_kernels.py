@@ -53,6 +53,19 @@ def random_basis(rng, cout, k, depth) -> np.ndarray:
     return np.packbits(signs, axis=-1, bitorder="little")
 
 
+def draw_geometry(draw, kmax: int = 4, dmax: int = 2, size: int = 9) -> dict:
+    """kernel, strides, dilations, pads and an input n × h × w the dilated kernel fits."""
+    kh, kw = draw(st.integers(1, kmax)), draw(st.integers(1, kmax))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dh, dw = draw(st.integers(1, dmax)), draw(st.integers(1, dmax))
+    pads = tuple(draw(st.integers(0, 3)) for _ in range(4))
+    min_h = max(1, dh * (kh - 1) + 1 - pads[0] - pads[2])
+    min_w = max(1, dw * (kw - 1) + 1 - pads[1] - pads[3])
+    return dict(kernel=(kh, kw), strides=(sh, sw), dilations=(dh, dw), pads=pads,
+                h=draw(st.integers(min_h, max(min_h, size))), w=draw(st.integers(min_w, max(min_w, size))),
+                n=draw(st.integers(1, 2)))
+
+
 @st.composite
 def conv_cases(draw):
     """A random but valid binary convolution: shapes, geometry, quantization, data."""
@@ -67,15 +80,8 @@ def conv_cases(draw):
         c = draw(st.integers(1, 40))
         groups = c
     cout = groups * draw(st.integers(1, 3 if mode != "dense" else 6))
-    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
-    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    dh, dw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    pads = tuple(draw(st.integers(0, 3)) for _ in range(4))
-    min_h = max(1, dh * (kh - 1) + 1 - pads[0] - pads[2])
-    min_w = max(1, dw * (kw - 1) + 1 - pads[1] - pads[3])
-    h = draw(st.integers(min_h, max(min_h, 9)))
-    w = draw(st.integers(min_w, max(min_w, 9)))
-    n = draw(st.integers(1, 2))
+    g = draw_geometry(draw, kmax=5, dmax=3)
+    n, h, w, (kh, kw) = g["n"], g["h"], g["w"], g["kernel"]
     k = draw(st.integers(1, 8))
     sign = draw(st.integers(0, 3)) == 0
     bits = 1 if sign else draw(st.integers(1, 8))
@@ -84,8 +90,8 @@ def conv_cases(draw):
     rng = np.random.default_rng(seed)
     depth = c // groups * kh * kw
     return dict(
-        n=n, c=c, h=h, w=w, groups=groups, cout=cout, kernel=(kh, kw), strides=(sh, sw),
-        pads=pads, dilations=(dh, dw), k=k, bits=bits, zero_point=zero_point, sign=sign,
+        n=n, c=c, h=h, w=w, groups=groups, cout=cout, kernel=(kh, kw), strides=g["strides"],
+        pads=g["pads"], dilations=g["dilations"], k=k, bits=bits, zero_point=zero_point, sign=sign,
         scale=float(np.float32(rng.uniform(0.01, 2.0))),
         codes=rng.integers(0, 2**bits, (n, c, h, w)).astype(np.uint8),
         basis=random_basis(rng, cout, k, depth),
@@ -504,15 +510,8 @@ def test_kernel_family_env_and_argument(monkeypatch):
 @st.composite
 def patch_cases(draw):
     c = draw(st.sampled_from([1, 3, 5, 16, 17, 70]))
-    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
-    pads = tuple(draw(st.integers(0, 3)) for _ in range(4))
-    min_h = max(1, dh * (kh - 1) + 1 - pads[0] - pads[2])
-    min_w = max(1, dw * (kw - 1) + 1 - pads[1] - pads[3])
-    h = draw(st.integers(min_h, max(min_h, 9)))
-    w = draw(st.integers(min_w, max(min_w, 9)))
-    n = draw(st.integers(1, 2))
+    g = draw_geometry(draw)
+    n, h, w = g["n"], g["h"], g["w"]
     sign = draw(st.integers(0, 4)) == 0
     bits = 1 if sign else draw(st.integers(1, 8))
     zp = 0 if sign else draw(st.integers(0, 2**bits - 1))
@@ -522,8 +521,8 @@ def patch_cases(draw):
     flat = x.reshape(-1)
     m = min(flat.size, 4)
     flat[rng.choice(flat.size, m, replace=False)] = np.array([0.5, -2.5, np.nan, 1.5], np.float32)[:m] * np.float32(scale)
-    return dict(x=x, kernel=(kh, kw), strides=(sh, sw), dilations=(dh, dw), pads=pads, bits=bits,
-                zero_point=zp, sign=sign, scale=scale)
+    return dict(x=x, kernel=g["kernel"], strides=g["strides"], dilations=g["dilations"], pads=g["pads"],
+                bits=bits, zero_point=zp, sign=sign, scale=scale)
 
 
 def reference_patch_codes(a) -> np.ndarray:
