@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 native = pytest.importorskip("bdecomp.native", reason="native kernels not built")
 from bdecomp.runtime import reference as ref  # noqa: E402  (conv_acc / unpack_basis, read only)
 
-from test_kernels import (ISAS, SETTINGS, draw_geometry, make_conv, pack_codes, reference_acc,  # noqa: E402
-                          small_case)
+from test_kernels import (ISAS, SETTINGS, draw_geometry, make_conv, pack_codes, patches,  # noqa: E402
+                          reference_acc, small_case)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -44,21 +44,6 @@ def per_channel_codes(x, channel_scales, zero_point, bits, channel_axis) -> np.n
     return np.clip(t + zero_point, 0, 2**bits - 1).astype(np.uint8)
 
 
-def patches(a: np.ndarray, pad_value, kernel, strides, dilations, pads) -> np.ndarray:
-    """im2col of a [N, C, H, W] (codes or floats): [N·OH·OW, C·KH·KW] in (c, ky, kx) order, taps
-    in the padding set to pad_value."""
-    (kh, kw), (sh, sw), (dh, dw), (pt, pl, pb, pr) = kernel, strides, dilations, pads
-    n, c, h, w = a.shape
-    padded = np.full((n, c, h + pt + pb, w + pl + pr), pad_value, a.dtype)
-    padded[:, :, pt:pt + h, pl:pl + w] = a
-    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
-    out = np.empty((n, oh, ow, c, kh, kw), a.dtype)
-    for ky in range(kh):
-        for kx in range(kw):
-            win = padded[:, :, ky * dh: ky * dh + sh * (oh - 1) + 1: sh, kx * dw: kx * dw + sw * (ow - 1) + 1: sw]
-            out[:, :, :, :, ky, kx] = win.transpose(0, 2, 3, 1)
-    return out.reshape(n * oh * ow, c * kh * kw)
 
 
 def spread_scales(rng, c) -> np.ndarray:

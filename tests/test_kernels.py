@@ -525,22 +525,28 @@ def patch_cases(draw):
                 bits=bits, zero_point=zp, sign=sign, scale=scale)
 
 
-def reference_patch_codes(a) -> np.ndarray:
-    """[pixels, C·KH·KW] codes of every patch in (c, ky, kx) order, padding = the code of 0.0."""
-    codes = ref.quantize(a["x"], a["scale"], a["zero_point"], a["bits"], a["sign"])
-    pad_code = ref.quantize(np.zeros((1, 1), np.float32), a["scale"], a["zero_point"], a["bits"], a["sign"])[0, 0]
-    (kh, kw), (sh, sw), (dh, dw), (pt, pl, pb, pr) = a["kernel"], a["strides"], a["dilations"], a["pads"]
-    n, c, h, w = codes.shape
-    padded = np.full((n, c, h + pt + pb, w + pl + pr), pad_code, np.uint8)
-    padded[:, :, pt:pt + h, pl:pl + w] = codes
+def patches(a: np.ndarray, pad_value, kernel, strides, dilations, pads) -> np.ndarray:
+    """im2col of a [N, C, H, W] (codes or floats): [N·OH·OW, C·KH·KW] in (c, ky, kx) order, taps
+    in the padding set to pad_value."""
+    (kh, kw), (sh, sw), (dh, dw), (pt, pl, pb, pr) = kernel, strides, dilations, pads
+    n, c, h, w = a.shape
+    padded = np.full((n, c, h + pt + pb, w + pl + pr), pad_value, a.dtype)
+    padded[:, :, pt:pt + h, pl:pl + w] = a
     oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
     ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
-    out = np.empty((n, oh, ow, c, kh, kw), np.uint8)
+    out = np.empty((n, oh, ow, c, kh, kw), a.dtype)
     for ky in range(kh):
         for kx in range(kw):
             win = padded[:, :, ky * dh: ky * dh + sh * (oh - 1) + 1: sh, kx * dw: kx * dw + sw * (ow - 1) + 1: sw]
             out[:, :, :, :, ky, kx] = win.transpose(0, 2, 3, 1)
     return out.reshape(n * oh * ow, c * kh * kw)
+
+
+def reference_patch_codes(a) -> np.ndarray:
+    """[pixels, C·KH·KW] codes of every patch in (c, ky, kx) order, padding = the code of 0.0."""
+    codes = ref.quantize(a["x"], a["scale"], a["zero_point"], a["bits"], a["sign"])
+    pad_code = ref.quantize(np.zeros((1, 1), np.float32), a["scale"], a["zero_point"], a["bits"], a["sign"])[0, 0]
+    return patches(codes, pad_code, a["kernel"], a["strides"], a["dilations"], a["pads"])
 
 
 @SETTINGS
