@@ -88,9 +88,9 @@ def main() -> None:
               help="calibration images used (evenly spread over the sorted folder)")
 @click.option("--range", "range_method", type=click.Choice(["mse", "minmax"]), default="mse", show_default=True,
               help="how calibrated ranges are chosen")
-@click.option("--act-scales", type=click.Choice(["channel", "tensor"]), default="channel", show_default=True,
-              help="calibrated activation steps: one per input channel (folded into the weights) or one "
-                   "per tensor")
+@click.option("--act-scales", type=click.Choice(["auto", "channel", "tensor"]), default="auto", show_default=True,
+              help="calibrated activation steps: one per input channel (folded into the weights), one per "
+                   "tensor, or auto: per channel for Q <= 4 and depthwise inputs, per tensor elsewhere")
 @click.option("--method", type=click.Choice(["data", "weight"]), default="data", show_default=True,
               help="data: fit bases to each layer's output on calibration patches; weight: the original "
                    "weight-only fit (always used without --calib)")

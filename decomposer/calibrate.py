@@ -229,6 +229,7 @@ def collect_stats(model: onnx.ModelProto, tensors: list[str], batches: Iterable[
     sess = _session(model, inner, threads)
     input_name = sess.get_inputs()[0].name
     rng = np.random.default_rng(seed)
+    channel_rng = np.random.default_rng(seed + 1)  # its own stream: tensor samples do not depend on it
     stats = {t: TensorStats() for t in tensors}
     for x in batches:
         values = dict(zip(inner, sess.run(inner, {input_name: x}))) if inner else {}
@@ -236,7 +237,7 @@ def collect_stats(model: onnx.ModelProto, tensors: list[str], batches: Iterable[
         for t in tensors:
             stats[t].update(np.asarray(values[t], np.float32), rng)
         for (t, _), cs in channel_stats.items():
-            cs.update(np.asarray(values[t], np.float32), rng)
+            cs.update(np.asarray(values[t], np.float32), channel_rng)
         for sp in samplers or ():
             sp.update(np.asarray(values[sp.tensor], np.float32))
         if on_batch:

@@ -205,9 +205,10 @@ def test_calibration_stores_the_quantizer_parameters_in_the_file(cnn, tmp_path, 
         assert initializer(m, q.input[2]).dtype == np.uint8
 
 
-@pytest.mark.parametrize("act_scales, shape", [("channel", (3, 1, 1)), ("tensor", (1,))])
-def test_act_scales_choose_one_step_per_input_channel_or_one_per_tensor(cnn, tmp_path, images, act_scales, shape):
-    convert(cnn, tmp_path / "out.onnx", calib=images, act_scales=act_scales)
+@pytest.mark.parametrize("act_scales, q, shape", [("channel", 8, (3, 1, 1)), ("tensor", 4, (1,)),
+                                                  ("auto", 8, (1,)), ("auto", 4, (3, 1, 1))])
+def test_act_scales_choose_one_step_per_input_channel_or_one_per_tensor(cnn, tmp_path, images, act_scales, q, shape):
+    convert(cnn, tmp_path / "out.onnx", calib=images, act_scales=act_scales, act_bits=q)
     m = onnx.load(tmp_path / "out.onnx")
     first = next(q for q in custom_nodes(m, "BinQuantize") if q.input[0] == m.graph.input[0].name)
     assert initializer(m, first.input[1]).shape == shape  # the image has 3 channels
