@@ -100,6 +100,7 @@ class _Quantized:
 
 
 IM2COL_MAX_BYTES = 64 << 20
+_DEPTHWISE = -1  # the "groups" of a layer plan run by the depthwise kernel (straight from codes)
 MAX_OUTPUT_ELEMS = 1 << 30  # one native layer's output (4 GiB of float32): refused before allocating
 
 
@@ -263,15 +264,15 @@ class Model:
                 step.plans.clear()
             step.plans[xin.shape] = plan
         kernel, patch, args, groups, axis, oshape = plan
-        if groups == -1:  # depthwise: straight from the codes
-            return kernel.run_codes(qz.native_codes(), threads=self.threads, scale=spec.scale or qz.scale,
-                                    zero_point=qz.zero_point)
+        scale = spec.scale or qz.scale  # the layer's own step (weights carrying per-channel steps) or its quantizer's
+        if groups == _DEPTHWISE:
+            return kernel.run_codes(qz.native_codes(), threads=self.threads, scale=scale, zero_point=qz.zero_point)
         if patch:
             act, n, oh, ow = qz.packed_im2col(spec)
-            return kernel.run(act, n, oh, ow, isa=self.isa, threads=self.threads,
-                              scale=spec.scale or qz.scale, zero_point=qz.zero_point)
-        y = kernel.run(qz.packed(groups, axis), *args, isa=self.isa, threads=self.threads,
-                       scale=spec.scale or qz.scale, zero_point=qz.zero_point)
+            return kernel.run(act, n, oh, ow, isa=self.isa, threads=self.threads, scale=scale,
+                              zero_point=qz.zero_point)
+        y = kernel.run(qz.packed(groups, axis), *args, isa=self.isa, threads=self.threads, scale=scale,
+                       zero_point=qz.zero_point)
         return y if oshape is None else y.reshape(oshape)
 
     def _layer_plan(self, step: Step, xin: np.ndarray):
@@ -289,7 +290,7 @@ class Model:
             from bdecomp import native
 
             if isinstance(step.kernel, native.DepthwiseConv):
-                return step.kernel, False, (n, h, w), -1, 1, None
+                return step.kernel, False, (n, h, w), _DEPTHWISE, 1, None
             return step.kernel, False, (n, h, w), spec.group, 1, None
         if xin.ndim < 2 or xin.shape[-1] != spec.depth:
             raise ModelError(f"layer {spec.name}: input of shape {list(xin.shape)}, expected [..., {spec.depth}]")
