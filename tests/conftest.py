@@ -2,10 +2,11 @@
 ONNX models and calibration images (every op pattern in milliseconds, no downloads)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -130,3 +131,16 @@ def make_images(folder: str | Path, n: int = 4, size: tuple[int, int] = (16, 16)
 def calib_dir(tmp_path) -> Path:
     """Four 16×16 PNG calibration images."""
     return make_images(tmp_path / "calib", 4, (16, 16))
+
+
+def write_to_terminal_report(request, lines: Callable[[], list[str]]) -> None:
+    """Write lines() to pytest's terminal report, outside output capture (so a module's summary is
+    shown without -s); nothing when lines() is empty."""
+    tr = request.config.pluginmanager.getplugin("terminalreporter")
+    text = lines() if tr is not None else []
+    if not text:
+        return
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+        for line in text:
+            tr.write_line(line)

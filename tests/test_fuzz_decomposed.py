@@ -9,7 +9,6 @@ C sees it. A watchdog (faulthandler) turns a hang into a failure with a tracebac
 from __future__ import annotations
 
 import collections
-import contextlib
 import faulthandler
 import os
 from pathlib import Path
@@ -26,7 +25,7 @@ from hypothesis import strategies as st  # noqa: E402
 import bdecomp  # noqa: E402
 from bdecomp.errors import BdecompError  # noqa: E402
 
-from conftest import conv_node, make_images, make_model, weights  # noqa: E402
+from conftest import conv_node, make_images, make_model, weights, write_to_terminal_report  # noqa: E402
 
 DOMAIN = "ai.bdecomp"
 CASE_TIMEOUT_S = 60  # one case (load + two runs of an 8×8 model) takes ~10 ms
@@ -43,23 +42,20 @@ COUNTS: collections.Counter = collections.Counter()
 def _summary(request):
     """Print the case counts per category at the end of the module (shown without -s)."""
     yield
-    tr = request.config.pluginmanager.getplugin("terminalreporter")
-    if tr is None or not COUNTS:
-        return
-    capman = request.config.pluginmanager.getplugin("capturemanager")
-    with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
-        _write_summary(tr)
+    write_to_terminal_report(request, _summary_lines)
 
 
-def _write_summary(tr) -> None:
+def _summary_lines() -> list[str]:
+    if not COUNTS:
+        return []
     cats = sorted({k.split(":")[0] for k in COUNTS if ":" in k})
-    tr.write_line("")
-    tr.write_line("fuzz_decomposed: malformed cases per category (rejected with BdecompError / ran):")
+    lines = ["", "fuzz_decomposed: malformed cases per category (rejected with BdecompError / ran):"]
     for c in cats:
-        tr.write_line(f"  {c:<10} {COUNTS[c + ':rejected']:>5} rejected {COUNTS[c + ':ran']:>5} ran")
-    tr.write_line(f"  total      {sum(v for k, v in COUNTS.items() if ':' in k):>5} cases, 0 crashes, 0 hangs")
+        lines.append(f"  {c:<10} {COUNTS[c + ':rejected']:>5} rejected {COUNTS[c + ':ran']:>5} ran")
+    lines.append(f"  total      {sum(v for k, v in COUNTS.items() if ':' in k):>5} cases, 0 crashes, 0 hangs")
     kinds = sorted((k, v) for k, v in COUNTS.items() if ":" not in k)
-    tr.write_line("  mutation kinds: " + ", ".join(f"{k} {v}" for k, v in kinds))
+    lines.append("  mutation kinds: " + ", ".join(f"{k} {v}" for k, v in kinds))
+    return lines
 
 
 def _tiny_source(path: Path) -> Path:

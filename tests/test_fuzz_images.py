@@ -5,7 +5,6 @@ PNG/JPEG/BMP/GIF/TIFF/WebP, every PIL mode, odd sizes, headers claiming huge dim
 from __future__ import annotations
 
 import collections
-import contextlib
 import faulthandler
 import io
 import struct
@@ -25,6 +24,7 @@ from bdecomp.errors import ImageError, InputFileError  # noqa: E402
 from bdecomp.models import images as images_mod  # noqa: E402
 from bdecomp.models import load_image, preprocess  # noqa: E402
 from bdecomp.models.preprocess import Recipe  # noqa: E402
+from conftest import write_to_terminal_report  # noqa: E402
 
 SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 COUNTS: collections.Counter = collections.Counter()
@@ -38,13 +38,8 @@ FORMATS = ["PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM"]
 @pytest.fixture(scope="module", autouse=True)
 def _summary(request):
     yield
-    tr = request.config.pluginmanager.getplugin("terminalreporter")
-    if tr is None or not COUNTS:
-        return
-    capman = request.config.pluginmanager.getplugin("capturemanager")
-    with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
-        tr.write_line("")
-        tr.write_line("fuzz_images: " + ", ".join(f"{k} {v}" for k, v in sorted(COUNTS.items())))
+    write_to_terminal_report(request, lambda: ["", "fuzz_images: " + ", ".join(
+        f"{k} {v}" for k, v in sorted(COUNTS.items()))] if COUNTS else [])
 
 
 @pytest.fixture(scope="module")
