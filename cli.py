@@ -99,20 +99,23 @@ def main() -> None:
 @click.option("--budget", type=float, help="choose k and Q per layer for this MAC-weighted mean k*Q (needs --calib)")
 @click.option("--target-drop", type=float, help="choose k and Q per layer for the smallest budget that keeps top-1 "
               "agreement with the original on the calibration images within this many points (needs --calib)")
+@click.option("--min-depth", default=64, show_default=True, type=click.IntRange(0),
+              help="layers with fewer weights per output (D = Cg*KH*KW) stay float: less than one 64-bit "
+                   "word per output is slower than float (0: decompose every layer)")
 @click.option("--layer-config", type=click.Path(path_type=Path), help="per-layer k/q/skip (JSON or TOML)")
 @click.option("--report", type=click.Path(path_type=Path), help="write the conversion report as JSON")
 @click.option("--threads", type=int, help="onnxruntime threads during calibration")
 @click.option("--quiet", is_flag=True, help="no progress bars and no table")
 @_recipe_options
 def convert(model, output, bases, act_bits, calib, calib_limit, range_method, act_scales, method, bias_correction, budget,
-            target_drop, layer_config, report, threads, quiet, **kw):
+            target_drop, min_depth, layer_config, report, threads, quiet, **kw):
     """Decompose MODEL into binary bases + quantized inputs; writes a standard ONNX file."""
     from bdecomp.decomposer.convert import convert as run_convert
 
     rep = run_convert(model, output, bases=bases, act_bits=act_bits, calib=calib, calib_limit=calib_limit,
                       layer_config=layer_config, range_method=range_method, act_scales=act_scales, method=method,
                       bias_correction=bias_correction, budget=budget, target_drop=target_drop,
-                      recipe_overrides=_overrides(kw),
+                      min_depth=min_depth, recipe_overrides=_overrides(kw),
                       progress=not quiet, report_path=report, threads=threads)
     if not quiet:
         click.echo(rep.table())

@@ -284,7 +284,7 @@ def test_converted_builder_models_run_natively_like_the_onnxruntime_oracle(tmp_p
     src = tmp_path / f"{name}.onnx"
     save_model(build(name, **kw), src)
     out = tmp_path / f"{name}.bd.onnx"
-    rep = bdecomp.convert(src, out, bases=4, act_bits=4, progress=False)
+    rep = bdecomp.convert(src, out, bases=4, act_bits=4, progress=False, min_depth=0)
     assert len(rep.layers) == sum(1 for n in onnx.load(src).graph.node if n.op_type in ("Conv", "Gemm"))
     x = np.random.default_rng(8).standard_normal(shape).astype(np.float32)
     native_y = bdecomp.load(out).run(x)[0]

@@ -35,7 +35,7 @@ def _classifier(tmp: Path, n_classes: int = 4) -> tuple[Path, Path]:
     orig = save_model(make_model(nodes, inits, [1, 3, 16, 16]), tmp / "cls.onnx")
     calib = make_images(tmp / "calib", 6, (16, 16), seed=5)
     dec = tmp / "cls.bd.onnx"
-    bdecomp.convert(orig, dec, bases=4, act_bits=8, calib=calib, progress=False)
+    bdecomp.convert(orig, dec, bases=4, act_bits=8, calib=calib, progress=False, min_depth=0)
     return orig, dec
 
 
@@ -49,7 +49,7 @@ def _segmenter(tmp: Path) -> tuple[Path, Path]:
     orig = save_model(make_model(nodes, inits, [1, 3, 16, 16]), tmp / "seg.onnx")
     calib = make_images(tmp / "calib", 6, (16, 16), seed=5)
     dec = tmp / "seg.bd.onnx"
-    bdecomp.convert(orig, dec, bases=6, act_bits=8, calib=calib, progress=False)
+    bdecomp.convert(orig, dec, bases=6, act_bits=8, calib=calib, progress=False, min_depth=0)
     return orig, dec
 
 

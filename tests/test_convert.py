@@ -81,6 +81,7 @@ def images(tmp_path):
 
 def convert(src, out, **kw):
     kw.setdefault("progress", False)
+    kw.setdefault("min_depth", 0)  # these tiny models have narrow layers; they are what is tested
     return bdecomp.convert(src, out, **kw)
 
 
@@ -299,3 +300,31 @@ def test_report_fed_back_as_layer_config_keeps_a_skipped_layer_float(cnn, tmp_pa
     convert(cnn, tmp_path / "a.onnx", layer_config=cfg, report_path=tmp_path / "report.json")
     convert(cnn, tmp_path / "b.onnx", layer_config=tmp_path / "report.json")
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_layers_with_fewer_than_min_depth_weights_per_output_stay_float_by_default(tmp_path):
+    src = save_model(small_cnn(), tmp_path / "model.onnx")  # conv1 D = 27, conv2 D = 144, fc D = 32
+    report = bdecomp.convert(src, tmp_path / "out.onnx", bases=4, act_bits=4, progress=False)
+    assert layer_settings(tmp_path / "out.onnx") == {"conv2": (4, 4)}
+    reasons = {f["name"]: f["reason"] for f in report.float_layers}
+    assert set(reasons) == {"conv1", "fc"} and "D = 27 < --min-depth 64" in reasons["conv1"]
+    m = onnx.load(tmp_path / "out.onnx")
+    assert [n.op_type for n in m.graph.node if n.name in ("conv1", "fc")] == ["Conv", "Gemm"]
+
+
+def test_min_depth_zero_decomposes_every_layer(cnn, tmp_path):
+    convert(cnn, tmp_path / "out.onnx", bases=4, act_bits=4, min_depth=0)
+    assert set(layer_settings(tmp_path / "out.onnx")) == {"conv1", "conv2", "fc"}
+
+
+def test_a_layer_config_giving_k_decomposes_a_narrow_layer_anyway(cnn, tmp_path):
+    cfg = tmp_path / "layers.json"
+    cfg.write_text(json.dumps({"layers": {"conv1": {"k": 2}}}))
+    convert(cnn, tmp_path / "out.onnx", bases=4, act_bits=4, layer_config=cfg, min_depth=64)
+    assert layer_settings(tmp_path / "out.onnx") == {"conv1": (2, 4), "conv2": (4, 4)}
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, "64"])
+def test_min_depth_must_be_a_non_negative_integer(cnn, tmp_path, bad):
+    with pytest.raises(ConfigError, match="min-depth"):
+        convert(cnn, tmp_path / "out.onnx", min_depth=bad)

@@ -94,7 +94,7 @@ def custom_op_model(tmp_path_factory) -> Path:
 
 
 def test_convert_without_calibration_leaves_an_unknown_op_alone(tmp_path, custom_op_model):
-    rep = bdecomp.convert(custom_op_model, tmp_path / "c.bd.onnx", bases=2, act_bits=2, progress=False)
+    rep = bdecomp.convert(custom_op_model, tmp_path / "c.bd.onnx", bases=2, act_bits=2, progress=False, min_depth=0)
     assert [r.name for r in rep.layers] and (tmp_path / "c.bd.onnx").exists()
     out = onnx.load(str(tmp_path / "c.bd.onnx"))
     assert any(n.op_type == "Weird" and n.domain == "com.example" for n in out.graph.node)
@@ -102,7 +102,8 @@ def test_convert_without_calibration_leaves_an_unknown_op_alone(tmp_path, custom
 
 def test_convert_with_calibration_of_an_unrunnable_model_fails_in_one_line(tmp_path, custom_op_model):
     calib = make_images(tmp_path / "calib", 1, (8, 8))
-    res = _run("convert", custom_op_model, "-o", tmp_path / "o.onnx", "--quiet", "--calib", calib, "-k", "2")
+    res = _run("convert", custom_op_model, "-o", tmp_path / "o.onnx", "--quiet", "--calib", calib, "-k", "2",
+               "--min-depth", "0")
     _assert_one_line_error(res, 4, "Weird")
 
 
@@ -123,7 +124,7 @@ def decomposed(tmp_path_factory) -> tuple[Path, Path]:
     src.write_bytes(m.SerializeToString())
     calib = make_images(d / "calib", 2, (8, 8))
     out = d / "src.bd.onnx"
-    bdecomp.convert(src, out, bases=2, act_bits=3, calib=calib, progress=False)
+    bdecomp.convert(src, out, bases=2, act_bits=3, calib=calib, progress=False, min_depth=0)
     img = d / "img.png"
     Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(img)
     return out, img

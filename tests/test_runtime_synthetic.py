@@ -168,7 +168,7 @@ def converted(tmp_path_factory):
             if not src.exists():
                 save_model(make_model(*pattern(name), ["N", 3, H, W]), src)
             out = root / f"{name}-k{k}q{q}-{'cal' if calibrated else 'dyn'}{'-fast' if fast else ''}.bd.onnx"
-            bdecomp.convert(src, out, bases=k, act_bits=q, calib=calib if calibrated else None, progress=False,
+            bdecomp.convert(src, out, bases=k, act_bits=q, calib=calib if calibrated else None, progress=False, min_depth=0,
                             **(FAST_FIT if fast and calibrated else {}))
             cache[key] = out
         return cache[key]
@@ -214,7 +214,7 @@ def test_one_step_per_tensor_files_still_match_the_oracle(tmp_path, name):
     src = save_model(make_model(*pattern(name), ["N", 3, H, W]), tmp_path / f"{name}.onnx")
     out = tmp_path / f"{name}.bd.onnx"
     bdecomp.convert(src, out, bases=3, act_bits=4, calib=make_images(tmp_path / "calib", 3, (H, W)),
-                    act_scales="tensor", progress=False, **FAST_FIT)
+                    act_scales="tensor", progress=False, min_depth=0, **FAST_FIT)
     x = batch(name)
     assert_same_outputs(bdecomp.load(out, backend="native").run(x), bdecomp.load(out, backend="onnxruntime").run(x),
                         layer_steps(out, x))
