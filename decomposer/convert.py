@@ -138,9 +138,9 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     for L in layers:
         s = cfg.setting((L.name, L.output))
         if s.skip:
-            float_layers.append({"name": L.name, "op": L.op, "reason": SKIPPED})
+            float_layers.append({"name": L.name, "op": L.op, "reason": SKIPPED, "macs": L.macs})
         elif L.depth < min_depth and not cfg.overridden((L.name, L.output)):
-            float_layers.append({"name": L.name, "op": L.op,
+            float_layers.append({"name": L.name, "op": L.op, "macs": L.macs,
                                  "reason": f"D = {L.depth} < --min-depth {min_depth} (float is faster)"})
         else:
             chosen.append((L, s))

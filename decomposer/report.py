@@ -49,6 +49,7 @@ class Report:
             "decomposed_layers": len(self.layers),
             "float_layers": len(self.float_layers),
             "decomposed_macs": sum(r.macs for r in self.layers),
+            "float_macs": sum(f.get("macs", 0) for f in self.float_layers),  # of the layers bdecomp could decompose
             "calibration_images": self.calibration_images,
             "folded_batchnorms": self.folded_batchnorms,
             "seconds": self.seconds,
@@ -73,7 +74,9 @@ class Report:
         t = self.totals()
         ratio = f"{100 * t['size_ratio']:.1f}%" if t["size_ratio"] else "-"
         lines.append("-" * len(head))
-        lines.append(f"{len(self.layers)} layers decomposed, {len(self.float_layers)} left float; "
-                     f"MAC-weighted k*Q {t['mac_weighted_kq']:.1f}; file {self.bytes_before:,} -> "
+        macs = t["decomposed_macs"] + t["float_macs"]
+        share = f" ({100 * t['float_macs'] / macs:.1f}% of the MACs)" if t["float_macs"] and macs else ""
+        lines.append(f"{len(self.layers)} layers decomposed, {len(self.float_layers)} left float{share}; "
+                     f"MAC-weighted k*Q {t['mac_weighted_kq']:.1f} (decomposed layers); file {self.bytes_before:,} -> "
                      f"{self.bytes_after:,} bytes ({ratio}); {self.seconds:.1f} s")
         return "\n".join(lines)
