@@ -131,16 +131,12 @@ def layer_rows(model: Model, x: np.ndarray):
             kh, kw = spec.weight_shape[2:]
             geo = (f"{xin[1]}x{xin[2]}x{xin[3]}>{cout} {kh}x{kw}/{spec.strides[0]}"
                    + (f" g{spec.group}" if spec.group > 1 else ""))
-            im2col = (s.patch_kernel is not None and rm.im2col_bytes(np.empty(xin, np.float32), s) <= rm.IM2COL_MAX_BYTES
-                      and rm.prefer_im2col(s.kernel, s.patch_kernel, model.isa))
         else:
             geo = f"gemm {rows_}x{spec.depth}>{cout}"
-            im2col = False
+        _, family, im2col = s.plans[tuple(xin)][0][0]  # the way the first run measured fastest
         bitops = rows_ * spatial * cout * spec.depth * spec.k * q.bits
-        kern = s.patch_kernel if im2col else s.kernel
-        family = getattr(kern, "family", lambda: "popcount")
         rows.append(dict(name=spec.name, geo=geo + (" (im2col)" if im2col else ""), k=spec.k,
-                         q=q.bits, bitops=bitops, family=family() if callable(family) else family))
+                         q=q.bits, bitops=bitops, family=family))
     return rows
 
 

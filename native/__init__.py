@@ -536,6 +536,11 @@ class PackedConv:
         isa_id = _resolve_isa(isa)
         return "lut" if self._use_lut(isa_id, os.environ.get("BDECOMP_KERNEL", "auto")) else "popcount"
 
+    def families(self, isa: str | None = None) -> list[str]:
+        """Kernel families runnable on ``isa`` for this layer (same results, different speed)."""
+        return ["lut", "popcount"] if self.wlut is not None and _resolve_isa(isa) != lib.BD_ISA_SCALAR \
+            else ["popcount"]
+
     def _use_lut(self, isa_id: int, choice) -> bool:
         if choice not in ("auto", "lut", "popcount", "", None):
             raise ValueError(f"kernel family must be auto, lut or popcount, got {choice!r}")

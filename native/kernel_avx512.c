@@ -4,6 +4,12 @@
  *   conv_kp8_avx512  4 < k ≤ 8: broadcast one activation word, AND (XOR) it with the 8 basis
  *                    words of that (tap, word) in one __m512i, vpopcntq, add into int64 lanes.
  *   conv_kp4_avx512  k ≤ 4: the same with one __m256i (vpopcntq ymm, AVX-512VL).
+ *   block_avx512     BD_INNER_PB of conv_driver.inc: PB output pixels at once (PB = 4 for Q ≤ 4,
+ *                    else 2: ≤ 16 accumulators), one zmm of weights per (tap, word) — 8 lanes of
+ *                    one channel (k > 4) or 4 lanes of two channels (k ≤ 4) — ANDed with the
+ *                    broadcast activation words of every pixel and bit plane.  Weights are read
+ *                    once per block instead of once per pixel (conv10 of SqueezeNet: 256 KiB of
+ *                    weights per pixel, from L2), and k ≤ 4 uses full 512-bit registers.
  *
  * Structure is that of kernel_avx2.c (same pixel loop conv_driver.inc, same lane order); only
  * the counting differs: vpopcntq gives 64-bit counts directly, so there are no byte counters to
@@ -131,11 +137,127 @@ static void inner_avx512(int64_t *S, int64_t nco, int64_t w_co, const uint64_t *
         conv_kp8_avx512(S, nco, w_co, a, a_sy, a_sx, wt, w_sy, w_sx, ny, nx, wpg, Q, sign);
 }
 
+/* ---- pixel blocks (BD_INNER_PB) -------------------------------------------------------------- */
+
+#define BD_PB(Q) ((Q) <= 4 ? 4 : 2)
+
+/* One zmm of lanes for PB pixels: S[p·s_px + j] (j < 8) += Σ_b 2^b Σ popcount(m_j OP q_b(p)).
+ * m: 8 words per (tap, word) at w0 (KP = 8), or 4 words at w0 and 4 at w1 (KP = 4: two channels,
+ * lanes 0–3 channel i, 4–7 channel i + 1, which are adjacent in S). */
+static inline __attribute__((always_inline)) void
+block_lanes_avx512(int64_t *S, int64_t s_px, const uint64_t *a, int64_t a_px, int64_t a_sy,
+                   int64_t a_sx, const uint64_t *w0, const uint64_t *w1, int64_t w_sy, int64_t w_sx,
+                   int64_t ny, int64_t nx, int64_t wpg, const int Q, const int PB, const int KP,
+                   const int SIGN)
+{
+    const __m512i zero = _mm512_setzero_si512();
+    __m512i acc[4][8];
+#pragma GCC unroll 4
+    for (int p = 0; p < PB; ++p)
+#pragma GCC unroll 8
+        for (int b = 0; b < Q; ++b) acc[p][b] = zero;
+    for (int64_t y = 0; y < ny; ++y)
+        for (int64_t x = 0; x < nx; ++x) {
+            const uint64_t *at = a + y * a_sy + x * a_sx;
+            const int64_t wo = y * w_sy + x * w_sx;
+            for (int64_t w = 0; w < wpg; ++w) {
+                const __m512i m =
+                    KP == 8 ? _mm512_loadu_si512((const void *)(w0 + wo + w * 8))
+                            : _mm512_inserti64x4(
+                                  _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w0 + wo + w * 4))),
+                                  _mm256_loadu_si256((const __m256i *)(w1 + wo + w * 4)), 1);
+#pragma GCC unroll 4
+                for (int p = 0; p < PB; ++p)
+#pragma GCC unroll 8
+                    for (int b = 0; b < Q; ++b) {
+                        const __m512i q = _mm512_set1_epi64((long long)at[p * a_px + b * wpg + w]);
+                        const __m512i v = SIGN ? _mm512_xor_si512(m, q) : _mm512_and_si512(m, q);
+                        acc[p][b] = _mm512_add_epi64(acc[p][b], _mm512_popcnt_epi64(v));
+                    }
+            }
+        }
+#pragma GCC unroll 4
+    for (int p = 0; p < PB; ++p) {
+        __m512i total = zero;
+#pragma GCC unroll 8
+        for (int b = 0; b < Q; ++b) total = _mm512_add_epi64(total, _mm512_slli_epi64(acc[p][b], b));
+        _mm512_storeu_si512((void *)(S + p * s_px), total);
+    }
+}
+
+/* BD_INNER_PB for nco channels: pairs of channels (KP = 4) or single channels (KP = 8) per zmm;
+ * an odd last channel of KP = 4 pixel by pixel with the 256-bit lanes. */
+static inline __attribute__((always_inline)) void
+block_channels_avx512(int64_t *S, int64_t s_px, int64_t nco, int64_t w_co, const uint64_t *a,
+                      int64_t a_px, int64_t a_sy, int64_t a_sx, const uint64_t *wt, int64_t w_sy,
+                      int64_t w_sx, int64_t ny, int64_t nx, int64_t wpg, const int Q, const int KP,
+                      const int SIGN)
+{
+    const int PB = BD_PB(Q);
+    const int64_t step = KP == 4 ? 2 : 1;
+    int64_t i = 0;
+    for (; i + step <= nco; i += step)
+        block_lanes_avx512(S + i * KP, s_px, a, a_px, a_sy, a_sx, wt + i * w_co, wt + (i + 1) * w_co,
+                           w_sy, w_sx, ny, nx, wpg, Q, PB, KP, SIGN);
+    for (; i < nco; ++i)
+        for (int p = 0; p < PB; ++p)
+            _mm256_storeu_si256((__m256i *)(S + p * s_px + i * KP),
+                                lanes4_avx512(a + p * a_px, a_sy, a_sx, wt + i * w_co, w_sy, w_sx,
+                                              ny, nx, wpg, Q, SIGN));
+}
+
+#define BD_BLOCK_CASES(KP)                                                                         \
+    if (sign) {                                                                                    \
+        block_channels_avx512(S, s_px, nco, w_co, a, a_px, a_sy, a_sx, wt, w_sy, w_sx, ny, nx,     \
+                              wpg, 1, KP, 1);                                                      \
+        return;                                                                                    \
+    }                                                                                              \
+    switch (Q) {                                                                                   \
+    case 1: block_channels_avx512(S, s_px, nco, w_co, a, a_px, a_sy, a_sx, wt, w_sy, w_sx, ny, nx, wpg, 1, KP, 0); return; \
+    case 2: block_channels_avx512(S, s_px, nco, w_co, a, a_px, a_sy, a_sx, wt, w_sy, w_sx, ny, nx, wpg, 2, KP, 0); return; \
+    case 3: block_channels_avx512(S, s_px, nco, w_co, a, a_px, a_sy, a_sx, wt, w_sy, w_sx, ny, nx, wpg, 3, KP, 0); return; \
+    case 4: block_channels_avx512(S, s_px, nco, w_co, a, a_px, a_sy, a_sx, wt, w_sy, w_sx, ny, nx, wpg, 4, KP, 0); return; \
+    case 5: block_channels_avx512(S, s_px, nco, w_co, a, a_px, a_sy, a_sx, wt, w_sy, w_sx, ny, nx, wpg, 5, KP, 0); return; \
+    case 6: block_channels_avx512(S, s_px, nco, w_co, a, a_px, a_sy, a_sx, wt, w_sy, w_sx, ny, nx, wpg, 6, KP, 0); return; \
+    case 7: block_channels_avx512(S, s_px, nco, w_co, a, a_px, a_sy, a_sx, wt, w_sy, w_sx, ny, nx, wpg, 7, KP, 0); return; \
+    default: block_channels_avx512(S, s_px, nco, w_co, a, a_px, a_sy, a_sx, wt, w_sy, w_sx, ny, nx, wpg, 8, KP, 0); return; \
+    }
+
+static void block_kp4_avx512(int64_t *S, int64_t s_px, int64_t nco, int64_t w_co, const uint64_t *a,
+                             int64_t a_px, int64_t a_sy, int64_t a_sx, const uint64_t *wt,
+                             int64_t w_sy, int64_t w_sx, int64_t ny, int64_t nx, int64_t wpg,
+                             int32_t Q, int sign)
+{
+    BD_BLOCK_CASES(4)
+}
+
+static void block_kp8_avx512(int64_t *S, int64_t s_px, int64_t nco, int64_t w_co, const uint64_t *a,
+                             int64_t a_px, int64_t a_sy, int64_t a_sx, const uint64_t *wt,
+                             int64_t w_sy, int64_t w_sx, int64_t ny, int64_t nx, int64_t wpg,
+                             int32_t Q, int sign)
+{
+    BD_BLOCK_CASES(8)
+}
+
+static void inner_pb_avx512(int64_t *S, int64_t s_px, int64_t nco, int64_t w_co, const uint64_t *a,
+                            int64_t a_px, int64_t a_sy, int64_t a_sx, const uint64_t *wt,
+                            int64_t w_sy, int64_t w_sx, int64_t ny, int64_t nx, int64_t wpg,
+                            int32_t Q, int32_t kp, int sign)
+{
+    if (kp == 4)
+        block_kp4_avx512(S, s_px, nco, w_co, a, a_px, a_sy, a_sx, wt, w_sy, w_sx, ny, nx, wpg, Q, sign);
+    else
+        block_kp8_avx512(S, s_px, nco, w_co, a, a_px, a_sy, a_sx, wt, w_sy, w_sx, ny, nx, wpg, Q, sign);
+}
+
 #define BD_DRIVER_NAME bd_conv_avx512
+#define BD_INNER_PB inner_pb_avx512
 #define BD_INNER inner_avx512
 #include "conv_driver.inc"
 #undef BD_DRIVER_NAME
 #undef BD_INNER
+#undef BD_INNER_PB
+#undef BD_PB
 
 /* The kp8 inner step in a loop: broadcast one activation word, AND with 4 registers of 8 basis
  * words, vpopcntq, add; 4 independent chains. */

@@ -8,6 +8,8 @@ bodies (the oracle). Original (non-decomposed) models run as one onnxruntime ses
 """
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,10 @@ class _Quantized:
                 bits=self.spec.bits, threads=self.threads, channel_scales=self.spec.channel_scales)
         return self._packed[key]
 
+    def forget_im2col(self, spec: LayerSpec) -> None:
+        """Drop the cached patches of `spec` (timing the patch path includes building them)."""
+        self._packed.pop(("im2col", spec.weight_shape[2:], spec.strides, spec.pads, spec.dilations), None)
+
     def native_codes(self) -> np.ndarray:
         """uint8 codes of x (NCHW), for the depthwise kernel; computed once."""
         from bdecomp import native
@@ -113,13 +119,23 @@ def use_im2col(spec: LayerSpec, in_hw: tuple[int, int] | None = None) -> bool:
     return taps > 1 and -(-spec.depth // 64) < taps * -(-spec.weight_shape[1] // 64)
 
 
-def prefer_im2col(kernel, patch_kernel, isa: str | None) -> bool:
-    """Whether the packed-patch path beats the direct kernel.  The lookup-table kernel builds its
-    tables once per input pixel and reuses them for every tap, and its cost is per 4-channel quad,
-    not per 64-bit word: with few channels the direct kernel wastes nothing the patches would save
-    (measured 1.5-3x faster than patches on ResNet-56 and SqueezeNet 3×3 layers, even with 3 input
-    channels).  The patches pay for the popcount family (Q > 4, sign mode, scalar ISA)."""
-    return kernel.family(isa) != "lut"
+def kernel_choices(kernel, patch_kernel, isa: str | None) -> list[tuple[Any, str, bool]]:
+    """The ways a layer can run: (kernel, family, packed patches?).  Which is fastest depends on
+    the machine and the layer (AVX-512 VPOPCNTDQ popcount beats the AVX2 lookup tables on 1×1
+    layers over ≥ 128 channels; on AVX2-only machines the tables win nearly everywhere; patches
+    pay where few channels waste the bits of every word), so run() times them on the first input
+    of each shape.  The results are bit-identical; only the time differs.
+    BDECOMP_KERNEL=lut|popcount forces the family (direct convolution preferred for lut)."""
+    kernel.family(isa)  # validates BDECOMP_KERNEL
+    forced = os.environ.get("BDECOMP_KERNEL", "auto") or "auto"
+    out = [(k, fam, patch) for k, patch in ((kernel, False), (patch_kernel, True)) if k is not None
+           for fam in k.families(isa) if forced in ("auto", fam)]
+    if forced == "lut":  # the direct convolution is what a forced lut family means
+        out = [c for c in out if not c[2]]
+    return out or [(kernel, "popcount", False)]  # lut forced where there is none: as family() does
+
+
+MEASURE_RUNS = 2  # per candidate; the minimum is kept
 
 
 def dynamic_qparams(x: np.ndarray, bits: int) -> tuple[float, int]:
@@ -263,20 +279,40 @@ class Model:
             if len(step.plans) >= 16:
                 step.plans.clear()
             step.plans[xin.shape] = plan
-        kernel, patch, args, groups, axis, oshape = plan
+        choices, args, groups, axis, oshape = plan
         scale = spec.scale or qz.scale  # the layer's own step (weights carrying per-channel steps) or its quantizer's
         if groups == _DEPTHWISE:
-            return kernel.run_codes(qz.native_codes(), threads=self.threads, scale=scale, zero_point=qz.zero_point)
-        if patch:
-            act, n, oh, ow = qz.packed_im2col(spec)
-            return kernel.run(act, n, oh, ow, isa=self.isa, threads=self.threads, scale=scale,
-                              zero_point=qz.zero_point)
-        y = kernel.run(qz.packed(groups, axis), *args, isa=self.isa, threads=self.threads, scale=scale,
-                       zero_point=qz.zero_point)
+            return choices[0][0].run_codes(qz.native_codes(), threads=self.threads, scale=scale,
+                                           zero_point=qz.zero_point)
+
+        def run(choice):
+            kernel, family, patch = choice
+            if patch:
+                act, n, oh, ow = qz.packed_im2col(spec)
+                return kernel.run(act, n, oh, ow, isa=self.isa, threads=self.threads, scale=scale,
+                                  zero_point=qz.zero_point, family=family)
+            return kernel.run(qz.packed(groups, axis), *args, isa=self.isa, threads=self.threads, scale=scale,
+                              zero_point=qz.zero_point, family=family)
+
+        if len(choices) > 1:  # first input of this shape: time every way, keep the fastest
+            times = []
+            for c in choices:
+                best = float("inf")
+                for _ in range(MEASURE_RUNS):
+                    if c[2]:  # the patches are this layer's own: their packing counts
+                        qz.forget_im2col(spec)
+                    t0 = time.perf_counter()
+                    y = run(c)
+                    best = min(best, time.perf_counter() - t0)
+                times.append(best)
+            choices[:] = [choices[int(np.argmin(times))]]
+        else:
+            y = run(choices[0])
         return y if oshape is None else y.reshape(oshape)
 
     def _layer_plan(self, step: Step, xin: np.ndarray):
-        """(kernel, im2col?, (n, h, w), groups, channel axis, output reshape) for one input shape."""
+        """([(kernel, family, im2col?) candidates], (n, h, w), groups, channel axis, output reshape)
+        for one input shape; the first run keeps the fastest candidate."""
         spec: LayerSpec = step.spec
         if spec.op == ops.CONV:
             if xin.ndim != 4 or xin.shape[1] != step.kernel.cin:
@@ -284,19 +320,18 @@ class Model:
                                  f"[N, {step.kernel.cin}, H, W]")
             n, _, h, w = xin.shape
             _check_output_size(spec, step.kernel.output_shape(n, h, w))
-            if step.patch_kernel is not None and im2col_bytes(xin, step) <= IM2COL_MAX_BYTES \
-                    and prefer_im2col(step.kernel, step.patch_kernel, self.isa):
-                return step.patch_kernel, True, None, 1, 1, None
             from bdecomp import native
 
             if isinstance(step.kernel, native.DepthwiseConv):
-                return step.kernel, False, (n, h, w), _DEPTHWISE, 1, None
-            return step.kernel, False, (n, h, w), spec.group, 1, None
+                return [(step.kernel, "depthwise", False)], (n, h, w), _DEPTHWISE, 1, None
+            patch = step.patch_kernel if im2col_bytes(xin, step) <= IM2COL_MAX_BYTES else None
+            return kernel_choices(step.kernel, patch, self.isa), (n, h, w), spec.group, 1, None
         if xin.ndim < 2 or xin.shape[-1] != spec.depth:
             raise ModelError(f"layer {spec.name}: input of shape {list(xin.shape)}, expected [..., {spec.depth}]")
         rows = int(np.prod(xin.shape[:-1]))
         _check_output_size(spec, (rows, spec.basis.shape[0]))
-        return step.kernel, False, (rows, 1, 1), 1, -1, (*xin.shape[:-1], spec.basis.shape[0])
+        return (kernel_choices(step.kernel, None, self.isa), (rows, 1, 1), 1, -1,
+                (*xin.shape[:-1], spec.basis.shape[0]))
 
     # ------------------------------------------------------------------------------------ public
     def run(self, x: np.ndarray) -> list[np.ndarray]:
