@@ -175,6 +175,27 @@ def test_all_isas_give_bit_identical_float_outputs(case):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("k,cout", [(3, 5), (4, 6), (6, 3), (8, 2)])
+@pytest.mark.parametrize("geometry", [dict(kernel=(1, 1), strides=(1, 1), pads=(0, 0, 0, 0)),
+                                      dict(kernel=(3, 3), strides=(1, 2), pads=(1, 1, 1, 1)),
+                                      dict(kernel=(3, 3), strides=(1, 1), pads=(0, 2, 1, 0))])
+def test_long_rows_of_interior_pixels_give_the_reference_integers(isa, bits, k, cout, geometry):
+    """Rows wide enough for the kernels' blocks of output pixels (AVX-512 reads each weight word
+    once per block of 2-4 pixels, and k <= 4 pairs two output channels per register; odd Cout
+    leaves one channel alone), with the remainder and edge pixels one at a time."""
+    for sign in ([False, True] if bits == 1 else [False]):
+        case = small_case(c=70, h=3, w=23, k=k, cout=cout, bits=bits, sign=sign,
+                          zero_point=0 if sign else (2 ** bits - 1) // 2, **geometry)
+        conv = make_conv(case)
+        act = pack_nchw(case["codes"], 1, bits)
+        y, acc = conv.run(act, 1, 3, 23, isa=isa, threads=1, return_acc=True, family="popcount")
+        np.testing.assert_array_equal(acc, reference_acc(case))
+        y_ref = conv.run(act, 1, 3, 23, isa="scalar", threads=1)
+        assert y.tobytes() == y_ref.tobytes()
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_relu_clamp_is_applied_to_outputs(isa):
     case = small_case(c=20, cout=6, k=3)
     act = pack_nchw(case["codes"], case["groups"], case["bits"])

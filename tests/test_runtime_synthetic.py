@@ -280,3 +280,36 @@ def test_a_really_multithreaded_run_gives_bit_identical_results(converted, monke
     three = model.run(x)
     for a, b in zip(one, three):
         assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("name", ["plain", "first_layer_5x5", "gemm_plain"])
+def test_the_first_run_of_a_shape_times_the_ways_to_run_each_layer_and_keeps_one(converted, monkeypatch, name):
+    """Kernel families and the patch path are timed on the first input of each shape; the
+    survivor gives the same bytes as every forced family."""
+    monkeypatch.delenv("BDECOMP_KERNEL", raising=False)
+    path = converted(name, 3, 4, True)
+    x = batch(name)
+    model = bdecomp.load(path)
+    layers = [s for s in model._steps if s.kind == "layer"]
+    first = model.run(x)
+    for s in layers:
+        (choices, *_), = s.plans.values()
+        assert len(choices) == 1
+    for a, b in zip(first, model.run(x)):
+        assert a.tobytes() == b.tobytes()
+    for family in ("popcount", "lut"):
+        monkeypatch.setenv("BDECOMP_KERNEL", family)
+        forced = bdecomp.load(path).run(x)
+        for a, b in zip(first, forced):
+            assert a.tobytes() == b.tobytes()
+
+
+def test_a_first_layer_with_few_channels_can_run_on_packed_patches(converted):
+    """first_layer_5x5 has 3 input channels: the patch path (D = 75 bits in 2 words instead of
+    25 taps of 1 word) is one of the candidates."""
+    path = converted("first_layer_5x5", 3, 4, True)
+    model = bdecomp.load(path)
+    x = batch("first_layer_5x5")
+    first = next(s for s in model._steps if s.kind == "layer")
+    choices = model._layer_plan(first, x)[0]
+    assert any(patch for _, _, patch in choices)
