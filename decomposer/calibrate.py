@@ -172,7 +172,8 @@ def choose_channel_scales(cs: ChannelStats, base: QParams, method: str = "mse") 
     pos = hi / (qmax - z) if qmax > z else np.zeros_like(hi)
     neg = -lo / z if z > 0 else np.zeros_like(lo)
     full = np.maximum(pos, neg)
-    live = full > 0
+    # a range so small that a fraction of it underflows float32 (seen: ESPNet) counts as dead
+    live = (full * min(CHANNEL_FRACTIONS)).astype(np.float32) >= np.finfo(np.float32).tiny
     scales = np.where(live, full, base.scale)
     if method == "mse" and live.any():
         V = cs.sample()[live].astype(np.float32)

@@ -53,6 +53,16 @@ def test_channel_steps_share_the_zero_point_of_the_tensor_quantizer():
     assert q.channel_scales[0] < q.channel_scales[2]  # the narrow channel gets the finer step
 
 
+def test_a_channel_with_a_denormal_range_keeps_the_tensor_step_without_warnings():
+    x = channel_spread_activations()
+    x[:, 5] = np.float32(1e-42)  # its steps would underflow float32 to 0 (seen in ESPNet)
+    ts, cs = stats_of(x)
+    base = calibrate.choose_qparams(ts, 4)
+    with np.errstate(divide="raise", invalid="raise"):  # the RuntimeWarning users saw
+        q = calibrate.choose_channel_scales(cs, base)
+    assert q.channel_scales[5] == np.float32(base.scale)
+
+
 def test_an_always_zero_channel_keeps_the_tensor_step():
     x = channel_spread_activations()
     x[:, 3] = 0
