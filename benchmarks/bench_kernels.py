@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections import defaultdict
 
 import numpy as np
 
@@ -206,17 +205,10 @@ def main() -> None:
     if args.original:
         f = ort_fp32(args.original, args.threads)
         runners["ort_fp32"] = lambda: f(x)
-    times = defaultdict(list)
-    for name, fn in runners.items():
-        for _ in range(3):
-            fn()
-    for i in range(args.runs):
-        order = list(runners)[i % len(runners):] + list(runners)[:i % len(runners)]
-        for name in order:
-            t0 = clock()
-            runners[name]()
-            times[name].append(clock() - t0)
-    med = {n: statistics.median(t) for n, t in times.items()}
+    from bdecomp.runtime.bench import measure_latency
+
+    lat = measure_latency(runners, min_runs=args.runs, max_runs=args.runs, seconds=0.0, clock=clock)
+    med = {n: s["median_ms"] / 1e3 for n, s in lat.items()}
     line = f"end-to-end (threads={args.threads}, median of {args.runs}, interleaved): native {med['native'] * 1e3:.3f} ms"
     if "ort_fp32" in med:
         line += (f" | onnxruntime fp32 {med['ort_fp32'] * 1e3:.3f} ms | native/ort = "

@@ -241,7 +241,7 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
 #pragma omp atomic write
             failed = 1;
         }
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(static) /* contiguous rows per thread: NCHW rows of neighbouring oy share cache lines */
         for (int64_t r = 0; r < rows; ++r) {
             if (!P || !s32 || !c16) continue;
             const int64_t n = r / OH, oy = r % OH;

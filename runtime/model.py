@@ -32,6 +32,10 @@ def session_options(threads: int | None, spinning: bool = True) -> ort.SessionOp
     threads would otherwise spin on the cores OpenMP needs."""
     so = ort.SessionOptions()
     so.log_severity_level = 4  # fatal only: failures become one ModelError line, not an extra log line
+    # workers spin during a run (onnxruntime's speed) but stop when it returns: left spinning they
+    # would take the cores whatever runs next needs (the native runtime after an onnxruntime
+    # baseline in `compare`)
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:

@@ -125,7 +125,8 @@ def test_measure_latency_interleaves_and_stops():
 
     calls = []
     out = measure_latency({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=2,
-                          min_runs=20, seconds=0.5)
+                          min_runs=20, seconds=0.5, block=3)
     assert out["a"]["runs"] == out["b"]["runs"] >= 20
     assert calls[:4] == ["a", "b", "a", "b"]
-    assert "ba" in "".join(calls[4:10])  # rotating order
+    # turns of one untimed + 3 timed runs, in an order that rotates from round to round
+    assert "".join(calls[4:20]) == "aaaabbbb" + "bbbbaaaa"
