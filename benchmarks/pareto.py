@@ -8,10 +8,12 @@ a script, not a test).
 For every setting it runs `bdecomp convert ... --report R.json --quiet` (timed, wall clock) and
 measures the converted file on the *measure* set (never the calibration set):
 
-* original   — uniform k = Q, `--method weight --no-bias-correction --act-scales tensor`
-               (activation ranges still calibrated on CALIB_DIR)
+* original   — uniform k = Q, `--method weight --no-bias-correction --act-scales tensor
+               --min-depth 0` (every layer decomposed; activation ranges still calibrated on CALIB_DIR)
+* data-aware-all — uniform k = Q, default options but `--min-depth 0` (every layer decomposed)
 * data-aware-tensor — uniform k = Q, data-aware fit + bias correction, one step per tensor
-* data-aware — uniform k = Q, default options (data-aware fit + bias correction, per-channel steps)
+* data-aware — uniform k = Q, default options (data-aware fit + bias correction, per-channel steps at
+               Q <= 4, layers with D < 64 left float)
 * allocated  — `--budget B` (per-layer k, Q for a MAC-weighted mean k*Q of B), default options
 
 Accuracy is computed with the onnxruntime backend (`bdecomp.load(p, backend="onnxruntime")`: the
@@ -165,7 +167,8 @@ def render(data: dict, out: Path, stem: str, title: str | None, cpu_json: Path |
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, mk in (("original", "o-"), ("data-aware-tensor", "d-"), ("data-aware", "s-"), ("allocated", "^-")):
+    for method, mk in (("original", "o-"), ("data-aware-tensor", "d-"), ("data-aware-all", "v-"), ("data-aware", "s-"),
+                       ("allocated", "^-")):
         pts = sorted((r["mac_weighted_kq"], 100 * r["metric"]) for r in rows
                      if r["method"] == method and "error" not in r)
         if pts:
@@ -228,7 +231,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/meas/pareto"))
     ap.add_argument("--uniform", default="8,6,4,3", help="uniform k = Q values")
     ap.add_argument("--budgets", default="16,9,6", help="--budget values for 'allocated'")
-    ap.add_argument("--methods", default="original,data-aware-tensor,data-aware,allocated")
+    ap.add_argument("--methods", default="original,data-aware-tensor,data-aware-all,data-aware,allocated")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--force", action="store_true")
@@ -266,10 +269,13 @@ def main() -> None:
     for kq in [int(v) for v in a.uniform.split(",") if v]:
         if "original" in methods:
             settings.append(("original", f"k=Q={kq}", ["-k", str(kq), "-q", str(kq), "--method", "weight",
-                                                       "--no-bias-correction", "--act-scales", "tensor"]))
+                                                       "--no-bias-correction", "--act-scales", "tensor",
+                                                       "--min-depth", "0"]))
         if "data-aware-tensor" in methods:
             settings.append(("data-aware-tensor", f"k=Q={kq}", ["-k", str(kq), "-q", str(kq), "--act-scales",
                                                                 "tensor"]))
+        if "data-aware-all" in methods:
+            settings.append(("data-aware-all", f"k=Q={kq}", ["-k", str(kq), "-q", str(kq), "--min-depth", "0"]))
         if "data-aware" in methods:
             settings.append(("data-aware", f"k=Q={kq}", ["-k", str(kq), "-q", str(kq)]))
     if "allocated" in methods:
