@@ -613,11 +613,16 @@ class PackedConv:
         scale: float | None = None,
         zero_point: int | None = None,
         family: str | None = None,
+        residual: np.ndarray | None = None,
+        clamp: bool = True,
     ):
         """Run on packed activations ``act`` (from quantize_pack with the same groups/bits) of an
         n×C×h×w input.  Returns float32 [n, cout, oh, ow], plus int32 A [n, oh, ow, cout, k] if
         ``return_acc``.  ``scale`` / ``zero_point`` override the construction values (dynamic
         quantization).  ``family`` forces the kernel family ("lut" / "popcount", see family()).
+        ``residual`` (float32, C-contiguous, the output's shape) is added to every output before
+        the clamp: a fused residual Add (bdecomp.h).  ``clamp=False`` skips the act_min/act_max
+        clamp (the caller applies it after a broadcasting add of its own).
 
         Everything that depends only on the call's geometry and options (ISA, kernel family,
         threads, output shape, the C parameter block) is validated once and cached per
@@ -651,6 +656,8 @@ class PackedConv:
             if not out.flags.writeable:
                 raise ValueError("out must be writeable")
         acc = np.empty((oshape[0], oshape[2], oshape[3], self.cout, self.k), np.int32) if return_acc else None
+        if residual is not None or not clamp:
+            p = _call_params(p, residual, oshape, clamp)
         rc = (lib.bd_conv_lut if use_lut else lib.bd_conv)(
                 p, ffi.from_buffer("uint64_t[]", act), wptr, self._ts_ptr, self._coeffs_ptr,
                 self._bias_ptr, ffi.from_buffer("float[]", out),
@@ -742,9 +749,10 @@ class DepthwiseConv(PackedConv):
         return "depthwise"
 
     def run_codes(self, codes: np.ndarray, *, threads: int | None = None, scale: float | None = None,
-                  zero_point: int | None = None, return_acc: bool = False):
+                  zero_point: int | None = None, return_acc: bool = False, residual: np.ndarray | None = None,
+                  clamp: bool = True):
         """float32 [n, cout, oh, ow] (plus int32 A [n, oh, ow, cout, k] if ``return_acc``) from
-        codes uint8 [n, cin, h, w]."""
+        codes uint8 [n, cin, h, w]; ``residual`` and ``clamp`` as in PackedConv.run."""
         if type(codes) is not np.ndarray or codes.dtype != np.uint8 or codes.ndim != 4 \
                 or not codes.flags.c_contiguous or codes.shape[1] != self.cin:
             raise ValueError(f"codes must be C-contiguous uint8 [N, {self.cin}, H, W], got "
@@ -754,6 +762,8 @@ class DepthwiseConv(PackedConv):
         zp = self.zero_point if zero_point is None else _int_in("zero_point", zero_point, 0, 2**self.bits - 1)
         oshape = self.output_shape(n, h, w)
         p = self._params(n, h, w, scale_v, zp)
+        if residual is not None or not clamp:
+            p = _call_params(p, residual, oshape, clamp)
         out = np.empty(oshape, dtype=np.float32)
         acc = np.empty((n, oshape[2], oshape[3], self.cout, self.k), np.int32) if return_acc else None
         wptr, cptr, bptr = self._dw_ptrs
@@ -762,6 +772,18 @@ class DepthwiseConv(PackedConv):
                                    ffi.NULL if acc is None else ffi.from_buffer("int32_t[]", acc), _threads(threads))
         _check_status(rc, "bd_conv_depthwise")
         return (out, acc) if return_acc else out
+
+
+def _call_params(p, residual: np.ndarray | None, oshape: tuple[int, ...], clamp: bool):
+    """A copy of the parameter block `p` for one call: pointing at `residual`, without the clamp
+    if not `clamp` (the cached block is never changed, so concurrent calls share nothing)."""
+    q = ffi.new("bd_conv_params *", p[0])
+    if residual is not None:
+        _check_array("residual", residual, np.float32, oshape)
+        q.residual = ffi.cast("const float *", ffi.from_buffer("float[]", residual))
+    if not clamp:
+        q.act_min, q.act_max = -math.inf, math.inf
+    return q
 
 
 # ------------------------------------------------------------------------------------------------

@@ -54,7 +54,8 @@
  *  - bd_pack_weights reads only c, groups, cout, kh, kw and k of `p` (the image size may be
  *    unknown when the weights are packed); basis bits ≥ D are ignored.
  *  - The float epilogue is computed in float, in this order, identically on every ISA:
- *      acc = 0; for j: acc += c_j·(float)A_j;  y = acc·s_eff + bias;  y = min(max(y, act_min), act_max)
+ *      acc = 0; for j: acc += c_j·(float)A_j;  y = acc·s_eff + bias;  [y = y + residual];
+ *      y = min(max(y, act_min), act_max)
  *    with s_eff = s (s/2 in sign mode), so all ISAs give bit-identical float outputs.
  *  - bd_popcount_peak returns 0 for an unsupported isa (or seconds ≤ 0 / not finite).
  *  - nthreads > BD_MAX_THREADS is clamped.  bd_conv may return BD_ENOMEM (small per-call and
@@ -88,6 +89,9 @@ typedef struct {
     int32_t zero_point;          /* 0..2^Q−1 */
     float scale;                 /* activation step s > 0 */
     float act_min, act_max;      /* output clamp; −INFINITY / INFINITY for none */
+    const float *residual;       /* NULL, or float [N][Cout][OH][OW] added before the clamp (a
+                                    residual Add fused into the layer; read only by bd_conv,
+                                    bd_conv_lut and bd_conv_depthwise) */
 } bd_conv_params;
 
 /* 1 if this build and this CPU can run `isa`. */

@@ -40,6 +40,7 @@ typedef struct {
     int32_t zero_point;
     float scale;
     float act_min, act_max;
+    const float *residual;
 } bd_conv_params;
 
 int bd_isa_supported(int32_t isa);

@@ -79,8 +79,9 @@ int bd_depthwise_impl(const bd_conv_params *p, const uint8_t *codes, const int8_
                     }
                 }
                 /* bd_epilogue, a row at a time: per element the same float operations in the same
-                 * order (acc = 0; acc += c_j·A_j for j = 0..k−1; y = acc·s + bias; clamp) */
+                 * order (acc = 0; acc += c_j·A_j for j = 0..k−1; y = acc·s + bias [+ r]; clamp) */
                 float *o = out + (nc * OH + oy) * OW;
+                const float *res = p->residual ? p->residual + (nc * OH + oy) * OW : NULL;
                 for (int64_t ox = 0; ox < OW; ++ox) o[ox] = 0.0f;
                 for (int32_t j = 0; j < K; ++j) {
                     const float cj = cf[j];
@@ -89,6 +90,7 @@ int bd_depthwise_impl(const bd_conv_params *p, const uint8_t *codes, const int8_
                 }
                 for (int64_t ox = 0; ox < OW; ++ox) {
                     float y = o[ox] * scale + b;
+                    if (res) y += res[ox];
                     if (y < lo) y = lo;
                     if (y > hi) y = hi;
                     o[ox] = y;

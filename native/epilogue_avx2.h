@@ -1,6 +1,6 @@
 /*
  * The vectorised per-(pixel, group) epilogue of the AVX2 / AVX-512 kernels (the LUT kernel and the
- * popcount drivers of conv_driver.inc): bit for bit bd_group_outputs of output_transform.h, 8
+ * popcount drivers of conv_driver.inc): bit for bit bd_epilogue of output_transform.h per output, 8
  * lanes / output channels per instruction.  Include only from files compiled for AVX2 (or a
  * superset), after <immintrin.h>.
  *
@@ -14,21 +14,22 @@
 #include <stdint.h>
 
 /* The epilogue of one (pixel, group), 8 lanes / 8 output channels per instruction; bit for bit
- * bd_group_outputs (output_transform.h):
+ * bd_epilogue (output_transform.h) per output:
  *   lane L = i·K + j (i = channel of the group):  A_L = 2 S_L − N − z·Sv_L (sign mode: Dv − 2 S_L)
  *   in int32 (A fits an int32 by the depth limit; the wrapping intermediate 2 S_L cannot change
  *   it), Sv_L from the
  *   per-call lane-major tap sums (all taps for interior pixels, else the valid ones);
  *   P_L = c_L · (float)A_L;  y_i = ((0 + P_{iK}) + P_{iK+1}) + … (the scalar order), then
- *   y·s + bias and the clamp written as max(lo, y), min(hi, y) (= the scalar comparisons, NaN
- *   included).  s32 [lanes + 8] lane sums; P [lanes + 8] scratch. */
+ *   y·s + bias, + the residual (res_g: NULL, or the fused residual at channel 0 of the group at
+ *   this pixel, channel stride out_stride), and the clamp written as max(lo, y), min(hi, y)
+ *   (= the scalar comparisons, NaN included).  s32 [lanes + 8] lane sums; P [lanes + 8] scratch. */
 static inline __attribute__((always_inline)) void
 bd_epilogue_lanes_avx2(const int32_t *s32, int64_t lanes, int32_t K, int64_t coutg, int sign,
                        int64_t Dv, int64_t N, int64_t z, int interior, const int32_t *lane_sv,
                        const int32_t *lane_ts, int64_t lt_stride, int64_t kw, int64_t ky0,
                        int64_t ky1, int64_t kx0, int64_t kx1, const float *coeffs_g,
                        const float *bias_g, float scale, float lo, float hi, float *out_g,
-                       int64_t out_stride, int32_t *acc_g, float *P)
+                       int64_t out_stride, int32_t *acc_g, float *P, const float *res_g)
 {
     const __m256i vN = _mm256_set1_epi32((int32_t)N), vz = _mm256_set1_epi32((int32_t)z),
                   vD = _mm256_set1_epi32((int32_t)Dv);
@@ -94,6 +95,11 @@ bd_epilogue_lanes_avx2(const int32_t *s32, int64_t lanes, int32_t K, int64_t cou
         }
         y = _mm256_mul_ps(y, vs);
         y = _mm256_add_ps(y, bias_g ? _mm256_i32gather_ps(bias_g + i0, perm, 4) : _mm256_setzero_ps());
+        if (res_g) {
+            float r[8];
+            for (int i = 0; i < 8; ++i) r[i] = res_g[(i0 + ch[i]) * out_stride];
+            y = _mm256_add_ps(y, _mm256_loadu_ps(r));
+        }
         y = _mm256_min_ps(vhi, _mm256_max_ps(vlo, y));
         float t[8];
         _mm256_storeu_ps(t, y);
@@ -103,6 +109,7 @@ bd_epilogue_lanes_avx2(const int32_t *s32, int64_t lanes, int32_t K, int64_t cou
         float acc = 0.0f;
         for (int32_t j = 0; j < K; ++j) acc += P[i0 * K + j];
         float y = acc * scale + (bias_g ? bias_g[i0] : 0.0f);
+        if (res_g) y += res_g[i0 * out_stride];
         if (y < lo) y = lo;
         if (y > hi) y = hi;
         out_g[i0 * out_stride] = y;

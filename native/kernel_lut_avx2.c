@@ -278,7 +278,8 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
                     const int64_t l0 = g * lanes; /* lane L of group g = global lane l0 + L */
                     bd_epilogue_lanes_avx2(s32, lanes, K, COUTG, 0, 0, N, z, interior, lane_sv + l0, lane_ts + l0, LS,
                                  KW, ky0, ky1, kx0, kx1, lane_c + l0, bias ? bias + g * COUTG : NULL,
-                                 p->scale, p->act_min, p->act_max, out_g, OH * OW, acc_g, P);
+                                 p->scale, p->act_min, p->act_max, out_g, OH * OW, acc_g, P,
+                                 p->residual ? p->residual + (out_g - out) : NULL);
                 }
             }
         }

@@ -6,6 +6,8 @@
  *   A_j = Σ_b 2^b (2 P_jb − N_b) − z · Sv_j          (affine)
  *   A_j = Dv − 2 popcount(m_j⁺ XOR q)                 (sign mode)
  */
+#include <stddef.h>
+
 #include "reference.h"
 
 #include "kernels.h"
@@ -82,9 +84,10 @@ int bd_conv_reference(const bd_conv_params *p, const bd_geom *gm, const uint64_t
                     const int64_t pix = (n * OH + oy) * OW + ox;
                     if (acc)
                         for (int64_t j = 0; j < K; ++j) acc[(pix * COUT + co) * K + j] = (int32_t)A[j];
-                    out[((n * COUT + co) * OH + oy) * OW + ox] =
-                        bd_epilogue(A, (int32_t)K, coeffs + co * K, bias ? bias[co] : 0.0f,
-                                    scale_eff, p->act_min, p->act_max);
+                    const int64_t o = ((n * COUT + co) * OH + oy) * OW + ox;
+                    out[o] = bd_epilogue(A, (int32_t)K, coeffs + co * K, bias ? bias[co] : 0.0f,
+                                         scale_eff, p->residual ? p->residual + o : NULL,
+                                         p->act_min, p->act_max);
                 }
             }
         }

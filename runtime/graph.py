@@ -49,7 +49,8 @@ class LayerSpec:
     group: int = 1
     act_min: float = -np.inf
     act_max: float = np.inf
-    fused: list[str] = field(default_factory=list)  # names of fused activation nodes
+    fused: list[str] = field(default_factory=list)  # names of fused Add / activation nodes
+    residual: str | None = None  # a tensor added to the output before the clamp (fused residual Add)
     scale: float | None = None  # the layer's own constant step; None: its quantizer's
 
     @property
@@ -206,9 +207,20 @@ def _clip_bounds(node: onnx.NodeProto, inits: dict) -> tuple[float, float] | Non
     return float(lo), float(hi)
 
 
+def _residual_input(node: onnx.NodeProto, output: str, inits: dict) -> str | None:
+    """The other operand of an Add of `output` and a computed tensor (not a constant), or None."""
+    if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        return None
+    a, b = node.input
+    other = b if a == output else a if b == output else None
+    return other if other and other != output and other not in inits else None
+
+
 def build_schedule(model: onnx.ModelProto) -> list[Step]:
-    """Validate the custom nodes, fuse a Relu/Clip that is a layer's only consumer into it, then
-    group the standard nodes into as few onnxruntime segments as the dependencies allow."""
+    """Validate the custom nodes; fuse into a layer the residual Add that is its output's only
+    consumer (a computed tensor added before the clamp) and then a Relu/Clip that is the only
+    consumer; group the standard nodes into as few onnxruntime segments as the dependencies
+    allow."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     nodes = list(g.node)
@@ -230,20 +242,32 @@ def build_schedule(model: onnx.ModelProto) -> list[Step]:
         for name in n.input:
             consumers.setdefault(name, []).append(i)
     removed: set[int] = set()
+
+    def only_consumer(name: str) -> int | None:
+        """The node that alone reads `name` (not fused into another layer already), or None."""
+        cons = consumers.get(name, [])
+        return cons[0] if len(cons) == 1 and name not in graph_outputs and cons[0] not in removed else None
+
     for i, spec in specs.items():
-        if not isinstance(spec, LayerSpec) or spec.output in graph_outputs:
+        if not isinstance(spec, LayerSpec):
             continue
-        cons = consumers.get(spec.output, [])
-        if len(cons) != 1:
+        c = only_consumer(spec.output)
+        other = _residual_input(nodes[c], spec.output, inits) if c is not None else None
+        if other is not None:
+            spec.residual, spec.output = other, nodes[c].output[0]
+            spec.fused.append(nodes[c].name)
+            removed.add(c)
+            c = only_consumer(spec.output)
+        if c is None:
             continue
-        act = nodes[cons[0]]
+        act = nodes[c]
         bounds = _clip_bounds(act, inits) if act.domain in ("", "ai.onnx") else None
         if bounds is None or act.input[0] != spec.output:
             continue
         spec.act_min, spec.act_max = max(spec.act_min, bounds[0]), min(spec.act_max, bounds[1])
         spec.output = act.output[0]
         spec.fused.append(act.name)
-        removed.add(cons[0])
+        removed.add(c)
 
     available = {i.name for i in g.input} | set(inits) | {""}
     pending = [i for i in range(len(nodes)) if i not in removed]
@@ -267,7 +291,8 @@ def build_schedule(model: onnx.ModelProto) -> list[Step]:
         for i in pending:
             if i in specs and i not in done:
                 spec = specs[i]
-                needs = [spec.input] if isinstance(spec, QuantSpec) else [nodes[i].input[0]]
+                needs = ([spec.input] if isinstance(spec, QuantSpec)
+                         else [nodes[i].input[0]] + ([spec.residual] if spec.residual else []))
                 if all(x in available for x in needs):
                     outs = spec.outputs if isinstance(spec, QuantSpec) else [spec.output]
                     steps.append(Step("quant" if isinstance(spec, QuantSpec) else "layer", [nodes[i]],

@@ -289,20 +289,22 @@ class Model:
             if len(step.plans) >= 16:
                 step.plans.clear()
             step.plans[xin.shape] = plan
-        choices, args, groups, axis, oshape = plan
+        choices, args, groups, axis, oshape, shapes = plan
         scale = spec.scale or qz.scale  # the layer's own step (weights carrying per-channel steps) or its quantizer's
+        res, clamp = self._residual(spec, env, shapes)
         if groups == _DEPTHWISE:
-            return choices[0][0].run_codes(qz.native_codes(), threads=self.threads, scale=scale,
-                                           zero_point=qz.zero_point)
+            y = choices[0][0].run_codes(qz.native_codes(), threads=self.threads, scale=scale,
+                                        zero_point=qz.zero_point, residual=res, clamp=clamp)
+            return y if clamp else self._add_clamp(y, env[spec.residual], spec)
 
         def run(choice):
             kernel, family, patch = choice
             if patch:
                 act, n, oh, ow = qz.packed_im2col(spec)
                 return kernel.run(act, n, oh, ow, isa=self.isa, threads=self.threads, scale=scale,
-                                  zero_point=qz.zero_point, family=family)
+                                  zero_point=qz.zero_point, family=family, residual=res, clamp=clamp)
             return kernel.run(qz.packed(groups, axis), *args, isa=self.isa, threads=self.threads, scale=scale,
-                              zero_point=qz.zero_point, family=family)
+                              zero_point=qz.zero_point, family=family, residual=res, clamp=clamp)
 
         if len(choices) > 1:  # first input of this shape: time every way, keep the fastest
             times = []
@@ -318,30 +320,57 @@ class Model:
             choices[:] = [choices[int(np.argmin(times))]]
         else:
             y = run(choices[0])
-        return y if oshape is None else y.reshape(oshape)
+        y = y if oshape is None else y.reshape(oshape)
+        return y if clamp else self._add_clamp(y, env[spec.residual], spec)
+
+    @staticmethod
+    def _residual(spec: LayerSpec, env: dict[str, Any], shapes) -> tuple[np.ndarray | None, bool]:
+        """(residual for the kernel or None, clamp in the kernel?) for a layer with a fused Add: a
+        float32 tensor of the output's shape goes to C; anything else (a broadcasting operand)
+        is added afterwards by _add_clamp, so the clamp must wait for it."""
+        if spec.residual is None:
+            return None, True
+        r = env[spec.residual]
+        out_shape, c_shape = shapes
+        if isinstance(r, np.ndarray) and r.dtype == np.float32 and r.shape == out_shape:
+            return np.ascontiguousarray(r).reshape(c_shape), True
+        return None, False
+
+    @staticmethod
+    def _add_clamp(y: np.ndarray, r: Any, spec: LayerSpec) -> np.ndarray:
+        """The fused Add with onnxruntime's broadcasting, then the clamp (the C comparisons)."""
+        try:
+            y = np.add(y, np.asarray(r, dtype=np.float32), dtype=np.float32)
+        except ValueError:
+            raise ModelError(f"layer {spec.name}: cannot add a residual of shape {list(np.shape(r))} to an "
+                             f"output of shape {list(y.shape)}") from None
+        return np.minimum(np.maximum(y, np.float32(spec.act_min)), np.float32(spec.act_max))
 
     def _layer_plan(self, step: Step, xin: np.ndarray):
-        """([(kernel, family, im2col?) candidates], (n, h, w), groups, channel axis, output reshape)
-        for one input shape; the first run keeps the fastest candidate."""
+        """([(kernel, family, im2col?) candidates], (n, h, w), groups, channel axis, output reshape,
+        (output shape, the C kernel's output shape)) for one input shape; the first run keeps the
+        fastest candidate."""
         spec: LayerSpec = step.spec
         if spec.op == ops.CONV:
             if xin.ndim != 4 or xin.shape[1] != step.kernel.cin:
                 raise ModelError(f"layer {spec.name}: input of shape {list(xin.shape)}, expected "
                                  f"[N, {step.kernel.cin}, H, W]")
             n, _, h, w = xin.shape
-            _check_output_size(spec, step.kernel.output_shape(n, h, w))
+            out = step.kernel.output_shape(n, h, w)
+            _check_output_size(spec, out)
             from bdecomp import native
 
             if isinstance(step.kernel, native.DepthwiseConv):
-                return [(step.kernel, "depthwise", False)], (n, h, w), _DEPTHWISE, 1, None
+                return [(step.kernel, "depthwise", False)], (n, h, w), _DEPTHWISE, 1, None, (out, out)
             patch = step.patch_kernel if im2col_bytes(xin, step) <= IM2COL_MAX_BYTES else None
-            return kernel_choices(step.kernel, patch, self.isa), (n, h, w), spec.group, 1, None
+            return kernel_choices(step.kernel, patch, self.isa), (n, h, w), spec.group, 1, None, (out, out)
         if xin.ndim < 2 or xin.shape[-1] != spec.depth:
             raise ModelError(f"layer {spec.name}: input of shape {list(xin.shape)}, expected [..., {spec.depth}]")
-        rows = int(np.prod(xin.shape[:-1]))
-        _check_output_size(spec, (rows, spec.basis.shape[0]))
-        return (kernel_choices(step.kernel, None, self.isa), (rows, 1, 1), 1, -1,
-                (*xin.shape[:-1], spec.basis.shape[0]))
+        rows, cout = int(np.prod(xin.shape[:-1])), spec.basis.shape[0]
+        _check_output_size(spec, (rows, cout))
+        oshape = (*xin.shape[:-1], cout)
+        return (kernel_choices(step.kernel, None, self.isa), (rows, 1, 1), 1, -1, oshape,
+                (oshape, (rows, cout, 1, 1)))
 
     # ------------------------------------------------------------------------------------ public
     def run(self, x: np.ndarray) -> list[np.ndarray]:

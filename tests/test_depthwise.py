@@ -55,6 +55,21 @@ def test_depthwise_float_outputs_equal_the_bit_plane_kernels_bit_for_bit(isa, ca
     np.testing.assert_array_equal(y, expect)
 
 
+def test_depthwise_residual_is_added_before_the_clamp_like_the_other_kernels():
+    rng = np.random.default_rng(4)
+    case = dict(n=1, c=6, h=7, w=8, groups=6, cout=6, kernel=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1),
+                dilations=(1, 1), k=3, bits=4, zero_point=5, sign=False, scale=0.25,
+                codes=rng.integers(0, 16, (1, 6, 7, 8)).astype(np.uint8), basis=random_basis(rng, 6, 3, 9),
+                coeffs=rng.standard_normal((6, 3)).astype(np.float32), bias=rng.standard_normal(6).astype(np.float32),
+                depth=9, act_min=0.0)
+    r = rng.standard_normal((1, 6, 7, 8)).astype(np.float32)
+    y = depthwise(case).run_codes(case["codes"], residual=r)
+    raw = depthwise(case).run_codes(case["codes"], clamp=False)
+    np.testing.assert_array_equal(y, np.maximum(raw + r, np.float32(0)))
+    packed = make_conv(case, act_min=0.0).run(pack_nchw(case["codes"], 6, 4), 1, 7, 8, isa="scalar", residual=r)
+    assert y.tobytes() == packed.tobytes()
+
+
 @pytest.mark.parametrize("channel_scales", [None, "per-channel"])
 def test_quantize_codes_are_the_reference_codes(channel_scales):
     rng = np.random.default_rng(1)

@@ -206,6 +206,31 @@ def test_relu_clamp_is_applied_to_outputs(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("family", ["popcount", "lut"])
+def test_a_residual_is_added_before_the_clamp_with_the_same_float_operations(isa, family):
+    """y = clamp((s·Σ c_j A_j + bias) + r): bit for bit numpy's float32 add and clamp of the
+    unclamped output (what onnxruntime does with the Add and Relu the layer absorbed)."""
+    case = small_case(c=70, h=6, w=9, cout=11, k=3, bits=3, zero_point=2)
+    act = pack_nchw(case["codes"], 1, 3)
+    conv = make_conv(case, act_min=0.0, act_max=2.5)
+    raw = conv.run(act, 1, 6, 9, isa=isa, family=family, clamp=False)
+    assert raw.min() < 0 < 2.5 < raw.max()  # the clamp has work on both sides
+    r = np.random.default_rng(3).standard_normal(raw.shape).astype(np.float32)
+    y = conv.run(act, 1, 6, 9, isa=isa, family=family, residual=r)
+    np.testing.assert_array_equal(y, np.minimum(np.maximum(raw + r, np.float32(0)), np.float32(2.5)))
+    assert conv.run(act, 1, 6, 9, isa=isa, family=family).tobytes() == np.clip(raw, 0, 2.5).tobytes()
+
+
+def test_a_residual_of_the_wrong_shape_or_type_is_refused():
+    case = small_case()
+    act = pack_nchw(case["codes"], 1, case["bits"])
+    conv = make_conv(case)
+    for bad in (np.zeros((1, 4, 5, 4), np.float32), np.zeros((1, 4, 5, 5), np.float64), [[0.0]]):
+        with pytest.raises(ValueError, match="residual"):
+            conv.run(act, 1, 5, 5, residual=bad)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_per_call_scale_and_zero_point_override_construction_values(isa):
     case = small_case(zero_point=0)
     act = pack_nchw(case["codes"], 1, case["bits"])

@@ -125,6 +125,26 @@ def pattern(name: str):
                           conv_node("r1", "w2", "c2", name="conv2", **conv3),
                           helper.make_node("Add", ["c2", "a0"], ["y"], name="add")],
                          {"w1": weights(rng, 16, 16, 3, 3), "w2": weights(rng, 16, 16, 3, 3)}),
+        # the residual first, a Relu after the Add: both fused into conv2
+        "residual_add_relu": ([conv_node("a0", "w1", "c1", name="conv1", **conv3),
+                               helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+                               conv_node("r1", "w2", "c2", "b2", name="conv2", **conv3),
+                               helper.make_node("Add", ["a0", "c2"], ["s"], name="add"),
+                               helper.make_node("Relu", ["s"], ["y"], name="relu2")],
+                              {"w1": weights(rng, 16, 16, 3, 3), "w2": weights(rng, 16, 16, 3, 3),
+                               "b2": _bias(rng, 16)}),
+        # a [N, C, 1, 1] operand: onnxruntime broadcasts it, so the runtime adds it after the kernel
+        "residual_broadcast": ([conv_node("a0", "w1", "c1", name="conv", **conv3),
+                                helper.make_node("GlobalAveragePool", ["a0"], ["g"], name="gap"),
+                                helper.make_node("Add", ["c1", "g"], ["s"], name="add"),
+                                helper.make_node("Relu", ["s"], ["y"], name="relu")],
+                               {"w1": weights(rng, 16, 16, 3, 3)}),
+        # both operands are decomposed layers (a ResNet downsample block): one of them takes the Add
+        "residual_two_layers": ([conv_node("a0", "w1", "c1", name="conv_main", strides=[2, 2], **conv3),
+                                 conv_node("a0", "w2", "c2", name="conv_down", strides=[2, 2]),
+                                 helper.make_node("Add", ["c1", "c2"], ["s"], name="add"),
+                                 helper.make_node("Relu", ["s"], ["y"], name="relu")],
+                                {"w1": weights(rng, 32, 16, 3, 3), "w2": weights(rng, 32, 16, 1, 1)}),
         "concat": ([conv_node("a0", "w1", "c1", name="conv1x1"),
                     conv_node("a0", "w2", "c2", name="conv3x3", **conv3),
                     helper.make_node("Concat", ["c1", "c2"], ["cc"], name="concat", axis=1),
@@ -143,7 +163,8 @@ def pattern(name: str):
 
 
 PATTERNS = ["plain", "strided_asym_pads", "dilated", "grouped", "depthwise", "first_layer_5x5",
-            "gemm_transB_alpha_beta", "gemm_plain", "matmul_3d", "residual_add", "concat",
+            "gemm_transB_alpha_beta", "gemm_plain", "matmul_3d", "residual_add", "residual_add_relu",
+            "residual_broadcast", "residual_two_layers", "concat",
             "relu_after_conv", "clip06_after_conv"]
 
 
@@ -313,3 +334,14 @@ def test_a_first_layer_with_few_channels_can_run_on_packed_patches(converted):
     first = next(s for s in model._steps if s.kind == "layer")
     choices = model._layer_plan(first, x)[0]
     assert any(patch for _, _, patch in choices)
+
+
+@pytest.mark.parametrize("name, fused", [("residual_add", ["add"]), ("residual_add_relu", ["add", "relu2"]),
+                                         ("residual_broadcast", ["add", "relu"]),
+                                         ("residual_two_layers", ["add", "relu"])])
+def test_a_residual_add_and_the_activation_after_it_run_inside_the_layer(converted, name, fused):
+    """No onnxruntime segment is left for them (ResNet-56 had 27 such segments)."""
+    model = bdecomp.load(converted(name, 3, 4, True))
+    layers = [s for s in model._steps if s.kind == "layer"]
+    assert set(fused) <= {n for s in layers for n in s.spec.fused}
+    assert not any(n.name in fused for s in model._steps if s.kind == "ort" for n in s.nodes)
