@@ -5,7 +5,7 @@
  *                    words of that (tap, word) in one __m512i, vpopcntq, add into int64 lanes.
  *   conv_kp4_avx512  k ≤ 4: the same with one __m256i (vpopcntq ymm, AVX-512VL).
  *   block_avx512     BD_INNER_PB of conv_driver.inc: PB output pixels at once (PB = 4 for Q ≤ 4,
- *                    else 2: ≤ 16 accumulators), one zmm of weights per (tap, word) — 8 lanes of
+ *                    else 2: ≤ 16 accumulators; 2 also for the rest of a row), one zmm of weights per (tap, word) — 8 lanes of
  *                    one channel (k > 4) or 4 lanes of two channels (k ≤ 4) — ANDed with the
  *                    broadcast activation words of every pixel and bit plane.  Weights are read
  *                    once per block instead of once per pixel (conv10 of SqueezeNet: 256 KiB of
@@ -191,9 +191,8 @@ static inline __attribute__((always_inline)) void
 block_channels_avx512(int64_t *S, int64_t s_px, int64_t nco, int64_t w_co, const uint64_t *a,
                       int64_t a_px, int64_t a_sy, int64_t a_sx, const uint64_t *wt, int64_t w_sy,
                       int64_t w_sx, int64_t ny, int64_t nx, int64_t wpg, const int Q, const int KP,
-                      const int SIGN)
+                      const int SIGN, const int PB)
 {
-    const int PB = BD_PB(Q);
     const int64_t step = KP == 4 ? 2 : 1;
     int64_t i = 0;
     for (; i + step <= nco; i += step)
@@ -206,48 +205,54 @@ block_channels_avx512(int64_t *S, int64_t s_px, int64_t nco, int64_t w_co, const
                                               ny, nx, wpg, Q, SIGN));
 }
 
-#define BD_BLOCK_CASES(KP)                                                                         \
-    if (sign) {                                                                                    \
-        block_channels_avx512(S, s_px, nco, w_co, a, a_px, a_sy, a_sx, wt, w_sy, w_sx, ny, nx,     \
-                              wpg, 1, KP, 1);                                                      \
-        return;                                                                                    \
-    }                                                                                              \
+#define BD_BLOCK_ARGS S, s_px, nco, w_co, a, a_px, a_sy, a_sx, wt, w_sy, w_sx, ny, nx, wpg
+#define BD_BLOCK_CASES(KP, PB)                                                                     \
+    if (sign) { block_channels_avx512(BD_BLOCK_ARGS, 1, KP, 1, PB); return; }                      \
     switch (Q) {                                                                                   \
-    case 1: block_channels_avx512(S, s_px, nco, w_co, a, a_px, a_sy, a_sx, wt, w_sy, w_sx, ny, nx, wpg, 1, KP, 0); return; \
-    case 2: block_channels_avx512(S, s_px, nco, w_co, a, a_px, a_sy, a_sx, wt, w_sy, w_sx, ny, nx, wpg, 2, KP, 0); return; \
-    case 3: block_channels_avx512(S, s_px, nco, w_co, a, a_px, a_sy, a_sx, wt, w_sy, w_sx, ny, nx, wpg, 3, KP, 0); return; \
-    case 4: block_channels_avx512(S, s_px, nco, w_co, a, a_px, a_sy, a_sx, wt, w_sy, w_sx, ny, nx, wpg, 4, KP, 0); return; \
-    case 5: block_channels_avx512(S, s_px, nco, w_co, a, a_px, a_sy, a_sx, wt, w_sy, w_sx, ny, nx, wpg, 5, KP, 0); return; \
-    case 6: block_channels_avx512(S, s_px, nco, w_co, a, a_px, a_sy, a_sx, wt, w_sy, w_sx, ny, nx, wpg, 6, KP, 0); return; \
-    case 7: block_channels_avx512(S, s_px, nco, w_co, a, a_px, a_sy, a_sx, wt, w_sy, w_sx, ny, nx, wpg, 7, KP, 0); return; \
-    default: block_channels_avx512(S, s_px, nco, w_co, a, a_px, a_sy, a_sx, wt, w_sy, w_sx, ny, nx, wpg, 8, KP, 0); return; \
+    case 1: block_channels_avx512(BD_BLOCK_ARGS, 1, KP, 0, PB); return;                            \
+    case 2: block_channels_avx512(BD_BLOCK_ARGS, 2, KP, 0, PB); return;                            \
+    case 3: block_channels_avx512(BD_BLOCK_ARGS, 3, KP, 0, PB); return;                            \
+    case 4: block_channels_avx512(BD_BLOCK_ARGS, 4, KP, 0, PB); return;                            \
+    case 5: block_channels_avx512(BD_BLOCK_ARGS, 5, KP, 0, PB); return;                            \
+    case 6: block_channels_avx512(BD_BLOCK_ARGS, 6, KP, 0, PB); return;                            \
+    case 7: block_channels_avx512(BD_BLOCK_ARGS, 7, KP, 0, PB); return;                            \
+    default: block_channels_avx512(BD_BLOCK_ARGS, 8, KP, 0, PB); return;                           \
     }
 
+/* blocks of 4 pixels (Q ≤ 4: 16 accumulators) or 2 (any Q; also the remainder of a row) */
 static void block_kp4_avx512(int64_t *S, int64_t s_px, int64_t nco, int64_t w_co, const uint64_t *a,
                              int64_t a_px, int64_t a_sy, int64_t a_sx, const uint64_t *wt,
                              int64_t w_sy, int64_t w_sx, int64_t ny, int64_t nx, int64_t wpg,
-                             int32_t Q, int sign)
+                             int32_t Q, int sign, int32_t pb)
 {
-    BD_BLOCK_CASES(4)
+    if (pb == 4 && Q <= 4) {
+        BD_BLOCK_CASES(4, 4)
+    } else {
+        BD_BLOCK_CASES(4, 2)
+    }
 }
 
 static void block_kp8_avx512(int64_t *S, int64_t s_px, int64_t nco, int64_t w_co, const uint64_t *a,
                              int64_t a_px, int64_t a_sy, int64_t a_sx, const uint64_t *wt,
                              int64_t w_sy, int64_t w_sx, int64_t ny, int64_t nx, int64_t wpg,
-                             int32_t Q, int sign)
+                             int32_t Q, int sign, int32_t pb)
 {
-    BD_BLOCK_CASES(8)
+    if (pb == 4 && Q <= 4) {
+        BD_BLOCK_CASES(8, 4)
+    } else {
+        BD_BLOCK_CASES(8, 2)
+    }
 }
 
 static void inner_pb_avx512(int64_t *S, int64_t s_px, int64_t nco, int64_t w_co, const uint64_t *a,
                             int64_t a_px, int64_t a_sy, int64_t a_sx, const uint64_t *wt,
                             int64_t w_sy, int64_t w_sx, int64_t ny, int64_t nx, int64_t wpg,
-                            int32_t Q, int32_t kp, int sign)
+                            int32_t Q, int32_t kp, int sign, int32_t pb)
 {
     if (kp == 4)
-        block_kp4_avx512(S, s_px, nco, w_co, a, a_px, a_sy, a_sx, wt, w_sy, w_sx, ny, nx, wpg, Q, sign);
+        block_kp4_avx512(S, s_px, nco, w_co, a, a_px, a_sy, a_sx, wt, w_sy, w_sx, ny, nx, wpg, Q, sign, pb);
     else
-        block_kp8_avx512(S, s_px, nco, w_co, a, a_px, a_sy, a_sx, wt, w_sy, w_sx, ny, nx, wpg, Q, sign);
+        block_kp8_avx512(S, s_px, nco, w_co, a, a_px, a_sy, a_sx, wt, w_sy, w_sx, ny, nx, wpg, Q, sign, pb);
 }
 
 #define BD_DRIVER_NAME bd_conv_avx512
@@ -258,6 +263,8 @@ static void inner_pb_avx512(int64_t *S, int64_t s_px, int64_t nco, int64_t w_co,
 #undef BD_INNER
 #undef BD_INNER_PB
 #undef BD_PB
+#undef BD_BLOCK_ARGS
+#undef BD_BLOCK_CASES
 
 /* The kp8 inner step in a loop: broadcast one activation word, AND with 4 registers of 8 basis
  * words, vpopcntq, add; 4 independent chains. */
