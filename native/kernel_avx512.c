@@ -219,40 +219,18 @@ block_channels_avx512(int64_t *S, int64_t s_px, int64_t nco, int64_t w_co, const
     default: block_channels_avx512(BD_BLOCK_ARGS, 8, KP, 0, PB); return;                           \
     }
 
-/* blocks of 4 pixels (Q ≤ 4: 16 accumulators) or 2 (any Q; also the remainder of a row) */
-static void block_kp4_avx512(int64_t *S, int64_t s_px, int64_t nco, int64_t w_co, const uint64_t *a,
-                             int64_t a_px, int64_t a_sy, int64_t a_sx, const uint64_t *wt,
-                             int64_t w_sy, int64_t w_sx, int64_t ny, int64_t nx, int64_t wpg,
-                             int32_t Q, int sign, int32_t pb)
-{
-    if (pb == 4 && Q <= 4) {
-        BD_BLOCK_CASES(4, 4)
-    } else {
-        BD_BLOCK_CASES(4, 2)
-    }
-}
-
-static void block_kp8_avx512(int64_t *S, int64_t s_px, int64_t nco, int64_t w_co, const uint64_t *a,
-                             int64_t a_px, int64_t a_sy, int64_t a_sx, const uint64_t *wt,
-                             int64_t w_sy, int64_t w_sx, int64_t ny, int64_t nx, int64_t wpg,
-                             int32_t Q, int sign, int32_t pb)
-{
-    if (pb == 4 && Q <= 4) {
-        BD_BLOCK_CASES(8, 4)
-    } else {
-        BD_BLOCK_CASES(8, 2)
-    }
-}
-
+/* blocks of 4 pixels (Q ≤ 4: 16 accumulators) or 2 (any Q; also the rest of a row) */
 static void inner_pb_avx512(int64_t *S, int64_t s_px, int64_t nco, int64_t w_co, const uint64_t *a,
                             int64_t a_px, int64_t a_sy, int64_t a_sx, const uint64_t *wt,
                             int64_t w_sy, int64_t w_sx, int64_t ny, int64_t nx, int64_t wpg,
                             int32_t Q, int32_t kp, int sign, int32_t pb)
 {
-    if (kp == 4)
-        block_kp4_avx512(S, s_px, nco, w_co, a, a_px, a_sy, a_sx, wt, w_sy, w_sx, ny, nx, wpg, Q, sign, pb);
-    else
-        block_kp8_avx512(S, s_px, nco, w_co, a, a_px, a_sy, a_sx, wt, w_sy, w_sx, ny, nx, wpg, Q, sign, pb);
+    const int four = pb == 4 && Q <= 4;
+    if (kp == 4) {
+        if (four) { BD_BLOCK_CASES(4, 4) } else { BD_BLOCK_CASES(4, 2) }
+    } else {
+        if (four) { BD_BLOCK_CASES(8, 4) } else { BD_BLOCK_CASES(8, 2) }
+    }
 }
 
 #define BD_DRIVER_NAME bd_conv_avx512
