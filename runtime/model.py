@@ -126,8 +126,8 @@ def use_im2col(spec: LayerSpec, in_hw: tuple[int, int] | None = None) -> bool:
 
 def kernel_choices(kernel, patch_kernel, isa: str | None) -> list[tuple[Any, str, bool]]:
     """The ways a layer can run: (kernel, family, packed patches?).  Which is fastest depends on
-    the machine and the layer (AVX-512 VPOPCNTDQ popcount beats the AVX2 lookup tables on 1×1
-    layers over ≥ 128 channels; on AVX2-only machines the tables win nearly everywhere; patches
+    the machine and the layer (AVX-512 VPOPCNTDQ popcount beats the AVX2 lookup tables on most
+    1×1 layers; on AVX2-only machines the tables win nearly everywhere; patches
     pay where few channels waste the bits of every word), so run() times them on the first input
     of each shape.  The results are bit-identical; only the time differs.
     BDECOMP_KERNEL=lut|popcount forces the family (direct convolution preferred for lut)."""
@@ -140,7 +140,7 @@ def kernel_choices(kernel, patch_kernel, isa: str | None) -> list[tuple[Any, str
     return out or [(kernel, "popcount", False)]  # lut forced where there is none: as family() does
 
 
-MEASURE_RUNS = 2  # per candidate; the minimum is kept
+MEASURE_RUNS = 3  # per candidate, interleaved; the minimum is kept
 
 
 def dynamic_qparams(x: np.ndarray, bits: int) -> tuple[float, int]:
@@ -307,17 +307,15 @@ class Model:
                               zero_point=qz.zero_point, family=family, residual=res, clamp=clamp)
 
         if len(choices) > 1:  # first input of this shape: time every way, keep the fastest
-            times = []
-            for c in choices:
-                best = float("inf")
-                for _ in range(MEASURE_RUNS):
+            best = [float("inf")] * len(choices)
+            for _ in range(MEASURE_RUNS):  # interleaved, so a slow moment does not hit one way only
+                for i, c in enumerate(choices):
                     if c[2]:  # the patches are this layer's own: their packing counts
                         qz.forget_im2col(spec)
                     t0 = time.perf_counter()
                     y = run(c)
-                    best = min(best, time.perf_counter() - t0)
-                times.append(best)
-            choices[:] = [choices[int(np.argmin(times))]]
+                    best[i] = min(best[i], time.perf_counter() - t0)
+            choices[:] = [choices[int(np.argmin(best))]]
         else:
             y = run(choices[0])
         y = y if oshape is None else y.reshape(oshape)
