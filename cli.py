@@ -86,8 +86,11 @@ def main() -> None:
               "(none: the original method's run-time min/max)")
 @click.option("--calib-limit", default=128, show_default=True, type=int,
               help="calibration images used (evenly spread over the sorted folder)")
-@click.option("--range", "range_method", type=click.Choice(["mse", "minmax"]), default="mse", show_default=True,
-              help="how calibrated ranges are chosen")
+@click.option("--range", "range_method", type=click.Choice(["output", "mse", "minmax"]), default="output",
+              show_default=True,
+              help="how calibrated ranges are chosen: output = the MSE range with its steps scaled to "
+                   "minimise the consuming layers' output error; mse = the activations' own error; "
+                   "minmax = the observed range")
 @click.option("--act-scales", type=click.Choice(["auto", "channel", "tensor"]), default="auto", show_default=True,
               help="calibrated activation steps: one per input channel (folded into the weights), one per "
                    "tensor, or auto: per channel for Q <= 4 and depthwise inputs, per tensor elsewhere")

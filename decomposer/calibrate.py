@@ -304,3 +304,4 @@ def quantize_dequantize(x: np.ndarray, q: QParams, scales: np.ndarray | None = N
     qmax = (1 << q.bits) - 1
     s = np.float32(q.scale) if scales is None else np.asarray(scales, np.float32)
     return ((np.clip(np.rint(x / s) + q.zero_point, 0, qmax) - q.zero_point) * s).astype(np.float32)
+

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from bdecomp.decomposer import allocate, calibrate, decompose, load, rewrite, simplify
+from bdecomp.decomposer import allocate, calibrate, decompose, load, refine, rewrite, simplify
 from bdecomp.decomposer.fit import fit_layer
 from bdecomp.decomposer.config import SKIPPED, LayerSetting, load_layer_config
 from bdecomp.decomposer.report import LayerRow, Report
@@ -24,6 +24,7 @@ from bdecomp.models.preprocess import Recipe, recipe_with_overrides
 
 META_PREFIX = "bdecomp."
 METHODS = ("data", "weight")
+RANGES = ("output", "mse", "minmax")
 ACT_SCALES = ("auto", "channel", "tensor")
 CHANNEL_MAX_BITS = 4  # "auto": per-channel steps up to this Q (and for depthwise inputs at any Q)
 MIN_DEPTH = 64  # layers with fewer weights per output stay float unless asked (see `convert`)
@@ -74,7 +75,7 @@ def _progress(total: int | None, desc: str, enabled: bool):
 
 def convert(model_path: str | Path, output_path: str | Path | None = None, *, bases: int = 8, act_bits: int = 8,
             calib: str | Path | None = None, calib_limit: int | None = 128, layer_config: str | Path | None = None,
-            range_method: str = "mse", method: str = "data", bias_correction: bool = True,
+            range_method: str = "output", method: str = "data", bias_correction: bool = True,
             act_scales: str = "auto",
             budget: float | None = None, target_drop: float | None = None, min_depth: int = MIN_DEPTH,
             recipe_overrides: dict[str, Any] | None = None, progress: bool = True,
@@ -84,6 +85,14 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     method "data" (with calibration images) fits each layer's bases to its output on calibration
     patches seen through its own quantizer; "weight" is the original weight-only fit.
     bias_correction folds the mean output shift on calibration data into the bias.
+    range_method "mse" picks each calibrated range for the activations' own squared quantization
+    error, "minmax" takes the observed range, and "output" (default) scales the MSE steps by the
+    factor in refine.STEP_MULTIPLIERS that minimises the output error of the layers reading the
+    tensor (it needs their calibration patches: "mse" for `--method weight
+    --no-bias-correction`). Measured at Q = 4 on held-out images (top-1 / agreement with float,
+    1,000 images): SqueezeNet k=Q=4 66.0 → 67.7 % / 79.6 → 80.6 %, k=8 Q=4 68.6 → 69.5 % /
+    83.2 → 85.9 %; ResNet-56 k=Q=4 79.3 → 80.3 %, k=Q=3 78.1 → 77.4 %; MobileNet v1 0.25
+    unchanged (every factor 1); ESPNet k=Q=4 mIoU 51.6 → 51.2.
     act_scales "channel" gives every input channel of a calibrated quantizer its own step (folded
     into the consuming layers' weights); "tensor" one step per tensor; "auto" per channel where it
     was measured to help — Q ≤ 4, and inputs of depthwise layers — and per tensor elsewhere (at
@@ -98,6 +107,8 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     and AVX-512); their weights are a small fraction of the model."""
     if method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if range_method not in RANGES:
+        raise ConfigError(f"range must be one of {', '.join(RANGES)}, got {range_method!r}")
     if act_scales not in ACT_SCALES:
         raise ConfigError(f"act_scales must be one of {', '.join(ACT_SCALES)}, got {act_scales!r}")
     t0 = time.perf_counter()
@@ -173,12 +184,19 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
             stats = calibrate.collect_stats(model, tensors, batches, threads=threads, on_batch=bar.update,
                                             samplers=list(samplers.values()), channel_stats=cstats)
 
+        base_range = "mse" if range_method == "output" else range_method
+
         def qparams_for(L, q: int) -> calibrate.QParams:
             key = (L.input, q, _channel_axis(L))
             if key not in qparams:
-                qp = calibrate.choose_qparams(stats[L.input], q, range_method)
-                qparams[key] = (calibrate.choose_channel_scales(cstats[key[0], key[2]], qp, range_method)
-                                if per_channel(L, q) else qp)
+                qp = calibrate.choose_qparams(stats[L.input], q, base_range)
+                qp = (calibrate.choose_channel_scales(cstats[key[0], key[2]], qp, base_range)
+                      if per_channel(L, q) else qp)
+                if range_method == "output" and samplers:
+                    uses = [(samplers[M.name].patches(), M.weight, M.group) for M, _ in chosen
+                            if (M.input, _channel_axis(M)) == (key[0], key[2]) and samplers[M.name].count]
+                    qp = refine.refine_for_outputs(qp, uses)
+                qparams[key] = qp
             return qparams[key]
 
         if allocating:
@@ -192,7 +210,8 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
             "options": json.dumps({"calib_images": n_calib,
                                    "method": method if n_calib else "weight",
                                    "bias_correction": bool(bias_correction and n_calib),
-                                   "range_method": range_method if n_calib else "dynamic-minmax",
+                                   "range_method": (("mse" if range_method == "output" and not samplers
+                                                     else range_method) if n_calib else "dynamic-minmax"),
                                    "act_scales": act_scales if n_calib else "tensor"}, sort_keys=True)}
     meta.update({k: str(v) for k, v in info.items()})
     existing = {p.key for p in out.metadata_props}
