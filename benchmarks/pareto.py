@@ -211,7 +211,7 @@ def select(a) -> None:
     out = {"selection_set": str(a.select), "limit": a.select_limit, "n": fl["n"], "float": fl["metric"],
            "max_drop": a.max_drop, "rows": res, "chosen": best}
     (a.out / f"{stem}.select.json").write_text(json.dumps(out, indent=1))
-    print(f"| method | setting | MAC-wt k·Q | selection-set metric | drop (sel.) | measure-set drop |")
+    print("| method | setting | MAC-wt k·Q | selection-set metric | drop (sel.) | measure-set drop |")
     print("|---|---|---:|---:|---:|---:|")
     for r in res:
         mark = " **chosen**" if best is r else ""

@@ -115,7 +115,7 @@ _DEPTHWISE = -1  # the "groups" of a layer plan run by the depthwise kernel (str
 MAX_OUTPUT_ELEMS = 1 << 30  # one native layer's output (4 GiB of float32): refused before allocating
 
 
-def use_im2col(spec: LayerSpec, in_hw: tuple[int, int] | None = None) -> bool:
+def use_im2col(spec: LayerSpec) -> bool:
     """Few input channels waste most of each 64-bit word per tap (3 of 64 bits in a first
     layer); packing whole patches instead needs ceil(D/64) words instead of taps·ceil(Cg/64)."""
     if spec.op != ops.CONV or spec.group != 1:
