@@ -234,8 +234,8 @@ def per_layer_report(original_path: Path, dec_model, images: list[Path], recipe,
     """For every decomposed layer of `dec_model` (native backend):
 
     * sqnr_db — the layer's own error: the native layer fed the *original* network's input of that
-      layer, against the original's tensor at the layer's output (after a fused Relu/Clip, and
-      after a folded BatchNorm), summed over `images`;
+      layer (and its residual operand), against the original's tensor at the layer's output (after
+      a fused residual Add and Relu/Clip, and after a folded BatchNorm), summed over `images`;
     * sqnr_cumulative_db — the same output inside the decomposed network (errors of all earlier
       layers included);
     * native_ms — median time of the native step (quantize + pack + AND/popcount + scaling) in
@@ -271,6 +271,8 @@ def per_layer_report(original_path: Path, dec_model, images: list[Path], recipe,
             want.add(row["_ref"])
         if qs.input in orig_tensors:
             want.add(qs.input)
+        if spec.residual in orig_tensors:  # a fused residual Add's other operand
+            want.add(spec.residual)
         if onode is not None:
             want.add(onode.input[0])
         rows[spec.name] = row
@@ -297,12 +299,16 @@ def per_layer_report(original_path: Path, dec_model, images: list[Path], recipe,
         row["_sig"] += float(np.square(ref, dtype=np.float64).sum())
         row["_noise_cum"] += float(np.square(ref.astype(np.float64) - y).sum())
         xin = current.get(row["_qs"].input)
-        if xin is None:
+        residual = current.get(step.spec.residual) if step.spec.residual else None
+        if xin is None or (step.spec.residual and residual is None):
             return
         qs = row["_qs"]
         xin = np.ascontiguousarray(xin, dtype=np.float32)
         scale, zp = dynamic_qparams(xin, qs.bits) if qs.dynamic else (qs.scale, qs.zero_point)
-        own = inner_run(step, {step.inputs[0]: _Quantized(xin, qs, scale, zp, dec_model.threads)})
+        env = {step.inputs[0]: _Quantized(xin, qs, scale, zp, dec_model.threads)}
+        if residual is not None:
+            env[step.spec.residual] = residual
+        own = inner_run(step, env)
         row["_noise"] += float(np.square(ref.astype(np.float64) - own).sum())
 
     inner_run = dec_model._run_layer

@@ -232,3 +232,30 @@ def test_reports_are_written_without_matplotlib(tmp_path, cls_models, cls_images
     assert {p.name for p in written} == {"report.json", "report.md"}
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["plots"] == [] and any("matplotlib" in n for n in saved["notes"])
+
+
+def test_per_layer_report_of_a_layer_with_a_fused_residual_add(tmp_path, cls_images):
+    """The layer's own error is measured with the original network's residual operand too."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c2", "r1"], ["s"], name="add"),
+             helper.make_node("Relu", ["s"], ["r2"], name="relu2"),
+             helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1)]
+    inits = {"w1": weights(rng, 16, 3, 3, 3), "b1": np.zeros(16, np.float32), "w2": weights(rng, 16, 16, 3, 3),
+             "wf": weights(rng, 4, 16), "bf": rng.standard_normal(4).astype(np.float32)}
+    orig = save_model(make_model(nodes, inits, [1, 3, 16, 16]), tmp_path / "res.onnx")
+    calib = make_images(tmp_path / "calib", 4, (16, 16), seed=5)
+    dec = tmp_path / "res.bd.onnx"
+    bdecomp.convert(orig, dec, bases=4, act_bits=8, calib=calib, progress=False)
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for p in cls_images[0]:
+        shutil.copy(p, d / p.name)
+    rep = compare(orig, dec, d, per_layer=True, calib=calib, **FAST)
+    row = next(r for r in rep["per_layer"]["layers"] if r["name"] == "conv2")
+    assert row["fused"] == ["add", "relu2"]
+    assert row["sqnr_db"] == "inf" or row["sqnr_db"] > 10
