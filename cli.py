@@ -103,8 +103,9 @@ def main() -> None:
 @click.option("--target-drop", type=float, help="choose k and Q per layer for the smallest budget that keeps top-1 "
               "agreement with the original on the calibration images within this many points (needs --calib)")
 @click.option("--min-depth", default=64, show_default=True, type=click.IntRange(0),
-              help="layers with fewer weights per output (D = Cg*KH*KW) stay float: less than one 64-bit "
-                   "word per output is slower than float (0: decompose every layer)")
+              help="layers with fewer weights per output (D = Cg*KH*KW), and convolutions over at most 4 "
+                   "input channels (image inputs), stay float: they waste most of each 64-bit word and "
+                   "run slower than float (0: decompose every layer)")
 @click.option("--layer-config", type=click.Path(path_type=Path), help="per-layer k/q/skip (JSON or TOML)")
 @click.option("--report", type=click.Path(path_type=Path), help="write the conversion report as JSON")
 @click.option("--threads", type=int, help="onnxruntime threads during calibration")

@@ -28,6 +28,7 @@ RANGES = ("output", "mse", "minmax")
 ACT_SCALES = ("auto", "channel", "tensor")
 CHANNEL_MAX_BITS = 4  # "auto": per-channel steps up to this Q (and for depthwise inputs at any Q)
 MIN_DEPTH = 64  # layers with fewer weights per output stay float unless asked (see `convert`)
+IMAGE_CHANNELS = 4  # with min_depth > 0, convolutions over at most this many channels stay float too
 
 
 def model_input(model: onnx.ModelProto) -> tuple[str, list[int | None]]:
@@ -105,7 +106,11 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     config gives their k or Q. Such layers fill less than one 64-bit word per output (a first
     layer's 27 taps, 1×1 convolutions on 16–48 channels), so the binary kernels waste most of
     every word and ran 3–6x slower than onnxruntime's float on them (SqueezeNet, measured on AVX2
-    and AVX-512); their weights are a small fraction of the model."""
+    and AVX-512); their weights are a small fraction of the model. With min_depth > 0 a
+    convolution over at most IMAGE_CHANNELS input channels per group (a first layer on the image,
+    whatever its kernel size) stays float too: 3 of every 64 bits per tap, or a patch-packing pass,
+    made ResNet-18's 7×7 conv1 cost 5.0 ms of 40 (float: the whole model 36.0 ms; AlexNet's 11×11
+    conv1: 14.8 → 13.1 ms, AVX-512, one thread)."""
     if method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if range_method not in RANGES:
@@ -151,9 +156,8 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
         s = cfg.setting((L.name, L.output))
         if s.skip:
             float_layers.append({"name": L.name, "op": L.op, "reason": SKIPPED, "macs": L.macs})
-        elif L.depth < min_depth and not cfg.overridden((L.name, L.output)):
-            float_layers.append({"name": L.name, "op": L.op, "macs": L.macs,
-                                 "reason": f"D = {L.depth} < --min-depth {min_depth} (float is faster)"})
+        elif not cfg.overridden((L.name, L.output)) and (why := _narrow(L, min_depth)):
+            float_layers.append({"name": L.name, "op": L.op, "macs": L.macs, "reason": why})
         else:
             chosen.append((L, s))
 
@@ -229,6 +233,15 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     if report_path:
         load.write_atomic(report.to_json().encode(), report_path)
     return report
+
+
+def _narrow(L: rewrite.Layer, min_depth: int) -> str | None:
+    """Why `L` stays float under --min-depth (None: it is decomposed)."""
+    if L.depth < min_depth:
+        return f"D = {L.depth} < --min-depth {min_depth} (float is faster)"
+    if min_depth > 0 and L.op == "Conv" and len(L.weight_shape) == 4 and L.weight_shape[1] <= IMAGE_CHANNELS:
+        return f"{L.weight_shape[1]} input channels (float is faster)"
+    return None
 
 
 def _channel_axis(L: rewrite.Layer) -> int:

@@ -328,3 +328,20 @@ def test_a_layer_config_giving_k_decomposes_a_narrow_layer_anyway(cnn, tmp_path)
 def test_min_depth_must_be_a_non_negative_integer(cnn, tmp_path, bad):
     with pytest.raises(ConfigError, match="min-depth"):
         convert(cnn, tmp_path / "out.onnx", min_depth=bad)
+
+
+def test_a_first_layer_on_the_image_stays_float_whatever_its_kernel_size(tmp_path):
+    """7×7 over 3 channels is D = 147 ≥ 64, but 3 of every 64 bits per tap (or a patch-packing
+    pass) made it slower than float."""
+    rng = np.random.default_rng(4)
+    nodes = [conv_node("x", "w1", "c1", name="conv1", pads=[3, 3, 3, 3]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+             conv_node("r1", "w2", "y", name="conv2", pads=[1, 1, 1, 1])]
+    src = save_model(make_model(nodes, {"w1": weights(rng, 16, 3, 7, 7), "w2": weights(rng, 16, 16, 3, 3)},
+                                ["N", 3, H, W]), tmp_path / "m.onnx")
+    report = bdecomp.convert(src, tmp_path / "out.onnx", bases=2, act_bits=4, progress=False)
+    assert layer_settings(tmp_path / "out.onnx") == {"conv2": (2, 4)}
+    assert [(f["name"], f["reason"]) for f in report.float_layers] == [
+        ("conv1", "3 input channels (float is faster)")]
+    bdecomp.convert(src, tmp_path / "all.onnx", bases=2, act_bits=4, progress=False, min_depth=0)
+    assert set(layer_settings(tmp_path / "all.onnx")) == {"conv1", "conv2"}
