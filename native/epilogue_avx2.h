@@ -13,6 +13,26 @@
 
 #include <stdint.h>
 
+/* The channel order of the 8 outputs an epilogue block computes: K = 4 → (0,2,4,6,1,3,5,7),
+ * K = 2 → (0,1,4,5,2,3,6,7) (in-lane transposes of the P vectors), else 0..7. */
+static inline int32_t bd_block_channel(int32_t K, int i)
+{
+    static const int8_t k4[8] = {0, 2, 4, 6, 1, 3, 5, 7}, k2[8] = {0, 1, 4, 5, 2, 3, 6, 7};
+    return K == 4 ? k4[i] : K == 2 ? k2[i] : i;
+}
+
+/* bias in the order the epilogue reads it, once per call: within each group, every full block
+ * of 8 channels in bd_block_channel order, the rest as is (a plain load instead of a gather per
+ * block: gathers are slow on AMD). `out` holds G·coutg floats. */
+static inline void bd_block_bias(const float *bias, int64_t G, int64_t coutg, int32_t K, float *out)
+{
+    for (int64_t g = 0; g < G; ++g)
+        for (int64_t i0 = 0; i0 < coutg; i0 += 8)
+            for (int64_t i = 0; i < 8 && i0 + i < coutg; ++i)
+                out[g * coutg + i0 + i] =
+                    bias[g * coutg + i0 + (i0 + 8 <= coutg ? bd_block_channel(K, (int)i) : i)];
+}
+
 /* The epilogue of one (pixel, group), 8 lanes / 8 output channels per instruction; bit for bit
  * bd_epilogue (output_transform.h) per output:
  *   lane L = i·K + j (i = channel of the group):  A_L = 2 S_L − N − z·Sv_L (sign mode: Dv − 2 S_L)
@@ -20,7 +40,8 @@
  *   it), Sv_L from the
  *   per-call lane-major tap sums (all taps for interior pixels, else the valid ones);
  *   P_L = c_L · (float)A_L;  y_i = ((0 + P_{iK}) + P_{iK+1}) + … (the scalar order), then
- *   y·s + bias, + the residual (res_g: NULL, or the fused residual at channel 0 of the group at
+ *   y·s + bias (bias_blk: NULL, or this group's bias in bd_block_bias order), + the residual
+ *   (res_g: NULL, or the fused residual at channel 0 of the group at
  *   this pixel, channel stride out_stride), and the clamp written as max(lo, y), min(hi, y)
  *   (= the scalar comparisons, NaN included).  s32 [lanes + 8] lane sums; P [lanes + 8] scratch. */
 static inline __attribute__((always_inline)) void
@@ -28,7 +49,7 @@ bd_epilogue_lanes_avx2(const int32_t *s32, int64_t lanes, int32_t K, int64_t cou
                        int64_t Dv, int64_t N, int64_t z, int interior, const int32_t *lane_sv,
                        const int32_t *lane_ts, int64_t lt_stride, int64_t kw, int64_t ky0,
                        int64_t ky1, int64_t kx0, int64_t kx1, const float *coeffs_g,
-                       const float *bias_g, float scale, float lo, float hi, float *out_g,
+                       const float *bias_blk, float scale, float lo, float hi, float *out_g,
                        int64_t out_stride, int32_t *acc_g, float *P, const float *res_g)
 {
     const __m256i vN = _mm256_set1_epi32((int32_t)N), vz = _mm256_set1_epi32((int32_t)z),
@@ -66,13 +87,9 @@ bd_epilogue_lanes_avx2(const int32_t *s32, int64_t lanes, int32_t K, int64_t cou
     const __m256i step = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(K));
     const __m256 vs = _mm256_set1_ps(scale), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
     int64_t i0 = 0;
-    /* channel order of the lanes of y: K = 4 → (0,2,4,6,1,3,5,7), K = 2 → (0,1,4,5,2,3,6,7)
-     * (in-lane transposes of the P vectors), else 0..7 (gathers) */
-    const __m256i perm = K == 4 ? _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7)
-                       : K == 2 ? _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7)
-                                : _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    /* channel order of the lanes of y (bd_block_channel) */
     int32_t ch[8];
-    _mm256_storeu_si256((__m256i *)ch, perm);
+    for (int i = 0; i < 8; ++i) ch[i] = bd_block_channel(K, i);
     for (; i0 + 8 <= coutg; i0 += 8) {
         __m256 y = _mm256_setzero_ps();
         const float *Pi = P + i0 * K;
@@ -89,12 +106,29 @@ bd_epilogue_lanes_avx2(const int32_t *s32, int64_t lanes, int32_t K, int64_t cou
             const __m256 v0 = _mm256_loadu_ps(Pi), v1 = _mm256_loadu_ps(Pi + 8);
             y = _mm256_add_ps(y, _mm256_shuffle_ps(v0, v1, 0x88));
             y = _mm256_add_ps(y, _mm256_shuffle_ps(v0, v1, 0xDD));
+        } else if (K == 8) { /* 8×8 transpose: c_j = lane j of the 8 channels, in channel order */
+            __m256 r[8], t[8], u[8];
+            for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(Pi + 8 * i);
+            for (int i = 0; i < 8; i += 2) {
+                t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+                t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+            }
+            for (int i = 0; i < 8; i += 4) {
+                u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+                u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+                u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+                u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+            }
+            for (int j = 0; j < 4; ++j) /* lanes j and j + 4, added in the scalar order 0..7 */
+                y = _mm256_add_ps(y, _mm256_permute2f128_ps(u[j], u[j + 4], 0x20));
+            for (int j = 0; j < 4; ++j)
+                y = _mm256_add_ps(y, _mm256_permute2f128_ps(u[j], u[j + 4], 0x31));
         } else {
             for (int32_t j = 0; j < K; ++j)
                 y = _mm256_add_ps(y, _mm256_i32gather_ps(Pi + j, step, 4));
         }
         y = _mm256_mul_ps(y, vs);
-        y = _mm256_add_ps(y, bias_g ? _mm256_i32gather_ps(bias_g + i0, perm, 4) : _mm256_setzero_ps());
+        y = _mm256_add_ps(y, bias_blk ? _mm256_loadu_ps(bias_blk + i0) : _mm256_setzero_ps());
         if (res_g) {
             float r[8];
             for (int i = 0; i < 8; ++i) r[i] = res_g[(i0 + ch[i]) * out_stride];
@@ -108,7 +142,7 @@ bd_epilogue_lanes_avx2(const int32_t *s32, int64_t lanes, int32_t K, int64_t cou
     for (; i0 < coutg; ++i0) { /* the same float operations, one channel */
         float acc = 0.0f;
         for (int32_t j = 0; j < K; ++j) acc += P[i0 * K + j];
-        float y = acc * scale + (bias_g ? bias_g[i0] : 0.0f);
+        float y = acc * scale + (bias_blk ? bias_blk[i0] : 0.0f);
         if (res_g) y += res_g[i0 * out_stride];
         if (y < lo) y = lo;
         if (y > hi) y = hi;

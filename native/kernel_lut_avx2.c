@@ -217,8 +217,9 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
     int32_t *lane_ts = (int32_t *)calloc((size_t)(T * LS), sizeof(int32_t));
     int32_t *lane_sv = (int32_t *)calloc((size_t)LS, sizeof(int32_t));
     float *lane_c = (float *)calloc((size_t)LS, sizeof(float));
-    if (!tab || !npix || !lane_ts || !lane_sv || !lane_c) {
-        free(tab); free(npix); free(lane_ts); free(lane_sv); free(lane_c);
+    float *bias_blk = bias ? (float *)malloc((size_t)COUT * sizeof(float)) : NULL;
+    if (!tab || !npix || !lane_ts || !lane_sv || !lane_c || (bias && !bias_blk)) {
+        free(tab); free(npix); free(lane_ts); free(lane_sv); free(lane_c); free(bias_blk);
         return BD_ENOMEM;
     }
     for (int64_t co = 0; co < COUT; ++co)
@@ -229,6 +230,7 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
                 lane_sv[co * K + j] += v;
             }
     memcpy(lane_c, coeffs, (size_t)(COUT * K) * sizeof(float));
+    if (bias) bd_block_bias(bias, G, COUTG, K, bias_blk);
     int failed = 0;
 
 #pragma omp parallel num_threads(nthreads)
@@ -277,7 +279,7 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
                     int32_t *acc_g = acc ? acc + (pix * COUT + g * COUTG) * K : NULL;
                     const int64_t l0 = g * lanes; /* lane L of group g = global lane l0 + L */
                     bd_epilogue_lanes_avx2(s32, lanes, K, COUTG, 0, 0, N, z, interior, lane_sv + l0, lane_ts + l0, LS,
-                                 KW, ky0, ky1, kx0, kx1, lane_c + l0, bias ? bias + g * COUTG : NULL,
+                                 KW, ky0, ky1, kx0, kx1, lane_c + l0, bias ? bias_blk + g * COUTG : NULL,
                                  p->scale, p->act_min, p->act_max, out_g, OH * OW, acc_g, P,
                                  p->residual ? p->residual + (out_g - out) : NULL);
                 }
@@ -292,6 +294,7 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
     free(lane_ts);
     free(lane_sv);
     free(lane_c);
+    free(bias_blk);
     return failed ? BD_ENOMEM : BD_OK;
 }
 
