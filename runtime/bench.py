@@ -6,8 +6,8 @@ them in turn, in an order that rotates from round to round, so slow phases of a 
 
 Each turn is one untimed run, then `block` timed runs: onnxruntime's workers spin for a while
 after a run (its default, and its best speed), so whatever runs right after it on a multi-threaded
-setting finds a core taken; the untimed run absorbs that hand-over (SqueezeNet, 2 threads: the
-native runtime timed 16.0 ms right after onnxruntime, 11.8 ms alone).
+setting can find a core taken; the untimed run absorbs that hand-over (SqueezeNet, 2 threads, one
+measurement: the native runtime timed 16.0 ms right after onnxruntime, 11.8 ms alone).
 """
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ def measure_latency(runners: Mapping[str, Callable[[], object]], *, warmup: int 
     """Time each zero-argument callable; returns {name: latency_stats(...) + "stopped"}.
 
     Warm-up: `warmup` interleaved rounds, not recorded. Then rounds (per candidate: one untimed
-    run, `block` timed ones) until every candidate has at least `min_runs` runs and the 95% CI of each median is within ±`rel_ci` of it, or `seconds`
-    of measuring have passed (min_runs is honoured even past the budget), or `max_runs`.
+    run, `block` timed ones) until every candidate has at least `min_runs` runs and the 95% CI of
+    each median is within ±`rel_ci` of it, or `seconds` of measuring have passed (min_runs is
+    honoured even past the budget), or `max_runs`. `clock`: wall time by default.
     """
     names = list(runners)
     if not names:
