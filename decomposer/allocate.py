@@ -1,6 +1,8 @@
 """Per-layer (k, Q) allocation under a budget: `convert --budget KQ` and `--target-drop D`.
 
-Cost of a layer is MACs·k·Q (AND+popcount work); the budget is the MAC-weighted mean k·Q.
+Cost of a layer is MACs·kernel_cost(k, Q) — k·Q where the kernels' work follows it (k = 4 and
+8), rounded up where it does not (k = 5…7 cost what 8 does; Q ≤ 4 costs the same for every Q on
+the lookup-table kernel); the budget is the MAC-weighted mean of that cost.
 Error of a layer at (k, Q) is its relative output error on calibration patches — weight-only
 bases for k, the layer's own calibrated quantizer for Q, bias corrected — computed from Gram
 statistics so the whole k × Q grid costs one Gram matrix per Q — times the layer's measured
@@ -70,18 +72,28 @@ def layer_errors(weight: np.ndarray, group: int, sampler: calibrate.PatchSampler
     return err / den if den > 0 else err
 
 
+def kernel_cost(k: int, q: int) -> int:
+    """Work per MAC of the native kernels, in k·Q units: the popcount kernels run k in 4 or 8
+    lanes (k = 5 costs what k = 8 does), the lookup-table kernel (Q ≤ 4) costs the same for every
+    Q and grows with k alone. (4, 4) → 16, (8, 8) → 64, (5, 6) → 48, (2, 4) → 8, (3, 3) → 12."""
+    popcount = (4 if k <= 4 else 8) * q
+    return min(popcount, 4 * k) if q <= 4 else popcount
+
+
+COST = np.array([[kernel_cost(k, q) for q in Q_CHOICES] for k in K_CHOICES], np.float64)
+
+
 def allocate(layers: list[LayerCosts], budget: float) -> list[tuple[int, int]]:
-    """(k, Q) per layer minimising Σ err subject to MAC-weighted mean k·Q ≤ budget."""
+    """(k, Q) per layer minimising Σ err subject to a MAC-weighted mean kernel_cost ≤ budget."""
     total = float(sum(L.macs for L in layers)) or 1.0
-    kq = np.outer(K_CHOICES, Q_CHOICES).astype(np.float64)
 
     def pick(lam: float) -> tuple[list[tuple[int, int]], float]:
         choice, cost = [], 0.0
         for L in layers:
-            obj = L.err + lam * (L.macs / total) * kq
+            obj = L.err + lam * (L.macs / total) * COST
             ki, qi = np.unravel_index(int(np.argmin(obj)), obj.shape)
             choice.append((K_CHOICES[ki], Q_CHOICES[qi]))
-            cost += L.macs / total * K_CHOICES[ki] * Q_CHOICES[qi]
+            cost += L.macs / total * COST[ki, qi]
         return choice, cost
 
     choice, cost = pick(0.0)
@@ -102,6 +114,11 @@ def allocate(layers: list[LayerCosts], budget: float) -> list[tuple[int, int]]:
 def mac_weighted_kq(layers: list[LayerCosts], choice: list[tuple[int, int]]) -> float:
     total = float(sum(L.macs for L in layers)) or 1.0
     return sum(L.macs * k * q for L, (k, q) in zip(layers, choice)) / total
+
+
+def mac_weighted_cost(layers: list[LayerCosts], choice: list[tuple[int, int]]) -> float:
+    total = float(sum(L.macs for L in layers)) or 1.0
+    return sum(L.macs * kernel_cost(k, q) for L, (k, q) in zip(layers, choice)) / total
 
 
 BUDGETS = (2, 3, 4, 5, 6, 8, 9, 10, 12, 16, 20, 25, 30, 36, 49, 64)
@@ -154,7 +171,8 @@ def search_budget(costs: list[LayerCosts], fixed: dict[int, tuple[int, int]], ta
         mid = (lo + hi) // 2
         ch = choice_for(BUDGETS[mid])
         agr = evaluate(ch)
-        tried.append({"budget": BUDGETS[mid], "mac_weighted_kq": mac_weighted_kq(costs, ch), "agreement": agr})
+        tried.append({"budget": BUDGETS[mid], "mac_weighted_kq": mac_weighted_kq(costs, ch),
+                      "mac_weighted_cost": mac_weighted_cost(costs, ch), "agreement": agr})
         if 100 * (1 - agr) <= target_drop:
             best, hi = ch, mid - 1
         else:

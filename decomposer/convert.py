@@ -99,7 +99,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     into the consuming layers' weights); "tensor" one step per tensor; "auto" per channel where it
     was measured to help — Q ≤ 4, and inputs of depthwise layers — and per tensor elsewhere (at
     Q = 6–8 per-channel steps cost SqueezeNet 1.4–4.4 points of agreement).
-    budget (MAC-weighted mean k·Q) or target_drop (points of top-1 agreement with the float model
+    budget (MAC-weighted mean allocate.kernel_cost: k·Q with the kernels' lanes) or target_drop (points of top-1 agreement with the float model
     on the calibration images) let bdecomp choose k and Q per layer; layers whose k or Q the layer
     config fixes keep them.
     min_depth: layers with D (weights per output: Cg·KH·KW) below it stay float unless the layer
@@ -303,6 +303,7 @@ def _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, im
         choice, tried = allocate.search_budget(costs, fixed, target_drop, evaluate)
         search = {"target_drop": target_drop, "tried": tried, "eval_images": len(xs)}
     search["mac_weighted_kq"] = allocate.mac_weighted_kq(costs, choice)
+    search["mac_weighted_cost"] = allocate.mac_weighted_cost(costs, choice)
     search["sensitivity"] = {name: round(float(w), 6) for name, w in weights.items()}
     new = [(L, LayerSetting(k, q, False)) for (L, _), (k, q) in zip(chosen, choice)]
     return new, search

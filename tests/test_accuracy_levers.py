@@ -56,9 +56,27 @@ def _costs():
 
 
 @pytest.mark.parametrize("budget", [4, 9, 16, 30])
-def test_allocation_meets_the_budget(budget):
+def test_allocation_meets_the_budget_in_kernel_cost_and_so_in_k_times_q(budget):
     costs = _costs()
-    assert allocate.mac_weighted_kq(costs, allocate.allocate(costs, budget)) <= budget + 1e-9
+    choice = allocate.allocate(costs, budget)
+    assert allocate.mac_weighted_kq(costs, choice) <= allocate.mac_weighted_cost(costs, choice) <= budget + 1e-9
+
+
+def test_kernel_cost_follows_the_kernels_lanes_and_the_lookup_tables():
+    cost = allocate.kernel_cost
+    assert [cost(4, 4), cost(8, 8), cost(4, 6), cost(8, 6)] == [16, 64, 24, 48]  # k·Q where the lanes are full
+    assert cost(5, 6) == cost(8, 6) and cost(3, 6) == cost(4, 6)  # k in 4 or 8 popcount lanes
+    assert cost(2, 4) == cost(2, 3) == 8 and cost(5, 4) == 20  # lookup tables: Q ≤ 4 costs as 4, grows with k
+    for k in allocate.K_CHOICES:
+        for q in allocate.Q_CHOICES:
+            assert cost(k, q) >= k * q
+
+
+def test_allocation_does_not_pay_for_lanes_it_leaves_empty():
+    """At Q > 4 a layer at k = 5 costs what k = 8 does: the allocator never prefers it to 8."""
+    costs = _costs()
+    for b in (9, 16, 25, 36, 49):
+        assert all(not (4 < k < 8 and q > 4) for k, q in allocate.allocate(costs, b))
 
 
 def test_allocation_error_does_not_grow_with_the_budget():
