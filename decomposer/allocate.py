@@ -121,8 +121,8 @@ def mac_weighted_cost(layers: list[LayerCosts], choice: list[tuple[int, int]]) -
     return sum(L.macs * kernel_cost(k, q) for L, (k, q) in zip(layers, choice)) / total
 
 
-BUDGETS = (2, 3, 4, 5, 6, 8, 9, 10, 12, 16, 20, 25, 30, 36, 49, 64)
-EVAL_IMAGES = 64
+BUDGETS = (2, 3, 4, 5, 6, 8, 9, 10, 12, 16, 20, 25, 30, 36, 42, 49, 56, 64)
+EVAL_IMAGES = 128
 SENSITIVITY_IMAGES = 16
 PROBE = (2, 4)  # (k, Q) a layer is put at, alone, to measure how its error reaches the output
 
