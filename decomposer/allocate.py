@@ -111,14 +111,14 @@ def allocate(layers: list[LayerCosts], budget: float) -> list[tuple[int, int]]:
     return pick(hi)[0]
 
 
+def mac_weighted_cost(layers: list[LayerCosts], choice: list[tuple[int, int]],
+                      cost: Callable[[int, int], float] = kernel_cost) -> float:
+    total = float(sum(L.macs for L in layers)) or 1.0
+    return sum(L.macs * cost(k, q) for L, (k, q) in zip(layers, choice)) / total
+
+
 def mac_weighted_kq(layers: list[LayerCosts], choice: list[tuple[int, int]]) -> float:
-    total = float(sum(L.macs for L in layers)) or 1.0
-    return sum(L.macs * k * q for L, (k, q) in zip(layers, choice)) / total
-
-
-def mac_weighted_cost(layers: list[LayerCosts], choice: list[tuple[int, int]]) -> float:
-    total = float(sum(L.macs for L in layers)) or 1.0
-    return sum(L.macs * kernel_cost(k, q) for L, (k, q) in zip(layers, choice)) / total
+    return mac_weighted_cost(layers, choice, lambda k, q: k * q)
 
 
 BUDGETS = (2, 3, 4, 5, 6, 8, 9, 10, 12, 16, 20, 25, 30, 36, 42, 49, 56, 64)

@@ -163,6 +163,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
 
     qparams: dict[tuple[str, int, int], calibrate.QParams] = {}
     samplers: dict[str, calibrate.PatchSampler] = {}
+    used_range = "dynamic-minmax"  # what the file's quantizers really got (recorded in its metadata)
     search: dict = {}
     n_calib = 0
     if calib is not None and chosen:
@@ -190,6 +191,8 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
                                             samplers=list(samplers.values()), channel_stats=cstats)
 
         base_range = "mse" if range_method == "output" else range_method
+        # "output" needs the readers' calibration patches; without them the ranges stay "mse"
+        used_range = base_range if range_method == "output" and not samplers else range_method
 
         def qparams_for(L, q: int) -> calibrate.QParams:
             key = (L.input, q, _channel_axis(L))
@@ -197,7 +200,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
                 qp = calibrate.choose_qparams(stats[L.input], q, base_range)
                 qp = (calibrate.choose_channel_scales(cstats[key[0], key[2]], qp, base_range)
                       if per_channel(L, q) else qp)
-                if range_method == "output" and samplers:
+                if used_range == "output":
                     uses = [(samplers[M.name].patches(), M.weight, M.group) for M, _ in chosen
                             if (M.input, _channel_axis(M)) == (key[0], key[2]) and samplers[M.name].count]
                     qp = refine.refine_for_outputs(qp, uses)
@@ -215,8 +218,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
             "options": json.dumps({"calib_images": n_calib,
                                    "method": method if n_calib else "weight",
                                    "bias_correction": bool(bias_correction and n_calib),
-                                   "range_method": (("mse" if range_method == "output" and not samplers
-                                                     else range_method) if n_calib else "dynamic-minmax"),
+                                   "range_method": used_range,
                                    "act_scales": act_scales if n_calib else "tensor"}, sort_keys=True)}
     meta.update({k: str(v) for k, v in info.items()})
     existing = {p.key for p in out.metadata_props}

@@ -22,31 +22,50 @@ def scaled(qp: QParams, m: float) -> QParams:
     return QParams(float(np.float32(qp.scale * m)), qp.zero_point, qp.bits, cs)
 
 
-def output_error(qp: QParams, uses: list[tuple[np.ndarray, np.ndarray, int]]) -> float:
-    """Σ over the reading layers of ‖X Wᵀ − Q(X) Wᵀ‖² / ‖X Wᵀ‖² on their patches: each layer counts
-    alike whatever its output scale. `uses`: (patches [P, G, D], weight [Cout, D], groups)."""
-    total = 0.0
+Use = tuple[np.ndarray, np.ndarray, int]  # a reading layer: (patches [P, G, D], weight [Cout, D], groups)
+
+
+def _float_outputs(uses: list[Use]) -> list[list[tuple[np.ndarray, np.ndarray, np.ndarray, float]]]:
+    """Per reading layer and group: (X, Wᵀ, X Wᵀ, ‖X Wᵀ‖²) — what does not depend on the quantizer."""
+    out = []
     for P, W, group in uses:
-        es = None if qp.channel_scales is None else element_scales(qp.channel_scales, group, W.shape[1])
         cout_g = W.shape[0] // group
-        num = den = 0.0
+        per_group = []
         for g in range(group):
             X = P[:, g, :]
             Wg = W[g * cout_g:(g + 1) * cout_g].T.astype(np.float32)
             Y = X @ Wg
+            per_group.append((X, Wg, Y, float((Y.astype(np.float64) ** 2).sum())))
+        out.append(per_group)
+    return out
+
+
+def _output_error(qp: QParams, uses: list[Use], floats) -> float:
+    total = 0.0
+    for (_, W, group), per_group in zip(uses, floats):
+        es = None if qp.channel_scales is None else element_scales(qp.channel_scales, group, W.shape[1])
+        num = den = 0.0
+        for g, (X, Wg, Y, energy) in enumerate(per_group):
             Yh = quantize_dequantize(X, qp, None if es is None else es[g]) @ Wg
             num += float(((Y - Yh).astype(np.float64) ** 2).sum())
-            den += float((Y.astype(np.float64) ** 2).sum())
+            den += energy
         total += num / den if den > 0 else 0.0
     return total
 
 
-def refine_for_outputs(qp: QParams, uses: list[tuple[np.ndarray, np.ndarray, int]]) -> QParams:
+def output_error(qp: QParams, uses: list[Use]) -> float:
+    """Σ over the reading layers of ‖X Wᵀ − Q(X) Wᵀ‖² / ‖X Wᵀ‖² on their patches: each layer counts
+    alike whatever its output scale."""
+    return _output_error(qp, uses, _float_outputs(uses))
+
+
+def refine_for_outputs(qp: QParams, uses: list[Use]) -> QParams:
     """The multiple of `qp`'s steps in STEP_MULTIPLIERS with the least output_error (`qp` itself,
-    factor 1, on ties or without uses)."""
+    factor 1, on ties or without uses). The float outputs are computed once for all multiples."""
     if not uses:
         return qp
-    errs = [output_error(scaled(qp, m), uses) for m in STEP_MULTIPLIERS]
+    floats = _float_outputs(uses)
+    errs = [_output_error(scaled(qp, m), uses, floats) for m in STEP_MULTIPLIERS]
     one = STEP_MULTIPLIERS.index(1.0)
     best = int(np.argmin(errs))
     return qp if errs[best] >= errs[one] else scaled(qp, STEP_MULTIPLIERS[best])

@@ -78,7 +78,7 @@ class _Quantized:
         implicit."""
         from bdecomp import native
 
-        key = ("im2col", spec.weight_shape[2:], spec.strides, spec.pads, spec.dilations)
+        key = _im2col_key(spec)
         if key not in self._packed:
             self._packed[key] = native.im2col_quantize_pack(
                 self.x, kernel=spec.weight_shape[2:], strides=spec.strides, pads=spec.pads,
@@ -88,7 +88,7 @@ class _Quantized:
 
     def forget_im2col(self, spec: LayerSpec) -> None:
         """Drop the cached patches of `spec` (timing the patch path includes building them)."""
-        self._packed.pop(("im2col", spec.weight_shape[2:], spec.strides, spec.pads, spec.dilations), None)
+        self._packed.pop(_im2col_key(spec), None)
 
     def native_codes(self) -> np.ndarray:
         """uint8 codes of x (NCHW), for the depthwise kernel; computed once."""
@@ -107,6 +107,11 @@ class _Quantized:
         if s is not None:
             s = s.reshape(-1, 1, 1) if self.spec.channel_ndim == 3 else s
         return quantize(self.x, self.scale if s is None else s, self.zero_point, self.spec.bits)
+
+
+def _im2col_key(spec: LayerSpec) -> tuple:
+    """The _Quantized cache key of a layer's packed patches (layers of the same geometry share them)."""
+    return ("im2col", spec.weight_shape[2:], spec.strides, spec.pads, spec.dilations)
 
 
 IM2COL_MAX_BYTES = 64 << 20
