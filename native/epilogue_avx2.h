@@ -12,6 +12,10 @@
 #define BDECOMP_EPILOGUE_AVX2_H
 
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bdecomp.h"
 
 /* The channel order of the 8 outputs an epilogue block computes: K = 4 → (0,2,4,6,1,3,5,7),
  * K = 2 → (0,1,4,5,2,3,6,7) (in-lane transposes of the P vectors), else 0..7. */
@@ -31,6 +35,47 @@ static inline void bd_block_bias(const float *bias, int64_t G, int64_t coutg, in
             for (int64_t i = 0; i < 8 && i0 + i < coutg; ++i)
                 out[g * coutg + i0 + i] =
                     bias[g * coutg + i0 + (i0 + 8 <= coutg ? bd_block_channel(K, (int)i) : i)];
+}
+
+/* The lane-major inputs above, built once per call by both drivers (conv_driver.inc, the LUT
+ * kernel): ts [T][LS] tap sums, sv [LS] their sum over the taps, c [LS] coefficients (zero-padded
+ * to LS = Cout·K + 8), bias in bd_block_bias order (NULL without bias). */
+typedef struct {
+    int32_t *ts, *sv;
+    float *c, *bias;
+    int64_t stride; /* LS */
+} bd_epilogue_tables;
+
+static inline void bd_epilogue_tables_free(bd_epilogue_tables *e)
+{
+    free(e->ts); free(e->sv); free(e->c); free(e->bias);
+}
+
+/* BD_OK, or BD_ENOMEM with nothing left allocated */
+static inline int bd_epilogue_tables_make(bd_epilogue_tables *e, const int32_t *tap_sums,
+                                          const float *coeffs, const float *bias, int64_t cout,
+                                          int64_t groups, int32_t K, int64_t T)
+{
+    const int64_t LS = cout * K + 8;
+    e->stride = LS;
+    e->ts = (int32_t *)calloc((size_t)(T * LS), sizeof(int32_t));
+    e->sv = (int32_t *)calloc((size_t)LS, sizeof(int32_t));
+    e->c = (float *)calloc((size_t)LS, sizeof(float));
+    e->bias = bias ? (float *)malloc((size_t)cout * sizeof(float)) : NULL;
+    if (!e->ts || !e->sv || !e->c || (bias && !e->bias)) {
+        bd_epilogue_tables_free(e);
+        return BD_ENOMEM;
+    }
+    for (int64_t co = 0; co < cout; ++co)
+        for (int64_t t = 0; t < T; ++t)
+            for (int32_t j = 0; j < K; ++j) {
+                const int32_t v = tap_sums[(co * T + t) * K + j];
+                e->ts[t * LS + co * K + j] = v;
+                e->sv[co * K + j] += v;
+            }
+    memcpy(e->c, coeffs, (size_t)(cout * K) * sizeof(float));
+    if (bias) bd_block_bias(bias, groups, cout / groups, K, e->bias);
+    return BD_OK;
 }
 
 /* The epilogue of one (pixel, group), 8 lanes / 8 output channels per instruction; bit for bit

@@ -211,26 +211,13 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
     const int64_t w_sx = nq * 32 * LUT_BLOCKS, w_sy = KW * w_sx, w_pass = T * w_sx;
     if (nthreads <= 0) nthreads = 1;
 
-    const int64_t LS = COUT * K + 8; /* lane-major arrays: all lanes of all groups, padded */
     uint8_t *tab = (uint8_t *)malloc((size_t)(p->n * H * W * tpix));
     int32_t *npix = (int32_t *)malloc((size_t)(p->n * H * W * G) * sizeof(int32_t));
-    int32_t *lane_ts = (int32_t *)calloc((size_t)(T * LS), sizeof(int32_t));
-    int32_t *lane_sv = (int32_t *)calloc((size_t)LS, sizeof(int32_t));
-    float *lane_c = (float *)calloc((size_t)LS, sizeof(float));
-    float *bias_blk = bias ? (float *)malloc((size_t)COUT * sizeof(float)) : NULL;
-    if (!tab || !npix || !lane_ts || !lane_sv || !lane_c || (bias && !bias_blk)) {
-        free(tab); free(npix); free(lane_ts); free(lane_sv); free(lane_c); free(bias_blk);
+    bd_epilogue_tables e; /* lane-major arrays: all lanes of all groups, padded */
+    if (!tab || !npix || bd_epilogue_tables_make(&e, tap_sums, coeffs, bias, COUT, G, K, T) != BD_OK) {
+        free(tab); free(npix);
         return BD_ENOMEM;
     }
-    for (int64_t co = 0; co < COUT; ++co)
-        for (int64_t t = 0; t < T; ++t)
-            for (int32_t j = 0; j < K; ++j) {
-                const int32_t v = tap_sums[(co * T + t) * K + j];
-                lane_ts[t * LS + co * K + j] = v;
-                lane_sv[co * K + j] += v;
-            }
-    memcpy(lane_c, coeffs, (size_t)(COUT * K) * sizeof(float));
-    if (bias) bd_block_bias(bias, G, COUTG, K, bias_blk);
     int failed = 0;
 
 #pragma omp parallel num_threads(nthreads)
@@ -278,8 +265,8 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
                     float *out_g = out + ((n * COUT + g * COUTG) * OH + oy) * OW + ox;
                     int32_t *acc_g = acc ? acc + (pix * COUT + g * COUTG) * K : NULL;
                     const int64_t l0 = g * lanes; /* lane L of group g = global lane l0 + L */
-                    bd_epilogue_lanes_avx2(s32, lanes, K, COUTG, 0, 0, N, z, interior, lane_sv + l0, lane_ts + l0, LS,
-                                 KW, ky0, ky1, kx0, kx1, lane_c + l0, bias ? bias_blk + g * COUTG : NULL,
+                    bd_epilogue_lanes_avx2(s32, lanes, K, COUTG, 0, 0, N, z, interior, e.sv + l0, e.ts + l0, e.stride,
+                                 KW, ky0, ky1, kx0, kx1, e.c + l0, e.bias ? e.bias + g * COUTG : NULL,
                                  p->scale, p->act_min, p->act_max, out_g, OH * OW, acc_g, P,
                                  p->residual ? p->residual + (out_g - out) : NULL);
                 }
@@ -291,10 +278,7 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
     }
     free(tab);
     free(npix);
-    free(lane_ts);
-    free(lane_sv);
-    free(lane_c);
-    free(bias_blk);
+    bd_epilogue_tables_free(&e);
     return failed ? BD_ENOMEM : BD_OK;
 }
 
