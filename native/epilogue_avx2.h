@@ -78,30 +78,23 @@ static inline int bd_epilogue_tables_make(bd_epilogue_tables *e, const int32_t *
     return BD_OK;
 }
 
-/* The epilogue of one (pixel, group), 8 lanes / 8 output channels per instruction; bit for bit
- * bd_epilogue (output_transform.h) per output:
+/* The integer part of the epilogue of one (pixel, group), 8 lanes per instruction:
  *   lane L = i·K + j (i = channel of the group):  A_L = 2 S_L − N − z·Sv_L (sign mode: Dv − 2 S_L)
  *   in int32 (A fits an int32 by the depth limit; the wrapping intermediate 2 S_L cannot change
- *   it), Sv_L from the
- *   per-call lane-major tap sums (all taps for interior pixels, else the valid ones);
- *   P_L = c_L · (float)A_L;  y_i = ((0 + P_{iK}) + P_{iK+1}) + … (the scalar order), then
- *   y·s + bias (bias_blk: NULL, or this group's bias in bd_block_bias order), + the residual
- *   (res_g: NULL, or the fused residual at channel 0 of the group at
- *   this pixel, channel stride out_stride), and the clamp written as max(lo, y), min(hi, y)
- *   (= the scalar comparisons, NaN included).  s32 [lanes + 8] lane sums; P [lanes + 8] scratch. */
+ *   it), Sv_L from the per-call lane-major tap sums (all taps for interior pixels, else the valid
+ *   ones).  s32 [lanes + 8] lane sums in; A [lanes + 8] out (lanes ≥ `lanes`: unused values);
+ *   acc_g: NULL, or where the integer accumulators of this (pixel, group) go. */
 static inline __attribute__((always_inline)) void
-bd_epilogue_lanes_avx2(const int32_t *s32, int64_t lanes, int32_t K, int64_t coutg, int sign,
-                       int64_t Dv, int64_t N, int64_t z, int interior, const int32_t *lane_sv,
-                       const int32_t *lane_ts, int64_t lt_stride, int64_t kw, int64_t ky0,
-                       int64_t ky1, int64_t kx0, int64_t kx1, const float *coeffs_g,
-                       const float *bias_blk, float scale, float lo, float hi, float *out_g,
-                       int64_t out_stride, int32_t *acc_g, float *P, const float *res_g)
+bd_epilogue_int_avx2(const int32_t *s32, int64_t lanes, int sign, int64_t Dv, int64_t N, int64_t z,
+                     int interior, const int32_t *lane_sv, const int32_t *lane_ts, int64_t lt_stride,
+                     int64_t kw, int64_t ky0, int64_t ky1, int64_t kx0, int64_t kx1, int32_t *A,
+                     int32_t *acc_g)
 {
     const __m256i vN = _mm256_set1_epi32((int32_t)N), vz = _mm256_set1_epi32((int32_t)z),
                   vD = _mm256_set1_epi32((int32_t)Dv);
     for (int64_t L = 0; L < lanes; L += 8) {
         const __m256i S = _mm256_loadu_si256((const __m256i *)(s32 + L));
-        __m256i sv, A;
+        __m256i sv, a;
         if (sign) {
             sv = _mm256_setzero_si256();
         } else if (interior) {
@@ -114,21 +107,90 @@ bd_epilogue_lanes_avx2(const int32_t *s32, int64_t lanes, int32_t K, int64_t cou
                         (const __m256i *)(lane_ts + (ky * kw + kx) * lt_stride + L)));
         }
         if (sign)
-            A = _mm256_sub_epi32(vD, _mm256_add_epi32(S, S));
+            a = _mm256_sub_epi32(vD, _mm256_add_epi32(S, S));
         else
-            A = _mm256_sub_epi32(_mm256_sub_epi32(_mm256_add_epi32(S, S), vN), _mm256_mullo_epi32(vz, sv));
+            a = _mm256_sub_epi32(_mm256_sub_epi32(_mm256_add_epi32(S, S), vN), _mm256_mullo_epi32(vz, sv));
+        _mm256_storeu_si256((__m256i *)(A + L), a);
         if (acc_g) {
             if (L + 8 <= lanes) {
-                _mm256_storeu_si256((__m256i *)(acc_g + L), A);
+                _mm256_storeu_si256((__m256i *)(acc_g + L), a);
             } else {
-                int32_t tmp[8];
-                _mm256_storeu_si256((__m256i *)tmp, A);
-                for (int64_t i = 0; i < lanes - L; ++i) acc_g[L + i] = tmp[i];
+                for (int64_t i = 0; i < lanes - L; ++i) acc_g[L + i] = A[L + i];
             }
         }
-        /* lanes ≥ `lanes` read zero-padded coefficients: P = 0 there, never used */
-        _mm256_storeu_ps(P + L, _mm256_mul_ps(_mm256_loadu_ps(coeffs_g + L), _mm256_cvtepi32_ps(A)));
     }
+}
+
+/* r[i] (row i, 8 floats) → r[j] = column j: a plain 8×8 transpose */
+static inline __attribute__((always_inline)) void bd_transpose8_ps(__m256 r[8])
+{
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; ++j) {
+        r[j] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x20);
+        r[j + 4] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x31);
+    }
+}
+
+/* y_i = ((0 + P_{iK}) + P_{iK+1}) + … for the 8 output channels whose lanes start at Pi, in
+ * bd_block_channel(K, ·) order (a load for K = 1, in-lane transposes for K = 2, 4, 8, gathers
+ * otherwise);
+ * step = (0, K, …, 7K). */
+static inline __attribute__((always_inline)) __m256 bd_sum8_avx2(const float *Pi, int32_t K, __m256i step)
+{
+    __m256 y = _mm256_setzero_ps();
+    if (K == 1) {
+        y = _mm256_add_ps(y, _mm256_loadu_ps(Pi));
+    } else if (K == 4) {
+        const __m256 v0 = _mm256_loadu_ps(Pi), v1 = _mm256_loadu_ps(Pi + 8),
+                     v2 = _mm256_loadu_ps(Pi + 16), v3 = _mm256_loadu_ps(Pi + 24);
+        const __m256 t0 = _mm256_unpacklo_ps(v0, v1), t1 = _mm256_unpackhi_ps(v0, v1),
+                     t2 = _mm256_unpacklo_ps(v2, v3), t3 = _mm256_unpackhi_ps(v2, v3);
+        y = _mm256_add_ps(y, _mm256_shuffle_ps(t0, t2, 0x44));
+        y = _mm256_add_ps(y, _mm256_shuffle_ps(t0, t2, 0xEE));
+        y = _mm256_add_ps(y, _mm256_shuffle_ps(t1, t3, 0x44));
+        y = _mm256_add_ps(y, _mm256_shuffle_ps(t1, t3, 0xEE));
+    } else if (K == 2) {
+        const __m256 v0 = _mm256_loadu_ps(Pi), v1 = _mm256_loadu_ps(Pi + 8);
+        y = _mm256_add_ps(y, _mm256_shuffle_ps(v0, v1, 0x88));
+        y = _mm256_add_ps(y, _mm256_shuffle_ps(v0, v1, 0xDD));
+    } else if (K == 8) { /* 8×8 transpose: column j = c_j·A_j of the 8 channels, in channel order */
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(Pi + 8 * i);
+        bd_transpose8_ps(r);
+        for (int j = 0; j < 8; ++j) y = _mm256_add_ps(y, r[j]);
+    } else {
+        for (int32_t j = 0; j < K; ++j)
+            y = _mm256_add_ps(y, _mm256_i32gather_ps(Pi + j, step, 4));
+    }
+    return y;
+}
+
+/* The float part of the epilogue of one (pixel, group), 8 output channels per instruction; bit
+ * for bit bd_epilogue (output_transform.h) per output: P_L = c_L · (float)A_L;
+ * y_i = ((0 + P_{iK}) + P_{iK+1}) + … (the scalar order), then y·s + bias (bias_blk: NULL, or
+ * this group's bias in bd_block_bias order), + the residual (res_g: NULL, or the fused residual
+ * at channel 0 of the group at this pixel, channel stride out_stride), and the clamp written as
+ * max(lo, y), min(hi, y) (= the scalar comparisons, NaN included).  A [lanes + 8] from
+ * bd_epilogue_int_avx2; P [lanes + 8] scratch.  For rows of pixels bd_epilogue_block_avx2 is
+ * faster (contiguous stores); this is for lone pixels. */
+static inline __attribute__((always_inline)) void
+bd_epilogue_pixel_avx2(const int32_t *A, int64_t lanes, int32_t K, int64_t coutg,
+                       const float *coeffs_g, const float *bias_blk, float scale, float lo,
+                       float hi, float *out_g, int64_t out_stride, float *P, const float *res_g)
+{
+    for (int64_t L = 0; L < lanes; L += 8) /* lanes ≥ `lanes` read zero-padded coefficients */
+        _mm256_storeu_ps(P + L, _mm256_mul_ps(_mm256_loadu_ps(coeffs_g + L),
+                                              _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(A + L)))));
     const __m256i step = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(K));
     const __m256 vs = _mm256_set1_ps(scale), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
     int64_t i0 = 0;
@@ -136,42 +198,7 @@ bd_epilogue_lanes_avx2(const int32_t *s32, int64_t lanes, int32_t K, int64_t cou
     int32_t ch[8];
     for (int i = 0; i < 8; ++i) ch[i] = bd_block_channel(K, i);
     for (; i0 + 8 <= coutg; i0 += 8) {
-        __m256 y = _mm256_setzero_ps();
-        const float *Pi = P + i0 * K;
-        if (K == 4) {
-            const __m256 v0 = _mm256_loadu_ps(Pi), v1 = _mm256_loadu_ps(Pi + 8),
-                         v2 = _mm256_loadu_ps(Pi + 16), v3 = _mm256_loadu_ps(Pi + 24);
-            const __m256 t0 = _mm256_unpacklo_ps(v0, v1), t1 = _mm256_unpackhi_ps(v0, v1),
-                         t2 = _mm256_unpacklo_ps(v2, v3), t3 = _mm256_unpackhi_ps(v2, v3);
-            y = _mm256_add_ps(y, _mm256_shuffle_ps(t0, t2, 0x44));
-            y = _mm256_add_ps(y, _mm256_shuffle_ps(t0, t2, 0xEE));
-            y = _mm256_add_ps(y, _mm256_shuffle_ps(t1, t3, 0x44));
-            y = _mm256_add_ps(y, _mm256_shuffle_ps(t1, t3, 0xEE));
-        } else if (K == 2) {
-            const __m256 v0 = _mm256_loadu_ps(Pi), v1 = _mm256_loadu_ps(Pi + 8);
-            y = _mm256_add_ps(y, _mm256_shuffle_ps(v0, v1, 0x88));
-            y = _mm256_add_ps(y, _mm256_shuffle_ps(v0, v1, 0xDD));
-        } else if (K == 8) { /* 8×8 transpose: c_j = lane j of the 8 channels, in channel order */
-            __m256 r[8], t[8], u[8];
-            for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(Pi + 8 * i);
-            for (int i = 0; i < 8; i += 2) {
-                t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-                t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-            }
-            for (int i = 0; i < 8; i += 4) {
-                u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-                u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-                u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-                u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-            }
-            for (int j = 0; j < 4; ++j) /* lanes j and j + 4, added in the scalar order 0..7 */
-                y = _mm256_add_ps(y, _mm256_permute2f128_ps(u[j], u[j + 4], 0x20));
-            for (int j = 0; j < 4; ++j)
-                y = _mm256_add_ps(y, _mm256_permute2f128_ps(u[j], u[j + 4], 0x31));
-        } else {
-            for (int32_t j = 0; j < K; ++j)
-                y = _mm256_add_ps(y, _mm256_i32gather_ps(Pi + j, step, 4));
-        }
+        __m256 y = bd_sum8_avx2(P + i0 * K, K, step);
         y = _mm256_mul_ps(y, vs);
         y = _mm256_add_ps(y, bias_blk ? _mm256_loadu_ps(bias_blk + i0) : _mm256_setzero_ps());
         if (res_g) {
@@ -192,6 +219,99 @@ bd_epilogue_lanes_avx2(const int32_t *s32, int64_t lanes, int32_t K, int64_t cou
         if (y < lo) y = lo;
         if (y > hi) y = hi;
         out_g[i0 * out_stride] = y;
+    }
+}
+
+
+#define BD_EPI_BLOCK 8 /* output pixels per bd_epilogue_block_avx2 call (at most) */
+
+/* Whether the epilogue runs on blocks of pixels (bd_epilogue_block_avx2): while a block's
+ * accumulators and products (2 · 8 · (Cout·K + 8) · 4 bytes) stay well inside L1; beyond, pixel by
+ * pixel (1×1 32→128 at K = 4: blocks were 12–16 % slower; 512→1000: 6–12 %; AVX-512 Zen 4). */
+static inline int bd_epilogue_blocks(int64_t cout, int32_t K)
+{
+    /* K = 3, 5, 6, 7 sum their lanes with gathers: on top of those the transposes cost more than
+     * the scattered stores they save (1×1 96→16 at K = 6: 6 % slower) */
+    return cout * K <= 256 && (K == 1 || K == 2 || K == 4 || K == 8);
+}
+
+/* The float part of the epilogue of npx (2…8) consecutive output pixels of one row and group,
+ * bit for bit bd_epilogue_pixel_avx2 on each: the same per-pixel sums over j (bd_sum8_avx2),
+ * then an 8×8 transpose so that each output channel's 8 pixels are one contiguous store instead
+ * of 8 scattered ones (and the residual one contiguous load).  A of pixel p at A + p·a_stride
+ * ([lanes + 8] from bd_epilogue_int_avx2; all 8 rows readable, rows ≥ npx unused), bias_blk as
+ * in bd_epilogue_pixel_avx2, out_g / res_g: channel 0 of the group at the first pixel (channel
+ * stride out_stride, pixels contiguous), P scratch [8 · a_stride]. */
+static inline __attribute__((always_inline)) void
+bd_epilogue_block_avx2(const int32_t *A, int64_t a_stride, int npx, int64_t lanes, int32_t K,
+                       int64_t coutg, const float *coeffs_g, const float *bias_blk, float scale,
+                       float lo, float hi, float *out_g, int64_t out_stride, float *P,
+                       const float *res_g)
+{
+    for (int p = 0; p < BD_EPI_BLOCK; ++p)
+        for (int64_t L = 0; L < lanes; L += 8) /* lanes ≥ `lanes` read zero-padded coefficients */
+            _mm256_storeu_ps(P + p * a_stride + L,
+                             _mm256_mul_ps(_mm256_loadu_ps(coeffs_g + L), _mm256_cvtepi32_ps(_mm256_loadu_si256(
+                                                 (const __m256i *)(A + p * a_stride + L)))));
+    const __m256i step = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(K));
+    const __m256 vs = _mm256_set1_ps(scale), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+    int64_t i0 = 0;
+    for (; i0 + 8 <= coutg; i0 += 8) {
+        __m256 r[8];
+        for (int p = 0; p < BD_EPI_BLOCK; ++p) r[p] = _mm256_mul_ps(bd_sum8_avx2(P + p * a_stride + i0 * K, K, step), vs);
+        bd_transpose8_ps(r); /* r[i] = channel i0 + bd_block_channel(K, i) over the 8 pixels */
+        for (int i = 0; i < 8; ++i) {
+            const int64_t co = i0 + bd_block_channel(K, i);
+            __m256 y = _mm256_add_ps(r[i], _mm256_set1_ps(bias_blk ? bias_blk[i0 + i] : 0.0f));
+            float *o = out_g + co * out_stride;
+            if (npx == 8) { /* plain loads and stores: masked ones are slow on AMD */
+                if (res_g) y = _mm256_add_ps(y, _mm256_loadu_ps(res_g + co * out_stride));
+                _mm256_storeu_ps(o, _mm256_min_ps(vhi, _mm256_max_ps(vlo, y)));
+            } else {
+                float t[8] = {0};
+                if (res_g) {
+                    for (int p = 0; p < npx; ++p) t[p] = res_g[co * out_stride + p];
+                    y = _mm256_add_ps(y, _mm256_loadu_ps(t));
+                }
+                _mm256_storeu_ps(t, _mm256_min_ps(vhi, _mm256_max_ps(vlo, y)));
+                for (int p = 0; p < npx; ++p) o[p] = t[p];
+            }
+        }
+    }
+    for (; i0 < coutg; ++i0) /* the same float operations, one channel */
+        for (int p = 0; p < npx; ++p) {
+            float acc = 0.0f;
+            for (int32_t j = 0; j < K; ++j) acc += P[p * a_stride + i0 * K + j];
+            float y = acc * scale + (bias_blk ? bias_blk[i0] : 0.0f);
+            if (res_g) y += res_g[i0 * out_stride + p];
+            if (y < lo) y = lo;
+            if (y > hi) y = hi;
+            out_g[i0 * out_stride + p] = y;
+        }
+}
+
+/* The float epilogue of npx (1…BD_EPI_BLOCK) consecutive output pixels of one row, every group,
+ * from their integer accumulators (pixel p, group g at Ablk + p·a_stride + g·coutg·K, a_stride ≥
+ * G·coutg·K + 8): bd_epilogue_block_avx2 for 2+ pixels if `blocks`, else pixel by pixel.
+ * out0 / res0 (NULL: no residual): the output / residual at channel 0 of the first pixel,
+ * channel stride `plane`; P scratch [BD_EPI_BLOCK · a_stride]. */
+static inline void bd_epilogue_flush_avx2(const int32_t *Ablk, int64_t a_stride, int npx, int blocks,
+                                          int64_t G, int64_t coutg, int32_t K,
+                                          const bd_epilogue_tables *e, float scale, float lo, float hi,
+                                          float *out0, int64_t plane, const float *res0, float *P)
+{
+    const int64_t lanes = coutg * K;
+    for (int64_t g = 0; g < G; ++g) {
+        const int64_t l0 = g * lanes, o0 = g * coutg * plane;
+        const float *bias_blk = e->bias ? e->bias + g * coutg : NULL;
+        if (blocks && npx > 1) {
+            bd_epilogue_block_avx2(Ablk + l0, a_stride, npx, lanes, K, coutg, e->c + l0, bias_blk, scale,
+                                   lo, hi, out0 + o0, plane, P, res0 ? res0 + o0 : NULL);
+            continue;
+        }
+        for (int px = 0; px < npx; ++px)
+            bd_epilogue_pixel_avx2(Ablk + px * a_stride + l0, lanes, K, coutg, e->c + l0, bias_blk, scale,
+                                   lo, hi, out0 + o0 + px, plane, P, res0 ? res0 + o0 + px : NULL);
     }
 }
 

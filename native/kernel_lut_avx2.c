@@ -209,6 +209,7 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
     const int64_t tpix = G * nq * 16;                      /* table bytes per input pixel */
     const int64_t t_sy = p->dil_h * W * tpix, t_sx = p->dil_w * tpix;
     const int64_t w_sx = nq * 32 * LUT_BLOCKS, w_sy = KW * w_sx, w_pass = T * w_sx;
+    const int blocks = bd_epilogue_blocks(COUT, K); /* epilogue on blocks of pixels? */
     if (nthreads <= 0) nthreads = 1;
 
     uint8_t *tab = (uint8_t *)malloc((size_t)(p->n * H * W * tpix));
@@ -223,58 +224,68 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
 #pragma omp parallel num_threads(nthreads)
     {
         build_tables(act, p->n * H * W, G, Q, WPG, nq, tab, npix); /* omp for inside: ends in a barrier */
-        float *P = (float *)malloc((size_t)(npass * 128 + 8) * sizeof(float));
+        float *P = (float *)malloc((size_t)(BD_EPI_BLOCK * (COUT * K + 8)) * sizeof(float));
         int32_t *s32 = (int32_t *)aligned_alloc(32, (size_t)(npass * 128) * sizeof(int32_t));
         __m256i *c16 = (__m256i *)aligned_alloc(32, 2 * LUT_BLOCKS * sizeof(__m256i));
-        if (!P || !s32 || !c16) {
+        /* integer accumulators A of a block of output pixels, all groups: pixel b at b·a_stride,
+         * group g at g·lanes (the int epilogue's 8-lane tail spills into the next group's lanes,
+         * which that group then overwrites: groups run in order) */
+        const int64_t a_stride = COUT * K + 8;
+        int32_t *Ablk = (int32_t *)calloc((size_t)(BD_EPI_BLOCK * a_stride), sizeof(int32_t));
+        if (!P || !s32 || !c16 || !Ablk) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static) /* contiguous rows per thread: NCHW rows of neighbouring oy share cache lines */
         for (int64_t r = 0; r < rows; ++r) {
-            if (!P || !s32 || !c16) continue;
+            if (!P || !s32 || !c16 || !Ablk) continue;
             const int64_t n = r / OH, oy = r % OH;
             int64_t ky0, ky1;
             bd_valid_range(oy, p->stride_h, p->pad_top, p->dil_h, KH, H, &ky0, &ky1);
             const int64_t iy0 = oy * p->stride_h - p->pad_top + ky0 * p->dil_h;
-            for (int64_t ox = 0; ox < OW; ++ox) {
-                int64_t kx0, kx1;
-                bd_valid_range(ox, p->stride_w, p->pad_left, p->dil_w, KW, W, &kx0, &kx1);
-                const int64_t ix0 = ox * p->stride_w - p->pad_left + kx0 * p->dil_w;
-                const int64_t ny = ky1 - ky0, nx = kx1 - kx0;
-                const int interior = ny == KH && nx == KW;
-                const int64_t pix = (n * OH + oy) * OW + ox;
-                const int any = ny > 0 && nx > 0;
-                const int64_t ipix = any ? (n * H + iy0) * W + ix0 : 0;
-                for (int64_t g = 0; g < G; ++g) {
-                    int64_t N = 0; /* Σ over the valid taps of the per-pixel N (≤ 255·D: exact) */
-                    for (int64_t y = 0; y < ny; ++y)
-                        for (int64_t x = 0; x < nx; ++x)
-                            N += npix[(ipix + y * p->dil_h * W + x * p->dil_w) * G + g];
-                    memset(s32, 0, (size_t)(npass * 128) * sizeof(int32_t));
-                    if (any) {
-                        const uint8_t *tp0 = tab + ipix * tpix + g * nq * 16;
-                        for (int64_t ps = 0; ps < npass; ++ps) {
-                            const int64_t left = nblk - ps * LUT_BLOCKS;
-                            const int R = left < LUT_BLOCKS ? (int)left : LUT_BLOCKS;
-                            const uint8_t *wp0 = wl + (g * npass + ps) * w_pass + ky0 * w_sy + kx0 * w_sx;
-                            lut_passes[R](s32 + ps * 128, c16, tp0, t_sy, t_sx, wp0, w_sy, w_sx, ny,
-                                       nx, nq, F);
+            for (int64_t bx = 0; bx < OW; bx += BD_EPI_BLOCK) {
+                const int npx = (int)(OW - bx < BD_EPI_BLOCK ? OW - bx : BD_EPI_BLOCK);
+                for (int b = 0; b < npx; ++b) {
+                    const int64_t ox = bx + b;
+                    int64_t kx0, kx1;
+                    bd_valid_range(ox, p->stride_w, p->pad_left, p->dil_w, KW, W, &kx0, &kx1);
+                    const int64_t ix0 = ox * p->stride_w - p->pad_left + kx0 * p->dil_w;
+                    const int64_t ny = ky1 - ky0, nx = kx1 - kx0;
+                    const int interior = ny == KH && nx == KW;
+                    const int64_t pix = (n * OH + oy) * OW + ox;
+                    const int any = ny > 0 && nx > 0;
+                    const int64_t ipix = any ? (n * H + iy0) * W + ix0 : 0;
+                    for (int64_t g = 0; g < G; ++g) {
+                        int64_t N = 0; /* Σ over the valid taps of the per-pixel N (≤ 255·D: exact) */
+                        for (int64_t y = 0; y < ny; ++y)
+                            for (int64_t x = 0; x < nx; ++x)
+                                N += npix[(ipix + y * p->dil_h * W + x * p->dil_w) * G + g];
+                        memset(s32, 0, (size_t)(nblk * 32) * sizeof(int32_t));
+                        if (any) {
+                            const uint8_t *tp0 = tab + ipix * tpix + g * nq * 16;
+                            for (int64_t ps = 0; ps < npass; ++ps) {
+                                const int64_t left = nblk - ps * LUT_BLOCKS;
+                                const int R = left < LUT_BLOCKS ? (int)left : LUT_BLOCKS;
+                                const uint8_t *wp0 = wl + (g * npass + ps) * w_pass + ky0 * w_sy + kx0 * w_sx;
+                                lut_passes[R](s32 + ps * 128, c16, tp0, t_sy, t_sx, wp0, w_sy, w_sx, ny,
+                                              nx, nq, F);
+                            }
                         }
+                        const int64_t l0 = g * lanes; /* lane L of group g = global lane l0 + L */
+                        bd_epilogue_int_avx2(s32, lanes, 0, 0, N, z, interior, e.sv + l0, e.ts + l0, e.stride,
+                                             KW, ky0, ky1, kx0, kx1, Ablk + b * a_stride + l0,
+                                             acc ? acc + (pix * COUT + g * COUTG) * K : NULL);
                     }
-                    float *out_g = out + ((n * COUT + g * COUTG) * OH + oy) * OW + ox;
-                    int32_t *acc_g = acc ? acc + (pix * COUT + g * COUTG) * K : NULL;
-                    const int64_t l0 = g * lanes; /* lane L of group g = global lane l0 + L */
-                    bd_epilogue_lanes_avx2(s32, lanes, K, COUTG, 0, 0, N, z, interior, e.sv + l0, e.ts + l0, e.stride,
-                                 KW, ky0, ky1, kx0, kx1, e.c + l0, e.bias ? e.bias + g * COUTG : NULL,
-                                 p->scale, p->act_min, p->act_max, out_g, OH * OW, acc_g, P,
-                                 p->residual ? p->residual + (out_g - out) : NULL);
                 }
+                bd_epilogue_flush_avx2(Ablk, a_stride, npx, blocks, G, COUTG, K, &e, p->scale, p->act_min, p->act_max,
+                                       out + (n * COUT * OH + oy) * OW + bx, OH * OW,
+                                       p->residual ? p->residual + (n * COUT * OH + oy) * OW + bx : NULL, P);
             }
         }
         free(P);
         free(s32);
         free(c16);
+        free(Ablk);
     }
     free(tab);
     free(npix);
