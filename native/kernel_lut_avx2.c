@@ -74,7 +74,7 @@ void bd_lut_pack_weights(const bd_conv_params *p, const bd_geom *gm, const uint6
 /* The 16-byte table of every (pixel, group, quad) from the packed bit planes:
  * T[idx] = Σ_b 2^b popcount(idx AND nibble_b). */
 static void build_tables(const uint64_t *act, int64_t pixels, int64_t G, int32_t Q, int64_t wpg,
-                         int64_t nq, uint8_t *tab, int32_t *npix)
+                         int64_t nq, uint8_t *tab)
 {
     /* V[b][n][idx] = popcount(n & idx) << b: 1 KiB per thread and call, on the stack (a
      * thread-local table would cost a __tls_get_addr per use in a shared library) */
@@ -86,13 +86,6 @@ static void build_tables(const uint64_t *act, int64_t pixels, int64_t G, int32_t
     for (int64_t pg = 0; pg < pixels * G; ++pg) {
         const uint64_t *a = act + pg * Q * wpg;
         uint8_t *out = tab + pg * nq * 16;
-        int32_t nsum = 0; /* N of this pixel and group: Σ_b 2^b popcount(plane b) */
-        for (int32_t b = 0; b < Q; ++b) {
-            int32_t nb = 0;
-            for (int64_t w = 0; w < wpg; ++w) nb += (int32_t)__builtin_popcountll(a[b * wpg + w]);
-            nsum += nb << b;
-        }
-        npix[pg] = nsum;
         for (int64_t u = 0; u < nq; ++u) {
             const int64_t w = u / 16, sh = 4 * (u % 16);
             __m128i t = _mm_load_si128((const __m128i *)V[0][(a[w] >> sh) & 15u]);
@@ -209,6 +202,7 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
     const int64_t tpix = G * nq * 16;                      /* table bytes per input pixel */
     const int64_t t_sy = p->dil_h * W * tpix, t_sx = p->dil_w * tpix;
     const int64_t w_sx = nq * 32 * LUT_BLOCKS, w_sy = KW * w_sx, w_pass = T * w_sx;
+    const int64_t n_sy = p->dil_h * W * G, n_sx = p->dil_w * G; /* next tap in npix */
     const int blocks = bd_epilogue_blocks(COUT, K); /* epilogue on blocks of pixels? */
     if (nthreads <= 0) nthreads = 1;
 
@@ -223,7 +217,9 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
 
 #pragma omp parallel num_threads(nthreads)
     {
-        build_tables(act, p->n * H * W, G, Q, WPG, nq, tab, npix); /* omp for inside: ends in a barrier */
+        /* omp for inside both: each ends in a barrier */
+        bd_pixel_counts(act, p->n * H * W * G, Q, WPG, npix);
+        build_tables(act, p->n * H * W, G, Q, WPG, nq, tab);
         float *P = (float *)malloc((size_t)(BD_EPI_BLOCK * (COUT * K + 8)) * sizeof(float));
         int32_t *s32 = (int32_t *)aligned_alloc(32, (size_t)(npass * 128) * sizeof(int32_t));
         __m256i *c16 = (__m256i *)aligned_alloc(32, 2 * LUT_BLOCKS * sizeof(__m256i));
@@ -256,10 +252,7 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
                     const int any = ny > 0 && nx > 0;
                     const int64_t ipix = any ? (n * H + iy0) * W + ix0 : 0;
                     for (int64_t g = 0; g < G; ++g) {
-                        int64_t N = 0; /* Σ over the valid taps of the per-pixel N (≤ 255·D: exact) */
-                        for (int64_t y = 0; y < ny; ++y)
-                            for (int64_t x = 0; x < nx; ++x)
-                                N += npix[(ipix + y * p->dil_h * W + x * p->dil_w) * G + g];
+                        const int64_t N = bd_tap_counts(npix + ipix * G + g, n_sy, n_sx, ny, nx);
                         memset(s32, 0, (size_t)(nblk * 32) * sizeof(int32_t));
                         if (any) {
                             const uint8_t *tp0 = tab + ipix * tpix + g * nq * 16;

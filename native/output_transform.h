@@ -43,6 +43,46 @@ static inline void bd_tap_sum_valid(const int32_t *ts_co, int64_t kw, int32_t k,
         }
 }
 
+/* N of each (input pixel, group) = Σ_b 2^b popcount(bit plane b) — the activations' own
+ * contribution to A_j = 2 S_j − N − z·Sv_j — once per input pixel instead of once per output
+ * pixel and tap; pg = pixels · groups, planes of Q·wpg words each (bdecomp.h layout).  To be
+ * called by every thread of an OpenMP parallel region (an omp for, ending in a barrier). */
+static inline void bd_pixel_counts(const uint64_t *act, int64_t pg, int32_t Q, int64_t wpg, int32_t *npix)
+{
+    if (wpg == 1) { /* ≤ 64 channels per group: one word per plane */
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < pg; ++i) {
+            const uint64_t *a = act + i * Q;
+            int32_t nsum = 0;
+            for (int32_t b = 0; b < Q; ++b) nsum += (int32_t)__builtin_popcountll(a[b]) << b;
+            npix[i] = nsum;
+        }
+        return;
+    }
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < pg; ++i) {
+        const uint64_t *a = act + i * Q * wpg;
+        int32_t nsum = 0;
+        for (int32_t b = 0; b < Q; ++b) {
+            int32_t nb = 0;
+            for (int64_t w = 0; w < wpg; ++w) nb += (int32_t)__builtin_popcountll(a[b * wpg + w]);
+            nsum += nb << b;
+        }
+        npix[i] = nsum;
+    }
+}
+
+/* Σ of the per-pixel counts over ny × nx valid taps (np0: the first valid tap's count; sy / sx:
+ * strides of the next tap row / column in counts).  ≤ 255·D: exact. */
+static inline int64_t bd_tap_counts(const int32_t *np0, int64_t sy, int64_t sx, int64_t ny, int64_t nx)
+{
+    if (ny == 1 && nx == 1) return np0[0]; /* 1×1 convolutions, gemm */
+    int64_t N = 0;
+    for (int64_t y = 0; y < ny; ++y)
+        for (int64_t x = 0; x < nx; ++x) N += np0[y * sy + x * sx];
+    return N;
+}
+
 /* y = clamp(s_eff · Σ_j c_j A_j + bias [+ *res], lo, hi), in float, fixed order; res: NULL or
  * this output's element of the fused residual. */
 static inline float bd_epilogue(const int64_t *a, int32_t k, const float *c, float bias,
