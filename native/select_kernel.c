@@ -181,10 +181,10 @@ int bd_pack_weights(const bd_conv_params *p, const uint8_t *basis, int64_t basis
     return BD_OK;
 }
 
-/* Threads worth waking for a layer: one per ~2^26 bit-operations (≈ 100 µs of work at the
- * kernels' real rates), so that small layers do not pay a thread wake-up (workers sleep between
- * layers, OMP_WAIT_POLICY=PASSIVE: a wake costs ~20-40 µs; ResNet-56 at 2 threads, where every
- * layer is ~0.1 ms, was 10.3 ms with one thread per 2^23 and 8.0 ms with this, 1 thread 8.2).
+/* Threads worth using for a layer: one per ~2^22 bit-operations (≈ 6 µs of work at the kernels'
+ * real rates).  Workers spin briefly between layers (GOMP_SPINCOUNT, set by the Python package),
+ * so handing work to a thread costs ~1-2 µs, not a futex wake-up: ResNet-56 k=Q=4 at 2 threads,
+ * where every layer is ~0.1 ms, 3.9 ms with this, 5.4 ms with 2^24, 6.2 ms with 2^26 (= 1 thread).
  * Results do not depend on the thread count. */
 static int32_t useful_threads(const bd_conv_params *p, const bd_geom *gm, int32_t nthreads)
 {
@@ -192,7 +192,7 @@ static int32_t useful_threads(const bd_conv_params *p, const bd_geom *gm, int32_
     if (nthreads > BD_MAX_THREADS) nthreads = BD_MAX_THREADS;
     const double work = (double)p->n * (double)p->oh * (double)p->ow * (double)p->cout *
                         (double)gm->depth * (double)p->k * (double)p->bits;
-    const double cap = work / (double)bd_min_parallel_work(67108864);
+    const double cap = work / (double)bd_min_parallel_work(1 << 22);
     if (!(cap >= (double)nthreads)) nthreads = cap < 1.0 ? 1 : (int32_t)cap; /* cap = inf: all */
     return nthreads;
 }
