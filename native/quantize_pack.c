@@ -102,6 +102,40 @@ __attribute__((target("avx2"))) static void codes_avx2(const float *row, int64_t
     }
     for (; i < n; ++i) out[i] = code_of(row[i], scale, zp, qmax, sign);
 }
+
+/* codes[i·64 + c0 + r] = rows[r][i] for 8 rows (channels c0 … c0 + 7) of n int32 codes ≤ 255:
+ * 8×8 transposes and a narrowing to bytes instead of 8·n scattered byte stores. */
+__attribute__((target("avx2"))) static void scatter8_avx2(const int32_t *rows, int64_t stride, int64_t n,
+                                                          uint8_t *codes, int64_t c0)
+{
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i r[8], t[8], u[8];
+        for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_si256((const __m256i *)(rows + k * stride + i));
+        for (int k = 0; k < 8; k += 2) {
+            t[k] = _mm256_unpacklo_epi32(r[k], r[k + 1]);
+            t[k + 1] = _mm256_unpackhi_epi32(r[k], r[k + 1]);
+        }
+        for (int k = 0; k < 8; k += 4) {
+            u[k] = _mm256_unpacklo_epi64(t[k], t[k + 2]);
+            u[k + 1] = _mm256_unpackhi_epi64(t[k], t[k + 2]);
+            u[k + 2] = _mm256_unpacklo_epi64(t[k + 1], t[k + 3]);
+            u[k + 3] = _mm256_unpackhi_epi64(t[k + 1], t[k + 3]);
+        }
+        /* pixel j's 8 codes: u[j] low half (j < 4, with u[j + 4] high half), as in a float 8×8 */
+        for (int j = 0; j < 4; ++j) {
+            const __m256i a = _mm256_permute2x128_si256(u[j], u[j + 4], 0x20); /* pixel i + j */
+            const __m256i b = _mm256_permute2x128_si256(u[j], u[j + 4], 0x31); /* pixel i + j + 4 */
+            const __m256i w16 = _mm256_packus_epi32(a, b);          /* lanes: a0-3 b0-3 | a4-7 b4-7 */
+            const __m128i lo = _mm256_castsi256_si128(w16), hi = _mm256_extracti128_si256(w16, 1);
+            const __m128i b8 = _mm_packus_epi16(_mm_unpacklo_epi64(lo, hi), _mm_unpackhi_epi64(lo, hi));
+            _mm_storel_epi64((__m128i *)(codes + (i + j) * 64 + c0), b8);
+            _mm_storel_epi64((__m128i *)(codes + (i + j + 4) * 64 + c0), _mm_unpackhi_epi64(b8, b8));
+        }
+    }
+    for (; i < n; ++i)
+        for (int k = 0; k < 8; ++k) codes[i * 64 + c0 + k] = (uint8_t)rows[k * stride + i];
+}
 #endif
 
 int bd_check_channel_scales(const float *channel_scales, int64_t n)
@@ -177,7 +211,7 @@ int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t in
 #pragma omp parallel num_threads(nthreads)
     {
         uint8_t codes[256 * 64] __attribute__((aligned(32)));
-        int32_t tmp[256];
+        int32_t tmp[8 * 256]; /* int32 codes of up to 8 channel rows */
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < blocks; ++blk) {
             const int64_t o = blk / blocks_per_outer;
@@ -189,7 +223,19 @@ int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t in
                     const int64_t c0 = g * cg + w * 64;
                     const int64_t nc = (cg - w * 64) < 64 ? (cg - w * 64) : 64;
                     if (nc < 64) memset(codes, 0, (size_t)(ni * 64));
-                    for (int64_t cc = 0; cc < nc; ++cc) {
+                    int64_t cc = 0;
+#if defined(__x86_64__) || defined(__i386__)
+                    if (avx2) /* 8 channel rows at a time, stored into the pixel-major bytes by transposes */
+                        for (; cc + 8 <= nc; cc += 8) {
+                            for (int r = 0; r < 8; ++r) {
+                                const float *row = x + (o * channels + c0 + cc + r) * inner + i0;
+                                codes_avx2(row, ni, cs ? cs[c0 + cc + r] : scale, zero_point, qmax, sign,
+                                           tmp + r * pb);
+                            }
+                            scatter8_avx2(tmp, pb, ni, codes, cc);
+                        }
+#endif
+                    for (; cc < nc; ++cc) {
                         const float *row = x + (o * channels + c0 + cc) * inner + i0;
                         const float s = cs ? cs[c0 + cc] : scale; /* one scale per channel row */
 #if defined(__x86_64__) || defined(__i386__)
