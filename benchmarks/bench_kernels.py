@@ -72,10 +72,10 @@ def profile(model: Model, x: np.ndarray, runs: int):
     steps = model._steps
     sessions = [(s, s.session) for s in steps if s.kind == "ort"]
 
-    def run_layer(self, step, env):
+    def run_layer(self, step, env, *rest):
         current[0] = step.spec.name
         t0 = clock()
-        r = orig_run_layer(self, step, env)
+        r = orig_run_layer(self, step, env, *rest)
         rec[("step", step.spec.name)] = rec.get(("step", step.spec.name), 0.0) + clock() - t0
         current[0] = None
         return r
@@ -106,8 +106,8 @@ def layer_rows(model: Model, x: np.ndarray):
     shapes = {}
     orig = Model._run_layer
 
-    def run_layer(self, step, env):
-        y = orig(self, step, env)
+    def run_layer(self, step, env, *rest):
+        y = orig(self, step, env, *rest)
         shapes[step.spec.name] = (env[step.inputs[0]].x.shape, y.shape)
         return y
 

@@ -178,9 +178,9 @@ def record_layers(model, callback: Callable[[Any, dict, np.ndarray, float], None
     calls callback(step, env, output, seconds) after it ran. Restores the model afterwards."""
     inner = model._run_layer
 
-    def run_layer(step, env):
+    def run_layer(step, env, *rest):
         t0 = time.perf_counter()
-        y = inner(step, env)
+        y = inner(step, env, *rest)
         callback(step, env, y, time.perf_counter() - t0)
         return y
 

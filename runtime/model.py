@@ -57,27 +57,38 @@ class _Quantized:
     """A quantizer's result, packed lazily per group count (consumers with different groups each
     get the layout they read)."""
 
-    def __init__(self, x: np.ndarray, spec: QuantSpec, scale: float, zero_point: int, threads: int | None):
+    def __init__(self, x: np.ndarray, spec: QuantSpec, scale: float, zero_point: int, threads: int | None,
+                 packers: dict | None = None):
+        """packers: the quantizer step's bound quantize_pack calls by (shape, groups, axis, the
+        kernels' environment) — static quantizers only (a dynamic one has a new scale each run)."""
         self.x, self.spec, self.scale, self.zero_point, self.threads = x, spec, scale, zero_point, threads
+        self.packers = packers
         self._packed: dict[tuple[int, int], np.ndarray] = {}
 
-    def packed(self, groups: int, channel_axis: int) -> np.ndarray:
-        from bdecomp import native
-
+    def packed(self, groups: int, channel_axis: int, envk: tuple = ()) -> np.ndarray:
         key = (groups, channel_axis)
-        if key not in self._packed:
-            self._packed[key] = native.quantize_pack(self.x, groups=groups, scale=self.scale,
-                                                     zero_point=self.zero_point, bits=self.spec.bits,
-                                                     channel_axis=channel_axis, threads=self.threads,
-                                                     channel_scales=self.spec.channel_scales)
-        return self._packed[key]
+        act = self._packed.get(key)
+        if act is None:
+            options = dict(groups=groups, scale=self.scale, zero_point=self.zero_point, bits=self.spec.bits,
+                           channel_axis=channel_axis, threads=self.threads, channel_scales=self.spec.channel_scales)
+            if self.packers is None:
+                act = _native().quantize_pack(self.x, **options)
+            else:
+                pkey = (self.x.shape, groups, channel_axis, envk)
+                f = self.packers.get(pkey)
+                if f is None:
+                    if len(self.packers) >= 16:
+                        self.packers.clear()
+                    f = self.packers[pkey] = _native().bind_quantize_pack(self.x, **options)
+                act = f(self.x)
+            self._packed[key] = act
+        return act
 
     def packed_im2col(self, spec: LayerSpec) -> tuple[np.ndarray, int, int, int]:
         """Packed patches of a 1×1-equivalent convolution: (act, n, oh, ow), im2col, quantize and
         pack in one C pass.  Padded taps get the code z (of 0.0), so the zero-padding correction is
         implicit."""
-        from bdecomp import native
-
+        native = _native()
         key = _im2col_key(spec)
         if key not in self._packed:
             self._packed[key] = native.im2col_quantize_pack(
@@ -92,8 +103,7 @@ class _Quantized:
 
     def native_codes(self) -> np.ndarray:
         """uint8 codes of x (NCHW), for the depthwise kernel; computed once."""
-        from bdecomp import native
-
+        native = _native()
         if "codes" not in self._packed:
             self._packed["codes"] = native.quantize_codes(
                 self.x, scale=self.scale, zero_point=self.zero_point, bits=self.spec.bits,
@@ -107,6 +117,19 @@ class _Quantized:
         if s is not None:
             s = s.reshape(-1, 1, 1) if self.spec.channel_ndim == 3 else s
         return quantize(self.x, self.scale if s is None else s, self.zero_point, self.spec.bits)
+
+
+_NATIVE = None
+
+
+def _native():
+    """bdecomp.native, imported on first use (the onnxruntime backend works without the build)."""
+    global _NATIVE
+    if _NATIVE is None:
+        from bdecomp import native
+
+        _NATIVE = native
+    return _NATIVE
 
 
 def _im2col_key(spec: LayerSpec) -> tuple:
@@ -226,6 +249,8 @@ class Model:
                 heavy = any(n.op_type in HEAVY_OPS for n in step.nodes)
                 step.session = (_session(m, self.threads if heavy else 1, spinning=False)
                                 if step.outputs else None)
+            elif step.kind == "quant":
+                step.packers = {}  # bound quantize_pack calls (see _Quantized)
             elif step.kind == "layer":
                 spec: LayerSpec = step.spec
                 q = self._quant_spec(spec.quant)
@@ -241,7 +266,7 @@ class Model:
                     step.patch_kernel = (native.PackedConv(spec.basis, spec.coeffs, spec.bias, cin=spec.depth,
                                                            groups=1, kernel=(1, 1), **common)
                                          if use_im2col(spec) and not depthwise else None)
-                    step.plans = {}
+                    step.plans, step.bound = {}, {}
                 except ValueError as e:
                     raise DecomposedModelError(f"malformed decomposed node {spec.name!r}: {e}") from None
 
@@ -254,6 +279,7 @@ class Model:
     def _run_native(self, x: np.ndarray) -> list[np.ndarray]:
         env: dict[str, Any] = {self.input_name: x}
         quantized: dict[str, _Quantized] = {}
+        envk = _native()._env_state()  # BDECOMP_ISA / KERNEL / THREADS: part of every bound call's key
         for step in self._steps:
             if step.kind == "ort":
                 if step.session is None:
@@ -267,23 +293,26 @@ class Model:
                 spec: QuantSpec = step.spec
                 xin = np.ascontiguousarray(env[spec.input], dtype=np.float32)
                 scale, zp = dynamic_qparams(xin, spec.bits) if spec.dynamic else (spec.scale, spec.zero_point)
-                qz = _Quantized(xin, spec, scale, zp, self.threads)
+                qz = _Quantized(xin, spec, scale, zp, self.threads, None if spec.dynamic else step.packers)
                 quantized[spec.outputs[0]] = qz
                 env[spec.outputs[0]] = qz
                 if spec.dynamic:
                     env[spec.outputs[1]] = np.array(scale, np.float32)
                     env[spec.outputs[2]] = np.array(zp, np.uint8)
             else:
-                env[step.spec.output] = self._run_layer(step, env)
+                env[step.spec.output] = self._run_layer(step, env, envk)
         return [_materialize(env[o], quantized) for o in self.output_names]
 
-    def _run_layer(self, step: Step, env: dict[str, Any]) -> np.ndarray:
+    def _run_layer(self, step: Step, env: dict[str, Any], envk: tuple | None = None) -> np.ndarray:
+        """One native layer step; envk: the kernels' environment (BDECOMP_*), read once per run."""
+        if envk is None:
+            envk = _native()._env_state()
         try:
-            return self._run_layer_checked(step, env)
+            return self._run_layer_checked(step, env, envk)
         except ValueError as e:  # the native layer's own argument checks (sizes, geometry)
             raise ModelError(f"layer {step.spec.name}: {_first_line(e)}") from None
 
-    def _run_layer_checked(self, step: Step, env: dict[str, Any]) -> np.ndarray:
+    def _run_layer_checked(self, step: Step, env: dict[str, Any], envk: tuple) -> np.ndarray:
         spec: LayerSpec = step.spec
         qz: _Quantized = env[step.inputs[0]]
         xin = qz.x
@@ -302,14 +331,28 @@ class Model:
                                         zero_point=qz.zero_point, residual=res, clamp=clamp)
             return y if clamp else self._add_clamp(y, env[spec.residual], spec)
 
+        if len(choices) == 1 and not choices[0][2] and not qz.spec.dynamic:
+            # the settled way to run this shape, bound once (a static quantizer: fixed scale)
+            bkey = (xin.shape, envk)
+            f = step.bound.get(bkey)
+            if f is None:
+                if len(step.bound) >= 16:
+                    step.bound.clear()
+                kernel, family, _ = choices[0]
+                f = step.bound[bkey] = kernel.bind(*args, isa=self.isa, threads=self.threads, scale=scale,
+                                                   zero_point=qz.zero_point, family=family)
+            y = f(qz.packed(groups, axis, envk), res, clamp)
+            y = y if oshape is None else y.reshape(oshape)
+            return y if clamp else self._add_clamp(y, env[spec.residual], spec)
+
         def run(choice):
             kernel, family, patch = choice
             if patch:
                 act, n, oh, ow = qz.packed_im2col(spec)
                 return kernel.run(act, n, oh, ow, isa=self.isa, threads=self.threads, scale=scale,
                                   zero_point=qz.zero_point, family=family, residual=res, clamp=clamp)
-            return kernel.run(qz.packed(groups, axis), *args, isa=self.isa, threads=self.threads, scale=scale,
-                              zero_point=qz.zero_point, family=family, residual=res, clamp=clamp)
+            return kernel.run(qz.packed(groups, axis, envk), *args, isa=self.isa, threads=self.threads,
+                              scale=scale, zero_point=qz.zero_point, family=family, residual=res, clamp=clamp)
 
         if len(choices) > 1:  # first input of this shape: time every way, keep the fastest
             best = [float("inf")] * len(choices)

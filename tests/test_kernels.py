@@ -749,3 +749,38 @@ def test_epilogue_over_blocks_of_pixels_matches_the_scalar_path_bit_for_bit(fami
         y, acc = conv.run(act, 1, 4, w, isa=isa, family=family, residual=r, return_acc=True)
         np.testing.assert_array_equal(acc, reference_acc(case))
         assert y.tobytes() == y_ref.tobytes()
+
+
+@pytest.mark.parametrize("family", ["popcount", "lut"])
+def test_a_bound_call_gives_what_run_gives_with_residual_and_without_clamp(family):
+    """PackedConv.bind resolves run()'s options once (the runtime's per-layer call): the same
+    bytes as run() for plain, residual and unclamped calls."""
+    case = small_case(c=40, h=6, w=11, cout=12, k=4, bits=4, zero_point=2)
+    conv = make_conv(case, act_min=0.0, act_max=2.0)
+    act = pack_nchw(case["codes"], 1, 4)
+    r = np.random.default_rng(5).standard_normal((1, 12, 6, 11)).astype(np.float32)
+    f = conv.bind(1, 6, 11, family=family, scale=0.25, zero_point=3, threads=1)
+    kw = dict(family=family, scale=0.25, zero_point=3, threads=1)
+    assert f(act).tobytes() == conv.run(act, 1, 6, 11, **kw).tobytes()
+    assert f(act, r).tobytes() == conv.run(act, 1, 6, 11, residual=r, **kw).tobytes()
+    assert f(act, None, False).tobytes() == conv.run(act, 1, 6, 11, clamp=False, **kw).tobytes()
+
+
+def test_a_bound_call_refuses_activations_of_another_shape_or_type():
+    case, conv, act = _valid_conv_and_act()
+    f = conv.bind(1, 5, 5)
+    for bad in (act[:-1], act.astype(np.int64), act.tolist(), np.asfortranarray(act.reshape(act.shape[0], -1))):
+        with pytest.raises(ValueError):
+            f(bad)
+
+
+def test_a_bound_quantize_pack_gives_what_quantize_pack_gives_and_checks_its_input():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 70, 5, 9)).astype(np.float32)
+    options = dict(groups=2, scale=0.1, zero_point=7, bits=4, channel_scales=rng.uniform(0.05, 0.2, 70))
+    f = native.bind_quantize_pack(x, **options)
+    x2 = rng.standard_normal(x.shape).astype(np.float32)
+    assert f(x2).tobytes() == native.quantize_pack(x2, **options).tobytes()
+    for bad in (x2[:1], x2.astype(np.float64), x2.transpose(0, 1, 3, 2)):
+        with pytest.raises(ValueError):
+            f(bad)
