@@ -143,8 +143,7 @@ static inline __attribute__((always_inline)) void bd_transpose8_ps(__m256 r[8])
 
 /* y_i = ((0 + P_{iK}) + P_{iK+1}) + … for the 8 output channels whose lanes start at Pi, in
  * bd_block_channel(K, ·) order (a load for K = 1, in-lane transposes for K = 2, 4, 8, gathers
- * otherwise);
- * step = (0, K, …, 7K). */
+ * otherwise; step = (0, K, …, 7K)). */
 static inline __attribute__((always_inline)) __m256 bd_sum8_avx2(const float *Pi, int32_t K, __m256i step)
 {
     __m256 y = _mm256_setzero_ps();
@@ -221,7 +220,6 @@ bd_epilogue_pixel_avx2(const int32_t *A, int64_t lanes, int32_t K, int64_t coutg
         out_g[i0 * out_stride] = y;
     }
 }
-
 
 #define BD_EPI_BLOCK 8 /* output pixels per bd_epilogue_block_avx2 call (at most) */
 
