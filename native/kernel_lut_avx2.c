@@ -293,11 +293,9 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
                     const int64_t ipix = any ? (n * H + iy0) * W + ix0 : 0;
                     const int64_t s32_px = npass * 128, ipix_step = p->stride_w; /* next pixel's input */
                     for (int64_t g = 0; g < G; ++g) {
-                        if (!any)
-                            memset(s32, 0, (size_t)(nblk * 32) * sizeof(int32_t));
-                        else {
-                            memset(s32, 0, (size_t)(nblk * 32) * sizeof(int32_t));
-                            if (np > 1) memset(s32 + s32_px, 0, (size_t)(nblk * 32) * sizeof(int32_t));
+                        for (int i = 0; i < np; ++i) /* the passes add to the lane sums */
+                            memset(s32 + i * s32_px, 0, (size_t)(nblk * 32) * sizeof(int32_t));
+                        if (any) {
                             const uint8_t *tp0 = tab + ipix * tpix + g * nq * 16;
                             for (int64_t ps = 0; ps < npass; ++ps) {
                                 const int64_t left = nblk - ps * LUT_BLOCKS;
