@@ -120,79 +120,65 @@ static inline __attribute__((always_inline)) void spill16(int32_t *s32, __m256i 
     c16[0] = c16[1] = _mm256_setzero_si256();
 }
 
-/* One pass: R blocks of 32 lanes over ny × nx valid taps, for NP (1 or 2) output pixels whose
- * tables are t_px bytes apart (the second pixel shares every weight load); adds the lane sums of
- * pixel i to s32[i·s32_px + R·32] (block r, s = 0..31 in the order of lut_lane_byte).  Only the
- * byte counters live in registers; the 16-bit counters (c16, 2·R per pixel) are touched once per
- * F steps. */
+/* One pass: R blocks of 32 lanes over ny × nx valid taps, for NP (1, 2 or 4) output pixels whose
+ * tables are t_px bytes apart (the pixels share every weight load); adds the lane sums of pixel i
+ * to s32[i·s32_px + R·32] (block r, s = 0..31 in the order of lut_lane_byte).  Only the NP·R
+ * byte counters live in registers (NP·R ≤ 8, with R weights and a table: ≤ 13 of AVX2's 16 ymm);
+ * the 16-bit counters (c16, 2·R per pixel) are touched once per F steps. */
 static inline __attribute__((always_inline)) void
 lut_pass(int32_t *s32, int64_t s32_px, __m256i *c16, const uint8_t *tp0, int64_t t_px, int64_t t_sy,
          int64_t t_sx, const uint8_t *wp0, int64_t w_sy, int64_t w_sx, int64_t ny, int64_t nx,
          int64_t nq, const int R, const int NP, int F)
 {
     const __m256i zero = _mm256_setzero_si256();
-    __m256i a0 = zero, a1 = zero, a2 = zero, a3 = zero, b0 = zero, b1 = zero, b2 = zero, b3 = zero;
+    __m256i a[4][4];
+#pragma GCC unroll 4
+    for (int i = 0; i < NP; ++i)
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) a[i][r] = zero;
 #pragma GCC unroll 16
     for (int r = 0; r < 2 * R * NP; ++r) c16[r] = zero;
-    __m256i *d16 = c16 + 2 * R; /* the second pixel's counters */
     int steps = 0, flushes = 0;
     for (int64_t y = 0; y < ny; ++y)
         for (int64_t x = 0; x < nx; ++x) {
             const uint8_t *tp = tp0 + y * t_sy + x * t_sx;
             const uint8_t *wu = wp0 + y * w_sy + x * w_sx;
             for (int64_t u = 0; u < nq; ++u, tp += 16, wu += 32 * LUT_BLOCKS) {
-                const __m256i tab = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tp));
-                const __m256i tab2 = NP > 1 ? _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tp + t_px)))
-                                            : zero;
-#define LUT_STEP(r, acc, acc2)                                                                     \
-    do {                                                                                          \
-        const __m256i w_ = _mm256_loadu_si256((const __m256i *)(wu + 32 * (r)));                 \
-        acc = _mm256_add_epi8(acc, _mm256_shuffle_epi8(tab, w_));                                 \
-        if (NP > 1) acc2 = _mm256_add_epi8(acc2, _mm256_shuffle_epi8(tab2, w_));                  \
-    } while (0)
-                LUT_STEP(0, a0, b0);
-                if (R > 1) LUT_STEP(1, a1, b1);
-                if (R > 2) LUT_STEP(2, a2, b2);
-                if (R > 3) LUT_STEP(3, a3, b3);
-#undef LUT_STEP
+                __m256i w[4];
+#pragma GCC unroll 4
+                for (int r = 0; r < R; ++r) w[r] = _mm256_loadu_si256((const __m256i *)(wu + 32 * r));
+#pragma GCC unroll 4
+                for (int i = 0; i < NP; ++i) {
+                    const __m256i tab = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tp + i * t_px)));
+#pragma GCC unroll 4
+                    for (int r = 0; r < R; ++r) a[i][r] = _mm256_add_epi8(a[i][r], _mm256_shuffle_epi8(tab, w[r]));
+                }
                 if (__builtin_expect(++steps == F, 0)) {
-                    flush8(c16, a0);
-                    if (R > 1) flush8(c16 + 2, a1);
-                    if (R > 2) flush8(c16 + 4, a2);
-                    if (R > 3) flush8(c16 + 6, a3);
-                    if (NP > 1) {
-                        flush8(d16, b0);
-                        if (R > 1) flush8(d16 + 2, b1);
-                        if (R > 2) flush8(d16 + 4, b2);
-                        if (R > 3) flush8(d16 + 6, b3);
-                    }
-                    a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = zero;
+#pragma GCC unroll 4
+                    for (int i = 0; i < NP; ++i)
+#pragma GCC unroll 4
+                        for (int r = 0; r < R; ++r) {
+                            flush8(c16 + 2 * (i * R + r), a[i][r]);
+                            a[i][r] = zero;
+                        }
                     steps = 0;
                     if (++flushes == 256) { /* 16-bit counters full (≤ 256 · 255) */
 #pragma GCC unroll 4
-                        for (int r = 0; r < R; ++r) spill16(s32 + 32 * r, c16 + 2 * r);
-                        if (NP > 1)
+                        for (int i = 0; i < NP; ++i)
 #pragma GCC unroll 4
-                            for (int r = 0; r < R; ++r) spill16(s32 + s32_px + 32 * r, d16 + 2 * r);
+                            for (int r = 0; r < R; ++r) spill16(s32 + i * s32_px + 32 * r, c16 + 2 * (i * R + r));
                         flushes = 0;
                     }
                 }
             }
         }
-    flush8(c16, a0);
-    if (R > 1) flush8(c16 + 2, a1);
-    if (R > 2) flush8(c16 + 4, a2);
-    if (R > 3) flush8(c16 + 6, a3);
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) spill16(s32 + 32 * r, c16 + 2 * r);
-    if (NP > 1) {
-        flush8(d16, b0);
-        if (R > 1) flush8(d16 + 2, b1);
-        if (R > 2) flush8(d16 + 4, b2);
-        if (R > 3) flush8(d16 + 6, b3);
+    for (int i = 0; i < NP; ++i)
 #pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) spill16(s32 + s32_px + 32 * r, d16 + 2 * r);
-    }
+        for (int r = 0; r < R; ++r) {
+            flush8(c16 + 2 * (i * R + r), a[i][r]);
+            spill16(s32 + i * s32_px + 32 * r, c16 + 2 * (i * R + r));
+        }
 }
 
 #define LUT_PASS_FN(R, NP)                                                                        \
@@ -211,13 +197,16 @@ LUT_PASS_FN(1, 2)
 LUT_PASS_FN(2, 2)
 LUT_PASS_FN(3, 2)
 LUT_PASS_FN(4, 2)
+LUT_PASS_FN(1, 4)
+LUT_PASS_FN(2, 4)
 
 typedef void (*lut_pass_fn)(int32_t *, int64_t, __m256i *, const uint8_t *, int64_t, int64_t, int64_t,
                             const uint8_t *, int64_t, int64_t, int64_t, int64_t, int64_t, int);
-/* [pixels − 1][R] */
-static const lut_pass_fn lut_passes[2][LUT_BLOCKS + 1] = {
+/* [1, 2 or 4 pixels][R]; 4 pixels only for R ≤ 2 (registers) */
+static const lut_pass_fn lut_passes[3][LUT_BLOCKS + 1] = {
     {lut_pass1_1, lut_pass1_1, lut_pass2_1, lut_pass3_1, lut_pass4_1},
-    {lut_pass1_2, lut_pass1_2, lut_pass2_2, lut_pass3_2, lut_pass4_2}};
+    {lut_pass1_2, lut_pass1_2, lut_pass2_2, lut_pass3_2, lut_pass4_2},
+    {lut_pass1_4, lut_pass1_4, lut_pass2_4, NULL, NULL}};
 
 int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t *act,
                      const uint8_t *wl, const int32_t *tap_sums, const float *coeffs,
@@ -254,8 +243,8 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
         bd_pixel_counts(act, p->n * H * W * G, Q, WPG, npix);
         build_tables(act, p->n * H * W, G, Q, WPG, nq, tab);
         float *P = (float *)malloc((size_t)(BD_EPI_BLOCK * (COUT * K + 8)) * sizeof(float));
-        /* lane sums of up to 2 pixels (a pair of interior pixels shares the weight loads) */
-        int32_t *s32 = (int32_t *)aligned_alloc(32, (size_t)(2 * npass * 128) * sizeof(int32_t));
+        /* lane sums of up to 4 pixels (interior pixels of a row share the weight loads) */
+        int32_t *s32 = (int32_t *)aligned_alloc(32, (size_t)(4 * npass * 128) * sizeof(int32_t));
         __m256i *c16 = (__m256i *)aligned_alloc(32, 4 * LUT_BLOCKS * sizeof(__m256i));
         /* integer accumulators A of a block of output pixels, all groups: pixel b at b·a_stride,
          * group g at g·lanes (the int epilogue's 8-lane tail spills into the next group's lanes,
@@ -282,12 +271,15 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
                     const int64_t ix0 = ox * p->stride_w - p->pad_left + kx0 * p->dil_w;
                     const int64_t ny = ky1 - ky0, nx = kx1 - kx0;
                     const int interior = ny == KH && nx == KW;
-                    /* two interior pixels at once: the next one's taps are those shifted by the stride */
+                    /* 2 or 4 interior pixels at once (their taps are the first one's shifted by the
+                     * stride; 4 while the lanes fit 2 blocks): valid ranges only shrink towards
+                     * the edges, so the last pixel of a group decides */
                     int np = 1;
-                    if (interior && b + 1 < npx) {
+                    for (int cand = nblk <= 2 ? 4 : 2; cand >= 2 && np == 1 && interior; cand /= 2) {
                         int64_t lo, hi;
-                        bd_valid_range(ox + 1, p->stride_w, p->pad_left, p->dil_w, KW, W, &lo, &hi);
-                        if (hi - lo == KW) np = 2;
+                        if (b + cand > npx) continue;
+                        bd_valid_range(ox + cand - 1, p->stride_w, p->pad_left, p->dil_w, KW, W, &lo, &hi);
+                        if (hi - lo == KW) np = cand;
                     }
                     const int any = ny > 0 && nx > 0;
                     const int64_t ipix = any ? (n * H + iy0) * W + ix0 : 0;
@@ -301,7 +293,7 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
                                 const int64_t left = nblk - ps * LUT_BLOCKS;
                                 const int R = left < LUT_BLOCKS ? (int)left : LUT_BLOCKS;
                                 const uint8_t *wp0 = wl + (g * npass + ps) * w_pass + ky0 * w_sy + kx0 * w_sx;
-                                lut_passes[np - 1][R](s32 + ps * 128, s32_px, c16, tp0, ipix_step * tpix, t_sy,
+                                lut_passes[np >> 1][R](s32 + ps * 128, s32_px, c16, tp0, ipix_step * tpix, t_sy,
                                                       t_sx, wp0, w_sy, w_sx, ny, nx, nq, F);
                             }
                         }
