@@ -547,9 +547,9 @@ class PackedConv:
             ffi.cast("int32_t *", ffi.from_buffer(self.tap_sums)),
         )
         _check_status(rc, "bd_pack_weights")
-        # lookup-table family (affine, Q ≤ 4, on AVX2 / AVX-512 machines): weights packed once
+        # lookup-table family (affine, Q ≤ 8, on AVX2 / AVX-512 machines): weights packed once
         self.wlut = None
-        if not self.sign and self.bits <= 4 and any(
+        if not self.sign and self.bits <= 8 and any(
                 lib.bd_lut_supported(p, _ISA_IDS[i]) for i in available_isas() if i != "scalar"):
             nb = lib.bd_lut_weight_bytes(p)
             if nb > 0:
@@ -587,7 +587,8 @@ class PackedConv:
         # plus ≈ 20 cycles per 128-lane pass.
         pop = coutg * (kp // 4) * self.wpg * self.bits * 2.0
         npass = -(-coutg * self.k // 128)
-        lut = -(-coutg * self.k // 32) * -(-cg // 4) * (0.75 if self.bits < 4 else 1.0) + 20.0 * npass
+        sets = 2 if self.bits > 4 else 1  # Q > 4: tables of the codes' low and high nibbles
+        lut = -(-coutg * self.k // 32) * -(-cg // 4) * (0.75 if self.bits < 4 else 1.0) * sets + 20.0 * npass
         return lut < pop
 
     # -- geometry ---------------------------------------------------------------------------------

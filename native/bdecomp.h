@@ -124,13 +124,13 @@ int bd_conv(const bd_conv_params *p, const uint64_t *act, const uint64_t *wpacke
             const int32_t *tap_sums, const float *coeffs, const float *bias, float *out,
             int32_t *acc, int32_t isa, int32_t nthreads);
 
-/* Lookup-table kernel family (T-MAC style, affine mode with Q ≤ 4 only; kernel_lut_avx2.c):
+/* Lookup-table kernel family (T-MAC style, affine mode, Q ≤ 8; kernel_lut_avx2.c):
  * same integer accumulators and float outputs as bd_conv, bit for bit.
  *   LUT weights: uint8 [G][npass][KH·KW][ceil(Cg/4)][4][32], npass = ceil(Cout/G·k / 128), one
  *   weight nibble (4 channels of one tap, one basis, one output channel) per byte; the lane order
  *   inside is documented in kernel_lut_avx2.c.  Built from the packed weights above.
  * bd_lut_supported: 1 if bd_conv_lut can run these parameters on `isa` here (AVX2 or AVX-512
- * machine, sign = 0, bits ≤ 4); the scalar ISA has no LUT kernel (use bd_conv). */
+ * machine, sign = 0, bits ≤ 8); the scalar ISA has no LUT kernel (use bd_conv). */
 int64_t bd_lut_weight_bytes(const bd_conv_params *p);
 int bd_pack_weights_lut(const bd_conv_params *p, const uint64_t *wpacked, uint8_t *wlut);
 int bd_lut_supported(const bd_conv_params *p, int32_t isa);

@@ -1,23 +1,26 @@
 /*
  * Lookup-table kernel family (T-MAC style), AVX2 + POPCNT; chosen per layer (bd_conv_lut).
  *
- * Affine mode with Q ≤ 4 only.  Instead of one AND + popcount per weight bit, activation bit plane
+ * Affine mode, Q ≤ 8.  Instead of one AND + popcount per weight bit, activation bit plane
  * and channel, the activation codes of every quad of channels (4u … 4u+3 of a group, at one input
  * pixel) are turned into a 16-entry table once per input pixel:
  *
  *   T[idx] = Σ_{i<4, bit i of idx set} q_{4u+i}         (≤ 4·(2^Q − 1) ≤ 60: one byte)
  *
+ * (for Q > 4 two tables, of the codes' low and high nibbles, and S = S_low + 16·S_high: twice
+ * the lookups of Q ≤ 4, against twice the AND + popcounts of Q = 4 at Q = 8)
  * and each basis j of each output channel indexes it with its 4 weight bits of that (tap, quad)
  * (a nibble): Σ_{d: m_jd = +1} q_d = Σ_{tap, quad} T[nibble].  One vpshufb does 32 such lookups
  * (32 (co, j) lanes against one broadcast table), independent of Q.  The lane sums are exactly
  * S_j = Σ_b 2^b P_jb of the popcount kernels, so the epilogue (A_j = 2 S_j − N − z·Sv_j, float
  * output) is the same code (output_transform.h) and results are bit-identical.
  *
- * Counters: bytes for F = ⌊255 / (4·qmax)⌋ steps, then split into even/odd 16-bit counters
+ * Counters: bytes for F = ⌊255 / (4·min(qmax, 15))⌋ steps, then split into even/odd 16-bit counters
  * (≤ 256 flushes of ≤ 255 each), then added to int32 lane sums.
  *
  * Layouts (internal; see bdecomp.h "LUT weights"):
- *   tables  uint8 [pixel][G][nq][16], nq = ceil(Cg/4), built per call from the packed activations.
+ *   tables  uint8 [pixel][G][set][nq][16], nq = ceil(Cg/4), set < (Q > 4 ? 2 : 1), built per
+ *           call from the packed activations.
  *   weights uint8 [G][npass][KH·KW][nq][4 blocks][32 bytes], one nibble per byte; lane L of a group
  *           (L = co_local·k + j, L < Cout/G·k) is block b = L/32 of pass L/128, byte lane
  *           l = 2s (s < 16) or 2(s − 16) + 1 (s ≥ 16) for s = L % 32 (the order the even/odd
@@ -71,27 +74,33 @@ void bd_lut_pack_weights(const bd_conv_params *p, const bd_geom *gm, const uint6
         }
 }
 
-/* The 16-byte table of every (pixel, group, quad) from the packed bit planes:
- * T[idx] = Σ_b 2^b popcount(idx AND nibble_b). */
+/* The 16-byte tables of every (pixel, group, quad) from the packed bit planes: set 0 from planes
+ * 0…min(Q, 4) − 1, T[idx] = Σ_{b<4} 2^b popcount(idx AND nibble_b) = Σ_{i ∈ idx} (q_i mod 16);
+ * for Q > 4 set 1 from the planes above, T[idx] = Σ_{i ∈ idx} ⌊q_i / 16⌋ (so a code's lane sum is
+ * S_0 + 16 S_1).  Layout tab[pixel][G][set][nq][16]. */
 static void build_tables(const uint64_t *act, int64_t pixels, int64_t G, int32_t Q, int64_t wpg,
                          int64_t nq, uint8_t *tab)
 {
     /* V[b][n][idx] = popcount(n & idx) << b: 1 KiB per thread and call, on the stack (a
      * thread-local table would cost a __tls_get_addr per use in a shared library) */
     uint8_t V[4][16][16] __attribute__((aligned(16)));
-    for (int b = 0; b < Q; ++b)
+    for (int b = 0; b < 4; ++b)
         for (int n = 0; n < 16; ++n)
             for (int i = 0; i < 16; ++i) V[b][n][i] = (uint8_t)(__builtin_popcount(n & i) << b);
+    const int nsets = Q > 4 ? 2 : 1;
 #pragma omp for schedule(static)
     for (int64_t pg = 0; pg < pixels * G; ++pg) {
         const uint64_t *a = act + pg * Q * wpg;
-        uint8_t *out = tab + pg * nq * 16;
-        for (int64_t u = 0; u < nq; ++u) {
-            const int64_t w = u / 16, sh = 4 * (u % 16);
-            __m128i t = _mm_load_si128((const __m128i *)V[0][(a[w] >> sh) & 15u]);
-            for (int32_t b = 1; b < Q; ++b)
-                t = _mm_add_epi8(t, _mm_load_si128((const __m128i *)V[b][(a[b * wpg + w] >> sh) & 15u]));
-            _mm_storeu_si128((__m128i *)(out + 16 * u), t);
+        for (int set = 0; set < nsets; ++set) {
+            const int32_t b0 = 4 * set, b1 = Q < b0 + 4 ? Q : b0 + 4;
+            uint8_t *out = tab + (pg * nsets + set) * nq * 16;
+            for (int64_t u = 0; u < nq; ++u) {
+                const int64_t w = u / 16, sh = 4 * (u % 16);
+                __m128i t = _mm_load_si128((const __m128i *)V[0][(a[b0 * wpg + w] >> sh) & 15u]);
+                for (int32_t b = b0 + 1; b < b1; ++b)
+                    t = _mm_add_epi8(t, _mm_load_si128((const __m128i *)V[b - b0][(a[b * wpg + w] >> sh) & 15u]));
+                _mm_storeu_si128((__m128i *)(out + 16 * u), t);
+            }
         }
     }
 }
@@ -219,9 +228,10 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
     const int64_t z = p->zero_point;
     const int64_t nq = bd_lut_nq(gm), npass = bd_lut_npass(p, gm), lanes = COUTG * K;
     const int64_t nblk = (lanes + 31) / 32;
-    const int F = 255 / (4 * ((1 << Q) - 1));
+    const int nsets = Q > 4 ? 2 : 1;                       /* table sets (codes' nibbles) */
+    const int F = 255 / (4 * ((1 << (Q < 4 ? Q : 4)) - 1)); /* table entries ≤ 4·15 */
     const int64_t rows = p->n * OH;
-    const int64_t tpix = G * nq * 16;                      /* table bytes per input pixel */
+    const int64_t tpix = G * nsets * nq * 16;              /* table bytes per input pixel */
     const int64_t t_sy = p->dil_h * W * tpix, t_sx = p->dil_w * tpix;
     const int64_t w_sx = nq * 32 * LUT_BLOCKS, w_sy = KW * w_sx, w_pass = T * w_sx;
     const int64_t n_sy = p->dil_h * W * G, n_sx = p->dil_w * G; /* next tap in npix */
@@ -243,8 +253,8 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
         bd_pixel_counts(act, p->n * H * W * G, Q, WPG, npix);
         build_tables(act, p->n * H * W, G, Q, WPG, nq, tab);
         float *P = (float *)malloc((size_t)(BD_EPI_BLOCK * (COUT * K + 8)) * sizeof(float));
-        /* lane sums of up to 4 pixels (interior pixels of a row share the weight loads) */
-        int32_t *s32 = (int32_t *)aligned_alloc(32, (size_t)(4 * npass * 128) * sizeof(int32_t));
+        /* lane sums of up to 4 pixels (interior pixels of a row share the weight loads), per table set */
+        int32_t *s32 = (int32_t *)aligned_alloc(32, (size_t)(2 * 4 * npass * 128) * sizeof(int32_t));
         __m256i *c16 = (__m256i *)aligned_alloc(32, 4 * LUT_BLOCKS * sizeof(__m256i));
         /* integer accumulators A of a block of output pixels, all groups: pixel b at b·a_stride,
          * group g at g·lanes (the int epilogue's 8-lane tail spills into the next group's lanes,
@@ -285,18 +295,24 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
                     const int64_t ipix = any ? (n * H + iy0) * W + ix0 : 0;
                     const int64_t s32_px = npass * 128, ipix_step = p->stride_w; /* next pixel's input */
                     for (int64_t g = 0; g < G; ++g) {
-                        for (int i = 0; i < np; ++i) /* the passes add to the lane sums */
-                            memset(s32 + i * s32_px, 0, (size_t)(nblk * 32) * sizeof(int32_t));
-                        if (any) {
-                            const uint8_t *tp0 = tab + ipix * tpix + g * nq * 16;
+                        for (int set = 0; set < nsets; ++set) {
+                            int32_t *s32s = s32 + set * 4 * s32_px; /* this set's lane sums */
+                            for (int i = 0; i < np; ++i) /* the passes add to the lane sums */
+                                memset(s32s + i * s32_px, 0, (size_t)(nblk * 32) * sizeof(int32_t));
+                            if (!any) continue;
+                            const uint8_t *tp0 = tab + ipix * tpix + (g * nsets + set) * nq * 16;
                             for (int64_t ps = 0; ps < npass; ++ps) {
                                 const int64_t left = nblk - ps * LUT_BLOCKS;
                                 const int R = left < LUT_BLOCKS ? (int)left : LUT_BLOCKS;
                                 const uint8_t *wp0 = wl + (g * npass + ps) * w_pass + ky0 * w_sy + kx0 * w_sx;
-                                lut_passes[np >> 1][R](s32 + ps * 128, s32_px, c16, tp0, ipix_step * tpix, t_sy,
+                                lut_passes[np >> 1][R](s32s + ps * 128, s32_px, c16, tp0, ipix_step * tpix, t_sy,
                                                       t_sx, wp0, w_sy, w_sx, ny, nx, nq, F);
                             }
                         }
+                        if (nsets > 1) /* S = S_0 + 16 S_1 (≤ 255·D: exact) */
+                            for (int i = 0; i < np; ++i)
+                                for (int64_t L = 0; L < nblk * 32; ++L)
+                                    s32[i * s32_px + L] += s32[4 * s32_px + i * s32_px + L] << 4;
                         const int64_t l0 = g * lanes; /* lane L of group g = global lane l0 + L */
                         for (int i = 0; i < np; ++i) {
                             const int64_t pix = (n * OH + oy) * OW + ox + i;

@@ -39,7 +39,7 @@ int bd_conv_avx512(const bd_conv_params *p, const bd_geom *gm, const uint64_t *a
                    const float *bias, float *out, int32_t *acc, int32_t nthreads);
 double bd_peak_avx512(double seconds);
 
-/* kernel_lut_avx2.c — the lookup-table family (affine, Q ≤ 4); layouts described there. */
+/* kernel_lut_avx2.c — the lookup-table family (affine, Q ≤ 8); layouts described there. */
 int64_t bd_lut_nq(const bd_geom *gm);
 int64_t bd_lut_npass(const bd_conv_params *p, const bd_geom *gm);
 void bd_lut_pack_weights(const bd_conv_params *p, const bd_geom *gm, const uint64_t *wpacked,

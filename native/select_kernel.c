@@ -219,7 +219,7 @@ int bd_pack_weights_lut(const bd_conv_params *p, const uint64_t *wpacked, uint8_
 
 int bd_lut_supported(const bd_conv_params *p, int32_t isa)
 {
-    if (!p || p->sign || p->bits < 1 || p->bits > 4) return 0;
+    if (!p || p->sign || p->bits < 1 || p->bits > 8) return 0;
     if (isa != BD_ISA_AVX2 && isa != BD_ISA_AVX512) return 0;
     return bd_isa_supported(isa) && bd_isa_supported(BD_ISA_AVX2);
 }
@@ -248,9 +248,9 @@ int bd_conv_lut(const bd_conv_params *p, const uint64_t *act, const uint8_t *wlu
     bd_geom gm;
     if (check_conv_args(p, &gm, act, wlut, tap_sums, coeffs, bias, out) != BD_OK) return BD_EINVAL;
     if (isa < BD_ISA_SCALAR || isa > BD_ISA_AVX512) return BD_EINVAL;
-    if (p->sign || p->bits > 4) return BD_EINVAL;
+    if (p->sign || p->bits > 8) return BD_EINVAL;
     if (!bd_lut_supported(p, isa)) return BD_EUNSUPPORTED;
-    const int64_t tab[5] = {p->n, p->h, p->w, p->groups * bd_lut_nq(&gm), 16};
+    const int64_t tab[5] = {p->n, p->h, p->w, p->groups * bd_lut_nq(&gm), p->bits > 4 ? 32 : 16};
     if (checked_prod(tab, 5) < 0) return BD_EINVAL;
     nthreads = useful_threads(p, &gm, nthreads);
     return bd_conv_lut_avx2(p, &gm, act, wlut, tap_sums, coeffs, bias, out, acc, nthreads);
