@@ -32,7 +32,7 @@ import numpy as np
 # every layer pay a futex wake-up (~20-40 µs), so small layers could not use threads at all
 # (ResNet-56 at 2 threads: 6.2 ms, as 1 thread).  A short spin (~0.3 ms) bridges the gaps between
 # consecutive layers and then sleeps: ResNet-56 k=Q=4 at 2 threads 3.9 ms (1 thread 6.2 ms), with
-# one core busy with another process 8.5 ms (sleeping workers 7.5 ms); AVX-512 Zen 4, 2 cores.
+# one core busy with another process 8.7 ms (sleeping workers 7.5 ms); AVX-512 Zen 4, 2 cores.
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     os.environ["GOMP_SPINCOUNT"] = "30000"
@@ -694,13 +694,13 @@ class PackedConv:
 
     def _call(self, plan, act, out, acc, residual, clamp) -> None:
         """The C call of a checked plan on checked arrays (run() and bind())."""
-        p, use_lut, wptr, oshape = plan[:4]
+        p, use_lut, wptr, oshape, _, _, nthreads, isa_id = plan
         if residual is not None or not clamp:
             p = _call_params(p, residual, oshape, clamp)
         rc = (lib.bd_conv_lut if use_lut else lib.bd_conv)(
                 p, ffi.from_buffer("uint64_t[]", act), wptr, self._ts_ptr, self._coeffs_ptr,
                 self._bias_ptr, ffi.from_buffer("float[]", out),
-                ffi.NULL if acc is None else ffi.from_buffer("int32_t[]", acc), plan[7], plan[6])
+                ffi.NULL if acc is None else ffi.from_buffer("int32_t[]", acc), isa_id, nthreads)
         if rc != lib.BD_OK:
             _check_status(rc, "bd_conv")
 

@@ -329,9 +329,7 @@ class Model:
         if groups == _DEPTHWISE:
             y = choices[0][0].run_codes(qz.native_codes(), threads=self.threads, scale=scale,
                                         zero_point=qz.zero_point, residual=res, clamp=clamp)
-            return y if clamp else self._add_clamp(y, env[spec.residual], spec)
-
-        if len(choices) == 1 and not choices[0][2] and not qz.spec.dynamic:
+        elif len(choices) == 1 and not choices[0][2] and not qz.spec.dynamic:
             # the settled way to run this shape, bound once (a static quantizer: fixed scale)
             bkey = (xin.shape, envk)
             f = step.bound.get(bkey)
@@ -342,30 +340,28 @@ class Model:
                 f = step.bound[bkey] = kernel.bind(*args, isa=self.isa, threads=self.threads, scale=scale,
                                                    zero_point=qz.zero_point, family=family)
             y = f(qz.packed(groups, axis, envk), res, clamp)
-            y = y if oshape is None else y.reshape(oshape)
-            return y if clamp else self._add_clamp(y, env[spec.residual], spec)
-
-        def run(choice):
-            kernel, family, patch = choice
-            if patch:
-                act, n, oh, ow = qz.packed_im2col(spec)
-                return kernel.run(act, n, oh, ow, isa=self.isa, threads=self.threads, scale=scale,
-                                  zero_point=qz.zero_point, family=family, residual=res, clamp=clamp)
-            return kernel.run(qz.packed(groups, axis, envk), *args, isa=self.isa, threads=self.threads,
-                              scale=scale, zero_point=qz.zero_point, family=family, residual=res, clamp=clamp)
-
-        if len(choices) > 1:  # first input of this shape: time every way, keep the fastest
-            best = [float("inf")] * len(choices)
-            for _ in range(MEASURE_RUNS):  # interleaved, so a slow moment does not hit one way only
-                for i, c in enumerate(choices):
-                    if c[2]:  # the patches are this layer's own: their packing counts
-                        qz.forget_im2col(spec)
-                    t0 = time.perf_counter()
-                    y = run(c)
-                    best[i] = min(best[i], time.perf_counter() - t0)
-            choices[:] = [choices[int(np.argmin(best))]]
         else:
-            y = run(choices[0])
+            def run(choice):
+                kernel, family, patch = choice
+                if patch:
+                    act, n, oh, ow = qz.packed_im2col(spec)
+                    return kernel.run(act, n, oh, ow, isa=self.isa, threads=self.threads, scale=scale,
+                                      zero_point=qz.zero_point, family=family, residual=res, clamp=clamp)
+                return kernel.run(qz.packed(groups, axis, envk), *args, isa=self.isa, threads=self.threads,
+                                  scale=scale, zero_point=qz.zero_point, family=family, residual=res, clamp=clamp)
+
+            if len(choices) > 1:  # first input of this shape: time every way, keep the fastest
+                best = [float("inf")] * len(choices)
+                for _ in range(MEASURE_RUNS):  # interleaved, so a slow moment does not hit one way only
+                    for i, c in enumerate(choices):
+                        if c[2]:  # the patches are this layer's own: their packing counts
+                            qz.forget_im2col(spec)
+                        t0 = time.perf_counter()
+                        y = run(c)
+                        best[i] = min(best[i], time.perf_counter() - t0)
+                choices[:] = [choices[int(np.argmin(best))]]
+            else:  # packed patches, or a dynamic quantizer (a new scale every run)
+                y = run(choices[0])
         y = y if oshape is None else y.reshape(oshape)
         return y if clamp else self._add_clamp(y, env[spec.residual], spec)
 
