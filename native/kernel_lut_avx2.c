@@ -42,6 +42,9 @@
 #include "epilogue_avx2.h"
 
 #define LUT_BLOCKS 4 /* 32-lane blocks per pass (accumulators in registers) */
+#define LUT_MAX_PX 4     /* output pixels per pass (sharing the weight loads) */
+#define LUT_MAX_ACC 8    /* byte counters in registers per pass: pixels · blocks */
+#define LUT_MAX_SETS 2   /* table sets: the codes' low nibbles, and for Q > 4 their high ones */
 
 static inline int64_t lut_lane_byte(int64_t s) { return s < 16 ? 2 * s : 2 * (s - 16) + 1; }
 
@@ -132,7 +135,8 @@ static inline __attribute__((always_inline)) void spill16(int32_t *s32, __m256i 
 /* One pass: R blocks of 32 lanes over ny × nx valid taps, for NP (1, 2 or 4) output pixels whose
  * tables are t_px bytes apart (the pixels share every weight load); adds the lane sums of pixel i
  * to s32[i·s32_px + R·32] (block r, s = 0..31 in the order of lut_lane_byte).  Only the NP·R
- * byte counters live in registers (NP·R ≤ 8, with R weights and a table: ≤ 13 of AVX2's 16 ymm);
+ * byte counters live in registers (NP·R ≤ LUT_MAX_ACC, with R weights and a table: ≤ 13 of AVX2's
+ * 16 ymm);
  * the 16-bit counters (c16, 2·R per pixel) are touched once per F steps. */
 static inline __attribute__((always_inline)) void
 lut_pass(int32_t *s32, int64_t s32_px, __m256i *c16, const uint8_t *tp0, int64_t t_px, int64_t t_sy,
@@ -140,7 +144,7 @@ lut_pass(int32_t *s32, int64_t s32_px, __m256i *c16, const uint8_t *tp0, int64_t
          int64_t nq, const int R, const int NP, int F)
 {
     const __m256i zero = _mm256_setzero_si256();
-    __m256i a[4][4];
+    __m256i a[LUT_MAX_PX][LUT_BLOCKS];
 #pragma GCC unroll 4
     for (int i = 0; i < NP; ++i)
 #pragma GCC unroll 4
@@ -153,7 +157,7 @@ lut_pass(int32_t *s32, int64_t s32_px, __m256i *c16, const uint8_t *tp0, int64_t
             const uint8_t *tp = tp0 + y * t_sy + x * t_sx;
             const uint8_t *wu = wp0 + y * w_sy + x * w_sx;
             for (int64_t u = 0; u < nq; ++u, tp += 16, wu += 32 * LUT_BLOCKS) {
-                __m256i w[4];
+                __m256i w[LUT_BLOCKS];
 #pragma GCC unroll 4
                 for (int r = 0; r < R; ++r) w[r] = _mm256_loadu_si256((const __m256i *)(wu + 32 * r));
 #pragma GCC unroll 4
@@ -211,7 +215,7 @@ LUT_PASS_FN(2, 4)
 
 typedef void (*lut_pass_fn)(int32_t *, int64_t, __m256i *, const uint8_t *, int64_t, int64_t, int64_t,
                             const uint8_t *, int64_t, int64_t, int64_t, int64_t, int64_t, int);
-/* [1, 2 or 4 pixels][R]; 4 pixels only for R ≤ 2 (registers) */
+/* [1, 2 or 4 pixels][R]; 4 pixels only for R ≤ 2 (NP·R ≤ LUT_MAX_ACC) */
 static const lut_pass_fn lut_passes[3][LUT_BLOCKS + 1] = {
     {lut_pass1_1, lut_pass1_1, lut_pass2_1, lut_pass3_1, lut_pass4_1},
     {lut_pass1_2, lut_pass1_2, lut_pass2_2, lut_pass3_2, lut_pass4_2},
@@ -228,7 +232,7 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
     const int64_t z = p->zero_point;
     const int64_t nq = bd_lut_nq(gm), npass = bd_lut_npass(p, gm), lanes = COUTG * K;
     const int64_t nblk = (lanes + 31) / 32;
-    const int nsets = Q > 4 ? 2 : 1;                       /* table sets (codes' nibbles) */
+    const int nsets = Q > 4 ? LUT_MAX_SETS : 1;            /* table sets (codes' nibbles) */
     const int F = 255 / (4 * ((1 << (Q < 4 ? Q : 4)) - 1)); /* table entries ≤ 4·15 */
     const int64_t rows = p->n * OH;
     const int64_t tpix = G * nsets * nq * 16;              /* table bytes per input pixel */
@@ -254,8 +258,9 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
         build_tables(act, p->n * H * W, G, Q, WPG, nq, tab);
         float *P = (float *)malloc((size_t)(BD_EPI_BLOCK * (COUT * K + 8)) * sizeof(float));
         /* lane sums of up to 4 pixels (interior pixels of a row share the weight loads), per table set */
-        int32_t *s32 = (int32_t *)aligned_alloc(32, (size_t)(2 * 4 * npass * 128) * sizeof(int32_t));
-        __m256i *c16 = (__m256i *)aligned_alloc(32, 4 * LUT_BLOCKS * sizeof(__m256i));
+        const int64_t s32_px = npass * 128, s32_set = LUT_MAX_PX * s32_px; /* next pixel / set */
+        int32_t *s32 = (int32_t *)aligned_alloc(32, (size_t)(LUT_MAX_SETS * s32_set) * sizeof(int32_t));
+        __m256i *c16 = (__m256i *)aligned_alloc(32, 2 * LUT_MAX_ACC * sizeof(__m256i));
         /* integer accumulators A of a block of output pixels, all groups: pixel b at b·a_stride,
          * group g at g·lanes (the int epilogue's 8-lane tail spills into the next group's lanes,
          * which that group then overwrites: groups run in order) */
@@ -285,7 +290,8 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
                      * stride; 4 while the lanes fit 2 blocks): valid ranges only shrink towards
                      * the edges, so the last pixel of a group decides */
                     int np = 1;
-                    for (int cand = nblk <= 2 ? 4 : 2; cand >= 2 && np == 1 && interior; cand /= 2) {
+                    for (int cand = nblk * LUT_MAX_PX <= LUT_MAX_ACC ? LUT_MAX_PX : 2; cand >= 2 && np == 1 && interior;
+                         cand /= 2) {
                         int64_t lo, hi;
                         if (b + cand > npx) continue;
                         bd_valid_range(ox + cand - 1, p->stride_w, p->pad_left, p->dil_w, KW, W, &lo, &hi);
@@ -293,10 +299,10 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
                     }
                     const int any = ny > 0 && nx > 0;
                     const int64_t ipix = any ? (n * H + iy0) * W + ix0 : 0;
-                    const int64_t s32_px = npass * 128, ipix_step = p->stride_w; /* next pixel's input */
+                    const int64_t ipix_step = p->stride_w; /* the next output pixel's input pixel */
                     for (int64_t g = 0; g < G; ++g) {
                         for (int set = 0; set < nsets; ++set) {
-                            int32_t *s32s = s32 + set * 4 * s32_px; /* this set's lane sums */
+                            int32_t *s32s = s32 + set * s32_set; /* this set's lane sums */
                             for (int i = 0; i < np; ++i) /* the passes add to the lane sums */
                                 memset(s32s + i * s32_px, 0, (size_t)(nblk * 32) * sizeof(int32_t));
                             if (!any) continue;
@@ -312,7 +318,7 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
                         if (nsets > 1) /* S = S_0 + 16 S_1 (≤ 255·D: exact) */
                             for (int i = 0; i < np; ++i)
                                 for (int64_t L = 0; L < nblk * 32; ++L)
-                                    s32[i * s32_px + L] += s32[4 * s32_px + i * s32_px + L] << 4;
+                                    s32[i * s32_px + L] += s32[s32_set + i * s32_px + L] << 4;
                         const int64_t l0 = g * lanes; /* lane L of group g = global lane l0 + L */
                         for (int i = 0; i < np; ++i) {
                             const int64_t pix = (n * OH + oy) * OW + ox + i;
