@@ -835,6 +835,157 @@ class DepthwiseConv(PackedConv):
         return (out, acc) if return_acc else out
 
 
+class Chain:
+    """Quantize + pack and convolution steps run by one C call (bd_run_steps): the runtime's runs
+    of native layers between onnxruntime segments, whose one-by-one Python calls cost ~8 µs per
+    layer (ResNet-56: ~10 % of its latency).  Each step is resolved and validated when added,
+    exactly as bind_quantize_pack / PackedConv.bind do, and calls the same C entry point, so the
+    results are bit for bit those of the one-by-one calls.
+
+    Every step writes a new buffer; buffers live in one arena, placed when the chain is first run
+    so that a buffer's bytes are reused once its last reader has run (a small arena stays in
+    cache) — except the buffers marked with keep(), which the caller reads afterwards.  `run()`
+    takes an arena from the chain's pool (a new one when all are in use, so concurrent runs share
+    nothing) and `release()` gives it back; `external(shape)` is a slot for a caller's float32
+    array passed to run().
+
+        c = Chain(); xin = c.external((1, 16, 32, 32))
+        act, _ = c.quantize_pack(xin, (1, 16, 32, 32), groups=1, scale=0.1, zero_point=0, bits=4)
+        y, shape = c.conv(kernel, act, 1, 32, 32); c.keep(y)
+        arena = c.run([x]); out = c.view(arena, y, shape).copy(); c.release(arena)
+    """
+
+    def __init__(self):
+        self._fields: list[dict] = []
+        self._keep_alive: list = []  # cffi objects and kernels the steps point to
+        self.external_shapes: list[tuple[int, ...]] = []
+        self._sizes: list[int] = []  # bytes of each buffer (references 0, 1, ...)
+        self._kept: set[int] = set()
+        self._offsets: list[int] | None = None
+        self._steps = None
+        self._pool: list[np.ndarray] = []
+        self.arena_bytes = 0
+
+    def external(self, shape: tuple[int, ...]) -> int:
+        """A reference to the next float32 C-contiguous array of `shape` given to run()."""
+        self.external_shapes.append(tuple(int(d) for d in shape))
+        return -len(self.external_shapes)
+
+    def keep(self, ref: int) -> None:
+        """Keep buffer `ref` intact until the end of the run (the caller reads it)."""
+        self._kept.add(ref)
+
+    def _buffer(self, nbytes: int) -> int:
+        self._sizes.append(int(nbytes))
+        self._offsets = None
+        return len(self._sizes) - 1
+
+    def quantize_pack(self, src: int, shape: tuple[int, ...], **options) -> tuple[int, tuple[int, ...]]:
+        """quantize_pack (same keyword options) of the float32 array of `shape` at `src`; returns
+        (reference, shape) of the packed activations."""
+        x = np.empty(shape, np.float32)  # for the checks: only its shape is used
+        _, plan = _quantize_pack_plan(x, options.pop("groups"), options.pop("scale"), options.pop("zero_point"),
+                                      options.pop("bits"), options.pop("sign", False),
+                                      options.pop("channel_axis", 1), options.pop("threads", None),
+                                      options.pop("channel_scales", None))
+        if options:
+            raise TypeError(f"unknown options: {', '.join(sorted(options))}")
+        outer, channels, inner, groups, scale_v, zp, bits, sign, nthreads, act_shape, cs_ptr = plan
+        self._keep_alive.append(cs_ptr)
+        dst = self._buffer(8 * math.prod(act_shape))
+        self._add(op=lib.BD_STEP_QUANTIZE_PACK, nthreads=nthreads, src=src, dst=dst, outer=outer,
+                  channels=channels, inner=inner, groups=groups, scale=scale_v, channel_scales=cs_ptr,
+                  zero_point=zp, bits=bits, sign=sign)
+        return dst, act_shape
+
+    def conv(self, kernel: "PackedConv", act: int, n: int, h: int, w: int, *, residual: int | None = None,
+             isa: str | None = None, threads: int | None = None, scale: float | None = None,
+             zero_point: int | None = None, family: str | None = None) -> tuple[int, tuple[int, ...]]:
+        """kernel.run(...) on the packed activations at `act` (plus the float32 residual at
+        `residual`, clamped as run() does by default); returns (reference, shape) of the float32
+        output."""
+        p, use_lut, wptr, oshape, _, _, nthreads, isa_id = kernel._plan(n, h, w, isa, threads, family, scale,
+                                                                         zero_point)
+        self._keep_alive += [p, kernel]
+        out = self._buffer(4 * math.prod(oshape))
+        self._add(op=lib.BD_STEP_CONV_LUT if use_lut else lib.BD_STEP_CONV, nthreads=nthreads, src=act, dst=out,
+                  residual=lib.BD_NO_BUFFER if residual is None else residual, params=p, weights=wptr,
+                  tap_sums=kernel._ts_ptr, coeffs=kernel._coeffs_ptr, bias=kernel._bias_ptr, isa=isa_id)
+        return out, oshape
+
+    def _add(self, **fields) -> None:
+        fields.setdefault("residual", lib.BD_NO_BUFFER)
+        self._fields.append(fields)
+        self._steps = None
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def _place(self) -> None:
+        """Arena offsets: each step's output takes the best-fitting free piece (or the end of the
+        arena), and a buffer's piece is freed after its last reader unless it is kept."""
+        last = {}
+        for i, f in enumerate(self._fields):
+            for r in (f["src"], f["residual"]):
+                if 0 <= r:
+                    last[r] = i
+        offsets, free, end = [0] * len(self._sizes), [], 0
+        for i, f in enumerate(self._fields):
+            size = -(-self._sizes[f["dst"]] // 64) * 64
+            fits = [j for j, (_, n) in enumerate(free) if n >= size]
+            if fits:
+                j = min(fits, key=lambda j: (free[j][1], free[j][0]))
+                offsets[f["dst"]] = free.pop(j)[0]
+            else:
+                offsets[f["dst"]], end = end, end + size
+            dead = {r for r in (f["src"], f["residual"]) if 0 <= r and last[r] == i and r not in self._kept}
+            if f["dst"] not in last and f["dst"] not in self._kept:
+                dead.add(f["dst"])
+            free += [(offsets[r], -(-self._sizes[r] // 64) * 64) for r in sorted(dead)]
+        self._offsets, self.arena_bytes, self._pool = offsets, end, []
+        self._steps = None
+
+    def run(self, external: list[np.ndarray]) -> np.ndarray:
+        """Run every step; returns the arena (uint8) holding the buffers (see view(), release())."""
+        if self._offsets is None:
+            self._place()
+        if self._steps is None:
+            self._steps = ffi.new("bd_step[]", max(1, len(self._fields)))
+            for i, f in enumerate(self._fields):
+                for name, v in f.items():
+                    if name in ("src", "dst", "residual") and v >= 0:
+                        v = self._offsets[v]
+                    setattr(self._steps[i], name, v)
+        if len(external) != len(self.external_shapes):
+            raise ValueError(f"expected {len(self.external_shapes)} external arrays, got {len(external)}")
+        ptrs = ffi.new("void *[]", max(1, len(external)))
+        for i, (a, shape) in enumerate(zip(external, self.external_shapes)):
+            if type(a) is not np.ndarray or a.dtype != _F32 or not a.flags.c_contiguous or a.shape != shape:
+                raise ValueError(f"external array {i} must be float32 C-contiguous of shape {shape}, got "
+                                 f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
+            ptrs[i] = ffi.from_buffer("float[]", a)
+        try:
+            arena = self._pool.pop()
+        except IndexError:
+            arena = np.empty(max(64, self.arena_bytes), np.uint8)
+        failed = ffi.new("int64_t *")
+        rc = lib.bd_run_steps(self._steps, len(self._fields), ffi.from_buffer("uint8_t[]", arena), self.arena_bytes,
+                              ptrs, len(external), failed)
+        if rc != lib.BD_OK:
+            _check_status(rc, f"bd_run_steps (step {failed[0]})")
+        return arena
+
+    def release(self, arena: np.ndarray) -> None:
+        """Give an arena back for later runs (the caller no longer reads its buffers)."""
+        if arena.size >= self.arena_bytes and len(self._pool) < 4:
+            self._pool.append(arena)
+
+    def view(self, arena: np.ndarray, ref: int, shape: tuple[int, ...]) -> np.ndarray:
+        """The float32 array of `shape` in buffer `ref` of an arena run() returned."""
+        off = self._offsets[ref]
+        return arena[off:off + 4 * math.prod(shape)].view(np.float32).reshape(shape)
+
+
 def _call_params(p, residual: np.ndarray | None, oshape: tuple[int, ...], clamp: bool):
     """A copy of the parameter block `p` for one call: pointing at `residual`, without the clamp
     if not `clamp` (the cached block is never changed, so concurrent calls share nothing)."""

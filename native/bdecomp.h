@@ -169,6 +169,37 @@ int bd_conv_depthwise(const bd_conv_params *p, const uint8_t *codes, const int8_
                       const float *coeffs, const float *bias, float *out, int32_t *acc,
                       int32_t nthreads);
 
+/* A chain of steps in one call (native/steps.c): the runtime's runs of quantize + pack and
+ * convolution steps between onnxruntime segments, which cost ~8 µs of Python per layer when
+ * called one by one (ResNet-56: 10 % of its latency).  Every step calls the public function of
+ * its op with the fields below, so it validates exactly as that function does.
+ * Buffer references (src, dst, residual): ref ≥ 0 is the byte offset ref in `arena` (the extent a
+ * step reads or writes must lie inside arena_bytes, else BD_EINVAL); ref < 0 is external[−1 − ref]
+ * (−1 − ref < nexternal, the caller's arrays, their sizes the caller's responsibility);
+ * residual = BD_NO_BUFFER: none.  A conv step's params are copied and their residual pointer set
+ * from `residual`.  Steps run in order; the first failing step stops the chain: its status is
+ * returned and its index stored in *failed (−1 when every step succeeded). */
+enum bd_step_op { BD_STEP_QUANTIZE_PACK = 1, BD_STEP_CONV = 2, BD_STEP_CONV_LUT = 3 };
+#define BD_NO_BUFFER INT64_MIN
+typedef struct {
+    int32_t op;
+    int32_t nthreads;
+    int64_t src, dst, residual;
+    /* BD_STEP_QUANTIZE_PACK: x = src (float), act = dst */
+    int64_t outer, channels, inner, groups;
+    float scale;
+    const float *channel_scales;
+    int32_t zero_point, bits, sign;
+    /* BD_STEP_CONV (bd_conv) and BD_STEP_CONV_LUT (bd_conv_lut): act = src, out = dst */
+    const bd_conv_params *params;
+    const void *weights;
+    const int32_t *tap_sums;
+    const float *coeffs, *bias;
+    int32_t isa;
+} bd_step;
+int bd_run_steps(const bd_step *steps, int64_t nsteps, uint8_t *arena, int64_t arena_bytes,
+                 void *const *external, int64_t nexternal, int64_t *failed);
+
 /* Threads: a call whose work is below a per-function threshold runs on one thread (a wake-up
  * costs more); BDECOMP_MIN_PARALLEL_WORK=<integer ≥ 0> in the environment overrides that
  * threshold (0: always use the requested threads, as the tests do).  Results never depend on it.

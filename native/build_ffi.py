@@ -72,6 +72,24 @@ int bd_quantize_codes(const float *x, int64_t outer, int64_t channels, int64_t i
 int bd_conv_depthwise(const bd_conv_params *p, const uint8_t *codes, const int8_t *basis_pm,
                       const float *coeffs, const float *bias, float *out, int32_t *acc,
                       int32_t nthreads);
+enum bd_step_op { BD_STEP_QUANTIZE_PACK = 1, BD_STEP_CONV = 2, BD_STEP_CONV_LUT = 3 };
+#define BD_NO_BUFFER ...
+typedef struct {
+    int32_t op;
+    int32_t nthreads;
+    int64_t src, dst, residual;
+    int64_t outer, channels, inner, groups;
+    float scale;
+    const float *channel_scales;
+    int32_t zero_point, bits, sign;
+    const bd_conv_params *params;
+    const void *weights;
+    const int32_t *tap_sums;
+    const float *coeffs, *bias;
+    int32_t isa;
+} bd_step;
+int bd_run_steps(const bd_step *steps, int64_t nsteps, uint8_t *arena, int64_t arena_bytes,
+                 void *const *external, int64_t nexternal, int64_t *failed);
 """
 
 SOURCES = sorted(os.path.basename(f) for f in glob.glob(os.path.join(HERE, "*.c")))

@@ -176,7 +176,7 @@ def quantize_int8(original: Path, out_path: Path, calib_images: list[Path], reci
 def record_layers(model, callback: Callable[[Any, dict, np.ndarray, float], None]):
     """While active, every native layer step of `model` (a runtime.model.Model on the native backend)
     calls callback(step, env, output, seconds) after it ran. Restores the model afterwards."""
-    inner = model._run_layer
+    inner, chained = model._run_layer, model.chains
 
     def run_layer(step, env, *rest):
         t0 = time.perf_counter()
@@ -184,11 +184,12 @@ def record_layers(model, callback: Callable[[Any, dict, np.ndarray, float], None
         callback(step, env, y, time.perf_counter() - t0)
         return y
 
-    model._run_layer = run_layer
+    model._run_layer, model.chains = run_layer, False  # every layer through Python, one by one
     try:
         yield model
     finally:
         del model._run_layer
+        model.chains = chained
 
 
 def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:

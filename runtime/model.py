@@ -22,6 +22,7 @@ from bdecomp.decomposer import ops
 from bdecomp.decomposer.convert import META_PREFIX, model_input
 from bdecomp.decomposer.load import read_model
 from bdecomp.errors import ConfigError, DecomposedModelError, ModelError
+from bdecomp.runtime import chains
 from bdecomp.runtime.graph import LayerSpec, QuantSpec, Step, build_schedule
 
 BACKENDS = ("native", "onnxruntime")
@@ -213,6 +214,10 @@ class Model:
                 raise DecomposedModelError(f"{path}: decomposed ops without a function body: "
                                            f"{', '.join(sorted(map(str, used - have)))}")
         self._steps: list[Step] | None = None
+        # runs of native steps as one C call each, per (input shape, kernel environment); False
+        # runs every step from Python (what per-layer timing and recording hooks need)
+        self.chains = True
+        self._chains: dict[tuple, dict[int, chains.ChainRun]] = {}
         self._whole: ort.InferenceSession | None = None
         if backend == "native" and self.decomposed:
             try:
@@ -230,7 +235,7 @@ class Model:
         types = _elem_types(self.model)
         inits = {t.name: t for t in self.model.graph.initializer}
         opsets = [o for o in self.model.opset_import if o.domain != ops.DOMAIN]
-        needed_later = _needed_after(self._steps, self.output_names)
+        needed_later = self._needed_after = _needed_after(self._steps, self.output_names)
         for i, step in enumerate(self._steps):
             if step.kind == "ort":
                 produced = {o for n in step.nodes for o in n.output}
@@ -280,28 +285,81 @@ class Model:
         env: dict[str, Any] = {self.input_name: x}
         quantized: dict[str, _Quantized] = {}
         envk = _native()._env_state()  # BDECOMP_ISA / KERNEL / THREADS: part of every bound call's key
-        for step in self._steps:
-            if step.kind == "ort":
-                if step.session is None:
-                    continue
-                feeds = {name: _materialize(env[name], quantized) for name in step.inputs}
+        ckey = (x.shape, envk)
+        chains = self._chains.get(ckey) if self.chains else None
+        i, steps, arenas = 0, self._steps, []
+        while i < len(steps):
+            run = chains.get(i) if chains else None
+            if run is not None:
                 try:
-                    env.update(zip(step.outputs, step.session.run(step.outputs, feeds)))
-                except Exception as e:  # onnxruntime raises its own exception types
-                    raise ModelError(f"onnxruntime failed: {_first_line(e)}") from None
-            elif step.kind == "quant":
-                spec: QuantSpec = step.spec
-                xin = np.ascontiguousarray(env[spec.input], dtype=np.float32)
-                scale, zp = dynamic_qparams(xin, spec.bits) if spec.dynamic else (spec.scale, spec.zero_point)
-                qz = _Quantized(xin, spec, scale, zp, self.threads, None if spec.dynamic else step.packers)
-                quantized[spec.outputs[0]] = qz
-                env[spec.outputs[0]] = qz
-                if spec.dynamic:
-                    env[spec.outputs[1]] = np.array(scale, np.float32)
-                    env[spec.outputs[2]] = np.array(zp, np.uint8)
-            else:
-                env[step.spec.output] = self._run_layer(step, env, envk)
-        return [_materialize(env[o], quantized) for o in self.output_names]
+                    done = run.run(env, arenas)
+                except ValueError as e:  # the C checks; the chain was built from a run that passed them
+                    raise ModelError(f"native chain failed: {_first_line(e)}") from None
+                if done:
+                    i = run.end
+                    continue
+            self._run_step(steps[i], env, quantized, envk)
+            i += 1
+        if self.chains and chains is None:
+            if len(self._chains) >= 16:
+                self._chains.clear()
+            self._chains[ckey] = self._build_chains(env)
+        outs = [_materialize(env[o], quantized) for o in self.output_names]
+        if arenas:  # outputs must not alias an arena a later run reuses
+            outs = [o.copy() if any(np.may_share_memory(o, a) for _, a in arenas) else o for o in outs]
+            for chain, arena in arenas:
+                chain.release(arena)
+        return outs
+
+    def _run_step(self, step: Step, env: dict[str, Any], quantized: dict[str, _Quantized], envk: tuple) -> None:
+        if step.kind == "ort":
+            if step.session is None:
+                return
+            feeds = {name: _materialize(env[name], quantized) for name in step.inputs}
+            try:
+                env.update(zip(step.outputs, step.session.run(step.outputs, feeds)))
+            except Exception as e:  # onnxruntime raises its own exception types
+                raise ModelError(f"onnxruntime failed: {_first_line(e)}") from None
+        elif step.kind == "quant":
+            spec: QuantSpec = step.spec
+            xin = np.ascontiguousarray(env[spec.input], dtype=np.float32)
+            scale, zp = dynamic_qparams(xin, spec.bits) if spec.dynamic else (spec.scale, spec.zero_point)
+            qz = _Quantized(xin, spec, scale, zp, self.threads, None if spec.dynamic else step.packers)
+            quantized[spec.outputs[0]] = qz
+            env[spec.outputs[0]] = qz
+            if spec.dynamic:
+                env[spec.outputs[1]] = np.array(scale, np.float32)
+                env[spec.outputs[2]] = np.array(zp, np.uint8)
+        else:
+            env[step.spec.output] = self._run_layer(step, env, envk)
+
+    def _build_chains(self, env: dict[str, Any]) -> dict[int, chains.ChainRun]:
+        """The chains (runtime/chains.py) of this input shape, from the tensors of a completed run:
+        by first step."""
+        native = _native()
+        elig = chains.eligible_steps(self._steps, env, self._chain_way)
+        out = {}
+        for span in chains.chain_spans(self._steps, elig, self._needed_after):
+            out[span[0]] = chains.build(self._steps, span, env, self._needed_after, self._chain_way, native.Chain,
+                                        self.isa, self.threads)
+        return out
+
+    def _chain_way(self, step: Step, env: dict[str, Any]):
+        """(kernel, family, (n, h, w), groups, channel axis, output shape) of a layer that can run in
+        a chain with this env's input, else None (see runtime/chains.py)."""
+        qz = env.get(step.inputs[0])
+        if not isinstance(qz, _Quantized) or qz.spec.dynamic:
+            return None
+        plan = step.plans.get(qz.x.shape)
+        if plan is None:
+            return None
+        choices, args, groups, axis, _, shapes = plan
+        if groups == _DEPTHWISE or len(choices) != 1 or choices[0][2]:
+            return None
+        if step.spec.residual is not None and not self._residual(step.spec, env, shapes)[1]:
+            return None
+        kernel, family, _ = choices[0]
+        return kernel, family, args, groups, axis, shapes[0]
 
     def _run_layer(self, step: Step, env: dict[str, Any], envk: tuple | None = None) -> np.ndarray:
         """One native layer step; envk: the kernels' environment (BDECOMP_*), read once per run."""

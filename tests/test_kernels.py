@@ -785,3 +785,97 @@ def test_a_bound_quantize_pack_gives_what_quantize_pack_gives_and_checks_its_inp
     for bad in (x2[:1], x2.astype(np.float64), x2.transpose(0, 1, 3, 2)):
         with pytest.raises(ValueError):
             f(bad)
+
+
+def _chain_layers(rng):
+    """Three 3×3 layers 24 → 24 → 24 → 24 (the third grouped; per-channel steps for the second,
+    which tests add a residual to) as (convs, quantizer options)."""
+    convs = []
+    for i in range(3):
+        groups = 3 if i == 2 else 1
+        basis = random_basis(rng, 24, 3, 24 // groups * 9)
+        convs.append(native.PackedConv(basis, rng.uniform(0.1, 1.0, (24, 3)).astype(np.float32),
+                                       rng.standard_normal(24).astype(np.float32), cin=24, groups=groups,
+                                       kernel=(3, 3), pads=(1, 1, 1, 1), bits=4, zero_point=0, scale=0.2,
+                                       act_min=0.0))
+    qopts = [dict(scale=0.2, zero_point=0, bits=4, groups=c.groups) for c in convs]
+    qopts[1]["channel_scales"] = rng.uniform(0.1, 0.3, 24)
+    return convs, qopts
+
+
+@pytest.mark.parametrize("family", ["popcount", "lut"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_a_chain_gives_the_bytes_of_its_steps_called_one_by_one(isa, family):
+    if family == "lut" and isa == "scalar":
+        pytest.skip("no lookup-table kernel on the scalar ISA")
+    rng = np.random.default_rng(11)
+    convs, qopts = _chain_layers(rng)
+    x = np.abs(rng.standard_normal((2, 24, 7, 9))).astype(np.float32)
+    kw = dict(isa=isa, family=family, threads=1)
+    y, ys = x, []
+    for i, (conv, q) in enumerate(zip(convs, qopts)):
+        y = conv.run(native.quantize_pack(y, **q), 2, 7, 9, residual=x if i == 1 else None, **kw)
+        ys.append(y)
+    chain = native.Chain()
+    src = xin = chain.external(x.shape)
+    refs = []
+    for i, (conv, q) in enumerate(zip(convs, qopts)):
+        act, _ = chain.quantize_pack(src, x.shape, **q)
+        src, shape = chain.conv(conv, act, 2, 7, 9, residual=xin if i == 1 else None, **kw)
+        refs.append(src)
+    chain.keep(refs[0])
+    for _ in range(2):  # the second run reuses the first run's arena
+        arena = chain.run([x])
+        assert chain.view(arena, refs[0], shape).tobytes() == ys[0].tobytes()
+        assert chain.view(arena, refs[2], shape).tobytes() == ys[2].tobytes()
+        chain.release(arena)
+
+
+def test_a_chain_reuses_the_bytes_of_buffers_nobody_reads_any_more():
+    rng = np.random.default_rng(12)
+    convs, qopts = _chain_layers(rng)
+    chain = native.Chain()
+    src = chain.external((1, 24, 8, 8))
+    for conv, q in zip(convs, qopts):
+        act, _ = chain.quantize_pack(src, (1, 24, 8, 8), **q)
+        src, _ = chain.conv(conv, act, 1, 8, 8)
+    chain.run([np.ones((1, 24, 8, 8), np.float32)])
+    out_bytes = 4 * 24 * 8 * 8
+    assert chain.arena_bytes < 3 * out_bytes  # 3 outputs + 3 packed inputs, at most 2 alive at once
+
+
+def test_a_chain_refuses_external_arrays_of_another_shape_or_type():
+    rng = np.random.default_rng(13)
+    convs, qopts = _chain_layers(rng)
+    chain = native.Chain()
+    act, _ = chain.quantize_pack(chain.external((1, 24, 5, 5)), (1, 24, 5, 5), **qopts[0])
+    chain.conv(convs[0], act, 1, 5, 5)
+    x = np.ones((1, 24, 5, 5), np.float32)
+    for bad in ([], [x[:, :23]], [x.astype(np.float64)], [x.transpose(0, 1, 3, 2)]):
+        with pytest.raises(ValueError):
+            chain.run(bad)
+
+
+def test_c_chain_refuses_buffer_references_outside_its_arena_or_externals():
+    """bd_run_steps checks every arena extent a step reads or writes: a step that would write past
+    the arena fails with BD_EINVAL and names its index, instead of corrupting memory."""
+    rng = np.random.default_rng(14)
+    convs, qopts = _chain_layers(rng)
+    chain = native.Chain()
+    act, _ = chain.quantize_pack(chain.external((1, 24, 5, 5)), (1, 24, 5, 5), **qopts[0])
+    chain.conv(convs[0], act, 1, 5, 5)
+    x = np.ones((1, 24, 5, 5), np.float32)
+    chain.run([x])
+    steps, n = chain._steps, len(chain)
+    arena = np.empty(chain.arena_bytes, np.uint8)
+    ptr = native.ffi.new("void *[]", [native.ffi.from_buffer("float[]", x)])
+    failed = native.ffi.new("int64_t *")
+    lib = native.lib
+    for field, value, bad_step in (("dst", chain.arena_bytes - 8, 1), ("src", -2, 0), ("residual", 1 << 40, 1)):
+        saved = getattr(steps[bad_step], field)
+        setattr(steps[bad_step], field, value)
+        rc = lib.bd_run_steps(steps, n, native.ffi.from_buffer("uint8_t[]", arena), chain.arena_bytes, ptr, 1, failed)
+        assert (rc, failed[0]) == (lib.BD_EINVAL, bad_step)
+        setattr(steps[bad_step], field, saved)
+    rc = lib.bd_run_steps(steps, n, native.ffi.from_buffer("uint8_t[]", arena), chain.arena_bytes, ptr, 1, failed)
+    assert (rc, failed[0]) == (lib.BD_OK, -1)

@@ -345,3 +345,45 @@ def test_a_residual_add_and_the_activation_after_it_run_inside_the_layer(convert
     layers = [s for s in model._steps if s.kind == "layer"]
     assert set(fused) <= {n for s in layers for n in s.spec.fused}
     assert not any(n.name in fused for s in model._steps if s.kind == "ort" for n in s.nodes)
+
+
+# layers that never run in a chain: the depthwise kernel, and a residual onnxruntime must broadcast;
+# besides, a layer whose first run settled on packed patches (the scalar ISA picks them for 16-channel
+# 3×3 layers) does not, nor does any layer reading the same quantizer
+UNCHAINED = {"depthwise": "conv", "residual_broadcast": "conv"}
+
+
+@pytest.mark.parametrize("isa", sorted({"scalar", native.default_isa()}))
+@pytest.mark.parametrize("name", PATTERNS)
+def test_later_runs_of_a_shape_run_its_native_steps_as_chains_with_the_same_bytes(converted, monkeypatch, name,
+                                                                                    isa):
+    """The first run of a shape calls the steps one by one and compiles the runs of native steps
+    into chains (runtime/chains.py); later runs go through them, bit for bit the same."""
+    monkeypatch.setenv("BDECOMP_ISA", isa)
+    model = bdecomp.load(converted(name, 3, 4, True))
+    x = batch(name)
+    first = model.run(x)
+    chained = model.run(x)
+    (built,) = model._chains.values()
+    steps = model._steps
+    in_chains = {steps[i].spec.name for r in built.values() for i in range(r.start, r.end) if steps[i].kind == "layer"}
+    layers = [s for s in steps if s.kind == "layer"]
+    alone = {s.spec.name for s in layers if UNCHAINED.get(name) == s.spec.name or next(iter(s.plans.values()))[0][0][2]}
+    shut_out = {s.spec.quant for s in layers if s.spec.name in alone}  # quantizers read outside a chain
+    assert {s.spec.name for s in layers} - in_chains == alone | {s.spec.name for s in layers if s.spec.quant in shut_out}
+    assert built or isa == "scalar" or name in UNCHAINED
+    model.chains = False
+    one_by_one = model.run(x)
+    for a, b, c in zip(first, chained, one_by_one):
+        assert a.tobytes() == b.tobytes() == c.tobytes()
+
+
+@pytest.mark.parametrize("name", ["plain", "residual_two_layers"])
+def test_outputs_of_a_chained_run_are_not_overwritten_by_the_next_run(converted, name):
+    model = bdecomp.load(converted(name, 3, 4, True))
+    x = batch(name)
+    model.run(x)
+    y = model.run(x)[0]
+    kept = y.copy()
+    model.run(-x)
+    assert y.tobytes() == kept.tobytes()
