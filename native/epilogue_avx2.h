@@ -142,9 +142,10 @@ static inline __attribute__((always_inline)) void bd_transpose8_ps(__m256 r[8])
 }
 
 /* y_i = ((0 + P_{iK}) + P_{iK+1}) + … for the 8 output channels whose lanes start at Pi, in
- * bd_block_channel(K, ·) order (a load for K = 1, in-lane transposes for K = 2, 4, 8, gathers
- * otherwise; step = (0, K, …, 7K)). */
-static inline __attribute__((always_inline)) __m256 bd_sum8_avx2(const float *Pi, int32_t K, __m256i step)
+ * bd_block_channel(K, ·) order (a load for K = 1, in-lane transposes for K = 2 and 4, an 8×8
+ * transpose otherwise: it replaced K gathers for K = 3, 5, 6, 7, 3–9 % faster layers at those K on
+ * Zen 4, where gathers are slow). Reads Pi[0 … 7K + 7]. */
+static inline __attribute__((always_inline)) __m256 bd_sum8_avx2(const float *Pi, int32_t K)
 {
     __m256 y = _mm256_setzero_ps();
     if (K == 1) {
@@ -162,14 +163,12 @@ static inline __attribute__((always_inline)) __m256 bd_sum8_avx2(const float *Pi
         const __m256 v0 = _mm256_loadu_ps(Pi), v1 = _mm256_loadu_ps(Pi + 8);
         y = _mm256_add_ps(y, _mm256_shuffle_ps(v0, v1, 0x88));
         y = _mm256_add_ps(y, _mm256_shuffle_ps(v0, v1, 0xDD));
-    } else if (K == 8) { /* 8×8 transpose: column j = c_j·A_j of the 8 channels, in channel order */
+    } else { /* 8×8 transpose of the rows Pi + i·K (channel i's K lanes, then the next channel's,
+              * read but unused): column j = P_{iK+j} of the 8 channels, in channel order */
         __m256 r[8];
-        for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(Pi + 8 * i);
+        for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(Pi + (int64_t)K * i);
         bd_transpose8_ps(r);
-        for (int j = 0; j < 8; ++j) y = _mm256_add_ps(y, r[j]);
-    } else {
-        for (int32_t j = 0; j < K; ++j)
-            y = _mm256_add_ps(y, _mm256_i32gather_ps(Pi + j, step, 4));
+        for (int32_t j = 0; j < K; ++j) y = _mm256_add_ps(y, r[j]);
     }
     return y;
 }
@@ -190,14 +189,13 @@ bd_epilogue_pixel_avx2(const int32_t *A, int64_t lanes, int32_t K, int64_t coutg
     for (int64_t L = 0; L < lanes; L += 8) /* lanes ≥ `lanes` read zero-padded coefficients */
         _mm256_storeu_ps(P + L, _mm256_mul_ps(_mm256_loadu_ps(coeffs_g + L),
                                               _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(A + L)))));
-    const __m256i step = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(K));
     const __m256 vs = _mm256_set1_ps(scale), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
     int64_t i0 = 0;
     /* channel order of the lanes of y (bd_block_channel) */
     int32_t ch[8];
     for (int i = 0; i < 8; ++i) ch[i] = bd_block_channel(K, i);
     for (; i0 + 8 <= coutg; i0 += 8) {
-        __m256 y = bd_sum8_avx2(P + i0 * K, K, step);
+        __m256 y = bd_sum8_avx2(P + i0 * K, K);
         y = _mm256_mul_ps(y, vs);
         y = _mm256_add_ps(y, bias_blk ? _mm256_loadu_ps(bias_blk + i0) : _mm256_setzero_ps());
         if (res_g) {
@@ -228,8 +226,10 @@ bd_epilogue_pixel_avx2(const int32_t *A, int64_t lanes, int32_t K, int64_t coutg
  * pixel (1×1 32→128 at K = 4: blocks were 12–16 % slower; 512→1000: 6–12 %; AVX-512 Zen 4). */
 static inline int bd_epilogue_blocks(int64_t cout, int32_t K)
 {
-    /* K = 3, 5, 6, 7 sum their lanes with gathers: on top of those the transposes cost more than
-     * the scattered stores they save (1×1 96→16 at K = 6: 6 % slower) */
+    /* K = 3, 5, 6, 7: measured both ways after their lane sums became transposes (they were
+     * gathers): blocks gained 4–14 % on 1×1 16- and 32-channel and 3×3 16→64 layers, but the
+     * build that allowed them ran two per-pixel layers (3×3 48→192 K = 5, 1×1 64→256 K = 6)
+     * 6–10 % slower, stable across runs; kept off */
     return cout * K <= 256 && (K == 1 || K == 2 || K == 4 || K == 8);
 }
 
@@ -251,12 +251,11 @@ bd_epilogue_block_avx2(const int32_t *A, int64_t a_stride, int npx, int64_t lane
             _mm256_storeu_ps(P + p * a_stride + L,
                              _mm256_mul_ps(_mm256_loadu_ps(coeffs_g + L), _mm256_cvtepi32_ps(_mm256_loadu_si256(
                                                  (const __m256i *)(A + p * a_stride + L)))));
-    const __m256i step = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(K));
     const __m256 vs = _mm256_set1_ps(scale), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
     int64_t i0 = 0;
     for (; i0 + 8 <= coutg; i0 += 8) {
         __m256 r[8];
-        for (int p = 0; p < BD_EPI_BLOCK; ++p) r[p] = _mm256_mul_ps(bd_sum8_avx2(P + p * a_stride + i0 * K, K, step), vs);
+        for (int p = 0; p < BD_EPI_BLOCK; ++p) r[p] = _mm256_mul_ps(bd_sum8_avx2(P + p * a_stride + i0 * K, K), vs);
         bd_transpose8_ps(r); /* r[i] = channel i0 + bd_block_channel(K, i) over the 8 pixels */
         for (int i = 0; i < 8; ++i) {
             const int64_t co = i0 + bd_block_channel(K, i);
