@@ -99,9 +99,9 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     into the consuming layers' weights); "tensor" one step per tensor; "auto" per channel where it
     was measured to help — Q ≤ 4, and inputs of depthwise layers — and per tensor elsewhere (at
     Q = 6–8 per-channel steps cost SqueezeNet 1.4–4.4 points of agreement).
-    budget (MAC-weighted mean allocate.kernel_cost: k·Q with the kernels' lanes) or target_drop (points of top-1 agreement with the float model
-    on the calibration images) let bdecomp choose k and Q per layer; layers whose k or Q the layer
-    config fixes keep them.
+    budget (MAC-weighted mean allocate.kernel_cost: the cheaper kernel family's work in k·Q units)
+    or target_drop (points of top-1 agreement with the float model on the calibration images) let
+    bdecomp choose k and Q per layer; layers whose k or Q the layer config fixes keep them.
     min_depth: layers with D (weights per output: Cg·KH·KW) below it stay float unless the layer
     config gives their k or Q. Such layers fill less than one 64-bit word per output (a first
     layer's 27 taps, 1×1 convolutions on 16–48 channels), so the binary kernels waste most of
