@@ -95,7 +95,7 @@ bd_epilogue_int_avx2(const int32_t *s32, int64_t lanes, int sign, int64_t Dv, in
     for (int64_t L = 0; L < lanes; L += 8) {
         const __m256i S = _mm256_loadu_si256((const __m256i *)(s32 + L));
         __m256i sv, a;
-        if (sign) {
+        if (sign || z == 0) { /* z·Sv = 0: the inputs after a ReLU (z = 0) need no tap sums */
             sv = _mm256_setzero_si256();
         } else if (interior) {
             sv = _mm256_loadu_si256((const __m256i *)(lane_sv + L));

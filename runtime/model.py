@@ -286,10 +286,10 @@ class Model:
         quantized: dict[str, _Quantized] = {}
         envk = _native()._env_state()  # BDECOMP_ISA / KERNEL / THREADS: part of every bound call's key
         ckey = (x.shape, envk)
-        chains = self._chains.get(ckey) if self.chains else None
+        compiled = self._chains.get(ckey) if self.chains else None
         i, steps, arenas = 0, self._steps, []
         while i < len(steps):
-            run = chains.get(i) if chains else None
+            run = compiled.get(i) if compiled else None
             if run is not None:
                 try:
                     done = run.run(env, arenas)
@@ -300,7 +300,7 @@ class Model:
                     continue
             self._run_step(steps[i], env, quantized, envk)
             i += 1
-        if self.chains and chains is None:
+        if self.chains and compiled is None:
             if len(self._chains) >= 16:
                 self._chains.clear()
             self._chains[ckey] = self._build_chains(env)
