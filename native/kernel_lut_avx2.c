@@ -77,35 +77,91 @@ void bd_lut_pack_weights(const bd_conv_params *p, const bd_geom *gm, const uint6
         }
 }
 
-/* The 16-byte tables of every (pixel, group, quad) from the packed bit planes: set 0 from planes
- * 0…min(Q, 4) − 1, T[idx] = Σ_{b<4} 2^b popcount(idx AND nibble_b) = Σ_{i ∈ idx} (q_i mod 16);
- * for Q > 4 set 1 from the planes above, T[idx] = Σ_{i ∈ idx} ⌊q_i / 16⌋ (so a code's lane sum is
- * S_0 + 16 S_1).  Layout tab[pixel][G][set][nq][16]. */
-static void build_tables(const uint64_t *act, int64_t pixels, int64_t G, int32_t Q, int64_t wpg,
-                         int64_t nq, uint8_t *tab)
+/* Byte j of the result: 0xFF if bit j of m is set, else 0 */
+static inline __attribute__((always_inline)) __m256i expand_bits32(uint32_t m)
 {
-    /* V[b][n][idx] = popcount(n & idx) << b: 1 KiB per thread and call, on the stack (a
-     * thread-local table would cost a __tls_get_addr per use in a shared library) */
-    uint8_t V[4][16][16] __attribute__((aligned(16)));
-    for (int b = 0; b < 4; ++b)
-        for (int n = 0; n < 16; ++n)
-            for (int i = 0; i < 16; ++i) V[b][n][i] = (uint8_t)(__builtin_popcount(n & i) << b);
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i x = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)m), spread), bit);
+    return _mm256_cmpeq_epi8(x, bit);
+}
+
+/* The 16-byte tables of every (pixel, group, quad) from the packed bit planes: set 0 from planes
+ * 0…min(Q, 4) − 1, T[idx] = Σ_{i ∈ idx} (q_{4u+i} mod 16); for Q > 4 set 1 from the planes above,
+ * T[idx] = Σ_{i ∈ idx} ⌊q_{4u+i} / 16⌋ (so a code's lane sum is S_0 + 16 S_1).  Per (pixel,
+ * group, set): the set's 4-bit codes of the group's channels as bytes (bit planes spread to bytes,
+ * 64 channels per word), then for 4 quads at once T = A[idx & 3] + B[idx >> 2] by two vpshufb,
+ * A = (0, c0, c1, c0 + c1) and B = (0, c2, c3, c2 + c3) built from the codes by three more.
+ * Channels ≥ Cg have code 0 (the packed planes are zero there).  Layout tab[pixel][G][set][nq][16]. */
+static int build_tables(const uint64_t *act, int64_t pixels, int64_t G, int32_t Q, int64_t wpg,
+                        int64_t nq, uint8_t *tab)
+{
     const int nsets = Q > 4 ? 2 : 1;
-#pragma omp for schedule(static)
+    /* A, B of 2 quads per 128-bit lane from its 8 codes: (0, c0, c1, c0+c1, 0, c2, c3, c2+c3, …) */
+    const __m256i pick = _mm256_setr_epi8(-1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7, -1,
+                                          -1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7, -1);
+    const __m256i first = _mm256_setr_epi8(-1, -1, -1, 0, -1, -1, -1, 2, -1, -1, -1, 4, -1, -1, -1, 6,
+                                           -1, -1, -1, 0, -1, -1, -1, 2, -1, -1, -1, 4, -1, -1, -1, 6);
+    const __m256i second = _mm256_setr_epi8(-1, -1, -1, 1, -1, -1, -1, 3, -1, -1, -1, 5, -1, -1, -1, 7,
+                                            -1, -1, -1, 1, -1, -1, -1, 3, -1, -1, -1, 5, -1, -1, -1, 7);
+    /* T[idx] = X[idx & 3] + X[4 + (idx >> 2)] for the quad whose X starts at byte 0 (even) or 8 (odd) */
+    const __m256i lo_even = _mm256_setr_epi8(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3,
+                                             0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+    const __m256i hi_even = _mm256_setr_epi8(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7,
+                                             4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7);
+    const __m256i eight = _mm256_set1_epi8(8);
+    const __m256i lo_odd = _mm256_add_epi8(lo_even, eight), hi_odd = _mm256_add_epi8(hi_even, eight);
+    const int64_t nchunk = (nq + 3) / 4; /* 4 quads = 16 codes per step */
+    /* this thread's codes of one (pixel, group, set); + 32: the last step's loads read 8 past */
+    uint8_t *codes = (uint8_t *)aligned_alloc(32, (size_t)(64 * wpg + 32));
+#pragma omp for schedule(static) /* every thread takes part, even without its buffer */
     for (int64_t pg = 0; pg < pixels * G; ++pg) {
+        if (!codes) continue;
         const uint64_t *a = act + pg * Q * wpg;
         for (int set = 0; set < nsets; ++set) {
             const int32_t b0 = 4 * set, b1 = Q < b0 + 4 ? Q : b0 + 4;
+            for (int64_t w = 0; w < wpg; ++w) {
+                __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+                for (int32_t b = b0; b < b1; ++b) {
+                    const uint64_t m = a[b * wpg + w];
+                    const __m256i v = _mm256_set1_epi8((char)(1 << (b - b0)));
+                    lo = _mm256_or_si256(lo, _mm256_and_si256(expand_bits32((uint32_t)m), v));
+                    hi = _mm256_or_si256(hi, _mm256_and_si256(expand_bits32((uint32_t)(m >> 32)), v));
+                }
+                _mm256_store_si256((__m256i *)(codes + 64 * w), lo);
+                _mm256_store_si256((__m256i *)(codes + 64 * w + 32), hi);
+            }
             uint8_t *out = tab + (pg * nsets + set) * nq * 16;
-            for (int64_t u = 0; u < nq; ++u) {
-                const int64_t w = u / 16, sh = 4 * (u % 16);
-                __m128i t = _mm_load_si128((const __m128i *)V[0][(a[b0 * wpg + w] >> sh) & 15u]);
-                for (int32_t b = b0 + 1; b < b1; ++b)
-                    t = _mm_add_epi8(t, _mm_load_si128((const __m128i *)V[b - b0][(a[b * wpg + w] >> sh) & 15u]));
-                _mm_storeu_si128((__m128i *)(out + 16 * u), t);
+            for (int64_t ch = 0; ch < nchunk; ++ch) {
+                /* lane 0: codes of quads 4ch, 4ch+1; lane 1: of quads 4ch+2, 4ch+3 */
+                const __m256i c = _mm256_loadu2_m128i((const __m128i *)(codes + 16 * ch + 8),
+                                                      (const __m128i *)(codes + 16 * ch));
+                const __m256i X = _mm256_add_epi8(_mm256_shuffle_epi8(c, pick),
+                                                  _mm256_add_epi8(_mm256_shuffle_epi8(c, first),
+                                                                  _mm256_shuffle_epi8(c, second)));
+                const __m256i te = _mm256_add_epi8(_mm256_shuffle_epi8(X, lo_even), _mm256_shuffle_epi8(X, hi_even));
+                const __m256i to = _mm256_add_epi8(_mm256_shuffle_epi8(X, lo_odd), _mm256_shuffle_epi8(X, hi_odd));
+                /* te: quads 4ch (lane 0), 4ch+2 (lane 1); to: 4ch+1, 4ch+3 */
+                const __m256i t01 = _mm256_permute2x128_si256(te, to, 0x20);
+                const __m256i t23 = _mm256_permute2x128_si256(te, to, 0x31);
+                const int64_t left = nq - 4 * ch;
+                uint8_t *o = out + 64 * ch;
+                if (left >= 4) {
+                    _mm256_storeu_si256((__m256i *)o, t01);
+                    _mm256_storeu_si256((__m256i *)(o + 32), t23);
+                } else {
+                    uint8_t tmp[64] __attribute__((aligned(32)));
+                    _mm256_store_si256((__m256i *)tmp, t01);
+                    _mm256_store_si256((__m256i *)(tmp + 32), t23);
+                    memcpy(o, tmp, (size_t)(16 * left));
+                }
             }
         }
     }
+    const int ok = codes != NULL;
+    free(codes);
+    return ok;
 }
 
 /* 16-bit counters of one block (even / odd byte lanes) += the byte counters a8 */
@@ -255,7 +311,10 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
     {
         /* omp for inside both: each ends in a barrier */
         bd_pixel_counts(act, p->n * H * W * G, Q, WPG, npix);
-        build_tables(act, p->n * H * W, G, Q, WPG, nq, tab);
+        if (!build_tables(act, p->n * H * W, G, Q, WPG, nq, tab)) {
+#pragma omp atomic write
+            failed = 1;
+        }
         float *P = (float *)malloc((size_t)(BD_EPI_BLOCK * (COUT * K + 8)) * sizeof(float));
         /* lane sums of up to 4 pixels (interior pixels of a row share the weight loads), per table set */
         const int64_t s32_px = npass * 128, s32_set = LUT_MAX_PX * s32_px; /* next pixel / set */
