@@ -90,21 +90,22 @@ static inline __attribute__((always_inline)) __m256i expand_bits32(uint32_t m)
 /* The 16-byte tables of every (pixel, group, quad) from the packed bit planes: set 0 from planes
  * 0…min(Q, 4) − 1, T[idx] = Σ_{i ∈ idx} (q_{4u+i} mod 16); for Q > 4 set 1 from the planes above,
  * T[idx] = Σ_{i ∈ idx} ⌊q_{4u+i} / 16⌋ (so a code's lane sum is S_0 + 16 S_1).  Per (pixel,
- * group, set): the set's 4-bit codes of the group's channels as bytes (bit planes spread to bytes,
- * 64 channels per word), then for 4 quads at once T = A[idx & 3] + B[idx >> 2] by two vpshufb,
+ * group, set) and 64 channels: the set's 4-bit codes as bytes (bit planes spread to bytes, in
+ * registers), then for 4 quads at once T = A[idx & 3] + B[idx >> 2] by two vpshufb, with
  * A = (0, c0, c1, c0 + c1) and B = (0, c2, c3, c2 + c3) built from the codes by three more.
  * Channels ≥ Cg have code 0 (the packed planes are zero there).  Layout tab[pixel][G][set][nq][16]. */
-static int build_tables(const uint64_t *act, int64_t pixels, int64_t G, int32_t Q, int64_t wpg,
-                        int64_t nq, uint8_t *tab)
+static __attribute__((noinline)) void build_tables(const uint64_t *act, int64_t pixels, int64_t G, int32_t Q, int64_t wpg,
+                         int64_t nq, uint8_t *tab)
 {
     const int nsets = Q > 4 ? 2 : 1;
-    /* A, B of 2 quads per 128-bit lane from its 8 codes: (0, c0, c1, c0+c1, 0, c2, c3, c2+c3, …) */
+    /* from 16 codes broadcast to both 128-bit lanes, lane 0 builds (A, B) of the first 2 quads
+     * and lane 1 of the last 2: (0, c0, c1, c0+c1, 0, c2, c3, c2+c3, 0, c4, …) */
     const __m256i pick = _mm256_setr_epi8(-1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7, -1,
-                                          -1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7, -1);
+                                          -1, 8, 9, -1, -1, 10, 11, -1, -1, 12, 13, -1, -1, 14, 15, -1);
     const __m256i first = _mm256_setr_epi8(-1, -1, -1, 0, -1, -1, -1, 2, -1, -1, -1, 4, -1, -1, -1, 6,
-                                           -1, -1, -1, 0, -1, -1, -1, 2, -1, -1, -1, 4, -1, -1, -1, 6);
+                                           -1, -1, -1, 8, -1, -1, -1, 10, -1, -1, -1, 12, -1, -1, -1, 14);
     const __m256i second = _mm256_setr_epi8(-1, -1, -1, 1, -1, -1, -1, 3, -1, -1, -1, 5, -1, -1, -1, 7,
-                                            -1, -1, -1, 1, -1, -1, -1, 3, -1, -1, -1, 5, -1, -1, -1, 7);
+                                            -1, -1, -1, 9, -1, -1, -1, 11, -1, -1, -1, 13, -1, -1, -1, 15);
     /* T[idx] = X[idx & 3] + X[4 + (idx >> 2)] for the quad whose X starts at byte 0 (even) or 8 (odd) */
     const __m256i lo_even = _mm256_setr_epi8(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3,
                                              0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
@@ -112,56 +113,48 @@ static int build_tables(const uint64_t *act, int64_t pixels, int64_t G, int32_t 
                                              4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7);
     const __m256i eight = _mm256_set1_epi8(8);
     const __m256i lo_odd = _mm256_add_epi8(lo_even, eight), hi_odd = _mm256_add_epi8(hi_even, eight);
-    const int64_t nchunk = (nq + 3) / 4; /* 4 quads = 16 codes per step */
-    /* this thread's codes of one (pixel, group, set); + 32: the last step's loads read 8 past */
-    uint8_t *codes = (uint8_t *)aligned_alloc(32, (size_t)(64 * wpg + 32));
-#pragma omp for schedule(static) /* every thread takes part, even without its buffer */
+#pragma omp for schedule(static)
     for (int64_t pg = 0; pg < pixels * G; ++pg) {
-        if (!codes) continue;
         const uint64_t *a = act + pg * Q * wpg;
         for (int set = 0; set < nsets; ++set) {
             const int32_t b0 = 4 * set, b1 = Q < b0 + 4 ? Q : b0 + 4;
+            uint8_t *out = tab + (pg * nsets + set) * nq * 16;
             for (int64_t w = 0; w < wpg; ++w) {
-                __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+                __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256(); /* codes 0–31, 32–63 */
+                const int upper = 16 * w + 8 < nq; /* channels 32–63 of this word exist */
                 for (int32_t b = b0; b < b1; ++b) {
                     const uint64_t m = a[b * wpg + w];
                     const __m256i v = _mm256_set1_epi8((char)(1 << (b - b0)));
                     lo = _mm256_or_si256(lo, _mm256_and_si256(expand_bits32((uint32_t)m), v));
-                    hi = _mm256_or_si256(hi, _mm256_and_si256(expand_bits32((uint32_t)(m >> 32)), v));
+                    if (upper) hi = _mm256_or_si256(hi, _mm256_and_si256(expand_bits32((uint32_t)(m >> 32)), v));
                 }
-                _mm256_store_si256((__m256i *)(codes + 64 * w), lo);
-                _mm256_store_si256((__m256i *)(codes + 64 * w + 32), hi);
-            }
-            uint8_t *out = tab + (pg * nsets + set) * nq * 16;
-            for (int64_t ch = 0; ch < nchunk; ++ch) {
-                /* lane 0: codes of quads 4ch, 4ch+1; lane 1: of quads 4ch+2, 4ch+3 */
-                const __m256i c = _mm256_loadu2_m128i((const __m128i *)(codes + 16 * ch + 8),
-                                                      (const __m128i *)(codes + 16 * ch));
-                const __m256i X = _mm256_add_epi8(_mm256_shuffle_epi8(c, pick),
-                                                  _mm256_add_epi8(_mm256_shuffle_epi8(c, first),
-                                                                  _mm256_shuffle_epi8(c, second)));
-                const __m256i te = _mm256_add_epi8(_mm256_shuffle_epi8(X, lo_even), _mm256_shuffle_epi8(X, hi_even));
-                const __m256i to = _mm256_add_epi8(_mm256_shuffle_epi8(X, lo_odd), _mm256_shuffle_epi8(X, hi_odd));
-                /* te: quads 4ch (lane 0), 4ch+2 (lane 1); to: 4ch+1, 4ch+3 */
-                const __m256i t01 = _mm256_permute2x128_si256(te, to, 0x20);
-                const __m256i t23 = _mm256_permute2x128_si256(te, to, 0x31);
-                const int64_t left = nq - 4 * ch;
-                uint8_t *o = out + 64 * ch;
-                if (left >= 4) {
-                    _mm256_storeu_si256((__m256i *)o, t01);
-                    _mm256_storeu_si256((__m256i *)(o + 32), t23);
-                } else {
-                    uint8_t tmp[64] __attribute__((aligned(32)));
-                    _mm256_store_si256((__m256i *)tmp, t01);
-                    _mm256_store_si256((__m256i *)(tmp + 32), t23);
-                    memcpy(o, tmp, (size_t)(16 * left));
+                for (int64_t ch = 0; ch < 4 && 16 * w + 4 * ch < nq; ++ch) { /* quads 16w + 4ch … + 3 */
+                    const __m256i src = ch < 2 ? lo : hi;
+                    const __m256i c = _mm256_permute2x128_si256(src, src, ch % 2 ? 0x11 : 0x00);
+                    const __m256i X = _mm256_add_epi8(_mm256_shuffle_epi8(c, pick),
+                                                      _mm256_add_epi8(_mm256_shuffle_epi8(c, first),
+                                                                      _mm256_shuffle_epi8(c, second)));
+                    const __m256i te = _mm256_add_epi8(_mm256_shuffle_epi8(X, lo_even),
+                                                       _mm256_shuffle_epi8(X, hi_even));
+                    const __m256i to = _mm256_add_epi8(_mm256_shuffle_epi8(X, lo_odd),
+                                                       _mm256_shuffle_epi8(X, hi_odd));
+                    /* te: the 1st (lane 0) and 3rd (lane 1) quads; to: the 2nd and 4th */
+                    const __m256i t01 = _mm256_permute2x128_si256(te, to, 0x20);
+                    const __m256i t23 = _mm256_permute2x128_si256(te, to, 0x31);
+                    const int64_t u = 16 * w + 4 * ch, left = nq - u;
+                    uint8_t *o = out + 16 * u;
+                    if (left >= 4) {
+                        _mm256_storeu_si256((__m256i *)o, t01);
+                        _mm256_storeu_si256((__m256i *)(o + 32), t23);
+                    } else {
+                        _mm_storeu_si128((__m128i *)o, _mm256_castsi256_si128(t01));
+                        if (left > 1) _mm_storeu_si128((__m128i *)(o + 16), _mm256_extracti128_si256(t01, 1));
+                        if (left > 2) _mm_storeu_si128((__m128i *)(o + 32), _mm256_castsi256_si128(t23));
+                    }
                 }
             }
         }
     }
-    const int ok = codes != NULL;
-    free(codes);
-    return ok;
 }
 
 /* 16-bit counters of one block (even / odd byte lanes) += the byte counters a8 */
@@ -311,10 +304,7 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
     {
         /* omp for inside both: each ends in a barrier */
         bd_pixel_counts(act, p->n * H * W * G, Q, WPG, npix);
-        if (!build_tables(act, p->n * H * W, G, Q, WPG, nq, tab)) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        build_tables(act, p->n * H * W, G, Q, WPG, nq, tab);
         float *P = (float *)malloc((size_t)(BD_EPI_BLOCK * (COUT * K + 8)) * sizeof(float));
         /* lane sums of up to 4 pixels (interior pixels of a row share the weight loads), per table set */
         const int64_t s32_px = npass * 128, s32_set = LUT_MAX_PX * s32_px; /* next pixel / set */
