@@ -226,11 +226,9 @@ bd_epilogue_pixel_avx2(const int32_t *A, int64_t lanes, int32_t K, int64_t coutg
  * pixel (1×1 32→128 at K = 4: blocks were 12–16 % slower; 512→1000: 6–12 %; AVX-512 Zen 4). */
 static inline int bd_epilogue_blocks(int64_t cout, int32_t K)
 {
-    /* K = 3, 5, 6, 7: measured both ways after their lane sums became transposes (they were
-     * gathers): blocks gained 4–14 % on 1×1 16- and 32-channel and 3×3 16→64 layers, but the
-     * build that allowed them ran two per-pixel layers (3×3 48→192 K = 5, 1×1 64→256 K = 6)
-     * 6–10 % slower, stable across runs; kept off */
-    return cout * K <= 256 && (K == 1 || K == 2 || K == 4 || K == 8);
+    /* every K since its lane sums are transposes (K = 3, 5, 6, 7 were gathers): 1×1 64→16 K = 5
+     * Q = 8 12 % faster, 3×3 16→16 K = 5 25 %, 3×3 16→64 K = 3 13 %, 1×1 128→32 K = 6 8 % */
+    return cout * K <= 256;
 }
 
 /* The float part of the epilogue of npx (2…8) consecutive output pixels of one row and group,

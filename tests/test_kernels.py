@@ -735,12 +735,13 @@ def test_lut_kernel_wide_layers_match_reference_and_scalar_bit_for_bit(wc):
 
 
 @pytest.mark.parametrize("family", ["popcount", "lut"])
-@pytest.mark.parametrize("k,cout,groups", [(1, 20, 1), (2, 13, 1), (4, 16, 2), (8, 11, 1), (4, 130, 1), (3, 16, 1)])
+@pytest.mark.parametrize("k,cout,groups", [(1, 20, 1), (2, 13, 1), (4, 16, 2), (8, 11, 1), (3, 16, 1), (5, 16, 1),
+                                            (6, 21, 1), (7, 9, 2), (4, 130, 1), (6, 50, 1)])
 @pytest.mark.parametrize("w", [8, 9, 19])
 def test_epilogue_over_blocks_of_pixels_matches_the_scalar_path_bit_for_bit(family, k, cout, groups, w):
     """The SIMD drivers write outputs a block of 8 pixels of a row at a time (one contiguous store
-    per channel; rows of 8, 8 + 1 and 8 + 8 + 3 pixels; channel tails; two groups) or pixel by
-    pixel (Cout·k > 512, or k = 3): integers, residual, bias and clamp as the scalar kernel."""
+    per channel; rows of 8, 8 + 1 and 8 + 8 + 3 pixels; channel tails; two groups; every k) or
+    pixel by pixel (Cout·k > 256): integers, residual, bias and clamp as the scalar kernel."""
     case = small_case(c=24 * groups, h=4, w=w, groups=groups, cout=cout * groups, k=k, bits=4, zero_point=5)
     conv = make_conv(case, act_min=0.0, act_max=3.0)
     act = pack_nchw(case["codes"], groups, 4)
