@@ -845,13 +845,17 @@ def test_a_chain_reuses_the_bytes_of_buffers_nobody_reads_any_more():
     assert chain.arena_bytes < 3 * out_bytes  # 3 outputs + 3 packed inputs, at most 2 alive at once
 
 
-def test_a_chain_refuses_external_arrays_of_another_shape_or_type():
-    rng = np.random.default_rng(13)
-    convs, qopts = _chain_layers(rng)
+def _one_layer_chain(seed: int) -> tuple[native.Chain, np.ndarray]:
+    """A chain of quantize + pack and one 3×3 layer on a 1×24×5×5 input, and such an input."""
+    convs, qopts = _chain_layers(np.random.default_rng(seed))
     chain = native.Chain()
     act, _ = chain.quantize_pack(chain.external((1, 24, 5, 5)), (1, 24, 5, 5), **qopts[0])
     chain.conv(convs[0], act, 1, 5, 5)
-    x = np.ones((1, 24, 5, 5), np.float32)
+    return chain, np.ones((1, 24, 5, 5), np.float32)
+
+
+def test_a_chain_refuses_external_arrays_of_another_shape_or_type():
+    chain, x = _one_layer_chain(13)
     for bad in ([], [x[:, :23]], [x.astype(np.float64)], [x.transpose(0, 1, 3, 2)]):
         with pytest.raises(ValueError):
             chain.run(bad)
@@ -860,12 +864,7 @@ def test_a_chain_refuses_external_arrays_of_another_shape_or_type():
 def test_c_chain_refuses_buffer_references_outside_its_arena_or_externals():
     """bd_run_steps checks every arena extent a step reads or writes: a step that would write past
     the arena fails with BD_EINVAL and names its index, instead of corrupting memory."""
-    rng = np.random.default_rng(14)
-    convs, qopts = _chain_layers(rng)
-    chain = native.Chain()
-    act, _ = chain.quantize_pack(chain.external((1, 24, 5, 5)), (1, 24, 5, 5), **qopts[0])
-    chain.conv(convs[0], act, 1, 5, 5)
-    x = np.ones((1, 24, 5, 5), np.float32)
+    chain, x = _one_layer_chain(14)
     chain.run([x])
     steps, n = chain._steps, len(chain)
     arena = np.empty(chain.arena_bytes, np.uint8)
