@@ -129,8 +129,10 @@ static __attribute__((noinline)) void build_tables(const uint64_t *act, int64_t 
                     if (upper) hi = _mm256_or_si256(hi, _mm256_and_si256(expand_bits32((uint32_t)(m >> 32)), v));
                 }
                 for (int64_t ch = 0; ch < 4 && 16 * w + 4 * ch < nq; ++ch) { /* quads 16w + 4ch … + 3 */
+                    /* (immediates must be literal: -O1 builds do not fold a computed one) */
                     const __m256i src = ch < 2 ? lo : hi;
-                    const __m256i c = _mm256_permute2x128_si256(src, src, ch % 2 ? 0x11 : 0x00);
+                    const __m256i c = ch % 2 ? _mm256_permute2x128_si256(src, src, 0x11)
+                                             : _mm256_permute2x128_si256(src, src, 0x00);
                     const __m256i X = _mm256_add_epi8(_mm256_shuffle_epi8(c, pick),
                                                       _mm256_add_epi8(_mm256_shuffle_epi8(c, first),
                                                                       _mm256_shuffle_epi8(c, second)));
