@@ -33,7 +33,16 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 
+/* kernel_lut_avx512.c compiles this file again with BD_LUT_AVX512VL: the same 256-bit code with
+ * AVX-512VL's 32 vector registers, where the passes' accumulators, weights and tables no longer
+ * spill (AVX2 has 16) */
+#ifdef BD_LUT_AVX512VL
+#pragma GCC target("avx2,popcnt,avx512f,avx512vl,avx512bw")
+#define BD_CONV_LUT_FN bd_conv_lut_avx512vl
+#else
 #pragma GCC target("avx2,popcnt")
+#define BD_CONV_LUT_FN bd_conv_lut_avx2
+#endif
 #include <immintrin.h>
 #include <stdlib.h>
 #include <string.h>
@@ -48,6 +57,7 @@
 
 static inline int64_t lut_lane_byte(int64_t s) { return s < 16 ? 2 * s : 2 * (s - 16) + 1; }
 
+#ifndef BD_LUT_AVX512VL /* the layout helpers: once, in the AVX2 build */
 int64_t bd_lut_nq(const bd_geom *gm) { return (gm->cg + 3) / 4; }
 
 int64_t bd_lut_npass(const bd_conv_params *p, const bd_geom *gm)
@@ -76,6 +86,7 @@ void bd_lut_pack_weights(const bd_conv_params *p, const bd_geom *gm, const uint6
                 }
         }
 }
+#endif
 
 /* Byte j of the result: 0xFF if bit j of m is set, else 0 */
 static inline __attribute__((always_inline)) __m256i expand_bits32(uint32_t m)
@@ -272,9 +283,9 @@ static const lut_pass_fn lut_passes[3][LUT_BLOCKS + 1] = {
     {lut_pass1_2, lut_pass1_2, lut_pass2_2, lut_pass3_2, lut_pass4_2},
     {lut_pass1_4, lut_pass1_4, lut_pass2_4, NULL, NULL}};
 
-int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t *act,
-                     const uint8_t *wl, const int32_t *tap_sums, const float *coeffs,
-                     const float *bias, float *out, int32_t *acc, int32_t nthreads)
+int BD_CONV_LUT_FN(const bd_conv_params *p, const bd_geom *gm, const uint64_t *act,
+                   const uint8_t *wl, const int32_t *tap_sums, const float *coeffs,
+                   const float *bias, float *out, int32_t *acc, int32_t nthreads)
 {
     const int64_t H = p->h, W = p->w, G = p->groups, OH = p->oh, OW = p->ow;
     const int64_t KH = p->kh, KW = p->kw, COUT = p->cout;
@@ -398,6 +409,7 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
 }
 
 #else /* not x86 */
+#ifndef BD_LUT_AVX512VL
 
 int64_t bd_lut_nq(const bd_geom *gm) { return (gm->cg + 3) / 4; }
 int64_t bd_lut_npass(const bd_conv_params *p, const bd_geom *gm)
@@ -417,5 +429,12 @@ int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t 
     (void)out; (void)acc; (void)nthreads;
     return BD_EUNSUPPORTED;
 }
+int bd_conv_lut_avx512vl(const bd_conv_params *p, const bd_geom *gm, const uint64_t *act,
+                         const uint8_t *wl, const int32_t *tap_sums, const float *coeffs,
+                         const float *bias, float *out, int32_t *acc, int32_t nthreads)
+{
+    return bd_conv_lut_avx2(p, gm, act, wl, tap_sums, coeffs, bias, out, acc, nthreads);
+}
 
+#endif
 #endif

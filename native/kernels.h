@@ -47,6 +47,9 @@ void bd_lut_pack_weights(const bd_conv_params *p, const bd_geom *gm, const uint6
 int bd_conv_lut_avx2(const bd_conv_params *p, const bd_geom *gm, const uint64_t *act,
                      const uint8_t *wl, const int32_t *tap_sums, const float *coeffs,
                      const float *bias, float *out, int32_t *acc, int32_t nthreads);
+int bd_conv_lut_avx512vl(const bd_conv_params *p, const bd_geom *gm, const uint64_t *act,
+                         const uint8_t *wl, const int32_t *tap_sums, const float *coeffs,
+                         const float *bias, float *out, int32_t *acc, int32_t nthreads);  /* kernel_lut_avx512.c */
 
 /* quantize_pack.c: im2col + quantize + pack (parameters validated by bd_im2col_quantize_pack), the
  * check of optional per-channel scales (BD_OK if NULL or all n finite and > 0, else BD_EINVAL) and

@@ -253,7 +253,8 @@ int bd_conv_lut(const bd_conv_params *p, const uint64_t *act, const uint8_t *wlu
     const int64_t tab[5] = {p->n, p->h, p->w, p->groups * bd_lut_nq(&gm), p->bits > 4 ? 32 : 16};
     if (checked_prod(tab, 5) < 0) return BD_EINVAL;
     nthreads = useful_threads(p, &gm, nthreads);
-    return bd_conv_lut_avx2(p, &gm, act, wlut, tap_sums, coeffs, bias, out, acc, nthreads);
+    return (isa == BD_ISA_AVX512 ? bd_conv_lut_avx512vl : bd_conv_lut_avx2)(p, &gm, act, wlut, tap_sums, coeffs,
+                                                                            bias, out, acc, nthreads);
 }
 
 int bd_conv(const bd_conv_params *p, const uint64_t *act, const uint64_t *wpacked,
