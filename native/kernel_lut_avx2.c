@@ -52,7 +52,11 @@
 
 #define LUT_BLOCKS 4 /* 32-lane blocks per pass (accumulators in registers) */
 #define LUT_MAX_PX 4     /* output pixels per pass (sharing the weight loads) */
-#define LUT_MAX_ACC 8    /* byte counters in registers per pass: pixels · blocks */
+#ifdef BD_LUT_AVX512VL
+#define LUT_MAX_ACC 16   /* byte counters in registers per pass: pixels · blocks (32 registers) */
+#else
+#define LUT_MAX_ACC 8    /* byte counters in registers per pass: pixels · blocks (AVX2's 16) */
+#endif
 #define LUT_MAX_SETS 2   /* table sets: the codes' low nibbles, and for Q > 4 their high ones */
 
 static inline int64_t lut_lane_byte(int64_t s) { return s < 16 ? 2 * s : 2 * (s - 16) + 1; }
@@ -197,9 +201,9 @@ static inline __attribute__((always_inline)) void spill16(int32_t *s32, __m256i 
 /* One pass: R blocks of 32 lanes over ny × nx valid taps, for NP (1, 2 or 4) output pixels whose
  * tables are t_px bytes apart (the pixels share every weight load); adds the lane sums of pixel i
  * to s32[i·s32_px + R·32] (block r, s = 0..31 in the order of lut_lane_byte).  Only the NP·R
- * byte counters live in registers (NP·R ≤ LUT_MAX_ACC, with R weights and a table: ≤ 13 of AVX2's
- * 16 ymm);
- * the 16-bit counters (c16, 2·R per pixel) are touched once per F steps. */
+ * byte counters live in registers (NP·R ≤ LUT_MAX_ACC, with R weights and the tables: ≤ 13 of
+ * AVX2's 16 ymm, ≤ 24 of AVX-512VL's 32); the 16-bit counters (c16, 2·R per pixel) are touched
+ * once per F steps. */
 static inline __attribute__((always_inline)) void
 lut_pass(int32_t *s32, int64_t s32_px, __m256i *c16, const uint8_t *tp0, int64_t t_px, int64_t t_sy,
          int64_t t_sx, const uint8_t *wp0, int64_t w_sy, int64_t w_sx, int64_t ny, int64_t nx,
@@ -274,14 +278,23 @@ LUT_PASS_FN(3, 2)
 LUT_PASS_FN(4, 2)
 LUT_PASS_FN(1, 4)
 LUT_PASS_FN(2, 4)
+#if LUT_MAX_ACC >= 16
+LUT_PASS_FN(3, 4)
+LUT_PASS_FN(4, 4)
+#define LUT_PASS3_4 lut_pass3_4
+#define LUT_PASS4_4 lut_pass4_4
+#else
+#define LUT_PASS3_4 NULL
+#define LUT_PASS4_4 NULL
+#endif
 
 typedef void (*lut_pass_fn)(int32_t *, int64_t, __m256i *, const uint8_t *, int64_t, int64_t, int64_t,
                             const uint8_t *, int64_t, int64_t, int64_t, int64_t, int64_t, int);
-/* [1, 2 or 4 pixels][R]; 4 pixels only for R ≤ 2 (NP·R ≤ LUT_MAX_ACC) */
+/* [1, 2 or 4 pixels][R]; NP·R ≤ LUT_MAX_ACC (4 pixels: R ≤ 2 on AVX2, any R with AVX-512VL) */
 static const lut_pass_fn lut_passes[3][LUT_BLOCKS + 1] = {
     {lut_pass1_1, lut_pass1_1, lut_pass2_1, lut_pass3_1, lut_pass4_1},
     {lut_pass1_2, lut_pass1_2, lut_pass2_2, lut_pass3_2, lut_pass4_2},
-    {lut_pass1_4, lut_pass1_4, lut_pass2_4, NULL, NULL}};
+    {lut_pass1_4, lut_pass1_4, lut_pass2_4, LUT_PASS3_4, LUT_PASS4_4}};
 
 int BD_CONV_LUT_FN(const bd_conv_params *p, const bd_geom *gm, const uint64_t *act,
                    const uint8_t *wl, const int32_t *tap_sums, const float *coeffs,
@@ -293,7 +306,7 @@ int BD_CONV_LUT_FN(const bd_conv_params *p, const bd_geom *gm, const uint64_t *a
     const int64_t WPG = gm->wpg, COUTG = gm->coutg, T = gm->taps;
     const int64_t z = p->zero_point;
     const int64_t nq = bd_lut_nq(gm), npass = bd_lut_npass(p, gm), lanes = COUTG * K;
-    const int64_t nblk = (lanes + 31) / 32;
+    const int64_t nblk = (lanes + 31) / 32, rmax = nblk < LUT_BLOCKS ? nblk : LUT_BLOCKS; /* blocks per pass */
     const int nsets = Q > 4 ? LUT_MAX_SETS : 1;            /* table sets (codes' nibbles) */
     const int F = 255 / (4 * ((1 << (Q < 4 ? Q : 4)) - 1)); /* table entries ≤ 4·15 */
     const int64_t rows = p->n * OH;
@@ -352,7 +365,7 @@ int BD_CONV_LUT_FN(const bd_conv_params *p, const bd_geom *gm, const uint64_t *a
                      * stride; 4 while the lanes fit 2 blocks): valid ranges only shrink towards
                      * the edges, so the last pixel of a group decides */
                     int np = 1;
-                    for (int cand = nblk * LUT_MAX_PX <= LUT_MAX_ACC ? LUT_MAX_PX : 2; cand >= 2 && np == 1 && interior;
+                    for (int cand = rmax * LUT_MAX_PX <= LUT_MAX_ACC ? LUT_MAX_PX : 2; cand >= 2 && np == 1 && interior;
                          cand /= 2) {
                         int64_t lo, hi;
                         if (b + cand > npx) continue;
