@@ -9,7 +9,7 @@ argument raises ValueError, never reaches C.  The C side re-validates and return
     y = conv.run(act, N, H, W)                                            # float32 [N,Cout,OH,OW]
 
 Environment: BDECOMP_ISA=scalar|avx2|avx512 forces a kernel; BDECOMP_KERNEL=auto|lut|popcount
-the kernel family; BDECOMP_THREADS sets the default thread count (else os.cpu_count());
+the kernel family; BDECOMP_THREADS sets the default thread count (else the CPUs this process may use);
 BDECOMP_MIN_PARALLEL_WORK=<int ≥ 0> overrides the work below which C runs a call on one thread
 (0: always use the threads given — tests use it to exercise the parallel code on small inputs).
 
@@ -128,8 +128,18 @@ def _resolve_isa(isa: str | None) -> int:
     return _ISA_IDS[isa]
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (``taskset``, ``docker --cpuset-cpus``, a cgroup's cpuset):
+    ``os.cpu_count()`` counts the whole machine, and more threads than usable CPUs make every
+    layer's barrier wait for a descheduled thread."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def default_threads() -> int:
-    """``BDECOMP_THREADS`` if set, else ``os.cpu_count()``."""
+    """``BDECOMP_THREADS`` if set, else usable_cpus()."""
     env = os.environ.get("BDECOMP_THREADS", "").strip()
     if env:
         try:
@@ -139,7 +149,7 @@ def default_threads() -> int:
         if n < 1:
             raise ValueError(f"BDECOMP_THREADS must be a positive integer, got {env!r}")
         return min(n, int(lib.BD_MAX_THREADS))
-    return max(1, min(os.cpu_count() or 1, int(lib.BD_MAX_THREADS)))
+    return min(usable_cpus(), int(lib.BD_MAX_THREADS))
 
 
 def _threads(threads) -> int:

@@ -477,7 +477,7 @@ def compare(original: str | Path, decomposed: str | Path, data: str | Path, *, l
     if int8 and calib is None:
         raise ConfigError("--int8 needs --calib DIR (onnxruntime calibrates its int8 model on those images; "
                           "never on the images you report on)")
-    threads = int(threads or os.cpu_count() or 1)
+    threads = int(threads or native.usable_cpus())  # the same default as the native runtime's
     if threads < 1:
         raise ConfigError("--threads must be at least 1")
     notes: list[str] = []

@@ -463,6 +463,17 @@ def test_scalar_is_always_available_and_default_is_the_best():
     assert set(ISAS) <= set(native.ISAS)
 
 
+def test_default_threads_are_the_cpus_this_process_may_run_on(monkeypatch):
+    """taskset / docker --cpuset-cpus: more threads than usable CPUs would make every layer wait."""
+    monkeypatch.delenv("BDECOMP_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert native.default_threads() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    assert native.default_threads() == 3
+    monkeypatch.setenv("BDECOMP_THREADS", "2")
+    assert native.default_threads() == 2
+
+
 def test_bdecomp_isa_env_forces_the_kernel(monkeypatch):
     for isa in ISAS:
         monkeypatch.setenv("BDECOMP_ISA", isa)
