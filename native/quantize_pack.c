@@ -57,8 +57,16 @@ static void planes_scalar(const uint8_t *codes, int64_t ni, int32_t Q, uint64_t 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 __attribute__((target("avx2"))) static void planes_avx2(const uint8_t *codes, int64_t ni, int32_t Q,
-                                                        uint64_t *aw, int64_t wpp, int64_t wpg)
+                                                        uint64_t *aw, int64_t wpp, int64_t wpg, int64_t nc)
 {
+    if (nc <= 32) { /* the upper 32 channels of the word are absent: their bits stay 0 */
+        for (int64_t i = 0; i < ni; ++i) {
+            const __m256i v0 = _mm256_load_si256((const __m256i *)(codes + i * 64));
+            for (int32_t b = 0; b < Q; ++b)
+                aw[i * wpp + b * wpg] = (uint32_t)_mm256_movemask_epi8(_mm256_sll_epi16(v0, _mm_cvtsi32_si128(7 - b)));
+        }
+        return;
+    }
     for (int64_t i = 0; i < ni; ++i) {
         const __m256i v0 = _mm256_load_si256((const __m256i *)(codes + i * 64));
         const __m256i v1 = _mm256_load_si256((const __m256i *)(codes + i * 64 + 32));
@@ -212,6 +220,7 @@ int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t in
     {
         uint8_t codes[256 * 64] __attribute__((aligned(32)));
         int32_t tmp[8 * 256]; /* int32 codes of up to 8 channel rows */
+        int64_t zero_from = 64; /* bytes [zero_from, 64) of every pixel's row of `codes` are 0 */
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < blocks; ++blk) {
             const int64_t o = blk / blocks_per_outer;
@@ -222,7 +231,11 @@ int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t in
                 for (int64_t w = 0; w < wpg; ++w) {
                     const int64_t c0 = g * cg + w * 64;
                     const int64_t nc = (cg - w * 64) < 64 ? (cg - w * 64) : 64;
-                    if (nc < 64) memset(codes, 0, (size_t)(ni * 64));
+                    if (nc < zero_from) { /* channels ≥ nc must read as code 0 (once per call when wpg = 1) */
+                        memset(codes, 0, sizeof codes);
+                        zero_from = 0;
+                    }
+                    if (nc > zero_from) zero_from = nc;
                     int64_t cc = 0;
 #if defined(__x86_64__) || defined(__i386__)
                     if (avx2) /* 8 channel rows at a time, stored into the pixel-major bytes by transposes */
@@ -251,7 +264,7 @@ int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t in
                     uint64_t *aw = ab + g * Q * wpg + w; /* plane 0 of word w of group g, pixel i0 */
 #if defined(__x86_64__) || defined(__i386__)
                     if (avx2) {
-                        planes_avx2(codes, ni, Q, aw, wpp, wpg);
+                        planes_avx2(codes, ni, Q, aw, wpp, wpg, nc);
                         continue;
                     }
 #endif
@@ -388,7 +401,7 @@ int bd_im2col_pack_impl(const float *x, const bd_conv_params *p, const float *ch
             for (int64_t w = 0; w < wpg; ++w) {
 #if defined(__x86_64__) || defined(__i386__)
                 if (avx2) {
-                    planes_avx2(buf + 64 * w, 1, Q, aw + w, wpp, wpg);
+                    planes_avx2(buf + 64 * w, 1, Q, aw + w, wpp, wpg, 64);
                     continue;
                 }
 #endif
