@@ -18,13 +18,15 @@
 static inline void bd_valid_range(int64_t o, int64_t stride, int64_t pad, int64_t dil,
                                   int64_t ksize, int64_t in, int64_t *lo, int64_t *hi)
 {
-    const int64_t base = o * stride - pad;               /* input coordinate of tap 0 */
-    int64_t l = base >= 0 ? 0 : (-base + dil - 1) / dil; /* first tap with i ≥ 0 */
-    int64_t h;                                           /* one past the last tap with i < in */
-    if (base > in - 1)
-        h = 0;
-    else
-        h = (in - 1 - base) / dil + 1;
+    const int64_t base = o * stride - pad; /* input coordinate of tap 0 */
+    int64_t l, h; /* first tap with i ≥ 0; one past the last tap with i < in */
+    if (dil == 1) { /* no integer division: it is called per output pixel */
+        l = base >= 0 ? 0 : -base;
+        h = base > in - 1 ? 0 : in - base;
+    } else {
+        l = base >= 0 ? 0 : (-base + dil - 1) / dil;
+        h = base > in - 1 ? 0 : (in - 1 - base) / dil + 1;
+    }
     if (h > ksize) h = ksize;
     if (l > h) l = h;
     *lo = l;
