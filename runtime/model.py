@@ -155,10 +155,10 @@ def use_im2col(spec: LayerSpec) -> bool:
 
 def kernel_choices(kernel, patch_kernel, isa: str | None) -> list[tuple[Any, str, bool]]:
     """The ways a layer can run: (kernel, family, packed patches?).  Which is fastest depends on
-    the machine and the layer (on an AVX-512 VPOPCNTDQ Zen 4, SqueezeNet at k=Q=4 and k=Q=8 runs
-    its squeeze layers on popcount and every other layer on the lookup tables; patches pay where
-    few channels waste the bits of every word), so run() times them on the first input of each
-    shape.  The results are bit-identical; only the time differs.
+    the machine and the layer (on an AVX-512 VPOPCNTDQ Zen 4, SqueezeNet at k=Q=4 runs fire3-squeeze
+    on popcount and every other layer on the lookup tables, ResNet-18 all of them; patches pay
+    where few channels waste the bits of every word), so run() times them on the first input of
+    each shape.  The results are bit-identical; only the time differs.
     BDECOMP_KERNEL=lut|popcount forces the family (direct convolution preferred for lut)."""
     kernel.family(isa)  # validates BDECOMP_KERNEL
     forced = os.environ.get("BDECOMP_KERNEL", "auto") or "auto"
