@@ -3,8 +3,9 @@
 Cost of a layer is MACs·kernel_cost(k, Q): the cheaper of the two kernel families, in k·Q units
 (popcount: k in 4 or 8 lanes times Q; lookup tables: grows with k, not Q, one table set up to
 Q = 4 and two up to Q = 8); the budget is the MAC-weighted mean of that cost.
-Error of a layer at (k, Q) is its relative output error on calibration patches — weight-only
-bases for k, the layer's own calibrated quantizer for Q, bias corrected — computed from Gram
+Error of a layer at (k, Q) is its relative output error on calibration patches — the bases for k
+fitted to the layer's float output (fit.output_fits; weight-only with `--method weight`), the
+layer's own calibrated quantizer for Q, bias corrected — computed from Gram
 statistics so the whole k × Q grid costs one Gram matrix per Q — times the layer's measured
 sensitivity (how much of it reaches the network's output, `sensitivity`). The allocation
 minimises the sum of the layers' errors for a given budget by Lagrangian relaxation (each layer independently picks

@@ -15,7 +15,7 @@ import onnx
 from tqdm import tqdm
 
 from bdecomp.decomposer import allocate, calibrate, decompose, load, refine, rewrite, simplify
-from bdecomp.decomposer.fit import fit_layer
+from bdecomp.decomposer.fit import fit_layer, output_fits
 from bdecomp.decomposer.config import SKIPPED, LayerSetting, load_layer_config
 from bdecomp.decomposer.report import LayerRow, Report
 from bdecomp.errors import ConfigError, ModelError
@@ -209,7 +209,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
 
         if allocating:
             chosen, search = _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop,
-                                       images, recipe, threads, progress)
+                                       images, recipe, threads, progress, method)
         qparams = {(L.input, s.q, _channel_axis(L)): qparams_for(L, s.q) for L, s in chosen}
 
     plans, rows = _fit_all(chosen, qparams, samplers, method, bias_correction, progress)
@@ -252,7 +252,7 @@ def _channel_axis(L: rewrite.Layer) -> int:
 
 
 def _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, images, recipe, threads,
-              progress):
+              progress, method):
     """Choose (k, Q) per layer; returns the new `chosen` list and what the search saw."""
     free = [i for i, (L, _) in enumerate(chosen) if not cfg.overridden((L.name, L.output))]
     fixed = {i: (s.k, s.q) for i, (_, s) in enumerate(chosen) if i not in free}
@@ -260,7 +260,8 @@ def _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, im
     with _progress(len(chosen), "measuring layers", progress) as bar:
         for i, (L, s) in enumerate(chosen):
             if i in free:
-                decomps = {k: decompose.decompose(L.weight, k) for k in allocate.K_CHOICES}
+                decomps = (output_fits(L, samplers[L.name], allocate.K_CHOICES) if method == "data" else
+                           {k: decompose.decompose(L.weight, k) for k in allocate.K_CHOICES})
                 err = allocate.layer_errors(L.weight, L.group, samplers[L.name], lambda q, L=L: qparams_for(L, q),
                                             decomps)
             else:

@@ -148,6 +148,23 @@ def _gemm_layer_with_patches(X, W):
     return layer, sampler, stats
 
 
+def test_the_allocators_error_grid_sees_the_data_aware_fit():
+    """With --method data the grid's bases for each k are fitted to the layer's float output (what
+    the final fit achieves), not the weight-only ones: lower errors, most at small k."""
+    from bdecomp.decomposer.fit import output_fits
+
+    X, W = _correlated_problem(seed=7, n=2000)
+    layer, sampler, stats = _gemm_layer_with_patches(X, W)
+
+    def grid(decomps):
+        return allocate.layer_errors(W, 1, sampler, lambda q: calibrate.choose_qparams(stats, q), decomps)
+
+    data = grid(output_fits(layer, sampler, allocate.K_CHOICES))
+    weight = grid({k: decompose.decompose(W, k) for k in allocate.K_CHOICES})
+    assert np.all(data <= weight * (1 + 1e-9))
+    assert np.all(data[:4, -1] < 0.9 * weight[:4, -1])  # k = 1…4 at Q = 8
+
+
 def test_bias_correction_lowers_the_output_error_and_moves_the_bias():
     from bdecomp.decomposer.fit import fit_layer
 
