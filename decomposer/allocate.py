@@ -38,8 +38,9 @@ def layer_errors(weight: np.ndarray, group: int, sampler: calibrate.PatchSampler
                  qparams_for: Callable[[int], calibrate.QParams],
                  decomps: dict[int, decompose.Decomposition]) -> np.ndarray:
     """Relative output MSE of one layer for every (k, Q) in K_CHOICES × Q_CHOICES, with the
-    quantizer `qparams_for(Q)` (per-channel steps applied to the inputs; the weight-only bases of
-    the unfolded weight stand in for the folded ones, which are not fitted at this stage)."""
+    quantizer `qparams_for(Q)` and the bases `decomps[k]` (fit.output_fits or weight-only) of the
+    unfolded weight: per-channel steps are applied to the inputs, and these bases stand in for those
+    of the folded weight, which are not fitted at this stage."""
     P = sampler.patches()
     cout_g = weight.shape[0] // group
     err = np.zeros((len(K_CHOICES), len(Q_CHOICES)))
