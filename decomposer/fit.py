@@ -16,6 +16,11 @@ DATA_AWARE_MAX_FLOPS = 2e11  # D²·Cout·k per sweep: beyond this (e.g. VGG's 4
 # layer keeps its weight-only bases (+ bias correction)
 
 
+def _data_aware_fits(L: Layer, k: int) -> bool:
+    """Whether the data-aware fit runs for L at k (within the Gram size and flop limits above)."""
+    return L.depth <= DATA_AWARE_MAX_DEPTH and L.depth ** 2 * (L.cout // L.group) * k <= DATA_AWARE_MAX_FLOPS
+
+
 def fit_layer(L: Layer, k: int, qp: calibrate.QParams | None, sampler: calibrate.PatchSampler | None,
               method: str, bias_correction: bool) -> tuple[decompose.Decomposition, Layer, float | None]:
     """Decompose one layer; with calibration patches, fit to its output (method "data") and/or
@@ -40,7 +45,7 @@ def fit_layer(L: Layer, k: int, qp: calibrate.QParams | None, sampler: calibrate
         X, Xh, W = P[:, g, :], Ph[:, g, :], L.weight[rows]
         Y = X @ W.T.astype(np.float32)  # float outputs on the calibration patches (sgemm: fast enough)
         gdec = decompose.Decomposition(codes[rows], coeffs[rows], k)
-        if method == "data" and L.depth <= DATA_AWARE_MAX_DEPTH and L.depth ** 2 * cout_g * k <= DATA_AWARE_MAX_FLOPS:
+        if method == "data" and _data_aware_fits(L, k):
             G = (Xh.T @ Xh).astype(np.float64) / len(X)  # D × D: only built where it is used
             T = (Xh.T @ Y).astype(np.float64) / len(X)
             gdec = decompose.decompose_data_aware(W, k, G, T, init=gdec)
@@ -66,18 +71,21 @@ def output_fits(L: Layer, sampler: calibrate.PatchSampler, ks) -> dict[int, deco
     bases, as in fit_layer."""
     P = sampler.patches()
     cout_g = L.cout // L.group
+    grams: list[tuple[np.ndarray, np.ndarray]] | None = None  # per group (Ĝ, W): the same for every k
     out = {}
     for k in ks:
         dec = decompose.decompose(L.weight, k)
-        if not len(P) or L.depth > DATA_AWARE_MAX_DEPTH or L.depth ** 2 * cout_g * k > DATA_AWARE_MAX_FLOPS:
+        if not len(P) or not _data_aware_fits(L, k):
             out[k] = dec
             continue
+        if grams is None:
+            grams = []
+            for g in range(L.group):
+                X = P[:, g, :].astype(np.float64)
+                grams.append((X.T @ X / len(X), L.weight.reshape(L.cout, -1)[g * cout_g:(g + 1) * cout_g].astype(np.float64)))
         codes, coeffs = dec.codes.copy(), dec.coeffs.copy()
-        for g in range(L.group):
+        for g, (G, W) in enumerate(grams):
             rows = slice(g * cout_g, (g + 1) * cout_g)
-            X = P[:, g, :].astype(np.float64)
-            G = X.T @ X / len(X)
-            W = L.weight.reshape(L.cout, -1)[rows].astype(np.float64)
             gdec = decompose.decompose_data_aware(W, k, G, G @ W.T,
                                                   init=decompose.Decomposition(codes[rows], coeffs[rows], k))
             codes[rows], coeffs[rows] = gdec.codes, gdec.coeffs
