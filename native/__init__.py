@@ -347,11 +347,7 @@ def bind_quantize_pack(x: np.ndarray, **options):
     """quantize_pack (same keyword options) resolved once for arrays of x's shape:
     f(x2) → packed activations, for float32 C-contiguous x2 of exactly that shape (checked, O(1));
     threads and the environment are read now.  The runtime's per-layer call."""
-    x, plan = _quantize_pack_plan(x, options.pop("groups"), options.pop("scale"), options.pop("zero_point"),
-                                  options.pop("bits"), options.pop("sign", False), options.pop("channel_axis", 1),
-                                  options.pop("threads", None), options.pop("channel_scales", None))
-    if options:
-        raise TypeError(f"unknown options: {', '.join(sorted(options))}")
+    x, plan = _quantize_pack_plan_options(x, options)
     shape = x.shape
 
     def f(x2):
@@ -365,6 +361,17 @@ def bind_quantize_pack(x: np.ndarray, **options):
 
 _F32 = np.dtype(np.float32)
 _QP_PLANS: dict = {}
+
+
+def _quantize_pack_plan_options(x, options: dict):
+    """_quantize_pack_plan with quantize_pack's keyword options (bind_quantize_pack, Chain)."""
+    options = dict(options)
+    x, plan = _quantize_pack_plan(x, options.pop("groups"), options.pop("scale"), options.pop("zero_point"),
+                                  options.pop("bits"), options.pop("sign", False), options.pop("channel_axis", 1),
+                                  options.pop("threads", None), options.pop("channel_scales", None))
+    if options:
+        raise TypeError(f"unknown options: {', '.join(sorted(options))}")
+    return x, plan
 
 
 def _quantize_pack_plan(x, groups, scale, zero_point, bits, sign, channel_axis, threads, channel_scales=None):
@@ -894,12 +901,7 @@ class Chain:
         """quantize_pack (same keyword options) of the float32 array of `shape` at `src`; returns
         (reference, shape) of the packed activations."""
         x = np.empty(shape, np.float32)  # for the checks: only its shape is used
-        _, plan = _quantize_pack_plan(x, options.pop("groups"), options.pop("scale"), options.pop("zero_point"),
-                                      options.pop("bits"), options.pop("sign", False),
-                                      options.pop("channel_axis", 1), options.pop("threads", None),
-                                      options.pop("channel_scales", None))
-        if options:
-            raise TypeError(f"unknown options: {', '.join(sorted(options))}")
+        _, plan = _quantize_pack_plan_options(x, options)
         outer, channels, inner, groups, scale_v, zp, bits, sign, nthreads, act_shape, cs_ptr = plan
         self._keep_alive.append(cs_ptr)
         dst = self._buffer(8 * math.prod(act_shape))

@@ -37,12 +37,7 @@ class ChainRun:
         """Run the chain and put its exports into env (views of its arena, appended with the
         chain to `arenas`: release them when the run's outputs no longer alias them); False
         (nothing done) if an external input does not have the shape the chain was built for."""
-        ext = []
-        for name in self.externals:
-            v = env[name]
-            if type(v) is not np.ndarray or v.dtype != np.float32 or not v.flags.c_contiguous:
-                v = np.ascontiguousarray(v, dtype=np.float32)
-            ext.append(v)
+        ext = [np.ascontiguousarray(env[name], dtype=np.float32) for name in self.externals]
         if any(a.shape != s for a, s in zip(ext, self.chain.external_shapes)):
             return False
         arena = self.chain.run(ext)
@@ -126,10 +121,8 @@ def build(steps, span: tuple[int, int], env: dict[str, Any], needed_after: list[
             key = (s.inputs[0], groups, axis)
             if key not in packed:
                 src = float_ref(quant_inputs[s.inputs[0]])
-                packed[key], _ = chain.quantize_pack(
-                    src, shapes[quant_inputs[s.inputs[0]]], groups=groups, scale=qz.scale,
-                    zero_point=qz.zero_point, bits=qz.spec.bits, channel_axis=axis, threads=qz.threads,
-                    channel_scales=qz.spec.channel_scales)
+                packed[key], _ = chain.quantize_pack(src, shapes[quant_inputs[s.inputs[0]]],
+                                                     **qz.pack_options(groups, axis))
             residual = None if s.spec.residual is None else float_ref(s.spec.residual)
             out, _ = chain.conv(kernel, packed[key], n, h, w, residual=residual, isa=isa, threads=threads,
                                 scale=s.spec.scale or qz.scale, zero_point=qz.zero_point, family=family)

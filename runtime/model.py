@@ -66,12 +66,17 @@ class _Quantized:
         self.packers = packers
         self._packed: dict[tuple[int, int], np.ndarray] = {}
 
+    def pack_options(self, groups: int, channel_axis: int) -> dict:
+        """quantize_pack's keyword options for this quantizer's codes in a layout (also what a chain's
+        quantize + pack step is given: the same codes either way)."""
+        return dict(groups=groups, scale=self.scale, zero_point=self.zero_point, bits=self.spec.bits,
+                    channel_axis=channel_axis, threads=self.threads, channel_scales=self.spec.channel_scales)
+
     def packed(self, groups: int, channel_axis: int, envk: tuple = ()) -> np.ndarray:
         key = (groups, channel_axis)
         act = self._packed.get(key)
         if act is None:
-            options = dict(groups=groups, scale=self.scale, zero_point=self.zero_point, bits=self.spec.bits,
-                           channel_axis=channel_axis, threads=self.threads, channel_scales=self.spec.channel_scales)
+            options = self.pack_options(groups, channel_axis)
             if self.packers is None:
                 act = _native().quantize_pack(self.x, **options)
             else:
@@ -167,6 +172,12 @@ def kernel_choices(kernel, patch_kernel, isa: str | None) -> list[tuple[Any, str
     if forced == "lut":  # the direct convolution is what a forced lut family means
         out = [c for c in out if not c[2]]
     return out or [(kernel, "popcount", False)]  # lut forced where there is none: as family() does
+
+
+def _settled_direct(choices, groups: int, qz: "_Quantized") -> bool:
+    """The first run of this shape settled the layer on a direct convolution (not packed patches,
+    not the depthwise kernel) and its quantizer is static: the bound call and chains run it."""
+    return groups != _DEPTHWISE and len(choices) == 1 and not choices[0][2] and not qz.spec.dynamic
 
 
 MEASURE_RUNS = 3  # per candidate, interleaved; the minimum is kept
@@ -348,13 +359,13 @@ class Model:
         """(kernel, family, (n, h, w), groups, channel axis, output shape) of a layer that can run in
         a chain with this env's input, else None (see runtime/chains.py)."""
         qz = env.get(step.inputs[0])
-        if not isinstance(qz, _Quantized) or qz.spec.dynamic:
+        if not isinstance(qz, _Quantized):
             return None
         plan = step.plans.get(qz.x.shape)
         if plan is None:
             return None
         choices, args, groups, axis, _, shapes = plan
-        if groups == _DEPTHWISE or len(choices) != 1 or choices[0][2]:
+        if not _settled_direct(choices, groups, qz):
             return None
         if step.spec.residual is not None and not self._residual(step.spec, env, shapes)[1]:
             return None
@@ -387,7 +398,7 @@ class Model:
         if groups == _DEPTHWISE:
             y = choices[0][0].run_codes(qz.native_codes(), threads=self.threads, scale=scale,
                                         zero_point=qz.zero_point, residual=res, clamp=clamp)
-        elif len(choices) == 1 and not choices[0][2] and not qz.spec.dynamic:
+        elif _settled_direct(choices, groups, qz):
             # the settled way to run this shape, bound once (a static quantizer: fixed scale)
             bkey = (xin.shape, envk)
             f = step.bound.get(bkey)
