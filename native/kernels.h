@@ -21,6 +21,8 @@ typedef struct {
 
 /* Derived geometry; 0 on success, BD_EINVAL if the weight-related fields are invalid. */
 int bd_geom_weights(const bd_conv_params *p, bd_geom *gm);
+/* f[0]·f[1]·…·f[count−1], or −1 on a negative factor, an int64 overflow or a product > BD_MAX_WORDS */
+int64_t bd_checked_prod(const int64_t *f, int count);
 
 typedef int (*bd_conv_fn)(const bd_conv_params *p, const bd_geom *gm, const uint64_t *act,
                           const uint64_t *wpacked, const int32_t *tap_sums, const float *coeffs,

@@ -61,7 +61,7 @@ int bd_isa_supported(int32_t isa)
 static int in_range(int64_t v, int64_t lo, int64_t hi) { return v >= lo && v <= hi; }
 
 /* a·b·c·… ≤ BD_MAX_WORDS without overflow; returns -1 on overflow */
-static int64_t checked_prod(const int64_t *f, int count)
+int64_t bd_checked_prod(const int64_t *f, int count)
 {
     int64_t r = 1;
     for (int i = 0; i < count; ++i) {
@@ -84,14 +84,14 @@ int bd_geom_weights(const bd_conv_params *p, bd_geom *gm)
     gm->wpg = (gm->cg + 63) / 64;
     gm->kp = p->k <= 4 ? 4 : 8;
     const int64_t t[2] = {p->kh, p->kw};
-    gm->taps = checked_prod(t, 2);
+    gm->taps = bd_checked_prod(t, 2);
     if (gm->taps < 0) return BD_EINVAL;
     const int64_t d[2] = {gm->cg, gm->taps};
-    gm->depth = checked_prod(d, 2);
+    gm->depth = bd_checked_prod(d, 2);
     if (gm->depth < 0 || gm->depth > BD_MAX_DEPTH) return BD_EINVAL;
     const int64_t ww[4] = {p->cout, gm->taps, gm->wpg, gm->kp};
     const int64_t ts[3] = {p->cout, gm->taps, p->k};
-    if (checked_prod(ww, 4) < 0 || checked_prod(ts, 3) < 0) return BD_EINVAL;
+    if (bd_checked_prod(ww, 4) < 0 || bd_checked_prod(ts, 3) < 0) return BD_EINVAL;
     return BD_OK;
 }
 
@@ -121,7 +121,7 @@ static int validate_conv(const bd_conv_params *p, bd_geom *gm)
     const int64_t a[5] = {p->n, p->h, p->w, p->groups * (int64_t)p->bits, gm->wpg};
     const int64_t o[4] = {p->n, p->cout, p->oh, p->ow};
     const int64_t c[5] = {p->n, p->oh, p->ow, p->cout, p->k};
-    if (checked_prod(a, 5) < 0 || checked_prod(o, 4) < 0 || checked_prod(c, 5) < 0)
+    if (bd_checked_prod(a, 5) < 0 || bd_checked_prod(o, 4) < 0 || bd_checked_prod(c, 5) < 0)
         return BD_EINVAL;
     return BD_OK;
 }
@@ -134,7 +134,7 @@ int64_t bd_act_words(const bd_conv_params *p)
     bd_geom gm;
     if (validate_conv(p, &gm) != BD_OK) return 0;
     const int64_t a[5] = {p->n, p->h, p->w, p->groups * (int64_t)p->bits, gm.wpg};
-    return checked_prod(a, 5);
+    return bd_checked_prod(a, 5);
 }
 
 int64_t bd_weight_words(const bd_conv_params *p)
@@ -142,7 +142,7 @@ int64_t bd_weight_words(const bd_conv_params *p)
     bd_geom gm;
     if (bd_geom_weights(p, &gm) != BD_OK) return 0;
     const int64_t ww[4] = {p->cout, gm.taps, gm.wpg, gm.kp};
-    return checked_prod(ww, 4);
+    return bd_checked_prod(ww, 4);
 }
 
 int64_t bd_tap_sum_count(const bd_conv_params *p)
@@ -150,7 +150,7 @@ int64_t bd_tap_sum_count(const bd_conv_params *p)
     bd_geom gm;
     if (bd_geom_weights(p, &gm) != BD_OK) return 0;
     const int64_t ts[3] = {p->cout, gm.taps, p->k};
-    return checked_prod(ts, 3);
+    return bd_checked_prod(ts, 3);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ int bd_pack_weights(const bd_conv_params *p, const uint8_t *basis, int64_t basis
     if (!basis || !wpacked || !tap_sums) return BD_EINVAL;
     const int64_t nbytes = (gm.depth + 7) / 8; /* per (co, j) */
     const int64_t need[3] = {p->cout, p->k, nbytes};
-    if (basis_bytes != checked_prod(need, 3)) return BD_EINVAL;
+    if (basis_bytes != bd_checked_prod(need, 3)) return BD_EINVAL;
     const int64_t T = gm.taps, K = p->k, KP = gm.kp, WPG = gm.wpg;
     memset(wpacked, 0, (size_t)bd_weight_words(p) * sizeof(uint64_t));
     memset(tap_sums, 0, (size_t)bd_tap_sum_count(p) * sizeof(int32_t));
@@ -205,7 +205,7 @@ int64_t bd_lut_weight_bytes(const bd_conv_params *p)
     bd_geom gm;
     if (bd_geom_weights(p, &gm) != BD_OK) return 0;
     const int64_t f[5] = {p->groups, bd_lut_npass(p, &gm), gm.taps, bd_lut_nq(&gm), 128};
-    return checked_prod(f, 5);
+    return bd_checked_prod(f, 5);
 }
 
 int bd_pack_weights_lut(const bd_conv_params *p, const uint64_t *wpacked, uint8_t *wlut)
@@ -251,7 +251,7 @@ int bd_conv_lut(const bd_conv_params *p, const uint64_t *act, const uint8_t *wlu
     if (p->sign || p->bits > 8) return BD_EINVAL;
     if (!bd_lut_supported(p, isa)) return BD_EUNSUPPORTED;
     const int64_t tab[5] = {p->n, p->h, p->w, p->groups * bd_lut_nq(&gm), p->bits > 4 ? 32 : 16};
-    if (checked_prod(tab, 5) < 0) return BD_EINVAL;
+    if (bd_checked_prod(tab, 5) < 0) return BD_EINVAL;
     nthreads = useful_threads(p, &gm, nthreads);
     return (isa == BD_ISA_AVX512 ? bd_conv_lut_avx512vl : bd_conv_lut_avx2)(p, &gm, act, wlut, tap_sums, coeffs,
                                                                             bias, out, acc, nthreads);
@@ -288,7 +288,7 @@ int bd_conv_depthwise(const bd_conv_params *p, const uint8_t *codes, const int8_
         for (int64_t i = 0; i < p->cout; ++i)
             if (!isfinite(bias[i])) return BD_EINVAL;
     const int64_t in[4] = {p->n, p->c, p->h, p->w};
-    if (checked_prod(in, 4) < 0) return BD_EINVAL;
+    if (bd_checked_prod(in, 4) < 0) return BD_EINVAL;
     return bd_depthwise_impl(p, codes, basis_pm, coeffs, bias, out, acc, nthreads);
 }
 
@@ -304,7 +304,7 @@ int64_t bd_im2col_words(const bd_conv_params *p)
     bd_geom gm;
     if (validate_conv(p, &gm) != BD_OK || p->groups != 1) return 0;
     const int64_t a[4] = {p->n * p->oh, p->ow, (int64_t)p->bits, (gm.depth + 63) / 64};
-    return checked_prod(a, 4);
+    return bd_checked_prod(a, 4);
 }
 
 int bd_im2col_quantize_pack(const float *x, const bd_conv_params *p, const float *channel_scales,
@@ -312,7 +312,7 @@ int bd_im2col_quantize_pack(const float *x, const bd_conv_params *p, const float
 {
     if (!x || !act || bd_im2col_words(p) <= 0) return BD_EINVAL;
     const int64_t in[4] = {p->n, p->c, p->h, p->w};
-    if (checked_prod(in, 4) < 0) return BD_EINVAL;
+    if (bd_checked_prod(in, 4) < 0) return BD_EINVAL;
     if (p->sign) channel_scales = NULL; /* sign mode uses no scale */
     if (bd_check_channel_scales(channel_scales, p->c) != BD_OK) return BD_EINVAL;
     return bd_im2col_pack_impl(x, p, channel_scales, act, nthreads);

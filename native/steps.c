@@ -3,19 +3,11 @@
  * Each step calls the public entry point of its op, so validation, kernel selection and results
  * are exactly those of the one-by-one calls; this file only resolves buffer references and
  * checks that what a step reads and writes of the arena lies inside it. */
+#include <stddef.h>
 #include <stdint.h>
-#include <string.h>
 
 #include "bdecomp.h"
-
-/* a·b·c·… in int64, or −1 on a negative factor or overflow */
-static int64_t prod(const int64_t *f, int n)
-{
-    int64_t r = 1;
-    for (int i = 0; i < n; ++i)
-        if (f[i] < 0 || __builtin_mul_overflow(r, f[i], &r)) return -1;
-    return r;
-}
+#include "kernels.h"
 
 /* The address of reference `ref` for `bytes` bytes, or NULL if it is out of range. */
 static void *resolve(int64_t ref, int64_t bytes, uint8_t *arena, int64_t arena_bytes,
@@ -37,8 +29,8 @@ static int run_quantize_pack(const bd_step *s, uint8_t *arena, int64_t arena_byt
     const int64_t wpg = (s->channels / s->groups + 63) / 64;
     const int64_t xf[4] = {s->outer, s->channels, s->inner, 4};
     const int64_t af[6] = {s->outer, s->inner, s->groups, s->bits, wpg, 8};
-    void *x = resolve(s->src, prod(xf, 4), arena, arena_bytes, external, nexternal);
-    void *act = resolve(s->dst, prod(af, 6), arena, arena_bytes, external, nexternal);
+    void *x = resolve(s->src, bd_checked_prod(xf, 4), arena, arena_bytes, external, nexternal);
+    void *act = resolve(s->dst, bd_checked_prod(af, 6), arena, arena_bytes, external, nexternal);
     if (!x || !act) return BD_EINVAL;
     return bd_quantize_pack((const float *)x, s->outer, s->channels, s->inner, s->groups, s->scale,
                             s->channel_scales, s->zero_point, s->bits, s->sign, (uint64_t *)act,
@@ -54,8 +46,8 @@ static int run_conv(const bd_step *s, uint8_t *arena, int64_t arena_bytes, void 
     if (words <= 0) return BD_EINVAL;
     const int64_t af[2] = {words, 8};
     const int64_t of[5] = {p.n, p.cout, p.oh, p.ow, 4};
-    const int64_t out_bytes = prod(of, 5);
-    void *act = resolve(s->src, prod(af, 2), arena, arena_bytes, external, nexternal);
+    const int64_t out_bytes = bd_checked_prod(of, 5);
+    void *act = resolve(s->src, bd_checked_prod(af, 2), arena, arena_bytes, external, nexternal);
     void *out = resolve(s->dst, out_bytes, arena, arena_bytes, external, nexternal);
     if (!act || !out) return BD_EINVAL;
     if (s->residual != BD_NO_BUFFER) {
