@@ -145,6 +145,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     model = load.upgrade_opset(original, model_path)
     del original  # big models: keep one copy of the weights alive, not several
     rewrite.ensure_node_names(model)
+    model, _ = simplify.constant_weights(model)
     model, folded = simplify.fold_batchnorm(model)
     model = simplify.infer_shapes(model)
     layers, floats = rewrite.find_layers(model)

@@ -35,6 +35,9 @@ class Layer:
     group: int = 1
     out_pixels: int | None = None  # output positions per image (None: unknown)
     weight_names: tuple[str, ...] = field(default_factory=tuple)
+    # ONNX element type of the layer's input and output (that of its weight): the decomposed ops
+    # compute in float32, so float16 / double layers get a Cast on each side
+    elem_type: int = onnx.TensorProto.FLOAT
 
     @property
     def cout(self) -> int:
@@ -159,7 +162,9 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[Layer], list[tuple[str, st
         res = build(node, inits, vi)
         if isinstance(res, str):
             floats.append((node.name, node.op_type, res))
-        elif not np.all(np.isfinite(res.weight)) or not np.all(np.isfinite(res.bias)):
+            continue
+        res.elem_type = t.data_type
+        if not np.all(np.isfinite(res.weight)) or not np.all(np.isfinite(res.bias)):
             floats.append((node.name, node.op_type, "weights contain NaN or Inf"))
         else:
             layers.append(res)
@@ -198,6 +203,7 @@ def rewrite(model: onnx.ModelProto, plans: list[Plan]) -> onnx.ModelProto:
     g = out.graph
     by_name = {p.layer.name: p for p in plans}
     quantizers: dict[tuple, tuple[str, str, str]] = {}
+    as_float: dict[str, str] = {}  # a float16 / double tensor -> its float32 Cast
     new_nodes, new_inits = [], []
     taken = {n.name for n in g.node} | {t.name for t in g.initializer} | {i.name for i in g.input}
     taken |= {o for n in g.node for o in n.output}
@@ -216,6 +222,13 @@ def rewrite(model: onnx.ModelProto, plans: list[Plan]) -> onnx.ModelProto:
             continue
         L = p.layer
         qp = p.qparams
+        x_in, y_out = L.input, L.output
+        if L.elem_type != onnx.TensorProto.FLOAT:
+            if x_in not in as_float:
+                as_float[x_in] = unique(f"{x_in}/float")
+                new_nodes.append(helper.make_node("Cast", [x_in], [as_float[x_in]], name=as_float[x_in],
+                                                  to=onnx.TensorProto.FLOAT))
+            x_in, y_out = as_float[x_in], unique(f"{L.output}/float")
         per_channel = qp is not None and qp.channel_scales is not None
         key = (L.input, p.q, L.group if L.op == "Conv" else 1, L.op == "Conv",
                None if qp is None else (qp.scale, qp.zero_point, qp.channel_scales))
@@ -225,7 +238,7 @@ def rewrite(model: onnx.ModelProto, plans: list[Plan]) -> onnx.ModelProto:
             layer_scale = scale
             qmax = (1 << p.q) - 1
             if qp is None:
-                new_nodes.append(helper.make_node(ops.QUANTIZE_DYNAMIC, [L.input], [codes, scale, zp], name=qname,
+                new_nodes.append(helper.make_node(ops.QUANTIZE_DYNAMIC, [x_in], [codes, scale, zp], name=qname,
                                                   domain=ops.DOMAIN, qmax=qmax))
             else:
                 if per_channel:  # [C,1,1] broadcasts over NCHW, [C] over the feature axis
@@ -236,7 +249,7 @@ def rewrite(model: onnx.ModelProto, plans: list[Plan]) -> onnx.ModelProto:
                 else:
                     new_inits.append(_t(np.array(qp.scale, np.float32), scale))
                 new_inits.append(_t(np.array(qp.zero_point, np.uint8), zp))
-                new_nodes.append(helper.make_node(ops.QUANTIZE, [L.input, scale, zp], [codes], name=qname,
+                new_nodes.append(helper.make_node(ops.QUANTIZE, [x_in, scale, zp], [codes], name=qname,
                                                   domain=ops.DOMAIN, qmax=qmax))
             quantizers[key] = (codes, layer_scale, zp)
         codes, scale, zp = quantizers[key]
@@ -246,12 +259,15 @@ def rewrite(model: onnx.ModelProto, plans: list[Plan]) -> onnx.ModelProto:
         inputs = [codes, scale, zp, basis, coeffs, bias]
         if L.op == "Conv":
             new_nodes.append(helper.make_node(
-                ops.CONV, inputs, [L.output], name=L.name, domain=ops.DOMAIN,
+                ops.CONV, inputs, [y_out], name=L.name, domain=ops.DOMAIN,
                 weight_shape=list(L.weight_shape), depth=L.depth, strides=list(L.strides),
                 pads=list(L.pads), dilations=list(L.dilations), group=L.group))
         else:
-            new_nodes.append(helper.make_node(ops.GEMM, inputs, [L.output], name=L.name, domain=ops.DOMAIN,
+            new_nodes.append(helper.make_node(ops.GEMM, inputs, [y_out], name=L.name, domain=ops.DOMAIN,
                                               depth=L.depth))
+        if y_out != L.output:
+            new_nodes.append(helper.make_node("Cast", [y_out], [L.output], name=unique(f"{L.name}/cast"),
+                                              to=L.elem_type))
     del g.node[:]
     g.node.extend(new_nodes)
     g.initializer.extend(new_inits)

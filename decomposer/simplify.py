@@ -1,4 +1,5 @@
-"""Graph simplification before decomposition: shape inference and BatchNorm folding.
+"""Graph simplification before decomposition: constant weights as initializers, shape inference
+and BatchNorm folding.
 
 Folding BN into the preceding Conv/Gemm makes the decomposed weights absorb the per-channel affine
 map, so the quantized layer output matches the float network without an extra float op.
@@ -23,6 +24,45 @@ def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
 
 def initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     return {t.name: t for t in graph.initializer}
+
+
+def constant_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Weights that exporters leave as graph nodes become initializers, so their layers can be
+    decomposed: a Constant node's tensor, and an Identity of an initializer (how torch.onnx writes
+    a shared weight) is bypassed. Outputs that are graph outputs are left alone. Returns (model,
+    number of nodes removed)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    g = model.graph
+    graph_outputs = {o.name for o in g.output}
+    inits = initializers(g)
+    in_subgraphs = {i for n in g.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH
+                    for sn in a.g.node for i in sn.input}
+    rename: dict[str, str] = {}
+    keep = []
+    for n in g.node:
+        out = n.output[0] if len(n.output) == 1 else None
+        if out is None or out in graph_outputs or n.domain not in ("", "ai.onnx"):
+            keep.append(n)
+        elif n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
+            t = onnx.TensorProto()
+            t.CopyFrom(n.attribute[0].t)
+            t.name = out
+            g.initializer.append(t)
+            inits[out] = t
+        elif n.op_type == "Identity" and rename.get(n.input[0], n.input[0]) in inits and out not in in_subgraphs:
+            rename[out] = rename.get(n.input[0], n.input[0])
+        else:
+            keep.append(n)
+    for n in keep:
+        for i, name in enumerate(n.input):
+            if name in rename:
+                n.input[i] = rename[name]
+    removed = len(g.node) - len(keep)
+    if removed:
+        del g.node[:]
+        g.node.extend(keep)
+        prune_initializers(model)
+    return model, removed
 
 
 def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:

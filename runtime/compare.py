@@ -413,18 +413,19 @@ class _OrtModel:
     def __init__(self, path: Path, threads: int):
         from bdecomp.decomposer import ops
         from bdecomp.decomposer.convert import model_input
-        from bdecomp.decomposer.load import read_model
+        from bdecomp.decomposer.load import input_dtype, read_model
         from bdecomp.runtime.model import _session
 
         self.path = Path(path)
         self.model = read_model(self.path)
         self.decomposed = any(n.domain == ops.DOMAIN for n in self.model.graph.node)
         self.input_name, self.input_shape = model_input(self.model)
+        self.input_dtype = input_dtype(self.model)
         self.session = None if self.decomposed else _session(self.model, threads)
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         try:
-            return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
+            return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=self.input_dtype)})
         except Exception as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(f"onnxruntime failed on {self.path.name}: {msg[:300]}") from None

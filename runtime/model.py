@@ -20,7 +20,7 @@ from onnx import helper
 
 from bdecomp.decomposer import ops
 from bdecomp.decomposer.convert import META_PREFIX, model_input
-from bdecomp.decomposer.load import read_model
+from bdecomp.decomposer.load import input_dtype, read_model
 from bdecomp.errors import ConfigError, DecomposedModelError, ModelError
 from bdecomp.runtime import chains
 from bdecomp.runtime.graph import LayerSpec, QuantSpec, Step, build_schedule
@@ -214,6 +214,7 @@ class Model:
         self.model = read_model(self.path)
         self.backend, self.threads, self.isa = backend, threads, isa
         self.input_name, self.input_shape = model_input(self.model)
+        self.input_dtype = input_dtype(self.model)
         self.output_names = [o.name for o in self.model.graph.output]
         self.metadata = {p.key[len(META_PREFIX):]: p.value for p in self.model.metadata_props
                          if p.key.startswith(META_PREFIX)}
@@ -485,7 +486,8 @@ class Model:
 
     # ------------------------------------------------------------------------------------ public
     def run(self, x: np.ndarray) -> list[np.ndarray]:
-        """Outputs (in graph order) for input x (float32, NCHW, batch any size the model allows)."""
+        """Outputs (in graph order) for input x (float32, NCHW, batch any size the model allows;
+        cast to a float16 or double model's input type)."""
         x = self._check_input(x)
         if self._whole is not None:
             try:
@@ -496,7 +498,7 @@ class Model:
         return self._run_native(x)
 
     def _check_input(self, x) -> np.ndarray:
-        """float32 C-contiguous input of the model's rank and channel count, non-empty, finite."""
+        """C-contiguous input (float32, or the model's float type) of the model's rank and channel count, non-empty, finite."""
         try:
             x = np.ascontiguousarray(x, dtype=np.float32)
         except (TypeError, ValueError, OverflowError) as e:
@@ -511,6 +513,10 @@ class Model:
             raise ModelError(f"input has {x.shape[1]} channels, the model expects {shape[1]}")
         if not np.all(np.isfinite(x)):
             raise ModelError("input contains NaN or Inf")
+        if self.input_dtype != "float32":
+            x = x.astype(self.input_dtype)
+            if not np.all(np.isfinite(x)):
+                raise ModelError(f"input overflows the model's {self.input_dtype} input")
         return x
 
     def layer_names(self) -> list[str]:

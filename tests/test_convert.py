@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 import bdecomp
 from bdecomp.decomposer import simplify
 from bdecomp.decomposer.ops import DOMAIN
-from bdecomp.errors import ConfigError
+from bdecomp.errors import ConfigError, ModelError
 
 H = W = 8
 
@@ -87,6 +87,15 @@ def convert(src, out, **kw):
 
 def x_batch(seed: int = 0, n: int = 2) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 3, H, W)).astype(np.float32)
+
+
+def calibration_batch(model_path, folder) -> np.ndarray:
+    """The images of `folder` as the model's recipe feeds them (inputs in the calibrated range)."""
+    from bdecomp.decomposer.convert import resolve_recipe
+    from bdecomp.models import datasets
+
+    recipe, _ = resolve_recipe(model_path, onnx.load(model_path), None)
+    return np.concatenate([x for x, _ in datasets.iter_batches(datasets.list_images(folder), recipe, batch_size=1)])
 
 
 def custom_nodes(model: onnx.ModelProto, op_type: str | None = None) -> list[onnx.NodeProto]:
@@ -345,3 +354,70 @@ def test_a_first_layer_on_the_image_stays_float_whatever_its_kernel_size(tmp_pat
         ("conv1", "3 input channels (float is faster)")]
     bdecomp.convert(src, tmp_path / "all.onnx", bases=2, act_bits=4, progress=False, min_depth=0)
     assert set(layer_settings(tmp_path / "all.onnx")) == {"conv1", "conv2"}
+
+
+# ---------------------------------------------------------------- how exporters write models
+
+
+def _with_node_weights(model: onnx.ModelProto, how: str) -> onnx.ModelProto:
+    """`model` with conv2's weight given by a Constant node, or read through an Identity (torch.onnx
+    writes a shared weight so)."""
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    w2 = next(t for t in m.graph.initializer if t.name == "w2")
+    if how == "Constant":
+        node = helper.make_node("Constant", [], ["w2c"], name="w2const", value=w2)
+        m.graph.initializer.remove(w2)
+    else:
+        node = helper.make_node("Identity", ["w2"], ["w2c"], name="w2id")
+    conv2 = next(n for n in m.graph.node if n.name == "conv2")
+    conv2.input[1] = "w2c"
+    m.graph.node.insert(0, node)
+    onnx.checker.check_model(m)
+    return m
+
+
+@pytest.mark.parametrize("how", ["Constant", "Identity"])
+def test_a_weight_given_by_a_graph_node_is_decomposed_like_an_initializer(how, tmp_path):
+    src = save_model(_with_node_weights(small_cnn(), how), tmp_path / "m.onnx")
+    ref = save_model(small_cnn(), tmp_path / "ref.onnx")
+    convert(src, tmp_path / "out.onnx", bases=4, act_bits=8)
+    convert(ref, tmp_path / "ref_out.onnx", bases=4, act_bits=8)
+    assert layer_settings(tmp_path / "out.onnx") == layer_settings(tmp_path / "ref_out.onnx")
+    x = x_batch()
+    np.testing.assert_array_equal(run_onnx(tmp_path / "out.onnx", x)[0], run_onnx(tmp_path / "ref_out.onnx", x)[0])
+
+
+def _as_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same network computing in float16: weights, input and output."""
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    for t in m.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for v in list(m.graph.input) + list(m.graph.output):
+        v.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    del m.graph.value_info[:]
+    onnx.checker.check_model(m)
+    return m
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "native"])
+def test_a_float16_model_is_decomposed_and_keeps_its_float16_input_and_output(backend, tmp_path, images):
+    """The decomposed ops compute in float32 between two Casts; images are fed as float32 and cast
+    to the model's input type."""
+    src = save_model(_as_float16(small_cnn()), tmp_path / "m16.onnx")
+    convert(src, tmp_path / "out.onnx", bases=8, act_bits=8, calib=images)
+    assert set(layer_settings(tmp_path / "out.onnx")) == {"conv1", "conv2", "fc"}
+    x = calibration_batch(tmp_path / "out.onnx", images)
+    want = run_onnx(small_cnn(), x)[0]
+    y = bdecomp.load(tmp_path / "out.onnx", backend=backend).run(x)[0]
+    assert y.dtype == np.float16 and y.shape == want.shape
+    assert np.linalg.norm(y.astype(np.float32) - want) / np.linalg.norm(want) < 0.1
+
+
+def test_a_model_with_an_integer_input_is_refused_when_loaded(tmp_path):
+    m = small_cnn()
+    m.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.UINT8
+    m.graph.node.insert(0, helper.make_node("Cast", ["x"], ["xf"], name="cast", to=onnx.TensorProto.FLOAT))
+    next(n for n in m.graph.node if n.name == "conv1").input[0] = "xf"
+    src = save_model(m, tmp_path / "u8.onnx")
+    with pytest.raises(ModelError, match="of type UINT8; bdecomp feeds float images"):
+        bdecomp.load(src, backend="onnxruntime")
