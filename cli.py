@@ -61,6 +61,8 @@ def _recipe_options(f):
         click.option("--std", help="per-channel std a,b,c"),
         click.option("--scale", help="divide 0..255 pixels by this first (e.g. 255)"),
         click.option("--bgr", is_flag=True, default=None, help="feed BGR instead of RGB"),
+        click.option("--channels-last/--channels-first", "channels_last", default=None,
+                     help="feed [N,H,W,3] / [N,3,H,W] images (default: what the model's input shape says)"),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -68,7 +70,7 @@ def _recipe_options(f):
 
 
 def _overrides(kw: dict) -> dict:
-    return {k: kw.pop(k) for k in ("size", "resize", "crop", "mean", "std", "scale", "bgr")}
+    return {k: kw.pop(k) for k in ("size", "resize", "crop", "mean", "std", "scale", "bgr", "channels_last")}
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

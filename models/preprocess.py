@@ -57,7 +57,8 @@ def _finite_triple(value: Any, what: str, nonzero: bool = False) -> tuple[float,
 
 @dataclass(frozen=True)
 class Recipe:
-    """How to turn an RGB image into the float32 [1,3,H,W] tensor a model expects.
+    """How to turn an RGB image into the float32 [1,3,H,W] tensor a model expects ([1,H,W,3] with
+    channels_last, as TensorFlow / Keras exports take it).
 
     Order of operations: resize (per `resize`) → optional RGB→BGR swap → x / scale →
     (x − mean) / std, with mean/std given in the channel order actually fed (after the swap).
@@ -72,6 +73,7 @@ class Recipe:
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     bgr: bool = False
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         size = self.size.tolist() if isinstance(self.size, np.ndarray) else self.size
@@ -97,6 +99,9 @@ class Recipe:
         if not isinstance(self.bgr, (bool, np.bool_)):
             raise ConfigError(f"bgr must be true or false, got {self.bgr!r}")
         object.__setattr__(self, "bgr", bool(self.bgr))
+        if not isinstance(self.channels_last, (bool, np.bool_)):
+            raise ConfigError(f"channels_last must be true or false, got {self.channels_last!r}")
+        object.__setattr__(self, "channels_last", bool(self.channels_last))
 
     def to_json(self) -> str:
         """Compact JSON, stable key order, so it can be embedded in model metadata."""
@@ -161,7 +166,8 @@ def resize_image(image: Image.Image, recipe: Recipe) -> Image.Image:
 
 
 def preprocess(image: Image.Image | str | Path, recipe: Recipe) -> np.ndarray:
-    """Load (if given a path), convert to RGB, resize and normalise → float32 [1,3,H,W], C-contiguous.
+    """Load (if given a path), convert to RGB, resize and normalise → float32 [1,3,H,W] (or
+    [1,H,W,3] for a channels_last recipe), C-contiguous.
 
     Arithmetic is done in float64 and rounded once to float32, so constant images give exactly
     float32((v / scale − mean) / std).
@@ -173,7 +179,7 @@ def preprocess(image: Image.Image | str | Path, recipe: Recipe) -> np.ndarray:
         x = x[..., ::-1]
     x = x / recipe.scale
     x = (x - np.asarray(recipe.mean)) / np.asarray(recipe.std)
-    return np.ascontiguousarray(x.transpose(2, 0, 1)[None], dtype=np.float32)
+    return np.ascontiguousarray((x if recipe.channels_last else x.transpose(2, 0, 1))[None], dtype=np.float32)
 
 
 TORCHVISION = Recipe(
@@ -263,6 +269,7 @@ def recipe_with_overrides(
     std: str | float | Sequence[float] | None = None,
     scale: str | float | None = None,
     bgr: bool | None = None,
+    channels_last: bool | None = None,
 ) -> Recipe:
     """Apply CLI flags to a base recipe (TORCHVISION when the model is unknown).
 
@@ -271,7 +278,8 @@ def recipe_with_overrides(
     * resize (--resize N): short side to N, then centre-crop to the size/crop.
     * crop (--crop H[,W]): centre crop to this size after a short-side resize (to --resize, the
       base's resize_to, or the crop's larger side). --size and --crop together must agree.
-    * mean/std (--mean/--std a,b,c) in the order fed; scale (--scale F); bgr (--bgr).
+    * mean/std (--mean/--std a,b,c) in the order fed; scale (--scale F); bgr (--bgr);
+      channels_last (--channels-last / --channels-first): feed [1,H,W,3].
     Options left as None keep the base's value.
     """
     r = base if base is not None else TORCHVISION
@@ -300,4 +308,6 @@ def recipe_with_overrides(
         changes["scale"] = _parse_scale(scale)
     if bgr is not None:
         changes["bgr"] = bool(bgr)
+    if channels_last is not None:
+        changes["channels_last"] = bool(channels_last)
     return replace(r, **changes) if changes else r

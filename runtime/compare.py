@@ -124,8 +124,12 @@ def quantize_int8(original: Path, out_path: Path, calib_images: list[Path], reci
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
 
+    from bdecomp.decomposer.load import input_dtype, read_model
     from bdecomp.models.datasets import iter_batches
 
+    if (dtype := input_dtype(read_model(original))) != "float32":
+        raise ModelError(f"--int8: onnxruntime's static quantization takes float32 models; {original.name} "
+                         f"computes in {dtype}")
     notes = {"method": "onnxruntime.quantization.quantize_static", "format": "QDQ", "per_channel": True,
              "weights": "QInt8", "activations": "QUInt8", "calibration": "MinMax",
              "calib_images": len(calib_images)}

@@ -421,3 +421,19 @@ def test_a_model_with_an_integer_input_is_refused_when_loaded(tmp_path):
     src = save_model(m, tmp_path / "u8.onnx")
     with pytest.raises(ModelError, match="of type UINT8; bdecomp feeds float images"):
         bdecomp.load(src, backend="onnxruntime")
+
+
+def test_a_channels_last_model_is_calibrated_and_fed_channels_last_images(tmp_path, images):
+    """A model declaring an [N, H, W, 3] input (a TensorFlow / Keras export) gets [N, H, W, 3] images
+    without a flag, in calibration and at run time."""
+    m = small_cnn()
+    m.graph.input[0].CopyFrom(helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["N", H, W, 3]))
+    m.graph.node.insert(0, helper.make_node("Transpose", ["image"], ["x"], name="to_nchw", perm=[0, 3, 1, 2]))
+    src = save_model(m, tmp_path / "nhwc.onnx")
+    report = convert(src, tmp_path / "out.onnx", bases=8, act_bits=8, calib=images)
+    assert report.calibration_images == 3
+    x = calibration_batch(tmp_path / "out.onnx", images)
+    assert x.shape == (3, H, W, 3)
+    want = run_onnx(small_cnn(), x.transpose(0, 3, 1, 2))[0]
+    y = bdecomp.load(tmp_path / "out.onnx").run(x)[0]
+    assert np.linalg.norm(y - want) / np.linalg.norm(want) < 0.1

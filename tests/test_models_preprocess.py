@@ -68,6 +68,17 @@ def test_bgr_swaps_channels():
     assert b[0, 0, 0, 0] == 50 and b[0, 2, 0, 0] == 200
 
 
+def test_channels_last_recipe_gives_the_same_values_as_nhwc():
+    nchw = preprocess(constant(colour=(10, 20, 30)), Recipe(size=(6, 5), mean=(1, 2, 3)))
+    nhwc = preprocess(constant(colour=(10, 20, 30)), Recipe(size=(6, 5), mean=(1, 2, 3), channels_last=True))
+    assert nhwc.shape == (1, 6, 5, 3) and nhwc.flags.c_contiguous
+    assert np.array_equal(nhwc, nchw.transpose(0, 2, 3, 1))
+
+
+def test_old_recipes_without_channels_last_read_as_channels_first():
+    assert Recipe.from_json('{"size": [8, 8]}').channels_last is False
+
+
 def test_mean_is_applied_in_fed_order_after_bgr_swap():
     r = Recipe(size=(4, 4), bgr=True, mean=(1, 2, 3))
     x = preprocess(constant(colour=(10, 20, 30)), r)
@@ -168,7 +179,8 @@ def test_preprocess_converts_non_rgb_images():
 # ---------------------------------------------------------------- serialisation and validation
 
 
-@pytest.mark.parametrize("recipe", [TORCHVISION, ESPNET_RECIPE, SQUEEZENET_RECIPE, Recipe(size=(1, 2), resize="none")])
+@pytest.mark.parametrize("recipe", [TORCHVISION, ESPNET_RECIPE, SQUEEZENET_RECIPE, Recipe(size=(1, 2), resize="none"),
+                                    Recipe(size=(3, 4), channels_last=True)])
 def test_json_round_trip(recipe):
     assert Recipe.from_json(recipe.to_json()) == recipe
 
@@ -189,6 +201,7 @@ def test_json_round_trip(recipe):
         '{"size": [224, 224], "scale": -1}',
         '{"size": [224, 224], "scale": NaN}',
         '{"size": [224, 224], "bgr": "yes"}',
+        '{"size": [224, 224], "channels_last": 1}',
         '{"size": [224, 224], "colour": 1}',
         '{"size": [224, 224], "resize_to": 2.5}',
     ],
