@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from bdecomp.decomposer.load import input_dtype
+from bdecomp.decomposer import feed
 
 SAMPLES_PER_BATCH = 8192
 MAX_SAMPLES = 1 << 20
@@ -213,8 +213,9 @@ def _session(model: onnx.ModelProto, outputs: list[str], threads: int | None) ->
 def first_outputs(model: onnx.ModelProto, xs: list[np.ndarray], threads: int | None = None) -> list[np.ndarray]:
     """The first output of `model` (float or decomposed, through onnxruntime) for each batch."""
     sess = _session(model, [], threads)
-    name, dtype = sess.get_inputs()[0].name, input_dtype(model)
-    return [np.asarray(sess.run(None, {name: x.astype(dtype, copy=False)})[0], np.float32) for x in xs]
+    name, dtype, batch = sess.get_inputs()[0].name, feed.input_dtype(model), feed.fixed_batch(model)
+    return [np.asarray(feed.run_batched(lambda c: sess.run(None, {name: c}), x.astype(dtype, copy=False), batch)[0],
+                       np.float32) for x in xs]
 
 
 def collect_stats(model: onnx.ModelProto, tensors: list[str], batches: Iterable[np.ndarray],
@@ -230,13 +231,15 @@ def collect_stats(model: onnx.ModelProto, tensors: list[str], batches: Iterable[
     wanted = list(dict.fromkeys(list(tensors) + [sp.tensor for sp in samplers or ()] + [t for t, _ in channel_stats]))
     inner = [t for t in wanted if t not in graph_inputs]
     sess = _session(model, inner, threads)
-    input_name, dtype = sess.get_inputs()[0].name, input_dtype(model)
+    input_name, dtype, batch = sess.get_inputs()[0].name, feed.input_dtype(model), feed.fixed_batch(model)
     rng = np.random.default_rng(seed)
     channel_rng = np.random.default_rng(seed + 1)  # its own stream: tensor samples do not depend on it
     stats = {t: TensorStats() for t in tensors}
-    for x in batches:
-        values = dict(zip(inner, sess.run(inner, {input_name: x.astype(dtype, copy=False)}))) if inner else {}
+    for x, rows in (c for b in batches for c in feed.chunks(b.astype(dtype, copy=False), batch)):
+        values = dict(zip(inner, sess.run(inner, {input_name: x}))) if inner else {}
         values.update({n: x for n in wanted if n in graph_inputs})
+        values = {n: feed.real_rows(v, rows, batch) for n, v in values.items()}
+        x = x[:rows]
         for t in tensors:
             stats[t].update(np.asarray(values[t], np.float32), rng)
         for (t, _), cs in channel_stats.items():

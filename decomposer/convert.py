@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from bdecomp.decomposer import allocate, calibrate, decompose, load, refine, rewrite, simplify
+from bdecomp.decomposer import allocate, calibrate, decompose, feed, load, refine, rewrite, simplify
 from bdecomp.decomposer.fit import fit_layer, output_fits
 from bdecomp.decomposer.config import SKIPPED, LayerSetting, load_layer_config
 from bdecomp.decomposer.report import LayerRow, Report
@@ -191,7 +191,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
             return q <= CHANNEL_MAX_BITS or L.input in depthwise_inputs
 
         with _progress(len(images), "calibrating", progress) as bar:
-            batches = (x for x, _ in datasets.iter_batches(images, recipe, batch_size=1))
+            batches = (x for x, _ in datasets.iter_batches(images, recipe, batch_size=feed.fixed_batch(model) or 1))
             stats = calibrate.collect_stats(model, tensors, batches, threads=threads, on_batch=bar.update,
                                             samplers=list(samplers.values()), channel_stats=cstats)
 

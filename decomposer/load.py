@@ -183,25 +183,6 @@ def _check_inferred(model: onnx.ModelProto, path: Path) -> None:
                              f"{list(w.dims)} with group {group} expects {w.dims[1] * group}")
 
 
-_FEED_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-                onnx.TensorProto.DOUBLE: "float64"}
-
-
-def input_dtype(model: onnx.ModelProto) -> str:
-    """numpy dtype name images are fed to the model's (first non-initializer) input in: images are
-    preprocessed in float32 and cast to what the graph declares (float16 and double models too)."""
-    inits = {t.name for t in model.graph.initializer}
-    for i in model.graph.input:
-        if i.name not in inits:
-            et = i.type.tensor_type.elem_type
-            if et not in _FEED_DTYPES:
-                name = onnx.TensorProto.DataType.Name(et) if et in onnx.TensorProto.DataType.values() else et
-                raise ModelError(f"model input {i.name!r} is of type {name}; bdecomp feeds float images "
-                                 "(float, float16 or double inputs)")
-            return _FEED_DTYPES[et]
-    return "float32"
-
-
 def default_opset(model: onnx.ModelProto) -> int:
     for o in model.opset_import:
         if o.domain in ("", "ai.onnx"):

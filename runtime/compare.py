@@ -124,7 +124,8 @@ def quantize_int8(original: Path, out_path: Path, calib_images: list[Path], reci
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
 
-    from bdecomp.decomposer.load import input_dtype, read_model
+    from bdecomp.decomposer.feed import input_dtype
+    from bdecomp.decomposer.load import read_model
     from bdecomp.models.datasets import iter_batches
 
     if (dtype := input_dtype(read_model(original))) != "float32":
@@ -417,7 +418,8 @@ class _OrtModel:
     def __init__(self, path: Path, threads: int):
         from bdecomp.decomposer import ops
         from bdecomp.decomposer.convert import model_input
-        from bdecomp.decomposer.load import input_dtype, read_model
+        from bdecomp.decomposer.feed import fixed_batch, input_dtype
+        from bdecomp.decomposer.load import read_model
         from bdecomp.runtime.model import _session
 
         self.path = Path(path)
@@ -425,11 +427,15 @@ class _OrtModel:
         self.decomposed = any(n.domain == ops.DOMAIN for n in self.model.graph.node)
         self.input_name, self.input_shape = model_input(self.model)
         self.input_dtype = input_dtype(self.model)
+        self.batch = fixed_batch(self.model)
         self.session = None if self.decomposed else _session(self.model, threads)
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         try:
-            return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=self.input_dtype)})
+            from bdecomp.decomposer.feed import run_batched
+
+            x = np.ascontiguousarray(x, dtype=self.input_dtype)
+            return run_batched(lambda c: self.session.run(None, {self.input_name: c}), x, self.batch)
         except Exception as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(f"onnxruntime failed on {self.path.name}: {msg[:300]}") from None

@@ -20,7 +20,8 @@ from onnx import helper
 
 from bdecomp.decomposer import ops
 from bdecomp.decomposer.convert import META_PREFIX, model_input
-from bdecomp.decomposer.load import input_dtype, read_model
+from bdecomp.decomposer.feed import input_dtype, fixed_batch, run_batched
+from bdecomp.decomposer.load import read_model
 from bdecomp.errors import ConfigError, DecomposedModelError, ModelError
 from bdecomp.runtime import chains
 from bdecomp.runtime.graph import LayerSpec, QuantSpec, Step, build_schedule
@@ -215,6 +216,7 @@ class Model:
         self.backend, self.threads, self.isa = backend, threads, isa
         self.input_name, self.input_shape = model_input(self.model)
         self.input_dtype = input_dtype(self.model)
+        self.batch = fixed_batch(self.model)  # B > 1 fixed in the graph: inputs run in chunks of B
         self.output_names = [o.name for o in self.model.graph.output]
         self.metadata = {p.key[len(META_PREFIX):]: p.value for p in self.model.metadata_props
                          if p.key.startswith(META_PREFIX)}
@@ -488,7 +490,9 @@ class Model:
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         """Outputs (in graph order) for input x (float32, NCHW, batch any size the model allows;
         cast to a float16 or double model's input type)."""
-        x = self._check_input(x)
+        return run_batched(self._run_one, self._check_input(x), self.batch)
+
+    def _run_one(self, x: np.ndarray) -> list[np.ndarray]:
         if self._whole is not None:
             try:
                 return self._whole.run(None, {self.input_name: x})

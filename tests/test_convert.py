@@ -437,3 +437,23 @@ def test_a_channels_last_model_is_calibrated_and_fed_channels_last_images(tmp_pa
     want = run_onnx(small_cnn(), x.transpose(0, 3, 1, 2))[0]
     y = bdecomp.load(tmp_path / "out.onnx").run(x)[0]
     assert np.linalg.norm(y - want) / np.linalg.norm(want) < 0.1
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "native"])
+def test_a_model_with_a_fixed_batch_of_two_is_calibrated_and_run_on_any_number_of_images(backend, tmp_path, images):
+    """Images go in chunks of the declared batch, the last one padded; padding never shows in the
+    outputs or the statistics (3 images: the same file as when the batch is free)."""
+    fixed = small_cnn()
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    src = save_model(fixed, tmp_path / "b2.onnx")
+    free = save_model(small_cnn(), tmp_path / "free.onnx")
+    convert(src, tmp_path / "b2.bd.onnx", bases=4, act_bits=4, calib=images)
+    convert(free, tmp_path / "free.bd.onnx", bases=4, act_bits=4, calib=images)
+    layers = lambda p: [t for t in onnx.load(p).graph.initializer]  # noqa: E731
+    assert [numpy_helper.to_array(t).tobytes() for t in layers(tmp_path / "b2.bd.onnx")] == \
+        [numpy_helper.to_array(t).tobytes() for t in layers(tmp_path / "free.bd.onnx")]
+    x = calibration_batch(tmp_path / "b2.bd.onnx", images)
+    y = bdecomp.load(tmp_path / "b2.bd.onnx", backend=backend).run(x)[0]
+    want = bdecomp.load(tmp_path / "free.bd.onnx", backend=backend).run(x)[0]
+    assert y.shape == (3, 10)
+    np.testing.assert_array_equal(y, want)

@@ -1,0 +1,71 @@
+"""How images reach a model's input: its element type and a fixed batch size.
+
+Images are preprocessed in float32, one [1, ...] tensor each; a float16 / double model gets them
+cast, and a model whose batch dimension is fixed to B > 1 gets them in chunks of B (the last one
+padded by repeating its last image, the padding's outputs dropped)."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+
+from bdecomp.errors import ModelError
+
+_FEED_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+                onnx.TensorProto.DOUBLE: "float64"}
+
+
+def input_dtype(model: onnx.ModelProto) -> str:
+    """numpy dtype name images are fed to the model's (first non-initializer) input in: images are
+    preprocessed in float32 and cast to what the graph declares (float16 and double models too)."""
+    inits = {t.name for t in model.graph.initializer}
+    for i in model.graph.input:
+        if i.name not in inits:
+            et = i.type.tensor_type.elem_type
+            if et not in _FEED_DTYPES:
+                name = onnx.TensorProto.DataType.Name(et) if et in onnx.TensorProto.DataType.values() else et
+                raise ModelError(f"model input {i.name!r} is of type {name}; bdecomp feeds float images "
+                                 "(float, float16 or double inputs)")
+            return _FEED_DTYPES[et]
+    return "float32"
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """B when the model's input declares a fixed batch dimension B > 1, else None."""
+    inits = {t.name for t in model.graph.initializer}
+    for i in model.graph.input:
+        if i.name not in inits:
+            dims = i.type.tensor_type.shape.dim
+            b = dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") else 0
+            return b if b > 1 else None
+    return None
+
+
+def chunks(x: np.ndarray, batch: int | None):
+    """(chunk, rows) over x: chunks of exactly `batch` rows (the last padded by repeating its last
+    row) of which the first `rows` are real; x itself when batch is None or already fits."""
+    if batch is None or len(x) == batch:
+        yield x, len(x)
+        return
+    for i in range(0, len(x), batch):
+        c = x[i:i + batch]
+        n = len(c)
+        if n < batch:
+            c = np.concatenate([c, np.repeat(c[-1:], batch - n, axis=0)])
+        yield c, n
+
+
+def real_rows(y: np.ndarray, rows: int, batch: int | None) -> np.ndarray:
+    """The first `rows` images of an output (or any tensor) with the batch as its first axis."""
+    if batch is None or rows == batch or np.ndim(y) == 0 or np.shape(y)[0] != batch:
+        return y
+    return y[:rows]
+
+
+def run_batched(run: Callable[[np.ndarray], Sequence[np.ndarray]], x: np.ndarray, batch: int | None) -> list:
+    """run(x) for a model of fixed batch `batch` (None: any): chunked, padded, outputs joined."""
+    if batch is None or len(x) == batch:
+        return list(run(x))
+    parts = [[real_rows(y, n, batch) for y in run(c)] for c, n in chunks(x, batch)]
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
