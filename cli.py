@@ -63,6 +63,8 @@ def _recipe_options(f):
         click.option("--bgr", is_flag=True, default=None, help="feed BGR instead of RGB"),
         click.option("--channels-last/--channels-first", "channels_last", default=None,
                      help="feed [N,H,W,3] / [N,3,H,W] images (default: what the model's input shape says)"),
+        click.option("--grayscale/--rgb", "grayscale", default=None,
+                     help="feed one luminance channel / RGB (default: what the model's input shape says)"),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -70,7 +72,7 @@ def _recipe_options(f):
 
 
 def _overrides(kw: dict) -> dict:
-    return {k: kw.pop(k) for k in ("size", "resize", "crop", "mean", "std", "scale", "bgr", "channels_last")}
+    return {k: kw.pop(k) for k in ("size", "resize", "crop", "mean", "std", "scale", "bgr", "channels_last", "grayscale")}
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

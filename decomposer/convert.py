@@ -58,11 +58,14 @@ def resolve_recipe(path: str | Path, model: onnx.ModelProto, overrides: dict[str
             info = {"task": known.task, "labels": known.labels, "name": known.name,
                     "ignore_index": known.ignore_index}
     overrides = {k: v for k, v in (overrides or {}).items()
-                 if v is not None and (v is not False or k == "channels_last")}
+                 if v is not None and (v is not False or k in ("channels_last", "grayscale"))}
     if base is None:
         _, dims = model_input(model)
-        # an input declared [N, H, W, 3] (not [N, 3, H, W]) takes channels-last images
-        last = overrides.setdefault("channels_last", len(dims) == 4 and dims[3] == 3 and dims[1] != 3)
+        # an input declared [N, H, W, 3 or 1] (not [N, 3 or 1, H, W]) takes channels-last images;
+        # one channel, grayscale ones
+        last = overrides.setdefault("channels_last", len(dims) == 4 and dims[3] in (1, 3) and dims[1] not in (1, 3))
+        if len(dims) == 4:
+            overrides.setdefault("grayscale", dims[3 if last else 1] == 1)
         hw = dims[1:3] if last else dims[2:4]
         size = tuple(hw) if len(dims) == 4 and None not in hw else None
         if size is not None and "size" not in overrides and "crop" not in overrides:

@@ -58,7 +58,8 @@ def _finite_triple(value: Any, what: str, nonzero: bool = False) -> tuple[float,
 @dataclass(frozen=True)
 class Recipe:
     """How to turn an RGB image into the float32 [1,3,H,W] tensor a model expects ([1,H,W,3] with
-    channels_last, as TensorFlow / Keras exports take it).
+    channels_last, as TensorFlow / Keras exports take it; one channel, the image's luminance,
+    with grayscale: mean[0] and std[0] apply to it).
 
     Order of operations: resize (per `resize`) → optional RGB→BGR swap → x / scale →
     (x − mean) / std, with mean/std given in the channel order actually fed (after the swap).
@@ -74,6 +75,7 @@ class Recipe:
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     bgr: bool = False
     channels_last: bool = False
+    grayscale: bool = False
 
     def __post_init__(self) -> None:
         size = self.size.tolist() if isinstance(self.size, np.ndarray) else self.size
@@ -99,9 +101,10 @@ class Recipe:
         if not isinstance(self.bgr, (bool, np.bool_)):
             raise ConfigError(f"bgr must be true or false, got {self.bgr!r}")
         object.__setattr__(self, "bgr", bool(self.bgr))
-        if not isinstance(self.channels_last, (bool, np.bool_)):
-            raise ConfigError(f"channels_last must be true or false, got {self.channels_last!r}")
-        object.__setattr__(self, "channels_last", bool(self.channels_last))
+        for flag in ("channels_last", "grayscale"):
+            if not isinstance(getattr(self, flag), (bool, np.bool_)):
+                raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+            object.__setattr__(self, flag, bool(getattr(self, flag)))
 
     def to_json(self) -> str:
         """Compact JSON, stable key order, so it can be embedded in model metadata."""
@@ -174,11 +177,16 @@ def preprocess(image: Image.Image | str | Path, recipe: Recipe) -> np.ndarray:
     """
     img = load_image(image) if isinstance(image, (str, Path)) else to_rgb(image)
     img = resize_image(img, recipe)
-    x = np.asarray(img, dtype=np.float64)  # [H, W, 3]
-    if recipe.bgr:
-        x = x[..., ::-1]
+    if recipe.grayscale:
+        x = np.asarray(img.convert("L"), dtype=np.float64)[..., None]  # [H, W, 1]
+        mean, std = recipe.mean[:1], recipe.std[:1]
+    else:
+        x = np.asarray(img, dtype=np.float64)  # [H, W, 3]
+        mean, std = recipe.mean, recipe.std
+        if recipe.bgr:
+            x = x[..., ::-1]
     x = x / recipe.scale
-    x = (x - np.asarray(recipe.mean)) / np.asarray(recipe.std)
+    x = (x - np.asarray(mean)) / np.asarray(std)
     return np.ascontiguousarray((x if recipe.channels_last else x.transpose(2, 0, 1))[None], dtype=np.float32)
 
 
@@ -270,6 +278,7 @@ def recipe_with_overrides(
     scale: str | float | None = None,
     bgr: bool | None = None,
     channels_last: bool | None = None,
+    grayscale: bool | None = None,
 ) -> Recipe:
     """Apply CLI flags to a base recipe (TORCHVISION when the model is unknown).
 
@@ -279,7 +288,8 @@ def recipe_with_overrides(
     * crop (--crop H[,W]): centre crop to this size after a short-side resize (to --resize, the
       base's resize_to, or the crop's larger side). --size and --crop together must agree.
     * mean/std (--mean/--std a,b,c) in the order fed; scale (--scale F); bgr (--bgr);
-      channels_last (--channels-last / --channels-first): feed [1,H,W,3].
+      channels_last (--channels-last / --channels-first): feed [1,H,W,3]; grayscale (--grayscale /
+      --rgb): feed one luminance channel.
     Options left as None keep the base's value.
     """
     r = base if base is not None else TORCHVISION
@@ -310,4 +320,6 @@ def recipe_with_overrides(
         changes["bgr"] = bool(bgr)
     if channels_last is not None:
         changes["channels_last"] = bool(channels_last)
+    if grayscale is not None:
+        changes["grayscale"] = bool(grayscale)
     return replace(r, **changes) if changes else r

@@ -439,6 +439,25 @@ def test_a_channels_last_model_is_calibrated_and_fed_channels_last_images(tmp_pa
     assert np.linalg.norm(y - want) / np.linalg.norm(want) < 0.1
 
 
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_a_one_channel_model_is_fed_grayscale_images(layout, tmp_path, images):
+    rng = np.random.default_rng(5)
+    nodes = [conv_node("x", "w1", "c1", name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+             conv_node("r1", "w2", "y", name="conv2", pads=[1, 1, 1, 1])]
+    m = make_model(nodes, {"w1": weights(rng, 16, 1, 3, 3), "w2": weights(rng, 16, 16, 3, 3)}, ["N", 1, H, W])
+    if layout == "NHWC":
+        m.graph.input[0].CopyFrom(helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["N", H, W, 1]))
+        m.graph.node.insert(0, helper.make_node("Transpose", ["image"], ["x"], name="to_nchw", perm=[0, 3, 1, 2]))
+    src = save_model(m, tmp_path / "gray.onnx")
+    convert(src, tmp_path / "out.onnx", bases=8, act_bits=8, calib=images)
+    x = calibration_batch(tmp_path / "out.onnx", images)
+    assert x.shape == ((3, 1, H, W) if layout == "NCHW" else (3, H, W, 1))
+    want = run_onnx(src, x)[0]
+    y = bdecomp.load(tmp_path / "out.onnx").run(x)[0]
+    assert np.linalg.norm(y - want) / np.linalg.norm(want) < 0.1
+
+
 @pytest.mark.parametrize("backend", ["onnxruntime", "native"])
 def test_a_model_with_a_fixed_batch_of_two_is_calibrated_and_run_on_any_number_of_images(backend, tmp_path, images):
     """Images go in chunks of the declared batch, the last one padded; padding never shows in the

@@ -75,6 +75,13 @@ def test_channels_last_recipe_gives_the_same_values_as_nhwc():
     assert np.array_equal(nhwc, nchw.transpose(0, 2, 3, 1))
 
 
+def test_grayscale_recipe_feeds_one_luminance_channel_with_the_first_mean_and_std():
+    r = Recipe(size=(4, 4), grayscale=True, mean=(10, 0, 0), std=(2, 1, 1))
+    x = preprocess(constant(colour=(200, 100, 50)), r)
+    luminance = Image.new("RGB", (1, 1), (200, 100, 50)).convert("L").getpixel((0, 0))
+    assert x.shape == (1, 1, 4, 4) and np.all(x == np.float32((luminance - 10) / 2))
+
+
 def test_old_recipes_without_channels_last_read_as_channels_first():
     assert Recipe.from_json('{"size": [8, 8]}').channels_last is False
 
@@ -180,7 +187,7 @@ def test_preprocess_converts_non_rgb_images():
 
 
 @pytest.mark.parametrize("recipe", [TORCHVISION, ESPNET_RECIPE, SQUEEZENET_RECIPE, Recipe(size=(1, 2), resize="none"),
-                                    Recipe(size=(3, 4), channels_last=True)])
+                                    Recipe(size=(3, 4), channels_last=True), Recipe(size=(3, 4), grayscale=True)])
 def test_json_round_trip(recipe):
     assert Recipe.from_json(recipe.to_json()) == recipe
 
@@ -202,6 +209,7 @@ def test_json_round_trip(recipe):
         '{"size": [224, 224], "scale": NaN}',
         '{"size": [224, 224], "bgr": "yes"}',
         '{"size": [224, 224], "channels_last": 1}',
+        '{"size": [224, 224], "grayscale": "no"}',
         '{"size": [224, 224], "colour": 1}',
         '{"size": [224, 224], "resize_to": 2.5}',
     ],
