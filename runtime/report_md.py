@@ -112,7 +112,8 @@ def _context(report: dict) -> str:
     d = report["data"]
     m = report["machine"]
     return (f"{report['task']} on {report['n_images']} images of {d['dir']} ({d['layout']}, "
-            f"{d['selection']}); {report['threads']} thread(s) for every model, batch-1 latency; "
+            f"{d['selection']}); {report['threads']} thread(s) for every model, "
+            f"batch-{report.get('latency_method', {}).get('batch', 1)} latency; "
             f"{m['machine']}, kernels {m['isa']}, onnxruntime {m['onnxruntime']}")
 
 
@@ -257,7 +258,7 @@ def make_plots(report: dict, out_dir: Path) -> tuple[dict[str, str], str | None]
     ax.barh(list(y), med, color=[colours[k] for k in models], label="median")
     ax.errorbar(p90, list(y), fmt="k|", markersize=14, label="p90")
     ax.set_yticks(list(y), [LABELS[k] for k in models], fontsize=8)
-    ax.set_xlabel(f"batch-1 latency (ms), {report['threads']} thread(s)")
+    ax.set_xlabel(f"batch-{report.get('latency_method', {}).get('batch', 1)} latency (ms), {report['threads']} thread(s)")
     ax.invert_yaxis()
     ax.legend(fontsize=8)
     ax.grid(axis="x", alpha=0.3)

@@ -108,6 +108,29 @@ def test_labels_tsv_layout(tmp_path, cls_models, cls_images):
     assert lim["n_images"] == 3 and lim["data"]["selection"].startswith("evenly")
 
 
+def test_a_model_with_a_fixed_batch_of_three_is_compared_over_eight_images(tmp_path, cls_models, cls_images):
+    """Chunks of three, the last padded: every image scored once; latency is stated per batch of 3."""
+    import onnx
+
+    orig, _ = cls_models
+    m = onnx.load(str(orig))
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 3
+    m.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 3
+    fixed = save_model(m, tmp_path / "b3.onnx")
+    calib = make_images(tmp_path / "calib", 4, (16, 16), seed=5)
+    dec = tmp_path / "b3.bd.onnx"
+    bdecomp.convert(fixed, dec, bases=4, act_bits=8, calib=calib, progress=False, min_depth=0)
+    paths, labels = cls_images
+    d = tmp_path / "tsv"
+    (d / "images").mkdir(parents=True)
+    for p in paths:
+        shutil.copy(p, d / "images" / p.name)
+    (d / "labels.tsv").write_text("".join(f"{p.name}\t{c}\n" for p, c in zip(paths, labels)))
+    rep = compare(fixed, dec, d, **FAST)
+    assert rep["n_images"] == 8 and rep["original"]["top1"] == 1.0
+    assert rep["latency_method"]["batch"] == 3
+
+
 def test_imagefolder_layout_matches_labels_tsv(tmp_path, cls_models, cls_images):
     paths, labels = cls_images
     d = tmp_path / "tree"
