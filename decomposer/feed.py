@@ -16,30 +16,32 @@ _FEED_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "fl
                 onnx.TensorProto.DOUBLE: "float64"}
 
 
-def input_dtype(model: onnx.ModelProto) -> str:
-    """numpy dtype name images are fed to the model's (first non-initializer) input in: images are
-    preprocessed in float32 and cast to what the graph declares (float16 and double models too)."""
+def _image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto | None:
+    """The first graph input that is not an initializer (the one images are fed to)."""
     inits = {t.name for t in model.graph.initializer}
-    for i in model.graph.input:
-        if i.name not in inits:
-            et = i.type.tensor_type.elem_type
-            if et not in _FEED_DTYPES:
-                name = onnx.TensorProto.DataType.Name(et) if et in onnx.TensorProto.DataType.values() else et
-                raise ModelError(f"model input {i.name!r} is of type {name}; bdecomp feeds float images "
-                                 "(float, float16 or double inputs)")
-            return _FEED_DTYPES[et]
-    return "float32"
+    return next((i for i in model.graph.input if i.name not in inits), None)
+
+
+def input_dtype(model: onnx.ModelProto) -> str:
+    """numpy dtype name images are fed to the model's input in: images are preprocessed in float32
+    and cast to what the graph declares (float16 and double models too)."""
+    i = _image_input(model)
+    if i is None:
+        return "float32"
+    et = i.type.tensor_type.elem_type
+    if et not in _FEED_DTYPES:
+        name = onnx.TensorProto.DataType.Name(et) if et in onnx.TensorProto.DataType.values() else et
+        raise ModelError(f"model input {i.name!r} is of type {name}; bdecomp feeds float images "
+                         "(float, float16 or double inputs)")
+    return _FEED_DTYPES[et]
 
 
 def fixed_batch(model: onnx.ModelProto) -> int | None:
     """B when the model's input declares a fixed batch dimension B > 1, else None."""
-    inits = {t.name for t in model.graph.initializer}
-    for i in model.graph.input:
-        if i.name not in inits:
-            dims = i.type.tensor_type.shape.dim
-            b = dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") else 0
-            return b if b > 1 else None
-    return None
+    i = _image_input(model)
+    dims = i.type.tensor_type.shape.dim if i is not None else []
+    b = dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") else 0
+    return b if b > 1 else None
 
 
 def chunks(x: np.ndarray, batch: int | None):
