@@ -143,17 +143,23 @@ def convert(model, output, bases, act_bits, calib, calib_limit, range_method, ac
 @click.option("--overlay", is_flag=True, help="segmentation models: also write mask-over-image PNGs")
 @_recipe_options
 def infer(model, images, top_k, backend, as_json, threads, mask_dir, overlay, **kw):
-    """Classify (or segment) IMAGES with MODEL, original or decomposed."""
+    """Classify (or segment) IMAGES with MODEL, original or decomposed. A folder stands for every
+    image under it (sorted)."""
+    from tqdm import tqdm
+
     from bdecomp.decomposer.convert import resolve_recipe
     from bdecomp.models import load_image, preprocess
+    from bdecomp.models.datasets import list_images
     from bdecomp.runtime.model import load
     from bdecomp.runtime.present import Presenter
 
+    images = [p for path in images for p in (list_images(path) if path.is_dir() else [path])]
     m = load(model, backend=backend, threads=threads)
     recipe, info = resolve_recipe(model, m.model, _overrides(kw))
     present = Presenter(info, top_k, mask_dir, overlay)
     results = []
-    for path in images:
+    # with --json nothing is printed until the end: a bar on stderr (terminals only) shows progress
+    for path in tqdm(images, desc="infer", unit="img", leave=False, disable=None if as_json else True):
         img = load_image(path)
         y = m.run(preprocess(img, recipe))[0]
         res = present.result(path, img, y)

@@ -64,6 +64,16 @@ def test_json_lists_top_k_classes_with_probabilities_in_falling_order(classifier
                                "truck"][top[0]["index"]]
 
 
+def test_a_folder_stands_for_every_image_under_it_in_sorted_order(classifier, image, tmp_path):
+    d = tmp_path / "folder"
+    (d / "sub").mkdir(parents=True)
+    for name in ("b.png", "a.jpg", "sub/c.png"):
+        Image.open(image).convert("RGB").save(d / name)
+    (d / "notes.txt").write_text("not an image")
+    out = json.loads(_infer(classifier, d, image, "--json"))
+    assert [r["image"] for r in out] == [str(d / "a.jpg"), str(d / "b.png"), str(d / "sub" / "c.png"), str(image)]
+
+
 def test_segmentation_writes_a_colour_mask_with_the_camvid_palette(segmenter, image, tmp_path):
     masks = tmp_path / "masks"
     out = json.loads(_infer(segmenter, image, "--json", "--masks", masks, "--overlay"))
