@@ -127,7 +127,7 @@ def mac_weighted_kq(layers: list[LayerCosts], choice: list[tuple[int, int]]) -> 
 
 BUDGETS = (2, 3, 4, 5, 6, 8, 9, 10, 12, 16, 20, 25, 30, 36, 42, 49, 56, 64)
 EVAL_IMAGES = 128
-SENSITIVITY_IMAGES = int(__import__("os").environ.get("BD_SENS", 16))
+SENSITIVITY_IMAGES = 16
 PROBE = (2, 4)  # (k, Q) a layer is put at, alone, to measure how its error reaches the output
 
 
