@@ -16,6 +16,10 @@ DATA_AWARE_MAX_FLOPS = 2e11  # D²·Cout·k per sweep: beyond this (e.g. VGG's 4
 # layer keeps its weight-only bases (+ bias correction)
 
 
+GRID_MAX_FLOPS = 2.5e10  # D²·Cout·Σk of the allocator's grid (one data-aware fit per k): beyond this
+# (ResNet-50's layer3/4 3×3 and wide 1×1 layers, its fc: ~3 min each) the grid keeps weight-only bases
+
+
 def _data_aware_fits(L: Layer, k: int) -> bool:
     """Whether the data-aware fit runs for L at k (within the Gram size and flop limits above)."""
     return L.depth <= DATA_AWARE_MAX_DEPTH and L.depth ** 2 * (L.cout // L.group) * k <= DATA_AWARE_MAX_FLOPS
@@ -68,9 +72,12 @@ def output_fits(L: Layer, sampler: calibrate.PatchSampler, ks) -> dict[int, deco
     images against weight-only grids: ResNet-56 `--budget 9` 74.4 → 78.3 % top-1, `--budget 16`
     79.7 → 80.2 %; SqueezeNet `--budget 16` 68.8 → 70.5 %, `--budget 24` 70.7 → 71.7 %, `--budget 20`
     70.7 → 70.5 % (agreement 89.8 → 87.2 %). Layers beyond the data-aware limits keep weight-only
-    bases, as in fit_layer."""
+    bases, as in fit_layer, and so do layers whose grid alone would cost more than GRID_MAX_FLOPS
+    (every layer of SqueezeNet, ResNet-56, MobileNet and ESPNet is within it)."""
     P = sampler.patches()
     cout_g = L.cout // L.group
+    if L.depth ** 2 * cout_g * sum(ks) > GRID_MAX_FLOPS:
+        return {k: decompose.decompose(L.weight, k) for k in ks}
     grams: list[tuple[np.ndarray, np.ndarray]] | None = None  # per group (Ĝ, W): the same for every k
     out = {}
     for k in ks:

@@ -165,6 +165,22 @@ def test_the_allocators_error_grid_sees_the_data_aware_fit():
     assert np.all(data[:4, -1] < 0.9 * weight[:4, -1])  # k = 1…4 at Q = 8
 
 
+def test_a_layer_whose_error_grid_would_cost_too_much_gets_weight_only_bases(monkeypatch):
+    """Big layers (ResNet-50's 3×3 layer4, its fc) would spend minutes each on one data-aware fit
+    per k; past GRID_MAX_FLOPS the grid takes the weight-only bases instead."""
+    from bdecomp.decomposer import fit
+
+    X, W = _correlated_problem(seed=7, n=2000)
+    layer, sampler, _ = _gemm_layer_with_patches(X, W)
+    ks = allocate.K_CHOICES
+    monkeypatch.setattr(fit, "GRID_MAX_FLOPS", W.shape[1] ** 2 * W.shape[0] * sum(ks) - 1)
+    over = fit.output_fits(layer, sampler, ks)
+    assert all(np.array_equal(over[k].codes, decompose.decompose(W, k).codes) for k in ks)
+    monkeypatch.setattr(fit, "GRID_MAX_FLOPS", W.shape[1] ** 2 * W.shape[0] * sum(ks))
+    within = fit.output_fits(layer, sampler, ks)
+    assert not all(np.array_equal(within[k].codes, over[k].codes) for k in ks)
+
+
 def test_bias_correction_lowers_the_output_error_and_moves_the_bias():
     from bdecomp.decomposer.fit import fit_layer
 
