@@ -165,6 +165,23 @@ def test_the_allocators_error_grid_sees_the_data_aware_fit():
     assert np.all(data[:4, -1] < 0.9 * weight[:4, -1])  # k = 1…4 at Q = 8
 
 
+def test_the_error_grid_is_the_same_by_the_gram_route_and_the_direct_one(monkeypatch):
+    """layer_errors takes the cheaper route (Gram statistics, or the outputs themselves for wide
+    layers with few patches); both compute the same bias-corrected output errors."""
+    X, W = _correlated_problem(seed=3, n=2000)
+    layer, sampler, stats = _gemm_layer_with_patches(X, W)
+    decomps = {k: decompose.decompose(W, k) for k in allocate.K_CHOICES}
+
+    def grid():
+        return allocate.layer_errors(W, 1, sampler, lambda q: calibrate.choose_qparams(stats, q), decomps)
+
+    gram = grid()
+    monkeypatch.setattr(allocate, "GRAM_MAX_DEPTH", 0)  # forces the direct route
+    direct = grid()
+    np.testing.assert_allclose(gram, direct, rtol=1e-3, atol=1e-6)  # relative errors: 1e-6 of the output energy
+    assert not np.array_equal(gram, direct)  # two computations, not one
+
+
 def test_a_layer_whose_error_grid_would_cost_too_much_gets_weight_only_bases(monkeypatch):
     """Big layers (ResNet-50's 3×3 layer4, its fc) would spend minutes each on one data-aware fit
     per k; past GRID_MAX_FLOPS the grid takes the weight-only bases instead."""
