@@ -270,8 +270,8 @@ def _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, im
             if i in free:
                 decomps = (output_fits(L, samplers[L.name], allocate.K_CHOICES) if method == "data" else
                            {k: decompose.decompose(L.weight, k) for k in allocate.K_CHOICES})
-                err = allocate.layer_errors(L.weight, L.group, samplers[L.name], lambda q, L=L: qparams_for(L, q),
-                                            decomps)
+                err = allocate.allocatable(allocate.layer_errors(L.weight, L.group, samplers[L.name],
+                                                                 lambda q, L=L: qparams_for(L, q), decomps))
             else:
                 err = np.full((len(allocate.K_CHOICES), len(allocate.Q_CHOICES)), np.inf)
                 err[allocate.K_CHOICES.index(s.k), allocate.Q_CHOICES.index(max(s.q, 2))] = 0.0

@@ -127,6 +127,20 @@ def test_convert_with_a_budget_writes_per_layer_settings_within_it(cnn, images, 
     assert {r.name: (r.k, r.q) for r in report.layers} == settings
 
 
+def test_the_lowest_budget_gives_every_layer_two_bases_never_one(cnn, images, tmp_path):
+    """k = 1 is cheapest (lookup tables: 4 units at Q <= 4, against 8 for k = 2), but the allocator
+    never picks it; at k = 2 every Q <= 4 costs 8, so the lowest error among them wins: Q = 4."""
+    report = convert(cnn, tmp_path / "b.onnx", calib=images, budget=1)
+    assert {(r.k, r.q) for r in report.layers} == {(2, 4)}
+
+
+def test_a_layer_config_may_still_give_one_basis_under_a_budget(cnn, images, tmp_path):
+    cfg = tmp_path / "layers.json"
+    cfg.write_text(json.dumps({"layers": {"conv2": {"k": 1, "q": 4}}}))
+    report = convert(cnn, tmp_path / "b.onnx", calib=images, budget=1, layer_config=cfg)
+    assert {r.name: (r.k, r.q) for r in report.layers}["conv2"] == (1, 4)
+
+
 def test_target_drop_records_the_budgets_it_tried(cnn, images, tmp_path):
     report = convert(cnn, tmp_path / "t.onnx", calib=images, target_drop=50)
     assert report.allocation["tried"] and all(0 <= t["agreement"] <= 1 for t in report.allocation["tried"])
