@@ -15,6 +15,7 @@ import onnx
 from tqdm import tqdm
 
 from bdecomp.decomposer import allocate, calibrate, decompose, feed, load, refine, rewrite, simplify
+from bdecomp.decomposer.feed import model_input
 from bdecomp.decomposer.fit import fit_layer, output_fits
 from bdecomp.decomposer.config import SKIPPED, LayerSetting, load_layer_config
 from bdecomp.decomposer.report import LayerRow, Report
@@ -29,17 +30,6 @@ ACT_SCALES = ("auto", "channel", "tensor")
 CHANNEL_MAX_BITS = 4  # "auto": per-channel steps up to this Q (and for depthwise inputs at any Q)
 MIN_DEPTH = 64  # layers with fewer weights per output stay float unless asked (see `convert`)
 IMAGE_CHANNELS = 4  # with min_depth > 0, convolutions over at most this many channels stay float too
-
-
-def model_input(model: onnx.ModelProto) -> tuple[str, list[int | None]]:
-    """The single image input (name, shape); ModelError for models bdecomp cannot feed."""
-    inits = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
-    if len(inputs) != 1:
-        raise ModelError(f"model has {len(inputs)} inputs; bdecomp handles single-input image models")
-    t = inputs[0].type.tensor_type
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-    return inputs[0].name, dims
 
 
 def resolve_recipe(path: str | Path, model: onnx.ModelProto, overrides: dict[str, Any] | None) -> tuple[Recipe, dict]:

@@ -16,18 +16,27 @@ _FEED_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "fl
                 onnx.TensorProto.DOUBLE: "float64"}
 
 
-def _image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto | None:
-    """The first graph input that is not an initializer (the one images are fed to)."""
+def _image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+    """The single graph input that is not an initializer (the one images are fed to); ModelError
+    for models bdecomp cannot feed."""
     inits = {t.name for t in model.graph.initializer}
-    return next((i for i in model.graph.input if i.name not in inits), None)
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise ModelError(f"model has {len(inputs)} inputs; bdecomp handles single-input image models")
+    return inputs[0]
+
+
+def model_input(model: onnx.ModelProto) -> tuple[str, list[int | None]]:
+    """The image input's (name, shape), None for a dynamic dimension."""
+    i = _image_input(model)
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
+    return i.name, dims
 
 
 def input_dtype(model: onnx.ModelProto) -> str:
     """numpy dtype name images are fed to the model's input in: images are preprocessed in float32
     and cast to what the graph declares (float16 and double models too)."""
     i = _image_input(model)
-    if i is None:
-        return "float32"
     et = i.type.tensor_type.elem_type
     if et not in _FEED_DTYPES:
         name = onnx.TensorProto.DataType.Name(et) if et in onnx.TensorProto.DataType.values() else et
@@ -38,10 +47,8 @@ def input_dtype(model: onnx.ModelProto) -> str:
 
 def fixed_batch(model: onnx.ModelProto) -> int | None:
     """B when the model's input declares a fixed batch dimension B > 1, else None."""
-    i = _image_input(model)
-    dims = i.type.tensor_type.shape.dim if i is not None else []
-    b = dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") else 0
-    return b if b > 1 else None
+    dims = model_input(model)[1]
+    return dims[0] if dims and dims[0] and dims[0] > 1 else None
 
 
 def chunks(x: np.ndarray, batch: int | None):

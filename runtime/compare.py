@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from bdecomp.decomposer.feed import fixed_batch, input_dtype, model_input, run_batched
 from bdecomp.errors import ConfigError, InputFileError, ModelError
 from bdecomp.runtime import metrics
 
@@ -124,13 +125,8 @@ def quantize_int8(original: Path, out_path: Path, calib_images: list[Path], reci
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
 
-    from bdecomp.decomposer.feed import input_dtype
-    from bdecomp.decomposer.load import read_model
     from bdecomp.models.datasets import iter_batches
 
-    if (dtype := input_dtype(read_model(original))) != "float32":
-        raise ModelError(f"--int8: onnxruntime's static quantization takes float32 models; {original.name} "
-                         f"computes in {dtype}")
     notes = {"method": "onnxruntime.quantization.quantize_static", "format": "QDQ", "per_channel": True,
              "weights": "QInt8", "activations": "QUInt8", "calibration": "MinMax",
              "calib_images": len(calib_images)}
@@ -417,8 +413,6 @@ class _OrtModel:
 
     def __init__(self, path: Path, threads: int):
         from bdecomp.decomposer import ops
-        from bdecomp.decomposer.convert import model_input
-        from bdecomp.decomposer.feed import fixed_batch, input_dtype
         from bdecomp.decomposer.load import read_model
         from bdecomp.runtime.model import _session
 
@@ -432,8 +426,6 @@ class _OrtModel:
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         try:
-            from bdecomp.decomposer.feed import run_batched
-
             x = np.ascontiguousarray(x, dtype=self.input_dtype)
             return run_batched(lambda c: self.session.run(None, {self.input_name: c}), x, self.batch)
         except Exception as e:
@@ -523,6 +515,9 @@ def compare(original: str | Path, decomposed: str | Path, data: str | Path, *, l
         else:
             tmpdir = tempfile.TemporaryDirectory(prefix="bdecomp-compare-")
             int8_path = Path(tmpdir.name) / (original.stem + ".int8.onnx")
+        if orig_m.input_dtype != "float32":
+            raise ModelError(f"--int8: onnxruntime's static quantization takes float32 models; {original.name} "
+                             f"computes in {orig_m.input_dtype}")
         say(f"quantizing {original.name} to int8 with onnxruntime (calibration: {len(calib_imgs)} images of {calib})")
         int8_info = quantize_int8(original, int8_path, calib_imgs, recipe, orig_m.input_name, progress)
         int8_info["path"] = str(int8_path)

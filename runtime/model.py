@@ -19,8 +19,8 @@ import onnxruntime as ort
 from onnx import helper
 
 from bdecomp.decomposer import ops
-from bdecomp.decomposer.convert import META_PREFIX, model_input
-from bdecomp.decomposer.feed import input_dtype, fixed_batch, run_batched
+from bdecomp.decomposer.convert import META_PREFIX
+from bdecomp.decomposer.feed import fixed_batch, input_dtype, model_input, run_batched
 from bdecomp.decomposer.load import read_model
 from bdecomp.errors import ConfigError, DecomposedModelError, ModelError
 from bdecomp.runtime import chains
