@@ -239,7 +239,6 @@ def collect_stats(model: onnx.ModelProto, tensors: list[str], batches: Iterable[
         values = dict(zip(inner, sess.run(inner, {input_name: x}))) if inner else {}
         values.update({n: x for n in wanted if n in graph_inputs})
         values = {n: feed.real_rows(v, rows, batch) for n, v in values.items()}
-        x = x[:rows]
         for t in tensors:
             stats[t].update(np.asarray(values[t], np.float32), rng)
         for (t, _), cs in channel_stats.items():
@@ -247,7 +246,7 @@ def collect_stats(model: onnx.ModelProto, tensors: list[str], batches: Iterable[
         for sp in samplers or ():
             sp.update(np.asarray(values[sp.tensor], np.float32))
         if on_batch:
-            on_batch(x.shape[0])
+            on_batch(rows)
     return stats
 
 
