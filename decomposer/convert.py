@@ -265,7 +265,7 @@ def _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, im
             else:
                 err = np.full((len(allocate.K_CHOICES), len(allocate.Q_CHOICES)), np.inf)
                 err[allocate.K_CHOICES.index(s.k), allocate.Q_CHOICES.index(max(s.q, 2))] = 0.0
-            costs.append(allocate.LayerCosts(L.name, L.macs, err))
+            costs.append(allocate.LayerCosts(L.name, L.macs, err, _cost_grid(L)))
             bar.update(1)
     n_eval = allocate.SENSITIVITY_IMAGES if budget is not None else allocate.EVAL_IMAGES
     eval_images = images[:: max(1, len(images) // n_eval)][:n_eval]
@@ -308,6 +308,14 @@ def _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, im
     search["sensitivity"] = {name: round(float(w), 6) for name, w in weights.items()}
     new = [(L, LayerSetting(k, q, False)) for (L, _), (k, q) in zip(chosen, choice)]
     return new, search
+
+
+def _cost_grid(L: rewrite.Layer) -> np.ndarray:
+    """allocate.cost_grid of a layer's channels per group; depthwise layers run their own kernel
+    (one channel per group, no tables or packed words to fill) and keep the default grid."""
+    if L.op == "Conv" and L.group > 1 and L.weight_shape[1] == 1:
+        return allocate.cost_grid()
+    return allocate.cost_grid(L.weight_shape[1] if L.op == "Conv" else L.depth, L.cout // L.group)
 
 
 def _fit_all(chosen, qparams, samplers, method, bias_correction, progress):
