@@ -111,10 +111,17 @@ def kernel_cost(k: int, q: int, cin_g: int = 64, cout_g: int = 32) -> float:
       out even (0.8–1.2x). The earlier model, KP·Q, priced (4, 2) at half of (4, 4), and
       `--budget 9` filled ResNet-56 with (4, 2), which ran at 88 % of (4, 4)'s time.
     (4, 4) → 16, (2, 4) → 8, (3, 3) → 12, (4, 2) → 14.4, (8, 2) → 28.8, (2, 8) → 14, (8, 8) → 56."""
-    lanes = -(-cout_g * k // 32) * 32 / cout_g
-    lut = 4 * lanes * (1.0 if q <= 4 else 1.75)
-    popcount = 0.9 * (4 if k <= 4 else 8) * (q + 2) * (-(-cin_g // 64) * 64 / cin_g)
-    return min(lut, popcount)
+    return min(lut_cost(k, q, cout_g), popcount_cost(k, q, cin_g))
+
+
+def lut_cost(k: int, q: int, cout_g: int = 32) -> float:
+    """The lookup-table kernel's share of kernel_cost: 4 per basis, in 32-lane blocks; Q > 4: 7/4."""
+    return 4 * (-(-cout_g * k // 32) * 32 / cout_g) * (1.0 if q <= 4 else 1.75)
+
+
+def popcount_cost(k: int, q: int, cin_g: int = 64) -> float:
+    """The popcount kernel's share of kernel_cost: 0.9·KP·(Q + 2) per full 64-bit word."""
+    return 0.9 * (4 if k <= 4 else 8) * (q + 2) * (-(-cin_g // 64) * 64 / cin_g)
 
 
 def cost_grid(cin_g: int = 64, cout_g: int = 32) -> np.ndarray:

@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Both kernel families on typical layer shapes, against the allocator's cost model (a script, not a test).
+
+    python benchmarks/bench_families.py [--threads 1] [--runs 60]
+
+For each layer shape (3×3 and 1×1 convolutions of 16–512 channels) and (k, Q), prints the median C
+time of the lookup-table and popcount kernels on this machine (the runtime runs the faster), their
+ratio, and what `allocate.kernel_cost` predicts for both: the allocator's `--budget` is a
+MAC-weighted mean of that cost, so the model should rank settings as the kernels do here.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+import bdecomp.native as native
+from bdecomp.decomposer import allocate
+
+SHAPES = [(16, 16, 3, 32), (64, 64, 3, 8), (64, 64, 3, 16), (128, 128, 3, 14), (256, 256, 3, 7),
+          (64, 256, 1, 28), (256, 64, 1, 28), (512, 512, 3, 7)]  # (cin, cout, kernel, H = W)
+SETTINGS = [(2, 4), (4, 2), (4, 4), (8, 2), (8, 4), (3, 3), (2, 8)]
+
+
+def median_ms(f, runs: int) -> float:
+    f()
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(ts))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=60)
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    print(f"isa {native.default_isa()}, {args.threads} thread(s); times are medians of {args.runs} runs")
+    print(f"{'cin':>4} {'cout':>4} {'ks':>2} {'hw':>3} {'k':>2} {'Q':>2} {'lut ms':>8} {'pop ms':>8} "
+          f"{'pop/lut':>7} {'model lut':>9} {'model pop':>9} {'model pop/lut':>13}")
+    for cin, cout, ks, hw in SHAPES:
+        for k, q in SETTINGS:
+            depth = cin * ks * ks
+            basis = rng.integers(0, 256, (cout, k, (depth + 7) // 8), dtype=np.uint8)
+            conv = native.PackedConv(basis, rng.random((cout, k), dtype=np.float32), rng.random(cout, dtype=np.float32),
+                                     cin=cin, groups=1, kernel=(ks, ks), pads=(ks // 2,) * 4, bits=q,
+                                     zero_point=0, scale=0.1, act_min=0.0)
+            x = rng.random((1, cin, hw, hw), dtype=np.float32)
+            act = native.quantize_pack(x, scale=0.1, zero_point=0, bits=q, groups=1)
+            t = {fam: median_ms(lambda fam=fam: conv.run(act, 1, hw, hw, family=fam, threads=args.threads), args.runs)
+                 for fam in conv.families(None)}
+            lut, pop = allocate.lut_cost(k, q, cout), allocate.popcount_cost(k, q, cin)
+            row = f"{cin:4d} {cout:4d} {ks:2d} {hw:3d} {k:2d} {q:2d} "
+            t_lut = t.get("lut", float("nan"))  # no tables on the scalar ISA
+            row += f"{t_lut:8.4f} {t['popcount']:8.4f} {t['popcount'] / t_lut:7.2f} "
+            print(row + f"{lut:9.1f} {pop:9.1f} {pop / lut:13.2f}")
+
+
+if __name__ == "__main__":
+    main()
