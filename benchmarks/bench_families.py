@@ -53,7 +53,7 @@ def main() -> None:
             act = native.quantize_pack(x, scale=0.1, zero_point=0, bits=q, groups=1)
             t = {fam: median_ms(lambda fam=fam: conv.run(act, 1, hw, hw, family=fam, threads=args.threads), args.runs)
                  for fam in conv.families(None)}
-            lut, pop = allocate.lut_cost(k, q, cout), allocate.popcount_cost(k, q, cin)
+            lut, pop = allocate.lut_cost(k, q), allocate.popcount_cost(k, q, cin)
             row = f"{cin:4d} {cout:4d} {ks:2d} {hw:3d} {k:2d} {q:2d} "
             t_lut = t.get("lut", float("nan"))  # no tables on the scalar ISA
             row += f"{t_lut:8.4f} {t['popcount']:8.4f} {t['popcount'] / t_lut:7.2f} "

@@ -311,11 +311,11 @@ def _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, im
 
 
 def _cost_grid(L: rewrite.Layer) -> np.ndarray:
-    """allocate.cost_grid of a layer's channels per group; depthwise layers run their own kernel
-    (one channel per group, no tables or packed words to fill) and keep the default grid."""
+    """allocate.cost_grid of a layer's input channels per group; depthwise layers run their own
+    kernel (one channel per group, no packed words to fill) and keep the default grid."""
     if L.op == "Conv" and L.group > 1 and L.weight_shape[1] == 1:
         return allocate.cost_grid()
-    return allocate.cost_grid(L.weight_shape[1] if L.op == "Conv" else L.depth, L.cout // L.group)
+    return allocate.cost_grid(L.weight_shape[1] if L.op == "Conv" else L.depth)
 
 
 def _fit_all(chosen, qparams, samplers, method, bias_correction, progress):

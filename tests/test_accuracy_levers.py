@@ -73,13 +73,12 @@ def test_kernel_cost_is_the_cheaper_of_lookup_table_sets_and_popcount_lanes():
             assert k == allocate.K_CHOICES[-1] or cost(k, q) <= cost(k + 1, q)
 
 
-def test_kernel_cost_counts_the_lanes_and_bits_a_narrow_layer_leaves_empty():
-    """16 output channels at k = 3 fill 48 of 64 table lanes (two 32-lane blocks, as k = 4 does);
-    16 input channels fill a quarter of each popcount word."""
+def test_kernel_cost_counts_the_bits_few_input_channels_leave_empty_in_popcount_words():
+    """16 input channels fill a quarter of each 64-bit word: popcount then loses to the tables."""
     cost = allocate.kernel_cost
-    assert cost(3, 4, 16, 16) == cost(4, 4, 16, 16) == 16 > cost(3, 4, 64, 64) == 12
-    assert cost(2, 4, 16, 16) == cost(2, 4) == 8
-    assert cost(8, 2, 16, 64) == 32 > cost(8, 2, 64, 64)  # popcount on 16 of 64 bits: the tables win
+    assert allocate.popcount_cost(8, 2, 16) == pytest.approx(4 * allocate.popcount_cost(8, 2, 64))
+    assert cost(8, 2, 16) == allocate.lut_cost(8, 2) == 32 > cost(8, 2, 64)
+    assert cost(2, 4, 16) == cost(2, 4) == 8
 
 
 def test_an_activation_bound_layer_gets_eight_bits_within_a_budget_of_sixteen():
@@ -149,20 +148,25 @@ def test_convert_with_a_budget_writes_per_layer_settings_within_it(cnn, images, 
     assert {r.name: (r.k, r.q) for r in report.layers} == settings
 
 
-def test_the_lowest_budget_gives_every_layer_its_cheapest_setting_with_two_bases_or_more(cnn, images, tmp_path):
+def test_the_lowest_budget_gives_every_layer_two_bases_never_one(cnn, images, tmp_path):
     """k = 1 is cheapest (lookup tables: 4 units at Q <= 4, against 8 for k = 2), but the allocator
-    never picks it; among the settings of least cost with k >= 2 (e.g. (2..3, Q <= 4) on the
-    10-output fc, whose 20 or 30 lanes both fill one 32-lane block) the lowest error wins."""
+    never picks it; at k = 2 every Q <= 4 costs 8, so the lowest error among them wins: Q = 4."""
     report = convert(cnn, tmp_path / "b.onnx", calib=images, budget=1)
-    channels = {"conv1": (3, 16), "conv2": (16, 32), "fc": (32, 10)}  # (in, out) of small_cnn
-    for r in report.layers:
-        grid = allocate.cost_grid(*channels[r.name])[allocate.K_CHOICES.index(2):]
-        assert r.k >= 2 and r.q == 4
-        assert allocate.kernel_cost(r.k, r.q, *channels[r.name]) == grid.min()
-    # the cost recorded is that of each layer's own channels (fc: 12.8 at k = 2, not 8)
+    assert {(r.k, r.q) for r in report.layers} == {(2, 4)}
+
+
+def test_a_budget_prices_each_layer_for_its_own_input_channels(cnn, images, tmp_path):
+    """conv2 reads 16 channels and fc 32: popcount would fill 16 and 32 of every 64 bits, so their
+    (8, 2) and (4, 2) cost what the tables do (32, 16), not popcount's 28.8 and 14.4 of full words."""
+    cfg = tmp_path / "layers.json"
+    cfg.write_text(json.dumps({"layers": {"conv2": {"k": 8, "q": 2}, "fc": {"k": 4, "q": 2}}}))
+    report = convert(cnn, tmp_path / "b.onnx", calib=images, budget=30, layer_config=cfg)
+    cin = {"conv1": 3, "conv2": 16, "fc": 32}  # input channels of small_cnn's layers
     macs = sum(r.macs for r in report.layers)
     assert report.allocation["mac_weighted_cost"] == pytest.approx(
-        sum(r.macs * allocate.kernel_cost(r.k, r.q, *channels[r.name]) for r in report.layers) / macs)
+        sum(r.macs * allocate.kernel_cost(r.k, r.q, cin[r.name]) for r in report.layers) / macs)
+    assert report.allocation["mac_weighted_cost"] != pytest.approx(
+        sum(r.macs * allocate.kernel_cost(r.k, r.q) for r in report.layers) / macs)
 
 
 def test_a_layer_config_may_still_give_one_basis_under_a_budget(cnn, images, tmp_path):
