@@ -148,6 +148,7 @@ def infer(model, images, top_k, backend, as_json, threads, mask_dir, overlay, **
     from tqdm import tqdm
 
     from bdecomp.decomposer.convert import resolve_recipe
+    from bdecomp.decomposer.feed import classes_first
     from bdecomp.models import load_image, preprocess
     from bdecomp.models.datasets import list_images
     from bdecomp.runtime.model import load
@@ -161,7 +162,7 @@ def infer(model, images, top_k, backend, as_json, threads, mask_dir, overlay, **
     # with --json nothing is printed until the end: a bar on stderr (terminals only) shows progress
     for path in tqdm(images, desc="infer", unit="img", leave=False, disable=None if as_json else True):
         img = load_image(path)
-        y = m.run(preprocess(img, recipe))[0]
+        y = classes_first(m.run(preprocess(img, recipe))[0], recipe.channels_last)
         res = present.result(path, img, y)
         results.append(res)
         if not as_json:

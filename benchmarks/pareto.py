@@ -74,6 +74,7 @@ def evaluate(path: Path, data: Path, limit: int | None, threads: int, batch: int
     onnxruntime backend. Also returns the predictions for agreement with the float model."""
     import bdecomp
     from bdecomp.decomposer.convert import resolve_recipe
+    from bdecomp.decomposer.feed import classes_first
     from bdecomp.models.datasets import (classification_set, detect, iter_batches, load_label_mask,
                                          segmentation_set, spread)
     from bdecomp.runtime import metrics
@@ -94,7 +95,7 @@ def evaluate(path: Path, data: Path, limit: int | None, threads: int, batch: int
     cm = None
     preds = []
     for x, meta in iter_batches(items, recipe, batch_size=batch):
-        y = np.asarray(m.run(x)[0])
+        y = classes_first(m.run(x)[0], recipe.channels_last)
         p = np.argmax(y, axis=1)
         for i, s in enumerate(meta):
             mask = load_label_mask(s.label_path, p.shape[1:3])

@@ -270,15 +270,19 @@ def _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, im
     n_eval = allocate.SENSITIVITY_IMAGES if budget is not None else allocate.EVAL_IMAGES
     eval_images = images[:: max(1, len(images) // n_eval)][:n_eval]
     xs = [x for x, _ in datasets.iter_batches(eval_images, recipe, batch_size=1)]
-    ref = calibrate.first_outputs(model, xs, threads)
+
+    def outputs(m: onnx.ModelProto, batch: list[np.ndarray]) -> list[np.ndarray]:
+        return [feed.classes_first(y, recipe.channels_last) for y in calibrate.first_outputs(m, batch, threads)]
+
+    ref = outputs(model, xs)
     weights = {}
     with _progress(len(free), "measuring sensitivity", progress) as bar:
         for i in free:
             L = chosen[i][0]
             qp = qparams_for(L, allocate.PROBE[1])
             dec, L2, layer_err = fit_layer(L, allocate.PROBE[0], qp, samplers[L.name], "weight", True)
-            out = calibrate.first_outputs(rewrite.rewrite(model, [rewrite.Plan(L2, dec, allocate.PROBE[1], qp)]),
-                                          xs[: allocate.SENSITIVITY_IMAGES], threads)
+            out = outputs(rewrite.rewrite(model, [rewrite.Plan(L2, dec, allocate.PROBE[1], qp)]),
+                          xs[: allocate.SENSITIVITY_IMAGES])
             weights[L.name] = allocate.sensitivity(ref[: allocate.SENSITIVITY_IMAGES], out, layer_err)
             costs[i].err = costs[i].err * weights[L.name]
             bar.update(1)
@@ -299,7 +303,7 @@ def _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, im
                     dec, L2, _ = fit_layer(L, k, qp, samplers.get(L.name), "weight", True)
                     fitted[L.name, k, q] = rewrite.Plan(L2, dec, q, qp)
                 plans.append(fitted[L.name, k, q])
-            return allocate.agreement(ref, calibrate.first_outputs(rewrite.rewrite(model, plans), xs, threads))
+            return allocate.agreement(ref, outputs(rewrite.rewrite(model, plans), xs))
 
         choice, tried = allocate.search_budget(costs, fixed, target_drop, evaluate)
         search = {"target_drop": target_drop, "tried": tried, "eval_images": len(xs)}

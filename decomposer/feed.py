@@ -78,3 +78,11 @@ def run_batched(run: Callable[[np.ndarray], Sequence[np.ndarray]], x: np.ndarray
         return list(run(x))
     parts = [[real_rows(y, n, batch) for y in run(c)] for c, n in chunks(x, batch)]
     return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+
+
+def classes_first(y: np.ndarray, channels_last: bool) -> np.ndarray:
+    """A model output with its class axis at 1: a channels-last model's dense output [N, H, W, C]
+    (TensorFlow / Keras segmentation) becomes [N, C, H, W]; other outputs are returned as they are.
+    Masks, mIoU, pixel agreement and the allocator's output errors all read classes on axis 1."""
+    y = np.asarray(y)
+    return y.transpose(0, 3, 1, 2) if channels_last and y.ndim == 4 else y

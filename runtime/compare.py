@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from bdecomp.decomposer.feed import fixed_batch, input_dtype, model_input, run_batched
+from bdecomp.decomposer.feed import classes_first, fixed_batch, input_dtype, model_input, run_batched
 from bdecomp.errors import ConfigError, InputFileError, ModelError
 from bdecomp.runtime import metrics
 
@@ -536,7 +536,7 @@ def compare(original: str | Path, decomposed: str | Path, data: str | Path, *, l
     for x, meta in iter_batches(items, recipe, batch_size=batch):
         if first_x is None:
             first_x = np.ascontiguousarray(x[:1])
-        outs = {k: m.run(x)[0] for k, m in models.items()}
+        outs = {k: classes_first(m.run(x)[0], recipe.channels_last) for k, m in models.items()}
         if task == "classification":
             lab = [s.label for s in meta]
             for k, y in outs.items():

@@ -53,6 +53,24 @@ def _segmenter(tmp: Path) -> tuple[Path, Path]:
     return orig, dec
 
 
+def _channels_last_segmenter(tmp: Path) -> tuple[Path, Path]:
+    """_segmenter's layers between Transposes: [1, 16, 16, 3] images in, [1, 16, 16, 3] classes out
+    (as TensorFlow / Keras exports write segmentation models)."""
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], name="to_nchw", perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["xt", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["yt"], name="head"),
+             helper.make_node("Transpose", ["yt"], ["y"], name="to_nhwc", perm=[0, 2, 3, 1])]
+    inits = {"w1": weights(rng, 8, 3, 3, 3), "b1": np.zeros(8, np.float32), "w2": weights(rng, 3, 8, 1, 1),
+             "b2": np.array([0.0, 0.1, -0.1], np.float32)}
+    orig = save_model(make_model(nodes, inits, [1, 16, 16, 3]), tmp / "seg_nhwc.onnx")
+    calib = make_images(tmp / "calib", 6, (16, 16), seed=5)
+    dec = tmp / "seg_nhwc.bd.onnx"
+    bdecomp.convert(orig, dec, bases=6, act_bits=8, calib=calib, progress=False, min_depth=0)
+    return orig, dec
+
+
 def _original_outputs(model: Path, images: list[Path]) -> list[np.ndarray]:
     import onnx
 
@@ -178,6 +196,23 @@ def test_segmentation_pairs_with_ignore_index(tmp_path):
     # the same pairs given as an image folder + --labels folder
     rep2 = compare(orig, dec, d / "test", labels=d / "testannot", ignore_index=2, **FAST)
     assert rep2["original"]["pixel_acc"] == 1.0 and rep2["decomposed"]["miou"] == rep["decomposed"]["miou"]
+
+
+def test_a_channels_last_segmenter_is_scored_on_its_last_axis(tmp_path):
+    """Labels are the channels-first twin's own argmax: the channels-last model, same layers, must
+    score 100 % pixel accuracy too (argmax over axis 1 of [N, H, W, C] would be over H)."""
+    (tmp_path / "nchw").mkdir()
+    twin, _ = _segmenter(tmp_path / "nchw")
+    orig, dec = _channels_last_segmenter(tmp_path)
+    d = tmp_path / "camvidish"
+    imgs = make_images(d / "test", 3, (16, 16), seed=3)
+    (d / "testannot").mkdir()
+    paths = sorted(imgs.glob("*.png"))
+    for p, y in zip(paths, _original_outputs(twin, paths)):
+        Image.fromarray(np.argmax(y[0], axis=0).astype(np.uint8), "L").save(d / "testannot" / p.name)
+    rep = compare(orig, dec, d, **FAST)
+    assert rep["task"] == "segmentation" and rep["original"]["pixel_acc"] == 1.0
+    assert rep["decomposed"]["pixel_acc"] > 0.9 and rep["agreement"] > 0.9
 
 
 def test_wrong_layout_for_the_task_is_a_clear_error(tmp_path, cls_models, cls_images):

@@ -14,8 +14,8 @@ from PIL import Image
 from bdecomp.models.labels import palette
 
 
-def _save(tmp_path, nodes, inits, out_shape, name):
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+def _save(tmp_path, nodes, inits, out_shape, name, in_shape=("N", 3, 8, 8)):
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(in_shape))],
                           [helper.make_tensor_value_info("logits", TensorProto.FLOAT, out_shape)],
                           [numpy_helper.from_array(v, k) for k, v in inits.items()])
     p = tmp_path / name
@@ -38,6 +38,19 @@ def segmenter(tmp_path):
     nodes = [helper.make_node("Conv", ["input", "w"], ["logits"])]
     return _save(tmp_path, nodes, {"w": rng.standard_normal((12, 3, 1, 1)).astype(np.float32)},
                  ["N", 12, 8, 8], "seg.onnx")
+
+
+def test_a_channels_last_segmenter_writes_the_mask_of_its_channels_first_twin(segmenter, image, tmp_path):
+    """[N, 8, 8, 3] in, [N, 8, 8, 12] out (a Keras-style export of the same 1×1 convolution)."""
+    w = numpy_helper.to_array(onnx.load(segmenter).graph.initializer[0])
+    nodes = [helper.make_node("Transpose", ["input"], ["xt"], perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["xt", "w"], ["yt"]),
+             helper.make_node("Transpose", ["yt"], ["logits"], perm=[0, 2, 3, 1])]
+    nhwc = _save(tmp_path, nodes, {"w": w}, ["N", 8, 8, 12], "seg_nhwc.onnx", in_shape=("N", 8, 8, 3))
+    first = json.loads(_infer(segmenter, image, "--json", "--masks", tmp_path / "a"))[0]
+    last = json.loads(_infer(nhwc, image, "--json", "--masks", tmp_path / "b"))[0]
+    assert np.array_equal(np.asarray(Image.open(first["mask"])), np.asarray(Image.open(last["mask"])))
+    assert first["classes"] == last["classes"]
 
 
 @pytest.fixture
