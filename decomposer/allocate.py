@@ -30,7 +30,7 @@ GRAM_MAX_DEPTH = 4608
 @dataclass
 class LayerCosts:
     """err[k_index, q_index] (relative output MSE), the layer's MACs and its kernel cost grid
-    (cost_grid of its geometry; the default is that of layers of 64+ channels)."""
+    (cost_grid of its input channels; the default is that of 64 or more)."""
 
     name: str
     macs: int
@@ -199,8 +199,8 @@ def sensitivity(reference: list[np.ndarray], outputs: list[np.ndarray], layer_er
     (300 held-out images), and fire9-expand3x3 at (2, 4) 0.45 % for 4.3 points; centred, 4.6 %
     and 1.5 %, in proportion to the damage. With raw errors and kernel_cost's pricing, SqueezeNet
     `--budget 16` traded conv10's third basis for Q = 8 elsewhere: 63.2 % top-1 on 1,000 held-out
-    images; centred, 69.4 % (85.2 % agreement with float, as the previous pricing's 70.5 %). ResNet-56's logits carry no common offset: the same
-    files either way."""
+    images; centred, 69.4 % (85.2 % agreement with float, as the previous pricing's 70.5 %).
+    ResNet-56's logits carry no common offset: the same files either way."""
     num = sum(float(np.square(centered(a) - centered(b)).sum()) for a, b in zip(reference, outputs))
     den = sum(float(np.square(centered(a)).sum()) for a in reference)
     if not layer_error or den == 0:
