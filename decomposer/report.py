@@ -76,7 +76,9 @@ class Report:
         lines.append("-" * len(head))
         macs = t["decomposed_macs"] + t["float_macs"]
         share = f" ({100 * t['float_macs'] / macs:.1f}% of the MACs)" if t["float_macs"] and macs else ""
+        cost = self.allocation.get("mac_weighted_cost") if self.allocation else None
+        kernel = f", kernel cost {cost:.1f}" if cost is not None else ""  # what --budget bounds
         lines.append(f"{len(self.layers)} layers decomposed, {len(self.float_layers)} left float{share}; "
-                     f"MAC-weighted k*Q {t['mac_weighted_kq']:.1f} (decomposed layers); file {self.bytes_before:,} -> "
-                     f"{self.bytes_after:,} bytes ({ratio}); {self.seconds:.1f} s")
+                     f"MAC-weighted k*Q {t['mac_weighted_kq']:.1f}{kernel} (decomposed layers); file "
+                     f"{self.bytes_before:,} -> {self.bytes_after:,} bytes ({ratio}); {self.seconds:.1f} s")
         return "\n".join(lines)

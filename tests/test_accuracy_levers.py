@@ -144,6 +144,7 @@ def test_convert_with_a_budget_writes_per_layer_settings_within_it(cnn, images, 
     report = convert(cnn, tmp_path / "b.onnx", calib=images, budget=9, report_path=tmp_path / "r.json")
     assert report.mac_weighted_kq <= 9 + 1e-9
     assert json.loads((tmp_path / "r.json").read_text())["allocation"]["budget"] == 9
+    assert f"kernel cost {report.allocation['mac_weighted_cost']:.1f}" in report.table()  # what the budget bounds
     settings = layer_settings(tmp_path / "b.onnx")
     assert {r.name: (r.k, r.q) for r in report.layers} == settings
 
