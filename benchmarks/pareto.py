@@ -39,6 +39,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -181,7 +182,7 @@ def render(data: dict, out: Path, stem: str, title: str | None, cpu_json: Path |
     ax.minorticks_off()
     ax.set_xlabel("MAC-weighted mean k·Q (log scale)")
     ax.set_ylabel(f"{metric_name} (%)")
-    ax.set_title(f"{title}: {metric_name} vs k·Q ({fl['n']} held-out images)")
+    ax.set_title(textwrap.fill(f"{title}: {metric_name} vs k·Q ({fl['n']} held-out images)", 70))  # long titles wrap
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
