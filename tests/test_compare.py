@@ -39,34 +39,23 @@ def _classifier(tmp: Path, n_classes: int = 4) -> tuple[Path, Path]:
     return orig, dec
 
 
-def _segmenter(tmp: Path) -> tuple[Path, Path]:
+def _segmenter(tmp: Path, channels_last: bool = False) -> tuple[Path, Path]:
+    """conv1 → Relu → 1×1 head, 3 classes on 16×16 images; channels_last: the same layers between
+    Transposes, [1, 16, 16, 3] in and out (as TensorFlow / Keras exports write segmentation models)."""
     rng = np.random.default_rng(2)
-    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+    x, y = ("xt", "yt") if channels_last else ("x", "y")
+    nodes = [helper.make_node("Conv", [x, "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-             helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="head")]
+             helper.make_node("Conv", ["r1", "w2", "b2"], [y], name="head")]
+    if channels_last:
+        nodes = ([helper.make_node("Transpose", ["x"], ["xt"], name="to_nchw", perm=[0, 3, 1, 2])] + nodes
+                 + [helper.make_node("Transpose", ["yt"], ["y"], name="to_nhwc", perm=[0, 2, 3, 1])])
     inits = {"w1": weights(rng, 8, 3, 3, 3), "b1": np.zeros(8, np.float32), "w2": weights(rng, 3, 8, 1, 1),
              "b2": np.array([0.0, 0.1, -0.1], np.float32)}
-    orig = save_model(make_model(nodes, inits, [1, 3, 16, 16]), tmp / "seg.onnx")
+    name = "seg_nhwc" if channels_last else "seg"
+    orig = save_model(make_model(nodes, inits, [1, 16, 16, 3] if channels_last else [1, 3, 16, 16]), tmp / f"{name}.onnx")
     calib = make_images(tmp / "calib", 6, (16, 16), seed=5)
-    dec = tmp / "seg.bd.onnx"
-    bdecomp.convert(orig, dec, bases=6, act_bits=8, calib=calib, progress=False, min_depth=0)
-    return orig, dec
-
-
-def _channels_last_segmenter(tmp: Path) -> tuple[Path, Path]:
-    """_segmenter's layers between Transposes: [1, 16, 16, 3] images in, [1, 16, 16, 3] classes out
-    (as TensorFlow / Keras exports write segmentation models)."""
-    rng = np.random.default_rng(2)
-    nodes = [helper.make_node("Transpose", ["x"], ["xt"], name="to_nchw", perm=[0, 3, 1, 2]),
-             helper.make_node("Conv", ["xt", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-             helper.make_node("Conv", ["r1", "w2", "b2"], ["yt"], name="head"),
-             helper.make_node("Transpose", ["yt"], ["y"], name="to_nhwc", perm=[0, 2, 3, 1])]
-    inits = {"w1": weights(rng, 8, 3, 3, 3), "b1": np.zeros(8, np.float32), "w2": weights(rng, 3, 8, 1, 1),
-             "b2": np.array([0.0, 0.1, -0.1], np.float32)}
-    orig = save_model(make_model(nodes, inits, [1, 16, 16, 3]), tmp / "seg_nhwc.onnx")
-    calib = make_images(tmp / "calib", 6, (16, 16), seed=5)
-    dec = tmp / "seg_nhwc.bd.onnx"
+    dec = tmp / f"{name}.bd.onnx"
     bdecomp.convert(orig, dec, bases=6, act_bits=8, calib=calib, progress=False, min_depth=0)
     return orig, dec
 
@@ -203,7 +192,7 @@ def test_a_channels_last_segmenter_is_scored_on_its_last_axis(tmp_path):
     score 100 % pixel accuracy too (argmax over axis 1 of [N, H, W, C] would be over H)."""
     (tmp_path / "nchw").mkdir()
     twin, _ = _segmenter(tmp_path / "nchw")
-    orig, dec = _channels_last_segmenter(tmp_path)
+    orig, dec = _segmenter(tmp_path, channels_last=True)
     d = tmp_path / "camvidish"
     imgs = make_images(d / "test", 3, (16, 16), seed=3)
     (d / "testannot").mkdir()
