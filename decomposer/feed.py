@@ -86,3 +86,14 @@ def classes_first(y: np.ndarray, channels_last: bool) -> np.ndarray:
     Masks, mIoU, pixel agreement and the allocator's output errors all read classes on axis 1."""
     y = np.asarray(y)
     return y.transpose(0, 3, 1, 2) if channels_last and y.ndim == 4 else y
+
+
+def dense_output(shape: Sequence[int | None], channels_last: bool) -> bool:
+    """Whether an output of this shape holds a class map (segmentation) rather than one score
+    vector per image: 4-D with a spatial size other than 1×1 (unknown sizes count as dense). A
+    classifier that ends in GlobalAveragePool without Flatten gives [N, C, 1, 1] (channels-last
+    [N, 1, 1, C]) and is a classifier."""
+    if len(shape) != 4:
+        return False
+    hw = shape[1:3] if channels_last else shape[2:4]
+    return any(d is None or d != 1 for d in hw)

@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from bdecomp.decomposer.feed import classes_first, fixed_batch, input_dtype, model_input, run_batched
+from bdecomp.decomposer.feed import classes_first, dense_output, fixed_batch, input_dtype, model_input, run_batched
 from bdecomp.errors import ConfigError, InputFileError, ModelError
 from bdecomp.runtime import metrics
 
@@ -96,10 +96,10 @@ def decomposed_layer_storage(model: onnx.ModelProto) -> dict:
             "bits_per_weight_formula": formula_bits / weights}
 
 
-def _resolve_task(info: dict, out_shape: list, layout: str) -> str:
+def _resolve_task(info: dict, out_shape: list, channels_last: bool) -> str:
     task = info.get("task")
     if task not in ("classification", "segmentation"):
-        task = "segmentation" if len(out_shape) == 4 else "classification"
+        task = "segmentation" if dense_output(out_shape, channels_last) else "classification"
     return task
 
 
@@ -497,7 +497,7 @@ def compare(original: str | Path, decomposed: str | Path, data: str | Path, *, l
         recipe, info = o_recipe, o_info
     elif o_info.get("task") and recipe != o_recipe:
         notes.append("the two files imply different preprocessing; the decomposed file's recipe is used")
-    task = _resolve_task(info, _output_shape(dec_m.model), "")
+    task = _resolve_task(info, _output_shape(dec_m.model), recipe.channels_last)
     if ignore_index is None and task == "segmentation" and info.get("ignore_index") not in (None, ""):
         ignore_index = int(info["ignore_index"])
     layout, items, n_total = _data_items(data, Path(labels) if labels else None, task, limit)

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from bdecomp.decomposer.feed import dense_output
 from bdecomp.models.labels import class_names, palette
 
 
@@ -37,7 +38,7 @@ class Presenter:
 
     def result(self, path: Path, image: Image.Image, y: np.ndarray) -> dict[str, Any]:
         y = np.asarray(y)
-        if y.ndim == 4 or self.info.get("task") == "segmentation":
+        if dense_output(y.shape, False) or self.info.get("task") == "segmentation":  # classes first here
             return self._segmentation(path, image, y.reshape((-1,) + y.shape[-3:])[0])
         logits = y.reshape(-1)
         probs = softmax(logits)

@@ -204,6 +204,15 @@ def test_a_channels_last_segmenter_is_scored_on_its_last_axis(tmp_path):
     assert rep["decomposed"]["pixel_acc"] > 0.9 and rep["agreement"] > 0.9
 
 
+@pytest.mark.parametrize("shape,channels_last,dense", [
+    ([1, 4, 1, 1], False, False), ([1, 1, 1, 4], True, False),  # global pooling without Flatten
+    ([1, 3, 16, 16], False, True), ([1, 16, 16, 3], True, True), ([None, 12, None, None], False, True),
+    ([1, 10], False, False)])
+def test_an_output_is_a_class_map_when_it_has_a_spatial_size_beyond_1x1(shape, channels_last, dense):
+    from bdecomp.decomposer.feed import dense_output
+    assert dense_output(shape, channels_last) is dense
+
+
 def test_wrong_layout_for_the_task_is_a_clear_error(tmp_path, cls_models, cls_images):
     from bdecomp.errors import ConfigError
 
