@@ -163,8 +163,8 @@ def allocate(layers: list[LayerCosts], budget: float) -> list[tuple[int, int]]:
 
 def mac_weighted_cost(layers: list[LayerCosts], choice: list[tuple[int, int]]) -> float:
     total = float(sum(L.macs for L in layers)) or 1.0
-    return sum(L.macs * L.cost[K_CHOICES.index(k), Q_CHOICES.index(q)]
-               for L, (k, q) in zip(layers, choice)) / total
+    return float(sum(L.macs * L.cost[K_CHOICES.index(k), Q_CHOICES.index(q)]
+                     for L, (k, q) in zip(layers, choice)) / total)
 
 
 def mac_weighted_kq(layers: list[LayerCosts], choice: list[tuple[int, int]]) -> float:
