@@ -58,8 +58,9 @@ def test_a_classifier_ending_in_a_1x1_map_gets_classes_not_a_mask(image, tmp_pat
     w = np.random.default_rng(3).standard_normal((10, 3, 1, 1)).astype(np.float32)
     nodes = [helper.make_node("GlobalAveragePool", ["input"], ["p"]), helper.make_node("Conv", ["p", "w"], ["logits"])]
     model = _save(tmp_path, nodes, {"w": w}, ["N", 10, 1, 1], "gap.onnx")
-    out = json.loads(_infer(model, image, "--json", "--top-k", "3"))[0]
-    assert "mask" not in out and len(out["top"]) == 3
+    masks = tmp_path / "masks"
+    out = json.loads(_infer(model, image, "--json", "--top-k", "3", "--masks", masks))[0]
+    assert "mask" not in out and len(out["top"]) == 3 and not masks.exists()
 
 
 @pytest.fixture
