@@ -161,15 +161,18 @@ def allocate(layers: list[LayerCosts], budget: float) -> list[tuple[int, int]]:
     return pick(hi)[0]
 
 
-def mac_weighted_cost(layers: list[LayerCosts], choice: list[tuple[int, int]]) -> float:
+def _mac_mean(layers: list[LayerCosts], values) -> float:
+    """Σ MACs·value / Σ MACs over the layers (values: one per layer, in order)."""
     total = float(sum(L.macs for L in layers)) or 1.0
-    return float(sum(L.macs * L.cost[K_CHOICES.index(k), Q_CHOICES.index(q)]
-                     for L, (k, q) in zip(layers, choice)) / total)
+    return float(sum(L.macs * v for L, v in zip(layers, values)) / total)
+
+
+def mac_weighted_cost(layers: list[LayerCosts], choice: list[tuple[int, int]]) -> float:
+    return _mac_mean(layers, (L.cost[K_CHOICES.index(k), Q_CHOICES.index(q)] for L, (k, q) in zip(layers, choice)))
 
 
 def mac_weighted_kq(layers: list[LayerCosts], choice: list[tuple[int, int]]) -> float:
-    total = float(sum(L.macs for L in layers)) or 1.0
-    return sum(L.macs * k * q for L, (k, q) in zip(layers, choice)) / total
+    return _mac_mean(layers, (k * q for k, q in choice))
 
 
 BUDGETS = (2, 3, 4, 5, 6, 8, 9, 10, 12, 16, 20, 25, 30, 36, 42, 49, 56, 64)

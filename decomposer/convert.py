@@ -175,8 +175,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
                 L.strides, L.pads, L.dilations, L.group, per_image=per_image, seed=i) for i, (L, _) in enumerate(chosen)}
         cstats = ({(L.input, _channel_axis(L)): calibrate.ChannelStats(_channel_axis(L)) for L, _ in chosen}
                   if act_scales != "tensor" else {})
-        depthwise_inputs = {L.input for L, _ in chosen if L.op == "Conv" and L.group > 1 and L.group == L.cout
-                            and L.weight_shape[1] == 1}
+        depthwise_inputs = {L.input for L, _ in chosen if _depthwise(L)}
 
         def per_channel(L, q: int) -> bool:
             if act_scales != "auto":
@@ -314,10 +313,15 @@ def _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, im
     return new, search
 
 
+def _depthwise(L: rewrite.Layer) -> bool:
+    """One input and one output channel per group (groups = C = Cout > 1): the runtime's depthwise kernel."""
+    return L.op == "Conv" and L.group > 1 and L.group == L.cout and L.weight_shape[1] == 1
+
+
 def _cost_grid(L: rewrite.Layer) -> np.ndarray:
     """allocate.cost_grid of a layer's input channels per group; depthwise layers run their own
-    kernel (one channel per group, no packed words to fill) and keep the default grid."""
-    if L.op == "Conv" and L.group > 1 and L.weight_shape[1] == 1:
+    kernel (no packed words to fill) and keep the default grid."""
+    if _depthwise(L):
         return allocate.cost_grid()
     return allocate.cost_grid(L.weight_shape[1] if L.op == "Conv" else L.depth)
 
