@@ -111,20 +111,23 @@ def main() -> None:
               help="layers with fewer weights per output (D = Cg*KH*KW), and convolutions over at most 4 "
                    "input channels (image inputs), stay float: they waste most of each 64-bit word and "
                    "run slower than float (0: decompose every layer)")
+@click.option("--float-when-faster", is_flag=True,
+              help="keep float the convolutions estimated faster in onnxruntime fp32 than decomposed at their "
+                   "k and Q (small channel counts on large images): a faster, more accurate, larger file")
 @click.option("--layer-config", type=click.Path(path_type=Path), help="per-layer k/q/skip (JSON or TOML)")
 @click.option("--report", type=click.Path(path_type=Path), help="write the conversion report as JSON")
 @click.option("--threads", type=int, help="onnxruntime threads during calibration")
 @click.option("--quiet", is_flag=True, help="no progress bars and no table")
 @_recipe_options
 def convert(model, output, bases, act_bits, calib, calib_limit, range_method, act_scales, method, bias_correction, budget,
-            target_drop, min_depth, layer_config, report, threads, quiet, **kw):
+            target_drop, min_depth, float_when_faster, layer_config, report, threads, quiet, **kw):
     """Decompose MODEL into binary bases + quantized inputs; writes a standard ONNX file."""
     from bdecomp.decomposer.convert import convert as run_convert
 
     rep = run_convert(model, output, bases=bases, act_bits=act_bits, calib=calib, calib_limit=calib_limit,
                       layer_config=layer_config, range_method=range_method, act_scales=act_scales, method=method,
                       bias_correction=bias_correction, budget=budget, target_drop=target_drop,
-                      min_depth=min_depth, recipe_overrides=_overrides(kw),
+                      min_depth=min_depth, float_when_faster=float_when_faster, recipe_overrides=_overrides(kw),
                       progress=not quiet, report_path=report, threads=threads)
     if not quiet:
         click.echo(rep.table())

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from bdecomp.decomposer import allocate, calibrate, decompose, feed, load, refine, rewrite, simplify
+from bdecomp.decomposer import allocate, calibrate, decompose, feed, load, refine, rewrite, simplify, speed
 from bdecomp.decomposer.feed import model_input
 from bdecomp.decomposer.fit import fit_layer, output_fits
 from bdecomp.decomposer.config import SKIPPED, LayerSetting, load_layer_config
@@ -76,7 +76,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
             range_method: str = "output", method: str = "data", bias_correction: bool = True,
             act_scales: str = "auto",
             budget: float | None = None, target_drop: float | None = None, min_depth: int = MIN_DEPTH,
-            recipe_overrides: dict[str, Any] | None = None, progress: bool = True,
+            float_when_faster: bool = False, recipe_overrides: dict[str, Any] | None = None, progress: bool = True,
             report_path: str | Path | None = None, threads: int | None = None) -> Report:
     """Decompose `model_path` and write the decomposed ONNX file; returns the conversion report.
 
@@ -107,7 +107,11 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     convolution over at most IMAGE_CHANNELS input channels per group (a first layer on the image,
     whatever its kernel size) stays float too: 3 of every 64 bits per tap, or a patch-packing pass,
     made ResNet-18's 7×7 conv1 cost 5.0 ms of 40 (float: the whole model 36.0 ms; AlexNet's 11×11
-    conv1: 14.8 → 13.1 ms, AVX-512, one thread)."""
+    conv1: 14.8 → 13.1 ms, AVX-512, one thread).
+    float_when_faster: convolutions that speed.py estimates faster in onnxruntime's fp32 than
+    decomposed at their (k, Q) stay float (faster *and* exact, at the price of their float
+    weights' bytes); with a budget, first those slower even at the cheapest setting, then those
+    slower at the one allocated. Layers whose k or Q the layer config gives are decomposed."""
     if method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if range_method not in RANGES:
@@ -155,6 +159,9 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
         if s.skip:
             float_layers.append({"name": L.name, "op": L.op, "reason": SKIPPED, "macs": L.macs})
         elif not cfg.overridden((L.name, L.output)) and (why := _narrow(L, min_depth)):
+            float_layers.append({"name": L.name, "op": L.op, "macs": L.macs, "reason": why})
+        elif (float_when_faster and not cfg.overridden((L.name, L.output))
+              and (why := _faster_in_float(L, [(s.k, s.q)] if not allocating else _cheapest()))):
             float_layers.append({"name": L.name, "op": L.op, "macs": L.macs, "reason": why})
         else:
             chosen.append((L, s))
@@ -205,8 +212,9 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
             return qparams[key]
 
         if allocating:
-            chosen, search = _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop,
-                                       images, recipe, threads, progress, method)
+            chosen, search, slow = _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop,
+                                             images, recipe, threads, progress, method, float_when_faster)
+            float_layers += slow
         qparams = {(L.input, s.q, _channel_axis(L)): qparams_for(L, s.q) for L, s in chosen}
 
     plans, rows = _fit_all(chosen, qparams, samplers, method, bias_correction, progress)
@@ -243,14 +251,38 @@ def _narrow(L: rewrite.Layer, min_depth: int) -> str | None:
     return None
 
 
+def _cheapest() -> list[tuple[int, int]]:
+    """The settings an allocation can give a layer (the fastest decides whether it can beat float)."""
+    return [(k, q) for k in allocate.K_CHOICES if k >= allocate.MIN_ALLOCATED_K for q in allocate.Q_CHOICES]
+
+
+def _faster_in_float(L: rewrite.Layer, settings: list[tuple[int, int]]) -> str | None:
+    """Why `L` stays float under --float-when-faster: onnxruntime's fp32 is estimated faster than
+    the decomposed layer at every one of `settings` (None: it is decomposed). Convolutions only:
+    depthwise layers run their own kernel, and Gemm / MatMul at batch 1 are memory-bound, where
+    binary weights read a fraction of the float bytes."""
+    if L.op != "Conv" or _depthwise(L) or L.out_pixels is None or len(L.weight_shape) != 4:
+        return None
+    cin, taps = L.weight_shape[1] * L.group, L.weight_shape[2] * L.weight_shape[3]
+    in_pixels = L.out_pixels * L.strides[0] * L.strides[1]
+    t_dec, (k, q) = min((speed.decomposed_ms(cin, L.cout, L.group, taps, in_pixels, L.out_pixels, k, q), (k, q))
+                        for k, q in settings)
+    t_float = speed.float_ms(cin, L.cout, L.group, taps, L.out_pixels)
+    if t_float >= t_dec:
+        return None
+    return f"faster in float: est. {t_float:.3f} ms vs {t_dec:.3f} ms at k={k}, Q={q} (--float-when-faster)"
+
+
 def _channel_axis(L: rewrite.Layer) -> int:
     """Where a layer's input keeps its channels: NCHW for Conv, the last axis for Gemm/MatMul."""
     return 1 if L.op == "Conv" else -1
 
 
 def _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, images, recipe, threads,
-              progress, method):
-    """Choose (k, Q) per layer; returns the new `chosen` list and what the search saw."""
+              progress, method, float_when_faster):
+    """Choose (k, Q) per layer; returns the new `chosen` list, what the search saw, and (with
+    float_when_faster) the float_layers entries of the layers estimated faster in float at the
+    settings chosen."""
     free = [i for i, (L, _) in enumerate(chosen) if not cfg.overridden((L.name, L.output))]
     fixed = {i: (s.k, s.q) for i, (_, s) in enumerate(chosen) if i not in free}
     costs = []
@@ -306,11 +338,21 @@ def _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, im
 
         choice, tried = allocate.search_budget(costs, fixed, target_drop, evaluate)
         search = {"target_drop": target_drop, "tried": tried, "eval_images": len(xs)}
+    slow = []
+    if float_when_faster:
+        keep = []
+        for i, ((L, _), (k, q)) in enumerate(zip(chosen, choice)):
+            why = _faster_in_float(L, [(k, q)]) if i in free else None
+            if why:
+                slow.append({"name": L.name, "op": L.op, "macs": L.macs, "reason": why})
+            else:
+                keep.append(i)
+        chosen, costs, choice = ([seq[i] for i in keep] for seq in (chosen, costs, choice))
     search["mac_weighted_kq"] = allocate.mac_weighted_kq(costs, choice)
     search["mac_weighted_cost"] = allocate.mac_weighted_cost(costs, choice)
     search["sensitivity"] = {name: round(float(w), 6) for name, w in weights.items()}
     new = [(L, LayerSetting(k, q, False)) for (L, _), (k, q) in zip(chosen, choice)]
-    return new, search
+    return new, search, slow
 
 
 def _depthwise(L: rewrite.Layer) -> bool:

@@ -1,0 +1,100 @@
+"""`convert --float-when-faster`: convolutions estimated faster in onnxruntime fp32 than decomposed
+stay float (decomposer/speed.py), the others are decomposed as usual.
+
+The model: an image stem (float under --min-depth), a 16-channel 3×3 layer on 64×64 pixels (its
+per-pixel fixed work makes it ~2x slower decomposed, like ResNet-56's first stage), a stride-4
+transition, and a 128-channel 3×3 layer on 16×16 (~1.3x faster decomposed at k = Q = 4).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from conftest import conv_node, make_images, make_model, save_model, weights
+from onnx import helper
+
+import bdecomp
+from bdecomp.decomposer import speed
+
+HW = 64
+
+
+def shapes_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    nodes = [conv_node("x", "w0", "c0", name="stem"), helper.make_node("Relu", ["c0"], ["r0"]),
+             conv_node("r0", "w1", "c1", name="narrow", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
+             conv_node("r1", "w2", "c2", name="down", pads=[1, 1, 1, 1], strides=[4, 4]),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             conv_node("r2", "w3", "y", name="wide", pads=[1, 1, 1, 1])]
+    inits = {"w0": weights(rng, 16, 3, 1, 1), "w1": weights(rng, 16, 16, 3, 3), "w2": weights(rng, 128, 16, 3, 3),
+             "w3": weights(rng, 128, 128, 3, 3)}
+    return make_model(nodes, inits, ["N", 3, HW, HW])
+
+
+@pytest.fixture
+def model(tmp_path):
+    return save_model(shapes_model(), tmp_path / "model.onnx")
+
+
+def convert(src, out, **kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("bases", 4)
+    kw.setdefault("act_bits", 4)
+    return bdecomp.convert(src, out, **kw)
+
+
+def decomposed(path) -> set[str]:
+    return {n.name for n in onnx.load(path).graph.node if n.op_type == "BinConv"}
+
+
+def reasons(report) -> dict[str, str]:
+    return {f["name"]: f["reason"] for f in report.float_layers}
+
+
+def test_the_model_estimates_a_small_channel_layer_on_a_large_image_faster_in_float():
+    # ResNet-56's first stage: 16 channels, 3×3, 32×32 (measured 0.092 ms at (4, 4) vs 0.048 ms)
+    assert speed.float_ms(16, 16, 1, 9, 1024) < speed.decomposed_ms(16, 16, 1, 9, 1024, 1024, 4, 4)
+    # 128 channels on 28×28 (measured 1.36 ms at (4, 4) vs 1.98 ms)
+    assert speed.float_ms(128, 128, 1, 9, 784) > speed.decomposed_ms(128, 128, 1, 9, 784, 784, 4, 4)
+
+
+def test_the_decomposed_estimate_grows_with_k_and_with_a_second_table_set():
+    t = [speed.decomposed_ms(64, 64, 1, 9, 256, 256, k, q) for k, q in [(2, 4), (4, 4), (4, 8)]]
+    assert t[0] < t[1] < t[2]
+
+
+def test_a_narrow_layer_on_a_large_image_stays_float_and_a_wide_one_is_decomposed(model, tmp_path):
+    report = convert(model, tmp_path / "out.onnx", float_when_faster=True)
+    assert "wide" in decomposed(tmp_path / "out.onnx")
+    assert "narrow" not in decomposed(tmp_path / "out.onnx")
+    assert reasons(report)["narrow"].startswith("faster in float")
+
+
+def test_without_the_option_both_are_decomposed(model, tmp_path):
+    convert(model, tmp_path / "out.onnx")
+    assert {"narrow", "wide"} <= decomposed(tmp_path / "out.onnx")
+
+
+def test_a_layer_config_giving_k_decomposes_a_layer_estimated_faster_in_float(model, tmp_path):
+    cfg = tmp_path / "layers.json"
+    cfg.write_text(json.dumps({"layers": {"narrow": {"k": 2}}}))
+    convert(model, tmp_path / "out.onnx", float_when_faster=True, layer_config=cfg)
+    assert "narrow" in decomposed(tmp_path / "out.onnx")
+
+
+def test_the_file_with_float_layers_matches_onnxruntime_on_the_native_runtime(model, tmp_path):
+    convert(model, tmp_path / "out.onnx", float_when_faster=True)
+    x = np.random.default_rng(1).random((1, 3, HW, HW), dtype=np.float32)
+    native = bdecomp.load(tmp_path / "out.onnx").run(x)[0]
+    oracle = bdecomp.load(tmp_path / "out.onnx", backend="onnxruntime").run(x)[0]
+    np.testing.assert_allclose(native, oracle, rtol=1e-4, atol=1e-4 * float(np.abs(oracle).max()))
+
+
+def test_with_a_budget_a_layer_slower_even_at_the_cheapest_setting_is_left_out_of_the_allocation(model, tmp_path):
+    calib = make_images(tmp_path / "calib", 3, (HW, HW))
+    report = convert(model, tmp_path / "out.onnx", calib=calib, budget=12, float_when_faster=True)
+    assert "narrow" in reasons(report) and "k=2, Q=2" in reasons(report)["narrow"]
+    assert "wide" in decomposed(tmp_path / "out.onnx")
+    assert "narrow" not in report.allocation["sensitivity"]
