@@ -30,8 +30,8 @@ BACKENDS = ("native", "onnxruntime")
 
 
 def session_options(threads: int | None, spinning: bool = True) -> ort.SessionOptions:
-    """`spinning=False` for segments that alternate with the C kernels: onnxruntime's idle
-    threads would otherwise spin on the cores OpenMP needs."""
+    """`spinning=False` for short segments that alternate with the C kernels: onnxruntime's idle
+    threads would spin through them on the cores OpenMP needs, for little gain."""
     so = ort.SessionOptions()
     so.log_severity_level = 4  # fatal only: failures become one ModelError line, not an extra log line
     # workers spin during a run (onnxruntime's speed) but stop when it returns: left spinning they
@@ -264,9 +264,11 @@ class Model:
                 m = helper.make_model(sub, opset_imports=opsets, ir_version=self.model.ir_version)
                 # segments of cheap ops (Add, Relu, pools, Concat) run inline: waking onnxruntime's
                 # workers costs more than they save (ResNet-56's 27 residual segments: 0.80 ms on
-                # one thread, 1.24 ms on two)
-                heavy = any(n.op_type in HEAVY_OPS for n in step.nodes)
-                step.session = (_session(m, self.threads if heavy else 1, spinning=False)
+                # one thread, 1.24 ms on two). Segments of several convolutions (layers left float)
+                # let the workers spin during the run, as onnxruntime does, and stop when it
+                # returns: ResNet-56 `--budget 12 --float-when-faster` at 2 threads 1.97 → 1.58 ms
+                n_heavy = sum(n.op_type in HEAVY_OPS for n in step.nodes)
+                step.session = (_session(m, self.threads if n_heavy else 1, spinning=n_heavy >= 2)
                                 if step.outputs else None)
             elif step.kind == "quant":
                 step.packers = {}  # bound quantize_pack calls (see _Quantized)
