@@ -98,3 +98,25 @@ def test_with_a_budget_a_layer_slower_even_at_the_cheapest_setting_is_left_out_o
     assert "narrow" in reasons(report) and "k=2, Q=2" in reasons(report)["narrow"]
     assert "wide" in decomposed(tmp_path / "out.onnx")
     assert "narrow" not in report.allocation["sensitivity"]
+
+
+def test_the_command_line_flag_keeps_the_narrow_layer_float(model, tmp_path):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "bdecomp.cli", "convert", str(model), "-o", str(tmp_path / "out.onnx"),
+                          "--bases", "4", "--act-bits", "4", "--float-when-faster", "--quiet",
+                          "--report", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    floats = {f["name"]: f["reason"] for f in json.loads((tmp_path / "r.json").read_text())["float_layers"]}
+    assert floats["narrow"].startswith("faster in float") and "wide" not in floats
+
+
+def test_with_a_budget_a_layer_slower_at_the_setting_it_was_allocated_stays_float(model, tmp_path):
+    calib = make_images(tmp_path / "calib", 3, (HW, HW))
+    report = convert(model, tmp_path / "out.onnx", calib=calib, budget=56, float_when_faster=True)
+    # "wide" is allocated (8, 8) (the only allocated layer, and the budget allows it), where it is
+    # estimated at 2.2x its float time
+    assert "wide" in report.allocation["sensitivity"]
+    assert reasons(report)["wide"].startswith("faster in float") and "k=8, Q=8" in reasons(report)["wide"]
+    assert not decomposed(tmp_path / "out.onnx")
