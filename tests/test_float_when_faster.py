@@ -120,3 +120,20 @@ def test_with_a_budget_a_layer_slower_at_the_setting_it_was_allocated_stays_floa
     assert "wide" in report.allocation["sensitivity"]
     assert reasons(report)["wide"].startswith("faster in float") and "k=8, Q=8" in reasons(report)["wide"]
     assert not decomposed(tmp_path / "out.onnx")
+
+
+def test_a_lone_layer_saving_less_than_a_segment_switch_stays_decomposed():
+    order = ["a", "b", "c"]
+    assert speed.float_runs(order, {"b": speed.SWITCH_MS / 2}, set()) == set()
+
+
+def test_consecutive_layers_go_float_together_when_their_savings_add_up_to_more_than_a_switch():
+    order = ["a", "b", "c", "d"]
+    gains = {"a": speed.SWITCH_MS / 3, "b": speed.SWITCH_MS / 3, "c": speed.SWITCH_MS / 2}
+    assert speed.float_runs(order, gains, set()) == {"a", "b", "c"}
+
+
+def test_a_layer_next_to_one_already_float_goes_float_for_any_saving():
+    order = ["stem", "a", "b"]
+    assert speed.float_runs(order, {"a": 1e-6}, {"stem"}) == {"a"}
+    assert speed.float_runs(order, {"b": 1e-6}, {"stem"}) == set()
