@@ -167,7 +167,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     order = [L.name for L in layers]
     if float_when_faster:  # an allocation can give any setting: float must beat the cheapest
         chosen, slow = _keep_faster_float(order, chosen, cfg, {f["name"] for f in float_layers},
-                                          lambda s: _cheapest() if allocating else [(s.k, s.q)])
+                                          lambda s: _allocation_settings() if allocating else [(s.k, s.q)])
         float_layers += slow
 
     qparams: dict[tuple[str, int, int], calibrate.QParams] = {}
@@ -259,8 +259,8 @@ def _narrow(L: rewrite.Layer, min_depth: int) -> str | None:
     return None
 
 
-def _cheapest() -> list[tuple[int, int]]:
-    """The settings an allocation can give a layer (the fastest decides whether it can beat float)."""
+def _allocation_settings() -> list[tuple[int, int]]:
+    """Every setting an allocation can give a layer (the fastest decides whether it can beat float)."""
     return [(k, q) for k in allocate.K_CHOICES if k >= allocate.MIN_ALLOCATED_K for q in allocate.Q_CHOICES]
 
 
