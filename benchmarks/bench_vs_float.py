@@ -12,7 +12,6 @@ that of a Relu-only session on the same input (its fixed cost per run is not a l
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import onnxruntime as ort
@@ -20,22 +19,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 import bdecomp.native as native
 from bdecomp.decomposer import speed
+from bench_families import median_ms  # (run as a script: benchmarks/ is on sys.path)
 
 SHAPES = [(16, 16, 3, 32), (32, 32, 3, 16), (64, 64, 3, 8), (16, 64, 3, 55), (32, 128, 3, 27), (48, 192, 3, 13),
           (64, 256, 3, 13), (128, 128, 3, 28), (256, 256, 3, 14), (512, 512, 3, 7), (64, 64, 3, 56),
           (64, 16, 1, 55), (128, 32, 1, 27), (256, 48, 1, 13), (512, 64, 1, 13), (16, 64, 1, 55), (64, 256, 1, 13),
           (256, 256, 1, 14), (512, 1000, 1, 13), (32, 32, 1, 32)]  # (cin, cout, kernel, H = W), stride 1
 SETTINGS = [(2, 4), (3, 4), (4, 4), (6, 4), (4, 8), (6, 8)]
-
-
-def median_ms(f, runs: int) -> float:
-    f()
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(ts))
 
 
 def session(cin: int, cout: int, ks: int, hw: int, conv: bool, threads: int, rng) -> ort.InferenceSession:
