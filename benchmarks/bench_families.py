@@ -33,22 +33,32 @@ def median_ms(f, runs: int) -> float:
     return 1e3 * float(np.median(ts))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bench_args(doc: str) -> argparse.Namespace:
+    """--threads and --runs, the options of the per-layer benchmark scripts."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=60)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def random_conv(rng: np.random.Generator, cin: int, cout: int, ks: int, k: int, q: int) -> native.PackedConv:
+    """A ks×ks convolution ('same' padding, stride 1) with random bases, coefficients and bias at (k, Q)."""
+    depth = cin * ks * ks
+    basis = rng.integers(0, 256, (cout, k, (depth + 7) // 8), dtype=np.uint8)
+    return native.PackedConv(basis, rng.random((cout, k), dtype=np.float32), rng.random(cout, dtype=np.float32),
+                             cin=cin, groups=1, kernel=(ks, ks), pads=(ks // 2,) * 4, bits=q,
+                             zero_point=0, scale=0.1, act_min=0.0)
+
+
+def main() -> None:
+    args = bench_args(__doc__)
     rng = np.random.default_rng(0)
     print(f"isa {native.default_isa()}, {args.threads} thread(s); times are medians of {args.runs} runs")
     print(f"{'cin':>4} {'cout':>4} {'ks':>2} {'hw':>3} {'k':>2} {'Q':>2} {'lut ms':>8} {'pop ms':>8} "
           f"{'pop/lut':>7} {'model lut':>9} {'model pop':>9} {'model pop/lut':>13}")
     for cin, cout, ks, hw in SHAPES:
         for k, q in SETTINGS:
-            depth = cin * ks * ks
-            basis = rng.integers(0, 256, (cout, k, (depth + 7) // 8), dtype=np.uint8)
-            conv = native.PackedConv(basis, rng.random((cout, k), dtype=np.float32), rng.random(cout, dtype=np.float32),
-                                     cin=cin, groups=1, kernel=(ks, ks), pads=(ks // 2,) * 4, bits=q,
-                                     zero_point=0, scale=0.1, act_min=0.0)
+            conv = random_conv(rng, cin, cout, ks, k, q)
             x = rng.random((1, cin, hw, hw), dtype=np.float32)
             act = native.quantize_pack(x, scale=0.1, zero_point=0, bits=q, groups=1)
             t = {fam: median_ms(lambda fam=fam: conv.run(act, 1, hw, hw, family=fam, threads=args.threads), args.runs)

@@ -11,15 +11,13 @@ that of a Relu-only session on the same input (its fixed cost per run is not a l
 """
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 import bdecomp.native as native
 from bdecomp.decomposer import speed
-from bench_families import median_ms  # (run as a script: benchmarks/ is on sys.path)
+from bench_families import bench_args, median_ms, random_conv  # (run as a script: benchmarks/ is on sys.path)
 
 SHAPES = [(16, 16, 3, 32), (32, 32, 3, 16), (64, 64, 3, 8), (16, 64, 3, 55), (32, 128, 3, 27), (48, 192, 3, 13),
           (64, 256, 3, 13), (128, 128, 3, 28), (256, 256, 3, 14), (512, 512, 3, 7), (64, 64, 3, 56),
@@ -45,10 +43,7 @@ def session(cin: int, cout: int, ks: int, hw: int, conv: bool, threads: int, rng
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--runs", type=int, default=60)
-    args = ap.parse_args()
+    args = bench_args(__doc__)
     rng = np.random.default_rng(0)
     print(f"isa {native.default_isa()}, {args.threads} thread(s); times are medians of {args.runs} runs, ms")
     print(f"{'cin':>4} {'cout':>4} {'ks':>2} {'hw':>3} {'k':>2} {'Q':>2} {'decomposed':>10} {'est.':>7} "
@@ -61,11 +56,7 @@ def main() -> None:
                    - median_ms(lambda: relu_only.run(None, {"x": x}), args.runs))
         e_float = speed.float_ms(cin, cout, 1, ks * ks, hw * hw)
         for k, q in SETTINGS:
-            depth = cin * ks * ks
-            basis = rng.integers(0, 256, (cout, k, (depth + 7) // 8), dtype=np.uint8)
-            conv = native.PackedConv(basis, rng.random((cout, k), dtype=np.float32), rng.random(cout, dtype=np.float32),
-                                     cin=cin, groups=1, kernel=(ks, ks), pads=(ks // 2,) * 4, bits=q,
-                                     zero_point=0, scale=0.1, act_min=0.0)
+            conv = random_conv(rng, cin, cout, ks, k, q)
             act = native.quantize_pack(x, scale=0.1, zero_point=0, bits=q, groups=1)
             t_pack = median_ms(lambda: native.quantize_pack(x, scale=0.1, zero_point=0, bits=q, groups=1), args.runs)
             t_dec = t_pack + min(median_ms(lambda fam=fam: conv.run(act, 1, hw, hw, family=fam, threads=args.threads),
