@@ -20,7 +20,11 @@
  *
  * Layouts (internal; see bdecomp.h "LUT weights"):
  *   tables  uint8 [pixel][G][set][nq][16], nq = ceil(Cg/4), set < (Q > 4 ? 2 : 1), built per
- *           call from the packed activations.
+ *           call from the packed activations, over input rows widened by the left and right
+ *           padding.  The padding columns hold the tables of codes z: output pixels near the left
+ *           and right edges then share passes (and weight loads) with their neighbours, each
+ *           pass running the union of the pixels' valid column taps; the extra taps add z·(their
+ *           +1 weights), which N and z·Sv over the same taps cancel exactly.
  *   weights uint8 [G][npass][KH·KW][nq][4 blocks][32 bytes], one nibble per byte; lane L of a group
  *           (L = co_local·k + j, L < Cout/G·k) is block b = L/32 of pass L/128, byte lane
  *           l = 2s (s < 16) or 2(s − 16) + 1 (s ≥ 16) for s = L % 32 (the order the even/odd
@@ -54,8 +58,10 @@
 #define LUT_MAX_PX 4     /* output pixels per pass (sharing the weight loads) */
 #ifdef BD_LUT_AVX512VL
 #define LUT_MAX_ACC 16   /* byte counters in registers per pass: pixels · blocks (32 registers) */
+#define LUT_REGS 32
 #else
 #define LUT_MAX_ACC 8    /* byte counters in registers per pass: pixels · blocks (AVX2's 16) */
+#define LUT_REGS 16
 #endif
 #define LUT_MAX_SETS 2   /* table sets: the codes' low nibbles, and for Q > 4 their high ones */
 
@@ -108,11 +114,18 @@ static inline __attribute__((always_inline)) __m256i expand_bits32(uint32_t m)
  * group, set) and 64 channels: the set's 4-bit codes as bytes (bit planes spread to bytes, in
  * registers), then for 4 quads at once T = A[idx & 3] + B[idx >> 2] by two vpshufb, with
  * A = (0, c0, c1, c0 + c1) and B = (0, c2, c3, c2 + c3) built from the codes by three more.
- * Channels ≥ Cg have code 0 (the packed planes are zero there).  Layout tab[pixel][G][set][nq][16]. */
-static __attribute__((noinline)) void build_tables(const uint64_t *act, int64_t pixels, int64_t G, int32_t Q, int64_t wpg,
-                         int64_t nq, uint8_t *tab)
+ * Channels ≥ Cg have code 0 (the packed planes are zero there).  Layout tab[pixel][G][set][nq][16]
+ * of the input rows widened by the left / right zero padding (WP = PL + W + PR pixels per row):
+ * the padding columns hold pad_tab, the tables of a pixel whose codes are all the zero point.
+ * npad [pixel][G] in the same widened layout: N = Σ_b 2^b N_b (bd_pixel_counts), Cg·z in the
+ * padding. */
+static __attribute__((noinline)) void build_tables(const uint64_t *act, int64_t rows, int64_t W, int64_t PL,
+                                                   int64_t WP, int64_t G, int32_t Q, int64_t wpg, int64_t nq,
+                                                   const uint8_t *pad_tab, int32_t pad_n, uint8_t *tab,
+                                                   int32_t *npad)
 {
     const int nsets = Q > 4 ? 2 : 1;
+    const int64_t tpix = G * nsets * nq * 16;
     /* from 16 codes broadcast to both 128-bit lanes, lane 0 builds (A, B) of the first 2 quads
      * and lane 1 of the last 2: (0, c0, c1, c0+c1, 0, c2, c3, c2+c3, 0, c4, …) */
     const __m256i pick = _mm256_setr_epi8(-1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7, -1,
@@ -129,44 +142,57 @@ static __attribute__((noinline)) void build_tables(const uint64_t *act, int64_t 
     const __m256i eight = _mm256_set1_epi8(8);
     const __m256i lo_odd = _mm256_add_epi8(lo_even, eight), hi_odd = _mm256_add_epi8(hi_even, eight);
 #pragma omp for schedule(static)
-    for (int64_t pg = 0; pg < pixels * G; ++pg) {
-        const uint64_t *a = act + pg * Q * wpg;
-        for (int set = 0; set < nsets; ++set) {
-            const int32_t b0 = 4 * set, b1 = Q < b0 + 4 ? Q : b0 + 4;
-            uint8_t *out = tab + (pg * nsets + set) * nq * 16;
-            for (int64_t w = 0; w < wpg; ++w) {
-                __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256(); /* codes 0–31, 32–63 */
-                const int upper = 16 * w + 8 < nq; /* channels 32–63 of this word exist */
-                for (int32_t b = b0; b < b1; ++b) {
-                    const uint64_t m = a[b * wpg + w];
-                    const __m256i v = _mm256_set1_epi8((char)(1 << (b - b0)));
-                    lo = _mm256_or_si256(lo, _mm256_and_si256(expand_bits32((uint32_t)m), v));
-                    if (upper) hi = _mm256_or_si256(hi, _mm256_and_si256(expand_bits32((uint32_t)(m >> 32)), v));
-                }
-                for (int64_t ch = 0; ch < 4 && 16 * w + 4 * ch < nq; ++ch) { /* quads 16w + 4ch … + 3 */
-                    /* (immediates must be literal: -O1 builds do not fold a computed one) */
-                    const __m256i src = ch < 2 ? lo : hi;
-                    const __m256i c = ch % 2 ? _mm256_permute2x128_si256(src, src, 0x11)
-                                             : _mm256_permute2x128_si256(src, src, 0x00);
-                    const __m256i X = _mm256_add_epi8(_mm256_shuffle_epi8(c, pick),
-                                                      _mm256_add_epi8(_mm256_shuffle_epi8(c, first),
-                                                                      _mm256_shuffle_epi8(c, second)));
-                    const __m256i te = _mm256_add_epi8(_mm256_shuffle_epi8(X, lo_even),
-                                                       _mm256_shuffle_epi8(X, hi_even));
-                    const __m256i to = _mm256_add_epi8(_mm256_shuffle_epi8(X, lo_odd),
-                                                       _mm256_shuffle_epi8(X, hi_odd));
-                    /* te: the 1st (lane 0) and 3rd (lane 1) quads; to: the 2nd and 4th */
-                    const __m256i t01 = _mm256_permute2x128_si256(te, to, 0x20);
-                    const __m256i t23 = _mm256_permute2x128_si256(te, to, 0x31);
-                    const int64_t u = 16 * w + 4 * ch, left = nq - u;
-                    uint8_t *o = out + 16 * u;
-                    if (left >= 4) {
-                        _mm256_storeu_si256((__m256i *)o, t01);
-                        _mm256_storeu_si256((__m256i *)(o + 32), t23);
-                    } else {
-                        _mm_storeu_si128((__m128i *)o, _mm256_castsi256_si128(t01));
-                        if (left > 1) _mm_storeu_si128((__m128i *)(o + 16), _mm256_extracti128_si256(t01, 1));
-                        if (left > 2) _mm_storeu_si128((__m128i *)(o + 32), _mm256_castsi256_si128(t23));
+    for (int64_t row = 0; row < rows; ++row) {
+        uint8_t *trow = tab + row * WP * tpix;
+        int32_t *nrow = npad + row * WP * G;
+        for (int64_t x = 0; x < WP; ++x) /* the padding columns */
+            if (x < PL || x >= PL + W) {
+                memcpy(trow + x * tpix, pad_tab, (size_t)tpix);
+                for (int64_t g = 0; g < G; ++g) nrow[x * G + g] = pad_n;
+            }
+        for (int64_t pg = 0; pg < W * G; ++pg) {
+            const uint64_t *a = act + (row * W * G + pg) * Q * wpg;
+            int32_t nsum = 0;
+            for (int32_t b = 0; b < Q; ++b)
+                for (int64_t w = 0; w < wpg; ++w) nsum += (int32_t)__builtin_popcountll(a[b * wpg + w]) << b;
+            nrow[PL * G + pg] = nsum;
+            for (int set = 0; set < nsets; ++set) {
+                const int32_t b0 = 4 * set, b1 = Q < b0 + 4 ? Q : b0 + 4;
+                uint8_t *out = trow + (PL * G + pg) * nsets * nq * 16 + set * nq * 16;
+                for (int64_t w = 0; w < wpg; ++w) {
+                    __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256(); /* codes 0–31, 32–63 */
+                    const int upper = 16 * w + 8 < nq; /* channels 32–63 of this word exist */
+                    for (int32_t b = b0; b < b1; ++b) {
+                        const uint64_t m = a[b * wpg + w];
+                        const __m256i v = _mm256_set1_epi8((char)(1 << (b - b0)));
+                        lo = _mm256_or_si256(lo, _mm256_and_si256(expand_bits32((uint32_t)m), v));
+                        if (upper) hi = _mm256_or_si256(hi, _mm256_and_si256(expand_bits32((uint32_t)(m >> 32)), v));
+                    }
+                    for (int64_t ch = 0; ch < 4 && 16 * w + 4 * ch < nq; ++ch) { /* quads 16w + 4ch … + 3 */
+                        /* (immediates must be literal: -O1 builds do not fold a computed one) */
+                        const __m256i src = ch < 2 ? lo : hi;
+                        const __m256i c = ch % 2 ? _mm256_permute2x128_si256(src, src, 0x11)
+                                                 : _mm256_permute2x128_si256(src, src, 0x00);
+                        const __m256i X = _mm256_add_epi8(_mm256_shuffle_epi8(c, pick),
+                                                          _mm256_add_epi8(_mm256_shuffle_epi8(c, first),
+                                                                          _mm256_shuffle_epi8(c, second)));
+                        const __m256i te = _mm256_add_epi8(_mm256_shuffle_epi8(X, lo_even),
+                                                           _mm256_shuffle_epi8(X, hi_even));
+                        const __m256i to = _mm256_add_epi8(_mm256_shuffle_epi8(X, lo_odd),
+                                                           _mm256_shuffle_epi8(X, hi_odd));
+                        /* te: the 1st (lane 0) and 3rd (lane 1) quads; to: the 2nd and 4th */
+                        const __m256i t01 = _mm256_permute2x128_si256(te, to, 0x20);
+                        const __m256i t23 = _mm256_permute2x128_si256(te, to, 0x31);
+                        const int64_t u = 16 * w + 4 * ch, left = nq - u;
+                        uint8_t *o = out + 16 * u;
+                        if (left >= 4) {
+                            _mm256_storeu_si256((__m256i *)o, t01);
+                            _mm256_storeu_si256((__m256i *)(o + 32), t23);
+                        } else {
+                            _mm_storeu_si128((__m128i *)o, _mm256_castsi256_si128(t01));
+                            if (left > 1) _mm_storeu_si128((__m128i *)(o + 16), _mm256_extracti128_si256(t01, 1));
+                            if (left > 2) _mm_storeu_si128((__m128i *)(o + 32), _mm256_castsi256_si128(t23));
+                        }
                     }
                 }
             }
@@ -174,99 +200,99 @@ static __attribute__((noinline)) void build_tables(const uint64_t *act, int64_t 
     }
 }
 
-/* 16-bit counters of one block (even / odd byte lanes) += the byte counters a8 */
-static inline __attribute__((always_inline)) void flush8(__m256i *c16, __m256i a8)
+/* The 16-bit counters of one block: c[0] += a8 taken as 16-bit words (even byte + 256·odd
+ * byte), c[1] += the odd bytes.  The even lanes' sum is then c[0] − 256·c[1] mod 2^16, exact
+ * while both sums stay below 2^16 (≤ 256 flushes of ≤ 255 each): one operation fewer than
+ * masking the even bytes out at every flush. */
+static inline __attribute__((always_inline)) void flush8(__m256i *c, __m256i a8)
 {
-    const __m256i lo8 = _mm256_set1_epi16(0x00ff);
-    _mm256_store_si256(c16, _mm256_add_epi16(_mm256_load_si256(c16), _mm256_and_si256(a8, lo8)));
-    _mm256_store_si256(c16 + 1, _mm256_add_epi16(_mm256_load_si256(c16 + 1), _mm256_srli_epi16(a8, 8)));
+    _mm256_store_si256(c, _mm256_add_epi16(_mm256_load_si256(c), a8));
+    _mm256_store_si256(c + 1, _mm256_add_epi16(_mm256_load_si256(c + 1), _mm256_srli_epi16(a8, 8)));
 }
 
-/* s32[0..31] += the 16-bit counters (even lanes → s 0..15, odd → 16..31), which are zeroed */
-static inline __attribute__((always_inline)) void spill16(int32_t *s32, __m256i *c16)
+/* s32[0..31] (+)= the lane sums of the 16-bit counters (even lanes → s 0..15, odd → 16..31),
+ * which are zeroed; `add` = 0 stores instead of adding (a pass's first spill) */
+static inline __attribute__((always_inline)) void spill16(int32_t *s32, __m256i *c, int add)
 {
     __m256i *d = (__m256i *)s32;
-    const __m256i e = _mm256_load_si256(c16), o = _mm256_load_si256(c16 + 1);
-    _mm256_storeu_si256(d, _mm256_add_epi32(_mm256_loadu_si256(d),
-                                            _mm256_cvtepu16_epi32(_mm256_castsi256_si128(e))));
-    _mm256_storeu_si256(d + 1, _mm256_add_epi32(_mm256_loadu_si256(d + 1),
-                                                _mm256_cvtepu16_epi32(_mm256_extracti128_si256(e, 1))));
-    _mm256_storeu_si256(d + 2, _mm256_add_epi32(_mm256_loadu_si256(d + 2),
-                                                _mm256_cvtepu16_epi32(_mm256_castsi256_si128(o))));
-    _mm256_storeu_si256(d + 3, _mm256_add_epi32(_mm256_loadu_si256(d + 3),
-                                                _mm256_cvtepu16_epi32(_mm256_extracti128_si256(o, 1))));
-    c16[0] = c16[1] = _mm256_setzero_si256();
+    const __m256i o = _mm256_load_si256(c + 1), e = _mm256_sub_epi16(_mm256_load_si256(c), _mm256_slli_epi16(o, 8));
+    const __m256i v[4] = {_mm256_cvtepu16_epi32(_mm256_castsi256_si128(e)),
+                          _mm256_cvtepu16_epi32(_mm256_extracti128_si256(e, 1)),
+                          _mm256_cvtepu16_epi32(_mm256_castsi256_si128(o)),
+                          _mm256_cvtepu16_epi32(_mm256_extracti128_si256(o, 1))};
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i)
+        _mm256_storeu_si256(d + i, add ? _mm256_add_epi32(_mm256_loadu_si256(d + i), v[i]) : v[i]);
+    _mm256_store_si256(c, _mm256_setzero_si256());
+    _mm256_store_si256(c + 1, _mm256_setzero_si256());
 }
 
-/* One pass: R blocks of 32 lanes over ny × nx valid taps, for NP (1, 2 or 4) output pixels whose
- * tables are t_px bytes apart (the pixels share every weight load); adds the lane sums of pixel i
- * to s32[i·s32_px + R·32] (block r, s = 0..31 in the order of lut_lane_byte).  Only the NP·R
+/* One pass: R blocks of 32 lanes over ny × nx taps, for NP (1, 2 or 4) output pixels whose
+ * tables are t_px bytes apart (the pixels share every weight load); stores the lane sums of
+ * pixel i to s32[i·s32_px + R·32] (block r, s = 0..31 in the order of lut_lane_byte).  The NP·R
  * byte counters live in registers (NP·R ≤ LUT_MAX_ACC, with R weights and the tables: ≤ 13 of
- * AVX2's 16 ymm, ≤ 24 of AVX-512VL's 32); the 16-bit counters (c16, 2·R per pixel) are touched
- * once per F steps. */
+ * AVX2's 16 ymm, ≤ 24 of AVX-512VL's 32), the 16-bit counters (2·R per pixel) too when they fit
+ * (a local array, else c16buf: spilled by the compiler they were 10 % slower at NP·R = 16); they
+ * are updated once per chunk of ≤ F quads of one tap.  A chunk starts its byte counters
+ * with its first lookup and has no branch inside, so the counters stay in fixed registers (a
+ * flush test per step made the compiler rotate them through register moves). */
 static inline __attribute__((always_inline)) void
-lut_pass(int32_t *s32, int64_t s32_px, __m256i *c16, const uint8_t *tp0, int64_t t_px, int64_t t_sy,
-         int64_t t_sx, const uint8_t *wp0, int64_t w_sy, int64_t w_sx, int64_t ny, int64_t nx,
-         int64_t nq, const int R, const int NP, int F)
+lut_pass(int32_t *s32, int64_t s32_px, __m256i *c16buf, const uint8_t *tp0, int64_t t_px, int64_t t_sy,
+         int64_t t_sx, const uint8_t *wp0, int64_t w_sy, int64_t w_sx, int64_t ny, int64_t nx, int64_t nq,
+         const int R, const int NP, int F)
 {
-    const __m256i zero = _mm256_setzero_si256();
-    __m256i a[LUT_MAX_PX][LUT_BLOCKS];
-#pragma GCC unroll 4
-    for (int i = 0; i < NP; ++i)
-#pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) a[i][r] = zero;
-#pragma GCC unroll 16
-    for (int r = 0; r < 2 * R * NP; ++r) c16[r] = zero;
-    int steps = 0, flushes = 0;
+    __m256i a[LUT_MAX_PX][LUT_BLOCKS], local[2 * LUT_MAX_ACC];
+    __m256i *c16 = 3 * NP * R + R + 2 <= LUT_REGS ? local : c16buf; /* counters, weights, table, mask */
+#pragma GCC unroll 32
+    for (int r = 0; r < 2 * NP * R; ++r) _mm256_store_si256(c16 + r, _mm256_setzero_si256());
+    int flushes = 0, spilled = 0;
     for (int64_t y = 0; y < ny; ++y)
         for (int64_t x = 0; x < nx; ++x) {
             const uint8_t *tp = tp0 + y * t_sy + x * t_sx;
             const uint8_t *wu = wp0 + y * w_sy + x * w_sx;
-            for (int64_t u = 0; u < nq; ++u, tp += 16, wu += 32 * LUT_BLOCKS) {
-                __m256i w[LUT_BLOCKS];
+            for (int64_t u0 = 0; u0 < nq; u0 += F) {
+                const int64_t u1 = u0 + F < nq ? u0 + F : nq;
+                for (int64_t u = u0; u < u1; ++u, tp += 16, wu += 32 * LUT_BLOCKS) {
+                    __m256i w[LUT_BLOCKS];
 #pragma GCC unroll 4
-                for (int r = 0; r < R; ++r) w[r] = _mm256_loadu_si256((const __m256i *)(wu + 32 * r));
+                    for (int r = 0; r < R; ++r) w[r] = _mm256_loadu_si256((const __m256i *)(wu + 32 * r));
 #pragma GCC unroll 4
-                for (int i = 0; i < NP; ++i) {
-                    const __m256i tab = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tp + i * t_px)));
+                    for (int i = 0; i < NP; ++i) {
+                        const __m256i tab = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tp + i * t_px)));
 #pragma GCC unroll 4
-                    for (int r = 0; r < R; ++r) a[i][r] = _mm256_add_epi8(a[i][r], _mm256_shuffle_epi8(tab, w[r]));
+                        for (int r = 0; r < R; ++r) {
+                            const __m256i v = _mm256_shuffle_epi8(tab, w[r]);
+                            a[i][r] = u == u0 ? v : _mm256_add_epi8(a[i][r], v);
+                        }
+                    }
                 }
-                if (__builtin_expect(++steps == F, 0)) {
+#pragma GCC unroll 4
+                for (int i = 0; i < NP; ++i)
+#pragma GCC unroll 4
+                    for (int r = 0; r < R; ++r) flush8(c16 + 2 * (i * R + r), a[i][r]);
+                if (__builtin_expect(++flushes == 256, 0)) { /* 16-bit counters full (≤ 256 · 255) */
 #pragma GCC unroll 4
                     for (int i = 0; i < NP; ++i)
 #pragma GCC unroll 4
-                        for (int r = 0; r < R; ++r) {
-                            flush8(c16 + 2 * (i * R + r), a[i][r]);
-                            a[i][r] = zero;
-                        }
-                    steps = 0;
-                    if (++flushes == 256) { /* 16-bit counters full (≤ 256 · 255) */
-#pragma GCC unroll 4
-                        for (int i = 0; i < NP; ++i)
-#pragma GCC unroll 4
-                            for (int r = 0; r < R; ++r) spill16(s32 + i * s32_px + 32 * r, c16 + 2 * (i * R + r));
-                        flushes = 0;
-                    }
+                        for (int r = 0; r < R; ++r) spill16(s32 + i * s32_px + 32 * r, c16 + 2 * (i * R + r), spilled);
+                    flushes = 0;
+                    spilled = 1;
                 }
             }
         }
 #pragma GCC unroll 4
     for (int i = 0; i < NP; ++i)
 #pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) {
-            flush8(c16 + 2 * (i * R + r), a[i][r]);
-            spill16(s32 + i * s32_px + 32 * r, c16 + 2 * (i * R + r));
-        }
+        for (int r = 0; r < R; ++r) spill16(s32 + i * s32_px + 32 * r, c16 + 2 * (i * R + r), spilled);
 }
 
 #define LUT_PASS_FN(R, NP)                                                                        \
     static __attribute__((noinline)) void lut_pass##R##_##NP(                                     \
-        int32_t *s32, int64_t s32_px, __m256i *c16, const uint8_t *tp0, int64_t t_px,             \
+        int32_t *s32, int64_t s32_px, __m256i *c16buf, const uint8_t *tp0, int64_t t_px,          \
         int64_t t_sy, int64_t t_sx, const uint8_t *wp0, int64_t w_sy, int64_t w_sx, int64_t ny,   \
         int64_t nx, int64_t nq, int F)                                                            \
     {                                                                                             \
-        lut_pass(s32, s32_px, c16, tp0, t_px, t_sy, t_sx, wp0, w_sy, w_sx, ny, nx, nq, R, NP, F); \
+        lut_pass(s32, s32_px, c16buf, tp0, t_px, t_sy, t_sx, wp0, w_sy, w_sx, ny, nx, nq, R, NP, F); \
     }
 LUT_PASS_FN(1, 1)
 LUT_PASS_FN(2, 1)
@@ -303,39 +329,52 @@ int BD_CONV_LUT_FN(const bd_conv_params *p, const bd_geom *gm, const uint64_t *a
     const int64_t H = p->h, W = p->w, G = p->groups, OH = p->oh, OW = p->ow;
     const int64_t KH = p->kh, KW = p->kw, COUT = p->cout;
     const int32_t Q = p->bits, K = p->k;
-    const int64_t WPG = gm->wpg, COUTG = gm->coutg, T = gm->taps;
+    const int64_t COUTG = gm->coutg, T = gm->taps;
     const int64_t z = p->zero_point;
     const int64_t nq = bd_lut_nq(gm), npass = bd_lut_npass(p, gm), lanes = COUTG * K;
     const int64_t nblk = (lanes + 31) / 32, rmax = nblk < LUT_BLOCKS ? nblk : LUT_BLOCKS; /* blocks per pass */
     const int nsets = Q > 4 ? LUT_MAX_SETS : 1;            /* table sets (codes' nibbles) */
     const int F = 255 / (4 * ((1 << (Q < 4 ? Q : 4)) - 1)); /* table entries ≤ 4·15 */
     const int64_t rows = p->n * OH;
+    const int64_t PL = p->pad_left, WP = PL + W + p->pad_right; /* table rows widened by the padding */
     const int64_t tpix = G * nsets * nq * 16;              /* table bytes per input pixel */
-    const int64_t t_sy = p->dil_h * W * tpix, t_sx = p->dil_w * tpix;
+    const int64_t t_sy = p->dil_h * WP * tpix, t_sx = p->dil_w * tpix;
     const int64_t w_sx = nq * 32 * LUT_BLOCKS, w_sy = KW * w_sx, w_pass = T * w_sx;
-    const int64_t n_sy = p->dil_h * W * G, n_sx = p->dil_w * G; /* next tap in npix */
+    const int64_t n_sy = p->dil_h * WP * G, n_sx = p->dil_w * G; /* next tap in npad */
     const int blocks = bd_epilogue_blocks(COUT, K); /* epilogue on blocks of pixels? */
+    /* output pixels per pass: 4 while their byte counters fit the registers, else 2 */
+    const int npmax = rmax * LUT_MAX_PX <= LUT_MAX_ACC ? LUT_MAX_PX : 2;
     if (nthreads <= 0) nthreads = 1;
 
-    uint8_t *tab = (uint8_t *)malloc((size_t)(p->n * H * W * tpix));
-    int32_t *npix = (int32_t *)malloc((size_t)(p->n * H * W * G) * sizeof(int32_t));
+    uint8_t *tab = (uint8_t *)malloc((size_t)(p->n * H * WP * tpix));
+    int32_t *npad = (int32_t *)malloc((size_t)(p->n * H * WP * G) * sizeof(int32_t));
+    uint8_t *pad_tab = (uint8_t *)malloc((size_t)tpix);
     bd_epilogue_tables e; /* lane-major arrays: all lanes of all groups, padded */
-    if (!tab || !npix || bd_epilogue_tables_make(&e, tap_sums, coeffs, bias, COUT, G, K, T) != BD_OK) {
-        free(tab); free(npix);
+    if (!tab || !npad || !pad_tab || bd_epilogue_tables_make(&e, tap_sums, coeffs, bias, COUT, G, K, T) != BD_OK) {
+        free(tab); free(npad); free(pad_tab);
         return BD_ENOMEM;
     }
+    /* the tables of a padding pixel: every channel < Cg has the code z (whose contribution
+     * m·(z − z) the epilogue's N and z·Sv over the same taps cancel exactly) */
+    for (int64_t g = 0; g < G; ++g)
+        for (int set = 0; set < nsets; ++set)
+            for (int64_t u = 0; u < nq; ++u)
+                for (int idx = 0; idx < 16; ++idx) {
+                    int n_in = 0;
+                    for (int i = 0; i < 4; ++i) n_in += (idx >> i & 1) && 4 * u + i < gm->cg;
+                    pad_tab[((g * nsets + set) * nq + u) * 16 + idx] = (uint8_t)(n_in * (set ? z >> 4 : z & 15));
+                }
     int failed = 0;
 
 #pragma omp parallel num_threads(nthreads)
     {
-        /* omp for inside both: each ends in a barrier */
-        bd_pixel_counts(act, p->n * H * W * G, Q, WPG, npix);
-        build_tables(act, p->n * H * W, G, Q, WPG, nq, tab);
+        build_tables(act, p->n * H, W, PL, WP, G, Q, gm->wpg, nq, pad_tab, (int32_t)(gm->cg * z), tab, npad);
+        /* (omp for inside: ends in a barrier) */
         float *P = (float *)malloc((size_t)(BD_EPI_BLOCK * (COUT * K + 8)) * sizeof(float));
-        /* lane sums of up to 4 pixels (interior pixels of a row share the weight loads), per table set */
+        /* lane sums of up to 4 pixels (pixels of a row share the weight loads), per table set */
         const int64_t s32_px = npass * 128, s32_set = LUT_MAX_PX * s32_px; /* next pixel / set */
         int32_t *s32 = (int32_t *)aligned_alloc(32, (size_t)(LUT_MAX_SETS * s32_set) * sizeof(int32_t));
-        __m256i *c16 = (__m256i *)aligned_alloc(32, 2 * LUT_MAX_ACC * sizeof(__m256i));
+        __m256i *c16 = (__m256i *)aligned_alloc(32, 2 * LUT_MAX_ACC * sizeof(__m256i)); /* lut_pass */
         /* integer accumulators A of a block of output pixels, all groups: pixel b at b·a_stride,
          * group g at g·lanes (the int epilogue's 8-lane tail spills into the next group's lanes,
          * which that group then overwrites: groups run in order) */
@@ -351,36 +390,38 @@ int BD_CONV_LUT_FN(const bd_conv_params *p, const bd_geom *gm, const uint64_t *a
             const int64_t n = r / OH, oy = r % OH;
             int64_t ky0, ky1;
             bd_valid_range(oy, p->stride_h, p->pad_top, p->dil_h, KH, H, &ky0, &ky1);
-            const int64_t iy0 = oy * p->stride_h - p->pad_top + ky0 * p->dil_h;
+            const int64_t iy0 = oy * p->stride_h - p->pad_top + ky0 * p->dil_h, ny = ky1 - ky0;
             for (int64_t bx = 0; bx < OW; bx += BD_EPI_BLOCK) {
                 const int npx = (int)(OW - bx < BD_EPI_BLOCK ? OW - bx : BD_EPI_BLOCK);
                 for (int b = 0; b < npx;) {
                     const int64_t ox = bx + b;
-                    int64_t kx0, kx1;
-                    bd_valid_range(ox, p->stride_w, p->pad_left, p->dil_w, KW, W, &kx0, &kx1);
-                    const int64_t ix0 = ox * p->stride_w - p->pad_left + kx0 * p->dil_w;
-                    const int64_t ny = ky1 - ky0, nx = kx1 - kx0;
-                    const int interior = ny == KH && nx == KW;
-                    /* 2 or 4 interior pixels at once (their taps are the first one's shifted by the
-                     * stride; 4 while the lanes fit 2 blocks): valid ranges only shrink towards
-                     * the edges, so the last pixel of a group decides */
-                    int np = 1;
-                    for (int cand = rmax * LUT_MAX_PX <= LUT_MAX_ACC ? LUT_MAX_PX : 2; cand >= 2 && np == 1 && interior;
-                         cand /= 2) {
+                    const int np = b + npmax <= npx ? npmax : b + 2 <= npx ? 2 : 1;
+                    /* the np pixels run the union of their valid column taps (the padding
+                     * columns of the tables make the extra taps exact); valid ranges only shift
+                     * left as ox grows, so the first pixel ends it and the last starts it */
+                    int64_t kx0 = KW, kx1 = 0;
+                    for (int i = 0; i < np; ++i) {
                         int64_t lo, hi;
-                        if (b + cand > npx) continue;
-                        bd_valid_range(ox + cand - 1, p->stride_w, p->pad_left, p->dil_w, KW, W, &lo, &hi);
-                        if (hi - lo == KW) np = cand;
+                        bd_valid_range(ox + i, p->stride_w, p->pad_left, p->dil_w, KW, W, &lo, &hi);
+                        if (lo < hi) {
+                            kx0 = lo < kx0 ? lo : kx0;
+                            kx1 = hi > kx1 ? hi : kx1;
+                        }
                     }
+                    const int64_t nx = kx1 > kx0 ? kx1 - kx0 : 0;
                     const int any = ny > 0 && nx > 0;
-                    const int64_t ipix = any ? (n * H + iy0) * W + ix0 : 0;
-                    const int64_t ipix_step = p->stride_w; /* the next output pixel's input pixel */
+                    const int interior = ny == KH && nx == KW;
+                    /* input pixel of the first tap in the widened rows, and of the next pixel */
+                    const int64_t ipix = any ? (n * H + iy0) * WP + ox * p->stride_w + kx0 * p->dil_w : 0;
+                    const int64_t ipix_step = p->stride_w;
                     for (int64_t g = 0; g < G; ++g) {
                         for (int set = 0; set < nsets; ++set) {
-                            int32_t *s32s = s32 + set * s32_set; /* this set's lane sums */
-                            for (int i = 0; i < np; ++i) /* the passes add to the lane sums */
-                                memset(s32s + i * s32_px, 0, (size_t)(nblk * 32) * sizeof(int32_t));
-                            if (!any) continue;
+                            int32_t *s32s = s32 + set * s32_set; /* this set's lane sums (the passes store them) */
+                            if (!any) {
+                                for (int i = 0; i < np; ++i)
+                                    memset(s32s + i * s32_px, 0, (size_t)(nblk * 32) * sizeof(int32_t));
+                                continue;
+                            }
                             const uint8_t *tp0 = tab + ipix * tpix + (g * nsets + set) * nq * 16;
                             for (int64_t ps = 0; ps < npass; ++ps) {
                                 const int64_t left = nblk - ps * LUT_BLOCKS;
@@ -397,9 +438,9 @@ int BD_CONV_LUT_FN(const bd_conv_params *p, const bd_geom *gm, const uint64_t *a
                         const int64_t l0 = g * lanes; /* lane L of group g = global lane l0 + L */
                         for (int i = 0; i < np; ++i) {
                             const int64_t pix = (n * OH + oy) * OW + ox + i;
-                            const int64_t N = bd_tap_counts(npix + (ipix + i * ipix_step) * G + g, n_sy, n_sx, ny, nx);
+                            const int64_t N = any ? bd_tap_counts(npad + (ipix + i * ipix_step) * G + g, n_sy, n_sx, ny, nx) : 0;
                             bd_epilogue_int_avx2(s32 + i * s32_px, lanes, 0, 0, N, z, interior, e.sv + l0, e.ts + l0,
-                                                 e.stride, KW, ky0, ky1, kx0, kx1, Ablk + (b + i) * a_stride + l0,
+                                                 e.stride, KW, ky0, ky1, kx0, kx0 + nx, Ablk + (b + i) * a_stride + l0,
                                                  acc ? acc + (pix * COUT + g * COUTG) * K : NULL);
                         }
                     }
@@ -416,7 +457,8 @@ int BD_CONV_LUT_FN(const bd_conv_params *p, const bd_geom *gm, const uint64_t *a
         free(Ablk);
     }
     free(tab);
-    free(npix);
+    free(npad);
+    free(pad_tab);
     bd_epilogue_tables_free(&e);
     return failed ? BD_ENOMEM : BD_OK;
 }

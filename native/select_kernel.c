@@ -250,7 +250,9 @@ int bd_conv_lut(const bd_conv_params *p, const uint64_t *act, const uint8_t *wlu
     if (isa < BD_ISA_SCALAR || isa > BD_ISA_AVX512) return BD_EINVAL;
     if (p->sign || p->bits > 8) return BD_EINVAL;
     if (!bd_lut_supported(p, isa)) return BD_EUNSUPPORTED;
-    const int64_t tab[5] = {p->n, p->h, p->w, p->groups * bd_lut_nq(&gm), p->bits > 4 ? 32 : 16};
+    /* the tables (kernel_lut_avx2.c): input rows widened by the left and right padding */
+    const int64_t tab[5] = {p->n, p->h, p->w + p->pad_left + p->pad_right, p->groups * bd_lut_nq(&gm),
+                            p->bits > 4 ? 32 : 16};
     if (bd_checked_prod(tab, 5) < 0) return BD_EINVAL;
     nthreads = useful_threads(p, &gm, nthreads);
     return (isa == BD_ISA_AVX512 ? bd_conv_lut_avx512vl : bd_conv_lut_avx2)(p, &gm, act, wlut, tap_sums, coeffs,
