@@ -39,7 +39,9 @@ static inline void bd_block_bias(const float *bias, int64_t G, int64_t coutg, in
 
 /* The lane-major inputs above, built once per call by both drivers (conv_driver.inc, the LUT
  * kernel): ts [T][LS] tap sums, sv [LS] their sum over the taps, c [LS] coefficients (zero-padded
- * to LS = Cout·K + 8), bias in bd_block_bias order (NULL without bias). */
+ * to LS = Cout·K + 8), bias in bd_block_bias order (NULL without bias).  basis_major (the LUT
+ * kernel): lane g·coutg·K + j·coutg + i for channel i of group g instead (the K lanes of a
+ * channel coutg apart, so that 8 channels' basis j are one vector), bias in channel order. */
 typedef struct {
     int32_t *ts, *sv;
     float *c, *bias;
@@ -54,8 +56,9 @@ static inline void bd_epilogue_tables_free(bd_epilogue_tables *e)
 /* BD_OK, or BD_ENOMEM with nothing left allocated */
 static inline int bd_epilogue_tables_make(bd_epilogue_tables *e, const int32_t *tap_sums,
                                           const float *coeffs, const float *bias, int64_t cout,
-                                          int64_t groups, int32_t K, int64_t T)
+                                          int64_t groups, int32_t K, int64_t T, int basis_major)
 {
+    const int64_t coutg = cout / groups;
     const int64_t LS = cout * K + 8;
     e->stride = LS;
     e->ts = (int32_t *)calloc((size_t)(T * LS), sizeof(int32_t));
@@ -67,14 +70,19 @@ static inline int bd_epilogue_tables_make(bd_epilogue_tables *e, const int32_t *
         return BD_ENOMEM;
     }
     for (int64_t co = 0; co < cout; ++co)
-        for (int64_t t = 0; t < T; ++t)
-            for (int32_t j = 0; j < K; ++j) {
+        for (int32_t j = 0; j < K; ++j) {
+            const int64_t L = basis_major ? (co - co % coutg) * K + j * coutg + co % coutg : co * K + j;
+            e->c[L] = coeffs[co * K + j];
+            for (int64_t t = 0; t < T; ++t) {
                 const int32_t v = tap_sums[(co * T + t) * K + j];
-                e->ts[t * LS + co * K + j] = v;
-                e->sv[co * K + j] += v;
+                e->ts[t * LS + L] = v;
+                e->sv[L] += v;
             }
-    memcpy(e->c, coeffs, (size_t)(cout * K) * sizeof(float));
-    if (bias) bd_block_bias(bias, groups, cout / groups, K, e->bias);
+        }
+    if (bias && basis_major)
+        memcpy(e->bias, bias, (size_t)cout * sizeof(float));
+    else if (bias)
+        bd_block_bias(bias, groups, coutg, K, e->bias);
     return BD_OK;
 }
 
@@ -326,6 +334,68 @@ static inline void bd_epilogue_flush_avx2(const int32_t *Ablk, int64_t a_stride,
         for (int px = 0; px < npx; ++px)
             bd_epilogue_pixel_avx2(Ablk + px * a_stride + l0, lanes, K, coutg, e->c + l0, bias_blk, scale,
                                    lo, hi, out0 + o0 + px, plane, P, res0 ? res0 + o0 + px : NULL);
+    }
+}
+
+/* The float epilogue of npx (1…BD_EPI_BLOCK) consecutive output pixels of one row, every group,
+ * from basis-major integer accumulators (the LUT kernel: pixel p, group g at Ablk + p·a_stride +
+ * g·coutg·K, lane j·coutg + i for channel i; a_stride ≥ G·coutg·K + 8, all BD_EPI_BLOCK rows
+ * readable), bit for bit bd_epilogue per output: y = ((0 + c_0·A_0) + c_1·A_1) + …, for 8
+ * channels per instruction straight from the accumulators (no products to reorder), · s + bias,
+ * then an 8×8 transpose so each channel's pixels are one contiguous store; + residual, clamp.
+ * e: bd_epilogue_tables_make(basis_major = 1); out0 / res0 as in bd_epilogue_flush_avx2. */
+static inline void bd_epilogue_flush_bm_avx2(const int32_t *Ablk, int64_t a_stride, int npx, int64_t G,
+                                             int64_t coutg, int32_t K, const bd_epilogue_tables *e,
+                                             float scale, float lo, float hi, float *out0, int64_t plane,
+                                             const float *res0)
+{
+    const __m256 vs = _mm256_set1_ps(scale), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+    const int64_t lanes = coutg * K;
+    for (int64_t g = 0; g < G; ++g) {
+        const int32_t *Ag = Ablk + g * lanes;
+        const float *cg = e->c + g * lanes, *bg = e->bias ? e->bias + g * coutg : NULL;
+        float *og = out0 + g * coutg * plane;
+        const float *rg = res0 ? res0 + g * coutg * plane : NULL;
+        int64_t i0 = 0;
+        for (; i0 + 8 <= coutg; i0 += 8) {
+            const __m256 vb = bg ? _mm256_loadu_ps(bg + i0) : _mm256_setzero_ps();
+            __m256 r[BD_EPI_BLOCK];
+            for (int p = 0; p < BD_EPI_BLOCK; ++p) {
+                __m256 acc = _mm256_setzero_ps();
+                for (int32_t j = 0; j < K; ++j)
+                    acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(cg + j * coutg + i0),
+                                                           _mm256_cvtepi32_ps(_mm256_loadu_si256(
+                                                               (const __m256i *)(Ag + p * a_stride + j * coutg + i0)))));
+                r[p] = _mm256_add_ps(_mm256_mul_ps(acc, vs), vb);
+            }
+            bd_transpose8_ps(r); /* r[i] = channel i0 + i over the 8 pixels */
+            for (int i = 0; i < 8; ++i) {
+                __m256 y = r[i];
+                float *o = og + (i0 + i) * plane;
+                if (npx == BD_EPI_BLOCK) { /* plain loads and stores: masked ones are slow on AMD */
+                    if (rg) y = _mm256_add_ps(y, _mm256_loadu_ps(rg + (i0 + i) * plane));
+                    _mm256_storeu_ps(o, _mm256_min_ps(vhi, _mm256_max_ps(vlo, y)));
+                } else {
+                    float t[8] = {0};
+                    if (rg) {
+                        for (int p = 0; p < npx; ++p) t[p] = rg[(i0 + i) * plane + p];
+                        y = _mm256_add_ps(y, _mm256_loadu_ps(t));
+                    }
+                    _mm256_storeu_ps(t, _mm256_min_ps(vhi, _mm256_max_ps(vlo, y)));
+                    for (int p = 0; p < npx; ++p) o[p] = t[p];
+                }
+            }
+        }
+        for (; i0 < coutg; ++i0) /* the same float operations, one channel */
+            for (int p = 0; p < npx; ++p) {
+                float acc = 0.0f;
+                for (int32_t j = 0; j < K; ++j) acc += cg[j * coutg + i0] * (float)Ag[p * a_stride + j * coutg + i0];
+                float y = acc * scale + (bg ? bg[i0] : 0.0f);
+                if (rg) y += rg[i0 * plane + p];
+                if (y < lo) y = lo;
+                if (y > hi) y = hi;
+                og[i0 * plane + p] = y;
+            }
     }
 }
 

@@ -26,7 +26,7 @@
  *           pass running the union of the pixels' valid column taps; the extra taps add z·(their
  *           +1 weights), which N and z·Sv over the same taps cancel exactly.
  *   weights uint8 [G][npass][KH·KW][nq][4 blocks][32 bytes], one nibble per byte; lane L of a group
- *           (L = co_local·k + j, L < Cout/G·k) is block b = L/32 of pass L/128, byte lane
+ *           (L = j·Cout/G + co_local, basis-major, L < Cout/G·k) is block b = L/32 of pass L/128, byte lane
  *           l = 2s (s < 16) or 2(s − 16) + 1 (s ≥ 16) for s = L % 32 (the order the even/odd
  *           16-bit counters come out in).  Missing lanes and channels ≥ Cg are zero nibbles.
  *
@@ -85,7 +85,7 @@ void bd_lut_pack_weights(const bd_conv_params *p, const bd_geom *gm, const uint6
     memset(wl, 0, (size_t)(G * npass * T * nq * 128));
     for (int64_t g = 0; g < G; ++g)
         for (int64_t L = 0; L < lanes; ++L) {
-            const int64_t co = g * gm->coutg + L / K, j = L % K;
+            const int64_t co = g * gm->coutg + L % gm->coutg, j = L / gm->coutg; /* basis-major */
             const int64_t ps = L / 128, blk = (L % 128) / 32, l = lut_lane_byte(L % 32);
             for (int64_t t = 0; t < T; ++t)
                 for (int64_t u = 0; u < nq; ++u) {
@@ -341,7 +341,6 @@ int BD_CONV_LUT_FN(const bd_conv_params *p, const bd_geom *gm, const uint64_t *a
     const int64_t t_sy = p->dil_h * WP * tpix, t_sx = p->dil_w * tpix;
     const int64_t w_sx = nq * 32 * LUT_BLOCKS, w_sy = KW * w_sx, w_pass = T * w_sx;
     const int64_t n_sy = p->dil_h * WP * G, n_sx = p->dil_w * G; /* next tap in npad */
-    const int blocks = bd_epilogue_blocks(COUT, K); /* epilogue on blocks of pixels? */
     /* output pixels per pass: 4 while their byte counters fit the registers, else 2 */
     const int npmax = rmax * LUT_MAX_PX <= LUT_MAX_ACC ? LUT_MAX_PX : 2;
     if (nthreads <= 0) nthreads = 1;
@@ -350,7 +349,7 @@ int BD_CONV_LUT_FN(const bd_conv_params *p, const bd_geom *gm, const uint64_t *a
     int32_t *npad = (int32_t *)malloc((size_t)(p->n * H * WP * G) * sizeof(int32_t));
     uint8_t *pad_tab = (uint8_t *)malloc((size_t)tpix);
     bd_epilogue_tables e; /* lane-major arrays: all lanes of all groups, padded */
-    if (!tab || !npad || !pad_tab || bd_epilogue_tables_make(&e, tap_sums, coeffs, bias, COUT, G, K, T) != BD_OK) {
+    if (!tab || !npad || !pad_tab || bd_epilogue_tables_make(&e, tap_sums, coeffs, bias, COUT, G, K, T, 1) != BD_OK) {
         free(tab); free(npad); free(pad_tab);
         return BD_ENOMEM;
     }
@@ -370,7 +369,6 @@ int BD_CONV_LUT_FN(const bd_conv_params *p, const bd_geom *gm, const uint64_t *a
     {
         build_tables(act, p->n * H, W, PL, WP, G, Q, gm->wpg, nq, pad_tab, (int32_t)(gm->cg * z), tab, npad);
         /* (omp for inside: ends in a barrier) */
-        float *P = (float *)malloc((size_t)(BD_EPI_BLOCK * (COUT * K + 8)) * sizeof(float));
         /* lane sums of up to 4 pixels (pixels of a row share the weight loads), per table set */
         const int64_t s32_px = npass * 128, s32_set = LUT_MAX_PX * s32_px; /* next pixel / set */
         int32_t *s32 = (int32_t *)aligned_alloc(32, (size_t)(LUT_MAX_SETS * s32_set) * sizeof(int32_t));
@@ -380,13 +378,13 @@ int BD_CONV_LUT_FN(const bd_conv_params *p, const bd_geom *gm, const uint64_t *a
          * which that group then overwrites: groups run in order) */
         const int64_t a_stride = COUT * K + 8;
         int32_t *Ablk = (int32_t *)calloc((size_t)(BD_EPI_BLOCK * a_stride), sizeof(int32_t));
-        if (!P || !s32 || !c16 || !Ablk) {
+        if (!s32 || !c16 || !Ablk) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static) /* contiguous rows per thread: NCHW rows of neighbouring oy share cache lines */
         for (int64_t r = 0; r < rows; ++r) {
-            if (!P || !s32 || !c16 || !Ablk) continue;
+            if (!s32 || !c16 || !Ablk) continue;
             const int64_t n = r / OH, oy = r % OH;
             int64_t ky0, ky1;
             bd_valid_range(oy, p->stride_h, p->pad_top, p->dil_h, KH, H, &ky0, &ky1);
@@ -437,21 +435,24 @@ int BD_CONV_LUT_FN(const bd_conv_params *p, const bd_geom *gm, const uint64_t *a
                                     s32[i * s32_px + L] += s32[s32_set + i * s32_px + L] << 4;
                         const int64_t l0 = g * lanes; /* lane L of group g = global lane l0 + L */
                         for (int i = 0; i < np; ++i) {
-                            const int64_t pix = (n * OH + oy) * OW + ox + i;
                             const int64_t N = any ? bd_tap_counts(npad + (ipix + i * ipix_step) * G + g, n_sy, n_sx, ny, nx) : 0;
+                            int32_t *A = Ablk + (b + i) * a_stride + l0;
                             bd_epilogue_int_avx2(s32 + i * s32_px, lanes, 0, 0, N, z, interior, e.sv + l0, e.ts + l0,
-                                                 e.stride, KW, ky0, ky1, kx0, kx0 + nx, Ablk + (b + i) * a_stride + l0,
-                                                 acc ? acc + (pix * COUT + g * COUTG) * K : NULL);
+                                                 e.stride, KW, ky0, ky1, kx0, kx0 + nx, A, NULL);
+                            if (acc) { /* channel-major, as every kernel writes them */
+                                int32_t *ag = acc + (((n * OH + oy) * OW + ox + i) * COUT + g * COUTG) * K;
+                                for (int64_t co = 0; co < COUTG; ++co)
+                                    for (int32_t j = 0; j < K; ++j) ag[co * K + j] = A[j * COUTG + co];
+                            }
                         }
                     }
                     b += np;
                 }
-                bd_epilogue_flush_avx2(Ablk, a_stride, npx, blocks, G, COUTG, K, &e, p->scale, p->act_min, p->act_max,
-                                       out + (n * COUT * OH + oy) * OW + bx, OH * OW,
-                                       p->residual ? p->residual + (n * COUT * OH + oy) * OW + bx : NULL, P);
+                bd_epilogue_flush_bm_avx2(Ablk, a_stride, npx, G, COUTG, K, &e, p->scale, p->act_min, p->act_max,
+                                          out + (n * COUT * OH + oy) * OW + bx, OH * OW,
+                                          p->residual ? p->residual + (n * COUT * OH + oy) * OW + bx : NULL);
             }
         }
-        free(P);
         free(s32);
         free(c16);
         free(Ablk);
