@@ -861,7 +861,9 @@ class Chain:
 
     Every step writes a new buffer; buffers live in one arena, placed when the chain is first run
     so that a buffer's bytes are reused once its last reader has run (a small arena stays in
-    cache) — except the buffers marked with keep(), which the caller reads afterwards.  `run()`
+    cache) — except the buffers marked with keep(), which the caller reads afterwards.
+    `concat(refs)` makes conv outputs consecutive parts of one new buffer (a batch-1 channel
+    concatenation that costs nothing: each conv writes its part in place).  `run()`
     takes an arena from the chain's pool (a new one when all are in use, so concurrent runs share
     nothing) and `release()` gives it back; `external(shape)` is a slot for a caller's float32
     array passed to run().
@@ -878,6 +880,8 @@ class Chain:
         self.external_shapes: list[tuple[int, ...]] = []
         self._sizes: list[int] = []  # bytes of each buffer (references 0, 1, ...)
         self._kept: set[int] = set()
+        self._parts: dict[int, tuple[int, int]] = {}  # concatenated buffer → (whole, byte offset)
+        self._written: set[int] = set()  # buffers a conv step writes
         self._offsets: list[int] | None = None
         self._steps = None
         self._pool: list[np.ndarray] = []
@@ -896,6 +900,18 @@ class Chain:
         self._sizes.append(int(nbytes))
         self._offsets = None
         return len(self._sizes) - 1
+
+    def concat(self, refs: list[int]) -> int:
+        """A buffer whose consecutive parts are the outputs `refs` of conv steps (none already
+        part of another concat): for batch 1, their concatenation along the channel axis."""
+        if len(set(refs)) != len(refs) or any(r not in self._written or r in self._parts for r in refs):
+            raise ValueError("concat parts must be distinct conv outputs of this chain, not already concatenated")
+        whole = self._buffer(sum(self._sizes[r] for r in refs))
+        offset = 0
+        for r in refs:
+            self._parts[r] = (whole, offset)
+            offset += self._sizes[r]
+        return whole
 
     def quantize_pack(self, src: int, shape: tuple[int, ...], **options) -> tuple[int, tuple[int, ...]]:
         """quantize_pack (same keyword options) of the float32 array of `shape` at `src`; returns
@@ -920,6 +936,7 @@ class Chain:
                                                                          zero_point)
         self._keep_alive += [p, kernel]
         out = self._buffer(4 * math.prod(oshape))
+        self._written.add(out)
         self._add(op=lib.BD_STEP_CONV_LUT if use_lut else lib.BD_STEP_CONV, nthreads=nthreads, src=act, dst=out,
                   residual=lib.BD_NO_BUFFER if residual is None else residual, params=p, weights=wptr,
                   tap_sums=kernel._ts_ptr, coeffs=kernel._coeffs_ptr, bias=kernel._bias_ptr, isa=isa_id)
@@ -935,25 +952,34 @@ class Chain:
 
     def _place(self) -> None:
         """Arena offsets: each step's output takes the best-fitting free piece (or the end of the
-        arena), and a buffer's piece is freed after its last reader unless it is kept."""
-        last = {}
+        arena) — the whole concatenated buffer when it is the first part written — and a piece
+        is freed after the last step that reads or writes it (any of its parts) unless kept."""
+        def whole(r: int) -> int:
+            return self._parts[r][0] if r in self._parts else r
+
+        first, last = {}, {}
         for i, f in enumerate(self._fields):
-            for r in (f["src"], f["residual"]):
+            first.setdefault(whole(f["dst"]), i)
+            for r in (f["src"], f["residual"], f["dst"]):
                 if 0 <= r:
-                    last[r] = i
+                    last[whole(r)] = i
+        kept = {whole(r) for r in self._kept}
         offsets, free, end = [0] * len(self._sizes), [], 0
         for i, f in enumerate(self._fields):
-            size = -(-self._sizes[f["dst"]] // 64) * 64
-            fits = [j for j, (_, n) in enumerate(free) if n >= size]
-            if fits:
-                j = min(fits, key=lambda j: (free[j][1], free[j][0]))
-                offsets[f["dst"]] = free.pop(j)[0]
-            else:
-                offsets[f["dst"]], end = end, end + size
-            dead = {r for r in (f["src"], f["residual"]) if 0 <= r and last[r] == i and r not in self._kept}
-            if f["dst"] not in last and f["dst"] not in self._kept:
-                dead.add(f["dst"])
+            w = whole(f["dst"])
+            if first[w] == i:
+                size = -(-self._sizes[w] // 64) * 64
+                fits = [j for j, (_, n) in enumerate(free) if n >= size]
+                if fits:
+                    j = min(fits, key=lambda j: (free[j][1], free[j][0]))
+                    offsets[w] = free.pop(j)[0]
+                else:
+                    offsets[w], end = end, end + size
+            dead = {whole(r) for r in (f["src"], f["residual"], f["dst"])
+                    if 0 <= r and last[whole(r)] == i and whole(r) not in kept}
             free += [(offsets[r], -(-self._sizes[r] // 64) * 64) for r in sorted(dead)]
+        for r, (w, off) in self._parts.items():
+            offsets[r] = offsets[w] + off
         self._offsets, self.arena_bytes, self._pool = offsets, end, []
         self._steps = None
 

@@ -11,7 +11,9 @@ A step joins a chain when it can run there for this input shape:
   depthwise kernel), its quantizer static and in the same chain, its residual (if any) a float32
   tensor of the output's shape (the kernel adds it, then clamps);
 * a quantizer: static, and no step after the chain reads its output;
-* an onnxruntime segment whose outputs nothing reads (skipped anyway).
+* an onnxruntime segment whose outputs nothing reads (skipped anyway);
+* a channel Concat of batch-1 layer outputs, every one produced in the same chain: its layers
+  write their parts of the concatenated buffer (native.Chain.concat), so it costs nothing.
 Tensors a chain reads from outside (its quantizers' inputs, residuals) are its external inputs;
 tensors it produces that later steps or the graph's outputs read are exported as arena views.
 """
@@ -57,19 +59,24 @@ def eligible_steps(steps, env: dict[str, Any], layer_way: Callable[[Any, dict], 
             out.append(s.session is None)
         elif s.kind == "quant":
             out.append(not s.spec.dynamic)
+        elif s.kind == "concat":
+            parts = [env.get(x) for x in s.inputs]
+            out.append(all(type(p) is np.ndarray and p.dtype == np.float32 and p.ndim >= 2 and p.shape[0] == 1
+                           for p in parts) and len({p.shape[2:] for p in parts}) == 1)
         else:
             out.append(layer_way(s, env) is not None)
     return out
 
 
 def chain_spans(steps, elig: list[bool], needed_after: list[set[str]]) -> list[tuple[int, int]]:
-    """Maximal runs of eligible steps where every layer's quantizer is in the same run and no
-    quantizer's output is read after it; runs without a layer are dropped."""
+    """Maximal runs of eligible steps where every layer's quantizer and every concatenated
+    layer output is produced in the same run and no quantizer's output is read after it; runs
+    without a layer are dropped."""
     elig = list(elig)
     producer = {}
     for i, s in enumerate(steps):
-        if s.kind == "quant":
-            producer[s.spec.outputs[0]] = i
+        if s.kind in ("quant", "layer"):
+            producer[s.outputs[0]] = i
     while True:
         spans, i = [], 0
         while i < len(steps):
@@ -88,6 +95,8 @@ def chain_spans(steps, elig: list[bool], needed_after: list[set[str]]) -> list[t
                 if s.kind == "quant" and s.spec.outputs[0] in needed_after[b - 1]:
                     elig[i], changed = False, True
                 elif s.kind == "layer" and not a <= producer.get(s.inputs[0], -1) < b:
+                    elig[i], changed = False, True
+                elif s.kind == "concat" and not all(a <= producer.get(x, -1) < b for x in s.inputs):
                     elig[i], changed = False, True
         if not changed:
             return [(a, b) for a, b in spans if any(steps[i].kind == "layer" for i in range(a, b))]
@@ -127,7 +136,11 @@ def build(steps, span: tuple[int, int], env: dict[str, Any], needed_after: list[
             out, _ = chain.conv(kernel, packed[key], n, h, w, residual=residual, isa=isa, threads=threads,
                                 scale=s.spec.scale or qz.scale, zero_point=qz.zero_point, family=family)
             refs[s.spec.output], shapes[s.spec.output] = out, tuple(out_shape)
-    produced = [steps[i].spec.output for i in range(a, b) if steps[i].kind == "layer"]
+        elif s.kind == "concat":
+            parts = [shapes[x] for x in s.inputs]
+            refs[s.spec.output] = chain.concat([refs[x] for x in s.inputs])
+            shapes[s.spec.output] = (1, sum(p[1] for p in parts), *parts[0][2:])
+    produced = [steps[i].spec.output for i in range(a, b) if steps[i].kind in ("layer", "concat")]
     run.exports = [(name, refs[name], shapes[name]) for name in produced if name in needed_after[b - 1]]
     for _, ref, _ in run.exports:
         chain.keep(ref)

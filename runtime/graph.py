@@ -177,12 +177,23 @@ def parse_layer(node: onnx.NodeProto, inits: dict, quant_of: dict[str, QuantSpec
 
 
 @dataclass
+class ConcatSpec:
+    """A channel Concat of native layers' outputs: inside a chain, batch 1, the layers write their
+    parts of one buffer and the concatenation is free (SqueezeNet's fire modules: 8 onnxruntime
+    segments fewer)."""
+
+    name: str
+    inputs: list[str]
+    output: str
+
+
+@dataclass
 class Step:
-    kind: str  # "ort" | "quant" | "layer"
+    kind: str  # "ort" | "quant" | "layer" | "concat"
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
-    spec: QuantSpec | LayerSpec | None = None
+    spec: QuantSpec | LayerSpec | ConcatSpec | None = None
 
 
 def _clip_bounds(node: onnx.NodeProto, inits: dict) -> tuple[float, float] | None:
@@ -269,6 +280,9 @@ def build_schedule(model: onnx.ModelProto) -> list[Step]:
         spec.fused.append(act.name)
         removed.add(c)
 
+    for i, spec in _native_concats(nodes, specs, removed).items():
+        specs[i] = spec
+
     available = {i.name for i in g.input} | set(inits) | {""}
     pending = [i for i in range(len(nodes)) if i not in removed]
     steps: list[Step] = []
@@ -291,12 +305,13 @@ def build_schedule(model: onnx.ModelProto) -> list[Step]:
         for i in pending:
             if i in specs and i not in done:
                 spec = specs[i]
-                needs = ([spec.input] if isinstance(spec, QuantSpec)
+                needs = ([spec.input] if isinstance(spec, QuantSpec) else list(spec.inputs)
+                         if isinstance(spec, ConcatSpec)
                          else [nodes[i].input[0]] + ([spec.residual] if spec.residual else []))
                 if all(x in available for x in needs):
                     outs = spec.outputs if isinstance(spec, QuantSpec) else [spec.output]
-                    steps.append(Step("quant" if isinstance(spec, QuantSpec) else "layer", [nodes[i]],
-                                      needs, outs, spec))
+                    kind = "quant" if isinstance(spec, QuantSpec) else "concat" if isinstance(spec, ConcatSpec) else "layer"
+                    steps.append(Step(kind, [nodes[i]], needs, outs, spec))
                     available |= set(outs)
                     done.add(i)
                     progressed = True
@@ -305,6 +320,25 @@ def build_schedule(model: onnx.ModelProto) -> list[Step]:
             missing = sorted({x for i in pending for x in nodes[i].input if x not in available})
             raise DecomposedModelError(f"graph cannot be scheduled: inputs never produced: {', '.join(missing[:5])}")
     return steps
+
+
+def _native_concats(nodes: list[onnx.NodeProto], specs: dict, removed: set[int]) -> dict[int, ConcatSpec]:
+    """The Concat nodes (axis 1) of two or more distinct native layer outputs, each of which no
+    other such Concat reads: the runtime concatenates them itself (in a chain, for free)."""
+    layer_out = {sp.output for sp in specs.values() if isinstance(sp, LayerSpec)}
+    cands = {}
+    for i, n in enumerate(nodes):
+        if (i in removed or n.op_type != "Concat" or n.domain not in ("", "ai.onnx") or len(n.output) != 1
+                or _attrs(n).get("axis") != 1):
+            continue
+        ins = list(n.input)
+        if len(ins) >= 2 and len(set(ins)) == len(ins) and all(x in layer_out for x in ins):
+            cands[i] = ConcatSpec(n.name, ins, n.output[0])
+    uses: dict[str, int] = {}
+    for c in cands.values():
+        for x in c.inputs:
+            uses[x] = uses.get(x, 0) + 1
+    return {i: c for i, c in cands.items() if all(uses[x] == 1 for x in c.inputs)}
 
 
 def _uses_outer(node: onnx.NodeProto, available: set[str]) -> bool:

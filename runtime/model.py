@@ -346,6 +346,12 @@ class Model:
             if spec.dynamic:
                 env[spec.outputs[1]] = np.array(scale, np.float32)
                 env[spec.outputs[2]] = np.array(zp, np.uint8)
+        elif step.kind == "concat":
+            parts = [np.asarray(_materialize(env[x], quantized)) for x in step.inputs]
+            if any(p.ndim < 2 or p.shape[:1] + p.shape[2:] != parts[0].shape[:1] + parts[0].shape[2:] for p in parts):
+                raise ModelError(f"Concat {step.spec.name!r}: parts of shapes {[list(p.shape) for p in parts]} "
+                                 "do not concatenate along axis 1")
+            env[step.spec.output] = np.concatenate(parts, axis=1)
         else:
             env[step.spec.output] = self._run_layer(step, env, envk)
 

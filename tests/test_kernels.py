@@ -856,6 +856,39 @@ def test_a_chain_reuses_the_bytes_of_buffers_nobody_reads_any_more():
     assert chain.arena_bytes < 3 * out_bytes  # 3 outputs + 3 packed inputs, at most 2 alive at once
 
 
+def test_a_chain_concat_is_its_parts_written_in_place_one_after_the_other():
+    """Two layers read the same input; concat() makes their outputs consecutive parts of one
+    buffer (batch 1: the channel concatenation) that a third layer reads, with no copy step."""
+    rng = np.random.default_rng(15)
+    convs, qopts = _chain_layers(rng)
+    x = np.abs(rng.standard_normal((1, 24, 6, 6))).astype(np.float32)
+    merge = native.PackedConv(random_basis(rng, 24, 3, 48), rng.uniform(0.1, 1.0, (24, 3)).astype(np.float32),
+                              rng.standard_normal(24).astype(np.float32), cin=48, groups=1, kernel=(1, 1), bits=4,
+                              zero_point=0, scale=0.2)
+    chain = native.Chain()
+    act, _ = chain.quantize_pack(chain.external(x.shape), x.shape, **qopts[0])
+    a, shape = chain.conv(convs[0], act, 1, 6, 6)
+    b, _ = chain.conv(convs[1], act, 1, 6, 6)
+    both = chain.concat([a, b])
+    act2, _ = chain.quantize_pack(both, (1, 48, 6, 6), scale=0.2, zero_point=0, bits=4, groups=1)
+    y, yshape = chain.conv(merge, act2, 1, 6, 6)
+    chain.keep(both)
+    chain.keep(y)
+    n_steps = len(chain)
+    arena = chain.run([x])
+    packed = native.quantize_pack(x, **qopts[0])
+    cat = np.concatenate([convs[0].run(packed, 1, 6, 6), convs[1].run(packed, 1, 6, 6)], axis=1)
+    assert n_steps == 5
+    assert chain.view(arena, both, (1, 48, 6, 6)).tobytes() == cat.tobytes()
+    assert chain.view(arena, a, shape).tobytes() == cat[:, :24].tobytes()
+    expected = merge.run(native.quantize_pack(cat, scale=0.2, zero_point=0, bits=4, groups=1), 1, 6, 6)
+    assert chain.view(arena, y, yshape).tobytes() == expected.tobytes()
+    with pytest.raises(ValueError):
+        chain.concat([a, y])  # a is already part of `both`
+    with pytest.raises(ValueError):
+        chain.concat([act2, y])  # packed activations are not conv outputs
+
+
 def _one_layer_chain(seed: int) -> tuple[native.Chain, np.ndarray]:
     """A chain of quantize + pack and one 3×3 layer on a 1×24×5×5 input, and such an input."""
     convs, qopts = _chain_layers(np.random.default_rng(seed))

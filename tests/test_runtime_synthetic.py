@@ -378,6 +378,24 @@ def test_later_runs_of_a_shape_run_its_native_steps_as_chains_with_the_same_byte
         assert a.tobytes() == b.tobytes() == c.tobytes()
 
 
+def test_a_batch1_concat_of_native_layers_runs_inside_their_chain(converted):
+    """A channel Concat of two decomposed layers is not an onnxruntime segment: for batch 1 the
+    layers write their parts of one buffer inside the chain, and the result has the bytes of the
+    one-by-one run (which concatenates with numpy)."""
+    model = bdecomp.load(converted("concat", 3, 4, True))
+    x = batch("concat", n=1)
+    first = model.run(x)
+    chained = model.run(x)
+    steps = model._steps
+    assert not any(n.op_type == "Concat" for s in steps if s.kind == "ort" for n in s.nodes)
+    (built,) = model._chains.values()
+    (i_concat,) = [i for i, s in enumerate(steps) if s.kind == "concat"]
+    assert any(r.start <= i_concat < r.end for r in built.values())
+    model.chains = False
+    one_by_one = model.run(x)
+    assert first[0].tobytes() == chained[0].tobytes() == one_by_one[0].tobytes()
+
+
 @pytest.mark.parametrize("name", ["plain", "residual_two_layers"])
 def test_outputs_of_a_chained_run_are_not_overwritten_by_the_next_run(converted, name):
     model = bdecomp.load(converted(name, 3, 4, True))
