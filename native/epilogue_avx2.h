@@ -360,14 +360,14 @@ static inline void bd_epilogue_flush_bm_avx2(const int32_t *Ablk, int64_t a_stri
         for (; i0 + 8 <= coutg; i0 += 8) {
             const __m256 vb = bg ? _mm256_loadu_ps(bg + i0) : _mm256_setzero_ps();
             __m256 r[BD_EPI_BLOCK];
-            for (int p = 0; p < BD_EPI_BLOCK; ++p) {
-                __m256 acc = _mm256_setzero_ps();
-                for (int32_t j = 0; j < K; ++j)
-                    acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(cg + j * coutg + i0),
-                                                           _mm256_cvtepi32_ps(_mm256_loadu_si256(
-                                                               (const __m256i *)(Ag + p * a_stride + j * coutg + i0)))));
-                r[p] = _mm256_add_ps(_mm256_mul_ps(acc, vs), vb);
+            for (int p = 0; p < BD_EPI_BLOCK; ++p) r[p] = _mm256_setzero_ps();
+            for (int32_t j = 0; j < K; ++j) { /* bases outside: 8 independent sums (latency-bound inside) */
+                const __m256 c = _mm256_loadu_ps(cg + j * coutg + i0);
+                for (int p = 0; p < BD_EPI_BLOCK; ++p)
+                    r[p] = _mm256_add_ps(r[p], _mm256_mul_ps(c, _mm256_cvtepi32_ps(_mm256_loadu_si256(
+                                                                   (const __m256i *)(Ag + p * a_stride + j * coutg + i0)))));
             }
+            for (int p = 0; p < BD_EPI_BLOCK; ++p) r[p] = _mm256_add_ps(_mm256_mul_ps(r[p], vs), vb);
             bd_transpose8_ps(r); /* r[i] = channel i0 + i over the 8 pixels */
             for (int i = 0; i < 8; ++i) {
                 __m256 y = r[i];

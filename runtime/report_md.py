@@ -151,9 +151,9 @@ def markdown(report: dict, plots: dict[str, str]) -> str:
     lm = report["latency_method"]
     lines.append(f"Latency: batch 1, {lm['warmup']} warm-up runs, then the models interleaved round by round "
                  f"(rotating order) until {lm['stop']}, at least {lm['min_runs']} runs each; "
-                 f"{report['threads']} thread(s) for all; onnxruntime sessions with thread spinning off (spinning "
-                 "threads of one model would steal the cores of the next). Absolute milliseconds depend on the machine and its "
-                 "load; the ratios are what carries over.")
+                 f"{report['threads']} thread(s) for all; onnxruntime's threads spin while a run lasts (its default) "
+                 "and stop when it returns (left spinning they would steal the cores of the next model). Absolute "
+                 "milliseconds depend on the machine and its load; the ratios are what carries over.")
     lat_rows = []
     for k in _models(report):
         s = report[k]["latency"]
