@@ -41,7 +41,9 @@ static inline void bd_block_bias(const float *bias, int64_t G, int64_t coutg, in
  * kernel): ts [T][LS] tap sums, sv [LS] their sum over the taps, c [LS] coefficients (zero-padded
  * to LS = Cout·K + 8), bias in bd_block_bias order (NULL without bias).  basis_major (the LUT
  * kernel): lane g·coutg·K + j·coutg + i for channel i of group g instead (the K lanes of a
- * channel coutg apart, so that 8 channels' basis j are one vector), bias in channel order. */
+ * channel coutg apart, so that 8 channels' basis j are one vector), bias in channel order.
+ * with_tap_sums = 0 (zero point 0 or sign mode: bd_epilogue_int_avx2 reads no tap sums): ts is one
+ * row and ts, sv stay zero (building them was ~10 % of a small layer's time). */
 typedef struct {
     int32_t *ts, *sv;
     float *c, *bias;
@@ -56,12 +58,14 @@ static inline void bd_epilogue_tables_free(bd_epilogue_tables *e)
 /* BD_OK, or BD_ENOMEM with nothing left allocated */
 static inline int bd_epilogue_tables_make(bd_epilogue_tables *e, const int32_t *tap_sums,
                                           const float *coeffs, const float *bias, int64_t cout,
-                                          int64_t groups, int32_t K, int64_t T, int basis_major)
+                                          int64_t groups, int32_t K, int64_t T, int basis_major,
+                                          int with_tap_sums)
 {
     const int64_t coutg = cout / groups;
     const int64_t LS = cout * K + 8;
+    if (!with_tap_sums) T = 0;
     e->stride = LS;
-    e->ts = (int32_t *)calloc((size_t)(T * LS), sizeof(int32_t));
+    e->ts = (int32_t *)calloc((size_t)((T > 0 ? T : 1) * LS), sizeof(int32_t));
     e->sv = (int32_t *)calloc((size_t)LS, sizeof(int32_t));
     e->c = (float *)calloc((size_t)LS, sizeof(float));
     e->bias = bias ? (float *)malloc((size_t)cout * sizeof(float)) : NULL;

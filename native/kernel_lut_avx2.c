@@ -349,13 +349,14 @@ int BD_CONV_LUT_FN(const bd_conv_params *p, const bd_geom *gm, const uint64_t *a
     int32_t *npad = (int32_t *)malloc((size_t)(p->n * H * WP * G) * sizeof(int32_t));
     uint8_t *pad_tab = (uint8_t *)malloc((size_t)tpix);
     bd_epilogue_tables e; /* lane-major arrays: all lanes of all groups, padded */
-    if (!tab || !npad || !pad_tab || bd_epilogue_tables_make(&e, tap_sums, coeffs, bias, COUT, G, K, T, 1) != BD_OK) {
+    if (!tab || !npad || !pad_tab || bd_epilogue_tables_make(&e, tap_sums, coeffs, bias, COUT, G, K, T, 1, z != 0) != BD_OK) {
         free(tab); free(npad); free(pad_tab);
         return BD_ENOMEM;
     }
     /* the tables of a padding pixel: every channel < Cg has the code z (whose contribution
      * m·(z − z) the epilogue's N and z·Sv over the same taps cancel exactly) */
-    for (int64_t g = 0; g < G; ++g)
+    memset(pad_tab, 0, (size_t)tpix); /* z = 0 (inputs after a ReLU): all zero */
+    for (int64_t g = 0; g < G && z != 0; ++g)
         for (int set = 0; set < nsets; ++set)
             for (int64_t u = 0; u < nq; ++u)
                 for (int idx = 0; idx < 16; ++idx) {
