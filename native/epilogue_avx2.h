@@ -252,6 +252,25 @@ bd_epilogue_pixel_avx2(const int32_t *A, int64_t lanes, int32_t K, int64_t coutg
 
 #define BD_EPI_BLOCK 8 /* output pixels per bd_epilogue_block_avx2 call (at most) */
 
+/* One output channel's npx (1…8) consecutive pixels y, + the residual (res: NULL, or the
+ * channel's first pixel), clamped as max(lo, ·) then min(hi, ·), stored to o[0 … npx − 1]. */
+static inline __attribute__((always_inline)) void bd_store_channel8(float *o, const float *res, __m256 y, int npx,
+                                                                    __m256 vlo, __m256 vhi)
+{
+    if (npx == BD_EPI_BLOCK) { /* plain loads and stores: masked ones are slow on AMD */
+        if (res) y = _mm256_add_ps(y, _mm256_loadu_ps(res));
+        _mm256_storeu_ps(o, _mm256_min_ps(vhi, _mm256_max_ps(vlo, y)));
+        return;
+    }
+    float t[8] = {0};
+    if (res) {
+        for (int p = 0; p < npx; ++p) t[p] = res[p];
+        y = _mm256_add_ps(y, _mm256_loadu_ps(t));
+    }
+    _mm256_storeu_ps(t, _mm256_min_ps(vhi, _mm256_max_ps(vlo, y)));
+    for (int p = 0; p < npx; ++p) o[p] = t[p];
+}
+
 /* Whether the epilogue runs on blocks of pixels (bd_epilogue_block_avx2): while a block's
  * accumulators and products (2 · 8 · (Cout·K + 8) · 4 bytes) stay well inside L1; beyond, pixel by
  * pixel (1×1 32→128 at K = 4: blocks were 12–16 % slower; 512→1000: 6–12 %; AVX-512 Zen 4). */
@@ -289,19 +308,7 @@ bd_epilogue_block_avx2(const int32_t *A, int64_t a_stride, int npx, int64_t lane
         for (int i = 0; i < 8; ++i) {
             const int64_t co = i0 + bd_block_channel(K, i);
             __m256 y = _mm256_add_ps(r[i], _mm256_set1_ps(bias_blk ? bias_blk[i0 + i] : 0.0f));
-            float *o = out_g + co * out_stride;
-            if (npx == 8) { /* plain loads and stores: masked ones are slow on AMD */
-                if (res_g) y = _mm256_add_ps(y, _mm256_loadu_ps(res_g + co * out_stride));
-                _mm256_storeu_ps(o, _mm256_min_ps(vhi, _mm256_max_ps(vlo, y)));
-            } else {
-                float t[8] = {0};
-                if (res_g) {
-                    for (int p = 0; p < npx; ++p) t[p] = res_g[co * out_stride + p];
-                    y = _mm256_add_ps(y, _mm256_loadu_ps(t));
-                }
-                _mm256_storeu_ps(t, _mm256_min_ps(vhi, _mm256_max_ps(vlo, y)));
-                for (int p = 0; p < npx; ++p) o[p] = t[p];
-            }
+            bd_store_channel8(out_g + co * out_stride, res_g ? res_g + co * out_stride : NULL, y, npx, vlo, vhi);
         }
     }
     for (; i0 < coutg; ++i0) /* the same float operations, one channel */
@@ -373,22 +380,8 @@ static inline void bd_epilogue_flush_bm_avx2(const int32_t *Ablk, int64_t a_stri
             }
             for (int p = 0; p < BD_EPI_BLOCK; ++p) r[p] = _mm256_add_ps(_mm256_mul_ps(r[p], vs), vb);
             bd_transpose8_ps(r); /* r[i] = channel i0 + i over the 8 pixels */
-            for (int i = 0; i < 8; ++i) {
-                __m256 y = r[i];
-                float *o = og + (i0 + i) * plane;
-                if (npx == BD_EPI_BLOCK) { /* plain loads and stores: masked ones are slow on AMD */
-                    if (rg) y = _mm256_add_ps(y, _mm256_loadu_ps(rg + (i0 + i) * plane));
-                    _mm256_storeu_ps(o, _mm256_min_ps(vhi, _mm256_max_ps(vlo, y)));
-                } else {
-                    float t[8] = {0};
-                    if (rg) {
-                        for (int p = 0; p < npx; ++p) t[p] = rg[(i0 + i) * plane + p];
-                        y = _mm256_add_ps(y, _mm256_loadu_ps(t));
-                    }
-                    _mm256_storeu_ps(t, _mm256_min_ps(vhi, _mm256_max_ps(vlo, y)));
-                    for (int p = 0; p < npx; ++p) o[p] = t[p];
-                }
-            }
+            for (int i = 0; i < 8; ++i)
+                bd_store_channel8(og + (i0 + i) * plane, rg ? rg + (i0 + i) * plane : NULL, r[i], npx, vlo, vhi);
         }
         for (; i0 < coutg; ++i0) /* the same float operations, one channel */
             for (int p = 0; p < npx; ++p) {
