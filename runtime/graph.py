@@ -179,8 +179,8 @@ def parse_layer(node: onnx.NodeProto, inits: dict, quant_of: dict[str, QuantSpec
 @dataclass
 class ConcatSpec:
     """A channel Concat of native layers' outputs: inside a chain, batch 1, the layers write their
-    parts of one buffer and the concatenation is free (SqueezeNet's fire modules: 8 onnxruntime
-    segments fewer)."""
+    parts of one buffer and the concatenation is free (a SqueezeNet fire module whose two expand
+    layers are both decomposed then needs no onnxruntime segment)."""
 
     name: str
     inputs: list[str]
