@@ -378,6 +378,19 @@ def test_later_runs_of_a_shape_run_its_native_steps_as_chains_with_the_same_byte
         assert a.tobytes() == b.tobytes() == c.tobytes()
 
 
+@pytest.mark.parametrize("name", ["residual_broadcast", "gemm_plain"])
+def test_onnxruntime_segments_declare_the_rank_of_their_boundary_tensors(converted, name):
+    """Segment inputs and outputs carry their rank (dimensions left free): onnxruntime's NCHWc
+    rewrite of convolutions needs it (SqueezeNet's float layers ran 15–20 % slower without)."""
+    model = bdecomp.load(converted(name, 3, 4, True))
+    model.run(batch(name))
+    segments = [s.session for s in model._steps if s.kind == "ort" and s.session is not None]
+    assert segments
+    for sess in segments:
+        for v in sess.get_inputs() + sess.get_outputs():
+            assert v.shape is not None and len(v.shape) >= 1, (v.name, v.shape)
+
+
 def test_a_batch1_concat_of_native_layers_runs_inside_their_chain(converted):
     """A channel Concat of two decomposed layers is not an onnxruntime segment: for batch 1 the
     layers write their parts of one buffer inside the chain, and the result has the bytes of the
