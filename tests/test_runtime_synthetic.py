@@ -336,6 +336,18 @@ def test_a_first_layer_with_few_channels_can_run_on_packed_patches(converted):
     assert any(patch for _, _, patch in choices)
 
 
+def test_a_direct_way_nearly_as_fast_as_packed_patches_is_kept_when_it_can_chain():
+    """Measured alone, a direct convolution within CHAIN_CREDIT of the patch way still wins when
+    it can join a chain (which the one-layer timing does not see); clearly slower, it loses."""
+    from bdecomp.runtime.model import CHAIN_CREDIT, fastest_way
+
+    ways = [(None, "lut", False), (None, "lut", True)]
+    close = [1.0, 0.5 * (1.0 + CHAIN_CREDIT)]  # patches faster, by less than the credit
+    assert fastest_way(close, ways, chainable=True) == 0
+    assert fastest_way(close, ways, chainable=False) == 1
+    assert fastest_way([1.0, 0.9 * CHAIN_CREDIT], ways, chainable=True) == 1
+
+
 @pytest.mark.parametrize("name, fused", [("residual_add", ["add"]), ("residual_add_relu", ["add", "relu2"]),
                                          ("residual_broadcast", ["add", "relu"]),
                                          ("residual_two_layers", ["add", "relu"])])
