@@ -348,7 +348,7 @@ int BD_CONV_LUT_FN(const bd_conv_params *p, const bd_geom *gm, const uint64_t *a
     uint8_t *tab = (uint8_t *)malloc((size_t)(p->n * H * WP * tpix));
     int32_t *npad = (int32_t *)malloc((size_t)(p->n * H * WP * G) * sizeof(int32_t));
     uint8_t *pad_tab = (uint8_t *)malloc((size_t)tpix);
-    bd_epilogue_tables e; /* lane-major arrays: all lanes of all groups, padded */
+    bd_epilogue_tables e; /* basis-major lane arrays, all groups (bd_epilogue_tables_make) */
     if (!tab || !npad || !pad_tab || bd_epilogue_tables_make(&e, tap_sums, coeffs, bias, COUT, G, K, T, 1, z != 0) != BD_OK) {
         free(tab); free(npad); free(pad_tab);
         return BD_ENOMEM;
@@ -396,8 +396,8 @@ int BD_CONV_LUT_FN(const bd_conv_params *p, const bd_geom *gm, const uint64_t *a
                     const int64_t ox = bx + b;
                     const int np = b + npmax <= npx ? npmax : b + 2 <= npx ? 2 : 1;
                     /* the np pixels run the union of their valid column taps (the padding
-                     * columns of the tables make the extra taps exact); valid ranges only shift
-                     * left as ox grows, so the first pixel ends it and the last starts it */
+                     * columns of the tables make the extra taps exact); each pixel's range is
+                     * contiguous and they shift monotonically with ox, so the union is too */
                     int64_t kx0 = KW, kx1 = 0;
                     for (int i = 0; i < np; ++i) {
                         int64_t lo, hi;
