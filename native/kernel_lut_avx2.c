@@ -23,7 +23,7 @@
  *           call from the packed activations, over input rows widened by the left and right
  *           padding.  The padding columns hold the tables of codes z: output pixels near the left
  *           and right edges then share passes (and weight loads) with their neighbours, each
- *           pass running the union of the pixels' valid column taps; the extra taps add z·(their
+ *           pass running the hull of the pixels' valid column taps; the extra taps add z·(their
  *           +1 weights), which N and z·Sv over the same taps cancel exactly.
  *   weights uint8 [G][npass][KH·KW][nq][4 blocks][32 bytes], one nibble per byte; lane L of a group
  *           (L = j·Cout/G + co_local, basis-major, L < Cout/G·k) is block b = L/32 of pass L/128, byte lane
@@ -395,9 +395,9 @@ int BD_CONV_LUT_FN(const bd_conv_params *p, const bd_geom *gm, const uint64_t *a
                 for (int b = 0; b < npx;) {
                     const int64_t ox = bx + b;
                     const int np = b + npmax <= npx ? npmax : b + 2 <= npx ? 2 : 1;
-                    /* the np pixels run the union of their valid column taps (the padding
-                     * columns of the tables make the extra taps exact); each pixel's range is
-                     * contiguous and they shift monotonically with ox, so the union is too */
+                    /* the np pixels run the hull [min lo, max hi) of their valid column taps:
+                     * every tap of an output pixel lies inside the widened rows, whose padding
+                     * columns make the extra taps exact */
                     int64_t kx0 = KW, kx1 = 0;
                     for (int i = 0; i < np; ++i) {
                         int64_t lo, hi;
