@@ -30,12 +30,15 @@ import numpy as np
 # wins).  Long spinning steals the cores onnxruntime segments and other processes need (2 threads
 # were ~20x slower than 1 on a busy 2-core machine with libgomp's default); pure sleeping makes
 # every layer pay a futex wake-up (~20-40 µs), so small layers could not use threads at all
-# (ResNet-56 at 2 threads: 6.2 ms, as 1 thread).  A short spin (~0.3 ms) bridges the gaps between
-# consecutive layers and then sleeps: ResNet-56 k=Q=4 at 2 threads 3.9 ms (1 thread 6.2 ms), with
-# one core busy with another process 8.7 ms (sleeping workers 7.5 ms); AVX-512 Zen 4, 2 cores.
+# (ResNet-56 at 2 threads: 6.2 ms, as 1 thread).  A short spin bridges the gaps between
+# consecutive layers and then sleeps.  3000 spins (tens of µs) rather than 30000 (~0.3 ms): a
+# worker still spinning after a chain takes the core the onnxruntime segment after it needs.
+# 2 threads, AVX-512 Zen 4, 2 cores, 3000 vs 30000: SqueezeNet `--budget 24 --float-when-faster`
+# 3.86–3.92 vs 4.38–4.66 ms, ResNet-56 `--budget 12 --float-when-faster` 1.28 vs 1.27–1.31 ms,
+# the all-native ResNet-56 k=Q=4 1.90 vs 1.86–1.88 ms.
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    os.environ["GOMP_SPINCOUNT"] = "30000"
+    os.environ["GOMP_SPINCOUNT"] = "3000"
 
 try:
     from bdecomp.native._kernels import ffi, lib
