@@ -549,6 +549,24 @@ def test_lut_kernel_long_depth_and_many_lanes(bits, k, c, cout):
         np.testing.assert_array_equal(y, conv.run(act, 1, 4, 5, isa="scalar"))
 
 
+@pytest.mark.skipif(not LUT_ISAS, reason="no SIMD ISA for the LUT kernels on this CPU")
+@pytest.mark.parametrize("w, strides, pads, dil", [(1, (2, 2), (2, 2, 2, 2), (1, 1)), (2, 1, (2, 3, 2, 3), (1, 1)),
+                                                   (9, (1, 3), (1, 3, 1, 3), (1, 2)), (6, (1, 1), (1, 4, 1, 0), (2, 2))])
+def test_lut_kernel_edge_pixels_sharing_a_pass_stay_exact(w, strides, pads, dil):
+    """Pixels of one pass run the hull of their valid column taps through the tables' padding
+    columns (codes z ≠ 0 there): even pixels whose valid taps do not overlap, or lie entirely in
+    the padding, give the reference's integers."""
+    strides = strides if isinstance(strides, tuple) else (strides, strides)
+    case = small_case(c=20, cout=9, k=3, bits=4, zero_point=5, h=3, w=w, strides=strides, pads=pads,
+                      dilations=dil)
+    conv = make_conv(case)
+    act = pack_nchw(case["codes"], 1, 4)
+    for isa in LUT_ISAS:
+        y, acc = conv.run(act, 1, 3, w, isa=isa, family="lut", return_acc=True)
+        np.testing.assert_array_equal(acc, reference_acc(case))
+        np.testing.assert_array_equal(y, conv.run(act, 1, 3, w, isa="scalar"))
+
+
 def test_kernel_family_env_and_argument(monkeypatch):
     case, conv, act = _valid_conv_and_act()
     with pytest.raises(ValueError):
