@@ -79,6 +79,11 @@ static inline void bd_pixel_counts(const uint64_t *act, int64_t pg, int32_t Q, i
 static inline int64_t bd_tap_counts(const int32_t *np0, int64_t sy, int64_t sx, int64_t ny, int64_t nx)
 {
     if (ny == 1 && nx == 1) return np0[0]; /* 1×1 convolutions, gemm */
+    if (ny == 3 && nx == 3) { /* interior 3×3: nine independent loads (the loop was a dependent chain) */
+        const int32_t *r0 = np0, *r1 = np0 + sy, *r2 = np0 + 2 * sy;
+        return ((int64_t)r0[0] + r0[sx] + r0[2 * sx]) + ((int64_t)r1[0] + r1[sx] + r1[2 * sx]) +
+               ((int64_t)r2[0] + r2[sx] + r2[2 * sx]);
+    }
     int64_t N = 0;
     for (int64_t y = 0; y < ny; ++y)
         for (int64_t x = 0; x < nx; ++x) N += np0[y * sy + x * sx];
