@@ -15,7 +15,8 @@ pixels) × 6 settings (k = 2…6, Q = 4 and 8): median error 6 % (max 30 %) deco
 11 %) float, and the faster of the two agrees with the measurement in 116 of 120 cases (the four
 others within 4 % of a tie, or one 1×1 layer on 13×13 pixels at (2, 4): 0.065 vs 0.057 ms, estimated
 0.046). Refitted after the lookup-table kernel's padded tables and basis-major epilogue (2026-11-30),
-which made small layers 15–40 % faster. Only their ratio is used, and both sides are SIMD-width
+which made small layers 15–40 % faster; re-measured after that session's last kernel changes, these
+constants still pick the faster side in 117 of 120 cases. Only their ratio is used, and both sides are SIMD-width
 bound, so it carries over to AVX2 machines better than the absolute times do.
 """
 from __future__ import annotations
