@@ -884,7 +884,6 @@ class Chain:
         self._sizes: list[int] = []  # bytes of each buffer (references 0, 1, ...)
         self._kept: set[int] = set()
         self._parts: dict[int, tuple[int, int]] = {}  # concatenated buffer → (whole, byte offset)
-        self._written: set[int] = set()  # buffers a conv step writes
         self._offsets: list[int] | None = None
         self._steps = None
         self._pool: list[np.ndarray] = []
@@ -907,7 +906,8 @@ class Chain:
     def concat(self, refs: list[int]) -> int:
         """A buffer whose consecutive parts are the outputs `refs` of conv steps (none already
         part of another concat): for batch 1, their concatenation along the channel axis."""
-        if len(set(refs)) != len(refs) or any(r not in self._written or r in self._parts for r in refs):
+        conv_outputs = {f["dst"] for f in self._fields if f["op"] in (lib.BD_STEP_CONV, lib.BD_STEP_CONV_LUT)}
+        if len(set(refs)) != len(refs) or any(r not in conv_outputs or r in self._parts for r in refs):
             raise ValueError("concat parts must be distinct conv outputs of this chain, not already concatenated")
         whole = self._buffer(sum(self._sizes[r] for r in refs))
         offset = 0
@@ -939,7 +939,6 @@ class Chain:
                                                                          zero_point)
         self._keep_alive += [p, kernel]
         out = self._buffer(4 * math.prod(oshape))
-        self._written.add(out)
         self._add(op=lib.BD_STEP_CONV_LUT if use_lut else lib.BD_STEP_CONV, nthreads=nthreads, src=act, dst=out,
                   residual=lib.BD_NO_BUFFER if residual is None else residual, params=p, weights=wptr,
                   tap_sums=kernel._ts_ptr, coeffs=kernel._coeffs_ptr, bias=kernel._bias_ptr, isa=isa_id)
