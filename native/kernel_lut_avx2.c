@@ -117,8 +117,7 @@ static inline __attribute__((always_inline)) __m256i expand_bits32(uint32_t m)
  * Channels ≥ Cg have code 0 (the packed planes are zero there).  Layout tab[pixel][G][set][nq][16]
  * of the input rows widened by the left / right zero padding (WP = PL + W + PR pixels per row):
  * the padding columns hold pad_tab, the tables of a pixel whose codes are all the zero point.
- * npad [pixel][G] in the same widened layout: N = Σ_b 2^b N_b (bd_pixel_counts), Cg·z in the
- * padding. */
+ * npad [pixel][G] in the same widened layout: bd_pixel_count, Cg·z in the padding. */
 static __attribute__((noinline)) void build_tables(const uint64_t *act, int64_t rows, int64_t W, int64_t PL,
                                                    int64_t WP, int64_t G, int32_t Q, int64_t wpg, int64_t nq,
                                                    const uint8_t *pad_tab, int32_t pad_n, uint8_t *tab,
@@ -152,10 +151,7 @@ static __attribute__((noinline)) void build_tables(const uint64_t *act, int64_t 
             }
         for (int64_t pg = 0; pg < W * G; ++pg) {
             const uint64_t *a = act + (row * W * G + pg) * Q * wpg;
-            int32_t nsum = 0;
-            for (int32_t b = 0; b < Q; ++b)
-                for (int64_t w = 0; w < wpg; ++w) nsum += (int32_t)__builtin_popcountll(a[b * wpg + w]) << b;
-            nrow[PL * G + pg] = nsum;
+            nrow[PL * G + pg] = bd_pixel_count(a, Q, wpg);
             for (int set = 0; set < nsets; ++set) {
                 const int32_t b0 = 4 * set, b1 = Q < b0 + 4 ? Q : b0 + 4;
                 uint8_t *out = trow + (PL * G + pg) * nsets * nq * 16 + set * nq * 16;

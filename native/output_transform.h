@@ -45,33 +45,30 @@ static inline void bd_tap_sum_valid(const int32_t *ts_co, int64_t kw, int32_t k,
         }
 }
 
-/* N of each (input pixel, group) = Σ_b 2^b popcount(bit plane b) — the activations' own
- * contribution to A_j = 2 S_j − N − z·Sv_j — once per input pixel instead of once per output
- * pixel and tap; pg = pixels · groups, planes of Q·wpg words each (bdecomp.h layout).  To be
- * called by every thread of an OpenMP parallel region (an omp for, ending in a barrier). */
+/* N of one (input pixel, group) = Σ_b 2^b popcount(bit plane b) — the activations' own
+ * contribution to A_j = 2 S_j − N − z·Sv_j; `a`: its Q planes of wpg words (bdecomp.h layout). */
+static inline int32_t bd_pixel_count(const uint64_t *a, int32_t Q, int64_t wpg)
+{
+    int32_t nsum = 0;
+    if (wpg == 1) { /* ≤ 64 channels per group: one word per plane */
+        for (int32_t b = 0; b < Q; ++b) nsum += (int32_t)__builtin_popcountll(a[b]) << b;
+        return nsum;
+    }
+    for (int32_t b = 0; b < Q; ++b) {
+        int32_t nb = 0;
+        for (int64_t w = 0; w < wpg; ++w) nb += (int32_t)__builtin_popcountll(a[b * wpg + w]);
+        nsum += nb << b;
+    }
+    return nsum;
+}
+
+/* bd_pixel_count of every (input pixel, group), once per input pixel instead of once per output
+ * pixel and tap; pg = pixels · groups.  To be called by every thread of an OpenMP parallel region
+ * (an omp for, ending in a barrier). */
 static inline void bd_pixel_counts(const uint64_t *act, int64_t pg, int32_t Q, int64_t wpg, int32_t *npix)
 {
-    if (wpg == 1) { /* ≤ 64 channels per group: one word per plane */
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < pg; ++i) {
-            const uint64_t *a = act + i * Q;
-            int32_t nsum = 0;
-            for (int32_t b = 0; b < Q; ++b) nsum += (int32_t)__builtin_popcountll(a[b]) << b;
-            npix[i] = nsum;
-        }
-        return;
-    }
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < pg; ++i) {
-        const uint64_t *a = act + i * Q * wpg;
-        int32_t nsum = 0;
-        for (int32_t b = 0; b < Q; ++b) {
-            int32_t nb = 0;
-            for (int64_t w = 0; w < wpg; ++w) nb += (int32_t)__builtin_popcountll(a[b * wpg + w]);
-            nsum += nb << b;
-        }
-        npix[i] = nsum;
-    }
+    for (int64_t i = 0; i < pg; ++i) npix[i] = bd_pixel_count(act + i * Q * wpg, Q, wpg);
 }
 
 /* Σ of the per-pixel counts over ny × nx valid taps (np0: the first valid tap's count; sy / sx:
