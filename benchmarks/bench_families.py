@@ -33,12 +33,15 @@ def median_ms(f, runs: int) -> float:
     return 1e3 * float(np.median(ts))
 
 
-def bench_args(doc: str) -> argparse.Namespace:
-    """--threads and --runs, the options of the per-layer benchmark scripts."""
+def bench_start(doc: str, unit: str = "") -> tuple[argparse.Namespace, np.random.Generator]:
+    """The start of the per-layer benchmark scripts: their options (--threads, --runs), the
+    random generator of their layers and inputs, and the line saying what the times are."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=60)
-    return ap.parse_args()
+    args = ap.parse_args()
+    print(f"isa {native.default_isa()}, {args.threads} thread(s); times are medians of {args.runs} runs{unit}")
+    return args, np.random.default_rng(0)
 
 
 def random_conv(rng: np.random.Generator, cin: int, cout: int, ks: int, k: int, q: int) -> native.PackedConv:
@@ -51,9 +54,7 @@ def random_conv(rng: np.random.Generator, cin: int, cout: int, ks: int, k: int, 
 
 
 def main() -> None:
-    args = bench_args(__doc__)
-    rng = np.random.default_rng(0)
-    print(f"isa {native.default_isa()}, {args.threads} thread(s); times are medians of {args.runs} runs")
+    args, rng = bench_start(__doc__)
     print(f"{'cin':>4} {'cout':>4} {'ks':>2} {'hw':>3} {'k':>2} {'Q':>2} {'lut ms':>8} {'pop ms':>8} "
           f"{'pop/lut':>7} {'model lut':>9} {'model pop':>9} {'model pop/lut':>13}")
     for cin, cout, ks, hw in SHAPES:

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import bdecomp.native as native
 from bdecomp.decomposer import speed
-from bench_families import bench_args, median_ms, random_conv  # (run as a script: benchmarks/ is on sys.path)
+from bench_families import bench_start, median_ms, random_conv  # (run as a script: benchmarks/ is on sys.path)
 
 SHAPES = [(16, 16, 3, 32), (32, 32, 3, 16), (64, 64, 3, 8), (16, 64, 3, 55), (32, 128, 3, 27), (48, 192, 3, 13),
           (64, 256, 3, 13), (128, 128, 3, 28), (256, 256, 3, 14), (512, 512, 3, 7), (64, 64, 3, 56),
@@ -43,9 +43,7 @@ def session(cin: int, cout: int, ks: int, hw: int, conv: bool, threads: int, rng
 
 
 def main() -> None:
-    args = bench_args(__doc__)
-    rng = np.random.default_rng(0)
-    print(f"isa {native.default_isa()}, {args.threads} thread(s); times are medians of {args.runs} runs, ms")
+    args, rng = bench_start(__doc__, ", ms")
     print(f"{'cin':>4} {'cout':>4} {'ks':>2} {'hw':>3} {'k':>2} {'Q':>2} {'decomposed':>10} {'est.':>7} "
           f"{'fp32':>7} {'est.':>7} {'faster':>7} {'model says':>10}")
     agree = total = 0
