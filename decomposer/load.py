@@ -8,9 +8,10 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
+from bdecomp.decomposer import ops
 from bdecomp.errors import InputFileError, ModelError
 
-MIN_OPSET = 13  # the decomposed ops' function bodies use opset-13 operators
+MIN_OPSET = ops.MIN_OPSET  # the decomposed ops' function bodies use opset-13 operator forms
 
 #: Limits checked before anything is allocated: no CNN bdecomp handles comes near them, and a file
 #: claiming more is corrupt or hostile.

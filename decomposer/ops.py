@@ -1,8 +1,11 @@
 """The custom operators of a decomposed file and their ONNX function bodies.
 
 Every decomposed layer becomes nodes of the ``ai.bdecomp`` domain. Each op ships a model-local
-function written with opset-13 standard operators, so stock onnxruntime runs the file unchanged
-(the emulation path and our correctness oracle), while bdecomp's runtime runs them in C.
+function of standard operators, so stock onnxruntime runs the file unchanged (the emulation path and
+our correctness oracle), while bdecomp's runtime runs them in C. The bodies are written in the
+operators' opset-13 form, which every later opset up to the newest (ReduceMin/Max without axes
+included) accepts unchanged; a function imports the model's own opset, because the ONNX checker
+rejects a function whose operators (Div: version 14) have newer versions in the model's opset.
 
 Ops (all tensors of one layer; attributes in brackets):
 
@@ -26,7 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 DOMAIN = "ai.bdecomp"
 VERSION = 1
-OPSET = 13  # the function bodies use opset-13 operators only
+MIN_OPSET = 13  # the oldest opset whose operator forms the function bodies use
 
 QUANTIZE = "BinQuantize"
 QUANTIZE_DYNAMIC = "BinQuantizeDynamic"
@@ -76,13 +79,13 @@ def _codes_nodes() -> list[onnx.NodeProto]:
     ]
 
 
-def _quantize() -> onnx.FunctionProto:
+def _quantize(opset: int) -> onnx.FunctionProto:
     nodes = _qmax_nodes() + _codes_nodes()
     return helper.make_function(DOMAIN, QUANTIZE, ["x", "scale", "zero_point"], ["codes"], nodes,
-                                [helper.make_opsetid("", OPSET)], ["qmax"])
+                                [helper.make_opsetid("", opset)], ["qmax"])
 
 
-def _quantize_dynamic() -> onnx.FunctionProto:
+def _quantize_dynamic(opset: int) -> onnx.FunctionProto:
     nodes = _qmax_nodes() + [
         _const("zero_lo", np.array(0, np.float32)),
         _const("tiny", np.array(1e-8, np.float32)),
@@ -100,7 +103,7 @@ def _quantize_dynamic() -> onnx.FunctionProto:
         helper.make_node("Cast", ["zc"], ["zero_point"], to=TensorProto.UINT8),
     ] + _codes_nodes()
     return helper.make_function(DOMAIN, QUANTIZE_DYNAMIC, ["x"], ["codes", "scale", "zero_point"], nodes,
-                                [helper.make_opsetid("", OPSET)], ["qmax"])
+                                [helper.make_opsetid("", opset)], ["qmax"])
 
 
 def _weights_nodes() -> list[onnx.NodeProto]:
@@ -130,7 +133,7 @@ def _weights_nodes() -> list[onnx.NodeProto]:
     ]
 
 
-def _conv() -> onnx.FunctionProto:
+def _conv(opset: int) -> onnx.FunctionProto:
     I, INTS = onnx.AttributeProto.INT, onnx.AttributeProto.INTS
     nodes = _weights_nodes() + [
         _node_with_refs("Constant", [], ["wshape"], [_ref("value_ints", "weight_shape", INTS)]),
@@ -144,11 +147,11 @@ def _conv() -> onnx.FunctionProto:
             _ref("dilations", "dilations", INTS), _ref("group", "group", I)]),
     ]
     return helper.make_function(DOMAIN, CONV, ["codes", "scale", "zero_point", "basis", "coeffs", "bias"], ["y"],
-                                nodes, [helper.make_opsetid("", OPSET)],
+                                nodes, [helper.make_opsetid("", opset)],
                                 ["weight_shape", "depth", "strides", "pads", "dilations", "group"])
 
 
-def _gemm() -> onnx.FunctionProto:
+def _gemm(opset: int) -> onnx.FunctionProto:
     nodes = _weights_nodes() + [
         _const("flat2", np.array([0, -1], np.int64)),
         helper.make_node("Reshape", ["w3", "flat2"], ["W"]),
@@ -161,9 +164,12 @@ def _gemm() -> onnx.FunctionProto:
         helper.make_node("Add", ["xw", "bias"], ["y"]),
     ]
     return helper.make_function(DOMAIN, GEMM, ["codes", "scale", "zero_point", "basis", "coeffs", "bias"], ["y"],
-                                nodes, [helper.make_opsetid("", OPSET)], ["depth"])
+                                nodes, [helper.make_opsetid("", opset)], ["depth"])
 
 
-def functions() -> list[onnx.FunctionProto]:
-    """The model-local function definitions every decomposed file carries."""
-    return [_quantize(), _quantize_dynamic(), _conv(), _gemm()]
+def functions(opset: int) -> list[onnx.FunctionProto]:
+    """The model-local function definitions every decomposed file carries, importing the model's
+    default-domain opset (MIN_OPSET or later)."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"function bodies need opset {MIN_OPSET} or later, got {opset}")
+    return [_quantize(opset), _quantize_dynamic(opset), _conv(opset), _gemm(opset)]

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from bdecomp.decomposer import ops
+from bdecomp.decomposer import load, ops
 from bdecomp.decomposer.calibrate import QParams
 from bdecomp.decomposer.decompose import Decomposition
 from bdecomp.decomposer.simplify import prune_initializers
@@ -273,7 +273,7 @@ def rewrite(model: onnx.ModelProto, plans: list[Plan]) -> onnx.ModelProto:
     g.initializer.extend(new_inits)
     del g.value_info[:]
     if plans:
-        out.functions.extend(ops.functions())
+        out.functions.extend(ops.functions(load.default_opset(out)))
         if not any(o.domain == ops.DOMAIN for o in out.opset_import):
             out.opset_import.append(helper.make_opsetid(ops.DOMAIN, ops.VERSION))
     prune_initializers(out)
