@@ -144,7 +144,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     original = load.read_model(model_path)
     if any(o.domain == "ai.bdecomp" for o in original.opset_import):
         raise ModelError(f"{model_path}: already a decomposed model")
-    bytes_before = model_path.stat().st_size
+    bytes_before = load.model_bytes(model_path)
     recipe, info = resolve_recipe(model_path, original, recipe_overrides)
     model = load.upgrade_opset(original, model_path)
     del original  # big models: keep one copy of the weights alive, not several

@@ -212,6 +212,9 @@ def write_atomic(data: bytes, path: str | Path) -> None:
         raise InputFileError(f"{path}: output folder {parent} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     try:
+        # mkstemp makes the file private (0600); give it what a plain open() would: the mode of
+        # the file it replaces, else 0666 less the umask
+        os.fchmod(fd, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -223,6 +226,29 @@ def write_atomic(data: bytes, path: str | Path) -> None:
         except OSError:
             pass
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def model_bytes(path: str | Path) -> int:
+    """Bytes of a model on disk: the .onnx file plus the external data files its initializers
+    name (exporters such as torch.onnx's dynamo path keep the weights in a FILE.onnx.data)."""
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return size
+    files = {entry.value for t in model.graph.initializer if _is_external(t)
+             for entry in t.external_data if entry.key == "location"}
+    for name in sorted(files):
+        f = path.parent / name
+        size += f.stat().st_size if f.is_file() else 0
+    return size
 
 
 def save_model(model: onnx.ModelProto, path: str | Path) -> int:

@@ -34,6 +34,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from bdecomp.decomposer.feed import classes_first, dense_output, fixed_batch, input_dtype, model_input, run_batched
+from bdecomp.decomposer.load import model_bytes
 from bdecomp.errors import ConfigError, InputFileError, ModelError
 from bdecomp.runtime import metrics
 
@@ -587,10 +588,11 @@ def compare(original: str | Path, decomposed: str | Path, data: str | Path, *, l
     paths = {"original": original, "decomposed": decomposed}
     if int8:
         paths["int8"] = Path(int8_info["path"])
+    sizes = {k: model_bytes(p) for k, p in paths.items()}
     for k, p in paths.items():
-        b = p.stat().st_size
+        b = sizes[k]
         entries[k].update(path=str(p), bytes=b, bits_per_weight=8 * b / n_weights if n_weights else None,
-                          size_vs_fp32=b / paths["original"].stat().st_size)
+                          size_vs_fp32=b / sizes["original"])
     entries["decomposed"]["layers"] = decomposed_layer_storage(dec_m.model)
     if int8_info:
         entries["int8"]["quantization"] = int8_info

@@ -8,6 +8,8 @@ configuration files (including a conversion report fed back in).
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import numpy as np
 import onnx
@@ -195,6 +197,35 @@ def test_refuses_to_write_over_its_input(cnn):
 def test_conversion_leaves_no_temporary_files_behind(cnn, tmp_path):
     convert(cnn, tmp_path / "out.onnx", report_path=tmp_path / "report.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "out.onnx", "report.json"]
+
+
+def test_output_file_gets_the_permissions_a_plain_write_would_give(cnn, tmp_path):
+    # the atomic write goes through mkstemp, whose file is private (0600) until told otherwise
+    mask = os.umask(0o022)
+    os.umask(mask)
+    convert(cnn, tmp_path / "out.onnx", report_path=tmp_path / "report.json")
+    assert stat.S_IMODE((tmp_path / "out.onnx").stat().st_mode) == 0o666 & ~mask
+    assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o666 & ~mask
+
+
+def test_an_existing_output_keeps_its_permissions_when_replaced(cnn, tmp_path):
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"previous output")
+    out.chmod(0o640)
+    convert(cnn, out)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+
+
+def test_size_of_a_model_with_external_data_counts_its_data_file(tmp_path):
+    # torch.onnx's dynamo exporter writes the weights to FILE.onnx.data beside FILE.onnx
+    src = tmp_path / "model.onnx"
+    onnx.save_model(small_cnn(), src, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=0)
+    on_disk = src.stat().st_size + (tmp_path / "model.onnx.data").stat().st_size
+    assert (tmp_path / "model.onnx.data").stat().st_size > src.stat().st_size
+    report = convert(src, tmp_path / "out.onnx")
+    assert report.bytes_before == on_disk
+    assert report.bytes_after == (tmp_path / "out.onnx").stat().st_size
 
 
 def test_interrupted_write_keeps_the_previous_output_and_leaves_no_temporary_file(cnn, tmp_path, monkeypatch):
