@@ -396,4 +396,46 @@ static inline void bd_epilogue_flush_bm_avx2(const int32_t *Ablk, int64_t a_stri
     }
 }
 
+/* bd_epilogue_flush_bm_avx2 for outputs stored pixel-major: pixel p's channels at out0 +
+ * p·px_stride (a gemm's rows, [N][Cout] with px_stride = Cout), the residual likewise.  Each
+ * pixel's 8-channel sums are stored as they are, with no transpose; the float operations are
+ * those of bd_epilogue_flush_bm_avx2, so the bits are the same. */
+static inline void bd_epilogue_flush_bm_rows_avx2(const int32_t *Ablk, int64_t a_stride, int npx, int64_t G,
+                                                  int64_t coutg, int32_t K, const bd_epilogue_tables *e,
+                                                  float scale, float lo, float hi, float *out0, int64_t px_stride,
+                                                  const float *res0)
+{
+    const __m256 vs = _mm256_set1_ps(scale), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+    const int64_t lanes = coutg * K;
+    for (int64_t g = 0; g < G; ++g) {
+        const int32_t *Ag = Ablk + g * lanes;
+        const float *cg = e->c + g * lanes, *bg = e->bias ? e->bias + g * coutg : NULL;
+        float *og = out0 + g * coutg;
+        const float *rg = res0 ? res0 + g * coutg : NULL;
+        int64_t i0 = 0;
+        for (; i0 + 8 <= coutg; i0 += 8) {
+            const __m256 vb = bg ? _mm256_loadu_ps(bg + i0) : _mm256_setzero_ps();
+            for (int p = 0; p < npx; ++p) {
+                __m256 r = _mm256_setzero_ps();
+                for (int32_t j = 0; j < K; ++j)
+                    r = _mm256_add_ps(r, _mm256_mul_ps(_mm256_loadu_ps(cg + j * coutg + i0), _mm256_cvtepi32_ps(
+                                                           _mm256_loadu_si256((const __m256i *)(Ag + p * a_stride + j * coutg + i0)))));
+                r = _mm256_add_ps(_mm256_mul_ps(r, vs), vb);
+                if (rg) r = _mm256_add_ps(r, _mm256_loadu_ps(rg + p * px_stride + i0));
+                _mm256_storeu_ps(og + p * px_stride + i0, _mm256_min_ps(vhi, _mm256_max_ps(vlo, r)));
+            }
+        }
+        for (; i0 < coutg; ++i0) /* the same float operations, one channel */
+            for (int p = 0; p < npx; ++p) {
+                float acc = 0.0f;
+                for (int32_t j = 0; j < K; ++j) acc += cg[j * coutg + i0] * (float)Ag[p * a_stride + j * coutg + i0];
+                float y = acc * scale + (bg ? bg[i0] : 0.0f);
+                if (rg) y += rg[p * px_stride + i0];
+                if (y < lo) y = lo;
+                if (y > hi) y = hi;
+                og[p * px_stride + i0] = y;
+            }
+    }
+}
+
 #endif /* BDECOMP_EPILOGUE_AVX2_H */

@@ -331,7 +331,14 @@ int BD_CONV_LUT_FN(const bd_conv_params *p, const bd_geom *gm, const uint64_t *a
     const int64_t nblk = (lanes + 31) / 32, rmax = nblk < LUT_BLOCKS ? nblk : LUT_BLOCKS; /* blocks per pass */
     const int nsets = Q > 4 ? LUT_MAX_SETS : 1;            /* table sets (codes' nibbles) */
     const int F = 255 / (4 * ((1 << (Q < 4 ? Q : 4)) - 1)); /* table entries ≤ 4·15 */
-    const int64_t rows = p->n * OH;
+    /* a gemm (1×1 kernel on 1×1 images, one image per row of its input): blocks of up to
+     * BD_EPI_BLOCK consecutive images run as the pixels of one row, whose tables are consecutive
+     * too, so a pass serves 4 images as it serves 4 pixels of a row (one image per pass reloaded
+     * every weight: 2.3–3x slower on ConvNeXt's MatMuls over 196–3136 rows); the outputs,
+     * [N][Cout], are stored pixel-major */
+    const int gemm = H == 1 && W == 1 && OH == 1 && OW == 1 && KH == 1 && KW == 1 && p->pad_top == 0 &&
+                     p->pad_left == 0 && p->pad_bottom == 0 && p->pad_right == 0;
+    const int64_t rows = gemm ? (p->n + BD_EPI_BLOCK - 1) / BD_EPI_BLOCK : p->n * OH;
     const int64_t PL = p->pad_left, WP = PL + W + p->pad_right; /* table rows widened by the padding */
     const int64_t tpix = G * nsets * nq * 16;              /* table bytes per input pixel */
     const int64_t t_sy = p->dil_h * WP * tpix, t_sx = p->dil_w * tpix;
@@ -382,12 +389,13 @@ int BD_CONV_LUT_FN(const bd_conv_params *p, const bd_geom *gm, const uint64_t *a
 #pragma omp for schedule(static) /* contiguous rows per thread: NCHW rows of neighbouring oy share cache lines */
         for (int64_t r = 0; r < rows; ++r) {
             if (!s32 || !c16 || !Ablk) continue;
-            const int64_t n = r / OH, oy = r % OH;
+            const int64_t n = gemm ? r * BD_EPI_BLOCK : r / OH, oy = gemm ? 0 : r % OH;
+            const int64_t row_px = gemm ? (p->n - n < BD_EPI_BLOCK ? p->n - n : BD_EPI_BLOCK) : OW;
             int64_t ky0, ky1;
             bd_valid_range(oy, p->stride_h, p->pad_top, p->dil_h, KH, H, &ky0, &ky1);
             const int64_t iy0 = oy * p->stride_h - p->pad_top + ky0 * p->dil_h, ny = ky1 - ky0;
-            for (int64_t bx = 0; bx < OW; bx += BD_EPI_BLOCK) {
-                const int npx = (int)(OW - bx < BD_EPI_BLOCK ? OW - bx : BD_EPI_BLOCK);
+            for (int64_t bx = 0; bx < row_px; bx += BD_EPI_BLOCK) {
+                const int npx = (int)(row_px - bx < BD_EPI_BLOCK ? row_px - bx : BD_EPI_BLOCK);
                 for (int b = 0; b < npx;) {
                     const int64_t ox = bx + b;
                     const int np = b + npmax <= npx ? npmax : b + 2 <= npx ? 2 : 1;
@@ -397,7 +405,7 @@ int BD_CONV_LUT_FN(const bd_conv_params *p, const bd_geom *gm, const uint64_t *a
                     int64_t kx0 = KW, kx1 = 0;
                     for (int i = 0; i < np; ++i) {
                         int64_t lo, hi;
-                        bd_valid_range(ox + i, p->stride_w, p->pad_left, p->dil_w, KW, W, &lo, &hi);
+                        bd_valid_range(gemm ? 0 : ox + i, p->stride_w, p->pad_left, p->dil_w, KW, W, &lo, &hi);
                         if (lo < hi) {
                             kx0 = lo < kx0 ? lo : kx0;
                             kx1 = hi > kx1 ? hi : kx1;
@@ -407,8 +415,8 @@ int BD_CONV_LUT_FN(const bd_conv_params *p, const bd_geom *gm, const uint64_t *a
                     const int any = ny > 0 && nx > 0;
                     const int interior = ny == KH && nx == KW;
                     /* input pixel of the first tap in the widened rows, and of the next pixel */
-                    const int64_t ipix = any ? (n * H + iy0) * WP + ox * p->stride_w + kx0 * p->dil_w : 0;
-                    const int64_t ipix_step = p->stride_w;
+                    const int64_t ipix_step = gemm ? 1 : p->stride_w; /* gemm: the next image's tables */
+                    const int64_t ipix = any ? (n * H + iy0) * WP + ox * ipix_step + kx0 * p->dil_w : 0;
                     for (int64_t g = 0; g < G; ++g) {
                         for (int set = 0; set < nsets; ++set) {
                             int32_t *s32s = s32 + set * s32_set; /* this set's lane sums (the passes store them) */
@@ -445,9 +453,14 @@ int BD_CONV_LUT_FN(const bd_conv_params *p, const bd_geom *gm, const uint64_t *a
                     }
                     b += np;
                 }
-                bd_epilogue_flush_bm_avx2(Ablk, a_stride, npx, G, COUTG, K, &e, p->scale, p->act_min, p->act_max,
-                                          out + (n * COUT * OH + oy) * OW + bx, OH * OW,
-                                          p->residual ? p->residual + (n * COUT * OH + oy) * OW + bx : NULL);
+                if (gemm)
+                    bd_epilogue_flush_bm_rows_avx2(Ablk, a_stride, npx, G, COUTG, K, &e, p->scale, p->act_min,
+                                                   p->act_max, out + (n + bx) * COUT, COUT,
+                                                   p->residual ? p->residual + (n + bx) * COUT : NULL);
+                else
+                    bd_epilogue_flush_bm_avx2(Ablk, a_stride, npx, G, COUTG, K, &e, p->scale, p->act_min, p->act_max,
+                                              out + (n * COUT * OH + oy) * OW + bx, OH * OW,
+                                              p->residual ? p->residual + (n * COUT * OH + oy) * OW + bx : NULL);
             }
         }
         free(s32);

@@ -533,6 +533,35 @@ def test_lut_kernel_matches_reference_bit_for_bit(case):
 
 
 @pytest.mark.skipif(not LUT_ISAS, reason="no SIMD ISA for the LUT kernels on this CPU")
+@pytest.mark.parametrize("rows", [1, 7, 8, 9, 21])
+@pytest.mark.parametrize("bits,k,cout,groups,zp", [(3, 2, 13, 1, 2), (6, 5, 40, 1, 0), (4, 3, 18, 2, 7)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_lut_gemm_runs_its_rows_as_the_pixels_of_one_row_bit_for_bit(rows, bits, k, cout, groups, zp, threads):
+    """A gemm's rows (1×1 images) run 8 to a block, as the pixels of one row, and store [rows][Cout]
+    pixel-major: the reference's integers, the scalar path's floats with residual and clamp, for row
+    counts around the block size, one and two table sets, output channels off the 8-wide stores."""
+    rng = np.random.default_rng(rows * 10 + k)
+    d = 70
+    codes = rng.integers(0, 2**bits, (rows, d * groups)).astype(np.uint8)
+    basis = random_basis(rng, cout, k, d)
+    coeffs = rng.standard_normal((cout, k)).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    conv = native.PackedConv(basis, coeffs, bias, cin=d * groups, groups=groups, kernel=(1, 1), bits=bits,
+                             zero_point=zp, scale=0.5, act_min=-3.0, act_max=3.0)
+    act = pack_codes(codes, groups, bits)
+    res = rng.standard_normal((rows, cout, 1, 1)).astype(np.float32)
+    pm = ref.unpack_basis(basis, d).astype(np.int64).reshape(groups, cout // groups, k, d)
+    x = codes.astype(np.int64).reshape(rows, groups, d) - zp
+    expect = np.einsum("rgd,gokd->rgok", x, pm).reshape(rows, cout, k)
+    want = conv.run(act, rows, 1, 1, isa="scalar", residual=res)
+    assert (want == -3.0).any() and (want == 3.0).any()  # the clamp has work on both sides
+    for isa in LUT_ISAS:
+        y, acc = conv.run(act, rows, 1, 1, isa=isa, family="lut", threads=threads, residual=res, return_acc=True)
+        np.testing.assert_array_equal(acc.reshape(rows, cout, k), expect)
+        assert y.tobytes() == want.tobytes()
+
+
+@pytest.mark.skipif(not LUT_ISAS, reason="no SIMD ISA for the LUT kernels on this CPU")
 @pytest.mark.parametrize("bits,k,c,cout", [(4, 4, 600, 5), (4, 3, 520, 130), (1, 8, 260, 40), (2, 2, 64, 300),
                                            (8, 4, 600, 5), (6, 8, 130, 40)])
 def test_lut_kernel_long_depth_and_many_lanes(bits, k, c, cout):
