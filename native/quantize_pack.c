@@ -80,35 +80,55 @@ __attribute__((target("avx2"))) static void planes_avx2(const uint8_t *codes, in
     }
 }
 
-/* codes of n floats, exactly code_of (same float operations in the same order, lane by lane) */
+/* the codes of 8 floats v with steps vs, exactly code_of lane by lane (the same float operations
+ * in the same order) */
+__attribute__((target("avx2"))) static inline __m256i code8_avx2(__m256 v, __m256 vs, __m256i vz, __m256i vq,
+                                                                 int sign)
+{
+    if (sign) return _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GE_OQ)),
+                                      _mm256_set1_epi32(1));
+    __m256 t = _mm256_div_ps(v, vs);
+    const __m256 nan = _mm256_cmp_ps(t, t, _CMP_UNORD_Q);
+    t = _mm256_min_ps(t, _mm256_set1_ps(1024.0f)); /* NaN lanes are replaced below */
+    t = _mm256_max_ps(t, _mm256_set1_ps(-1024.0f));
+    const __m256 magic = _mm256_set1_ps(12582912.0f);
+    const __m256 r = _mm256_sub_ps(_mm256_add_ps(t, magic), magic);
+    __m256i q = _mm256_add_epi32(_mm256_cvttps_epi32(r), vz);
+    q = _mm256_min_epi32(_mm256_max_epi32(q, _mm256_setzero_si256()), vq);
+    return _mm256_blendv_epi8(q, vz, _mm256_castps_si256(nan));
+}
+
+/* codes of n floats, exactly code_of */
 __attribute__((target("avx2"))) static void codes_avx2(const float *row, int64_t n, float scale,
                                                        int32_t zp, int32_t qmax, int sign,
                                                        int32_t *out)
 {
     int64_t i = 0;
-    const __m256 vs = _mm256_set1_ps(scale), lim = _mm256_set1_ps(1024.0f),
-                 nlim = _mm256_set1_ps(-1024.0f), magic = _mm256_set1_ps(12582912.0f),
-                 zero = _mm256_setzero_ps();
-    const __m256i vz = _mm256_set1_epi32(zp), vq = _mm256_set1_epi32(qmax),
-                  izero = _mm256_setzero_si256(), one = _mm256_set1_epi32(1);
-    for (; i + 8 <= n; i += 8) {
-        const __m256 v = _mm256_loadu_ps(row + i);
-        __m256i q;
-        if (sign) {
-            q = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(v, zero, _CMP_GE_OQ)), one);
-        } else {
-            __m256 t = _mm256_div_ps(v, vs);
-            const __m256 nan = _mm256_cmp_ps(t, t, _CMP_UNORD_Q);
-            t = _mm256_min_ps(t, lim);  /* NaN lanes are replaced below */
-            t = _mm256_max_ps(t, nlim);
-            const __m256 r = _mm256_sub_ps(_mm256_add_ps(t, magic), magic);
-            q = _mm256_add_epi32(_mm256_cvttps_epi32(r), vz);
-            q = _mm256_min_epi32(_mm256_max_epi32(q, izero), vq);
-            q = _mm256_blendv_epi8(q, vz, _mm256_castps_si256(nan));
-        }
-        _mm256_storeu_si256((__m256i *)(out + i), q);
-    }
+    const __m256 vs = _mm256_set1_ps(scale);
+    const __m256i vz = _mm256_set1_epi32(zp), vq = _mm256_set1_epi32(qmax);
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_si256((__m256i *)(out + i), code8_avx2(_mm256_loadu_ps(row + i), vs, vz, vq, sign));
     for (; i < n; ++i) out[i] = code_of(row[i], scale, zp, qmax, sign);
+}
+
+/* One pixel's word of channel-last input: the codes of its nc ≤ 64 contiguous channels (steps
+ * cs[i], or `scale` if cs is NULL), then their Q plane words aw[b·wpg]. */
+__attribute__((target("avx2"))) static void pixel_word_avx2(const float *x, int64_t nc, const float *cs, float scale,
+                                                            int32_t zp, int32_t qmax, int sign, int32_t Q,
+                                                            uint64_t *aw, int64_t wpg)
+{
+    uint8_t codes[64] __attribute__((aligned(32)));
+    const __m256i vz = _mm256_set1_epi32(zp), vq = _mm256_set1_epi32(qmax);
+    int64_t i = 0;
+    for (; i + 8 <= nc; i += 8) {
+        const __m256 vs = cs ? _mm256_loadu_ps(cs + i) : _mm256_set1_ps(scale);
+        const __m256i q = code8_avx2(_mm256_loadu_ps(x + i), vs, vz, vq, sign); /* 8 codes ≤ 255 */
+        const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+        _mm_storel_epi64((__m128i *)(codes + i), _mm_packus_epi16(w16, w16));
+    }
+    for (; i < nc; ++i) codes[i] = (uint8_t)code_of(x[i], cs ? cs[i] : scale, zp, qmax, sign);
+    for (; i < 64; ++i) codes[i] = 0;
+    planes_avx2(codes, 1, Q, aw, 0, wpg, nc);
 }
 
 /* codes[i·64 + c0 + r] = rows[r][i] for 8 rows (channels c0 … c0 + 7) of n int32 codes ≤ 255:
@@ -184,6 +204,7 @@ int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t in
     if (nthreads > BD_MAX_THREADS) nthreads = BD_MAX_THREADS;
     if (total < bd_min_parallel_work(32768) && nthreads > 1) nthreads = 1; /* small: not worth a thread wake-up */
 
+    const int avx2 = bd_isa_supported(BD_ISA_AVX2);
     if (inner == 1) {
         /* channel-last: one pixel's channels are contiguous */
 #pragma omp parallel for schedule(static) num_threads(nthreads)
@@ -195,6 +216,13 @@ int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t in
                     uint64_t planes[8] = {0};
                     const int64_t c0 = g * cg + w * 64;
                     const int64_t nc = (cg - w * 64) < 64 ? (cg - w * 64) : 64;
+#if defined(__x86_64__) || defined(__i386__)
+                    if (avx2) { /* 8 channels per vector: 10x the scalar loop (ConvNeXt's 3136×96 MatMul input) */
+                        pixel_word_avx2(xp + c0, nc, cs ? cs + c0 : NULL, scale, zero_point, qmax, sign, Q,
+                                        ap + g * Q * wpg + w, wpg);
+                        continue;
+                    }
+#endif
                     for (int64_t i = 0; i < nc; ++i) {
                         const float s = cs ? cs[c0 + i] : scale;
                         const uint32_t q = (uint32_t)code_of(xp[c0 + i], s, zero_point, qmax, sign);
@@ -214,7 +242,6 @@ int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t in
     if (pb > inner) pb = inner;
     const int64_t blocks_per_outer = (inner + pb - 1) / pb;
     const int64_t blocks = outer * blocks_per_outer;
-    const int avx2 = bd_isa_supported(BD_ISA_AVX2);
 
 #pragma omp parallel num_threads(nthreads)
     {
