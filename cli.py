@@ -131,6 +131,8 @@ def convert(model, output, bases, act_bits, calib, calib_limit, range_method, ac
                       progress=not quiet, report_path=report, threads=threads)
     if not quiet:
         click.echo(rep.table())
+    elif rep.faster_in_float:
+        click.echo(rep.float_hint())
     click.echo(f"wrote {rep.output}")
 
 

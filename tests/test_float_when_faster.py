@@ -77,6 +77,24 @@ def test_without_the_option_both_are_decomposed(model, tmp_path):
     assert {"narrow", "wide"} <= decomposed(tmp_path / "out.onnx")
 
 
+def test_without_the_option_the_report_names_the_layers_it_would_keep_float(model, tmp_path):
+    report = convert(model, tmp_path / "out.onnx")
+    with_option = convert(model, tmp_path / "fw.onnx", float_when_faster=True)
+    kept_float = [f["name"] for f in with_option.float_layers if f["reason"].startswith("faster in float")]
+    assert "narrow" in kept_float and "wide" not in kept_float
+    assert report.faster_in_float["layers"] == kept_float and report.faster_in_float["est_ms"] > 0
+    assert "--float-when-faster" in report.table().splitlines()[-1]
+    assert json.loads(report.to_json())["faster_in_float"]["layers"] == kept_float
+
+
+def test_with_the_option_or_nothing_faster_in_float_the_report_has_no_such_note(model, tmp_path):
+    assert convert(model, tmp_path / "a.onnx", float_when_faster=True).faster_in_float == {}
+    cfg = tmp_path / "layers.json"
+    cfg.write_text(json.dumps({"layers": {"narrow": {"skip": True}, "down": {"skip": True}}}))
+    report = convert(model, tmp_path / "b.onnx", layer_config=cfg)
+    assert report.faster_in_float == {} and "--float-when-faster" not in report.table()
+
+
 def test_a_layer_config_giving_k_decomposes_a_layer_estimated_faster_in_float(model, tmp_path):
     cfg = tmp_path / "layers.json"
     cfg.write_text(json.dumps({"layers": {"narrow": {"k": 2}}}))
