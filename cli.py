@@ -112,8 +112,9 @@ def main() -> None:
                    "input channels (image inputs), stay float: they waste most of each 64-bit word and "
                    "run slower than float (0: decompose every layer)")
 @click.option("--float-when-faster", is_flag=True,
-              help="keep float the convolutions estimated faster in onnxruntime fp32 than decomposed at their "
-                   "k and Q (small channel counts on large images): a faster, more accurate, larger file")
+              help="keep float the convolutions (and MatMuls over many rows) estimated faster in onnxruntime "
+                   "fp32 than decomposed at their k and Q (small channel counts on large images): a faster, "
+                   "more accurate, larger file")
 @click.option("--layer-config", type=click.Path(path_type=Path), help="per-layer k/q/skip (JSON or TOML)")
 @click.option("--report", type=click.Path(path_type=Path), help="write the conversion report as JSON")
 @click.option("--threads", type=int, help="onnxruntime threads during calibration")

@@ -30,6 +30,7 @@ ACT_SCALES = ("auto", "channel", "tensor")
 CHANNEL_MAX_BITS = 4  # "auto": per-channel steps up to this Q (and for depthwise inputs at any Q)
 MIN_DEPTH = 64  # layers with fewer weights per output stay float unless asked (see `convert`)
 IMAGE_CHANNELS = 4  # with min_depth > 0, convolutions over at most this many channels stay float too
+MATMUL_MIN_ROWS = 8  # --float-when-faster weighs MatMuls over at least this many rows per image (one kernel block)
 
 
 def resolve_recipe(path: str | Path, model: onnx.ModelProto, overrides: dict[str, Any] | None) -> tuple[Recipe, dict]:
@@ -108,9 +109,9 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     whatever its kernel size) stays float too: 3 of every 64 bits per tap, or a patch-packing pass,
     made ResNet-18's 7×7 conv1 cost 5.0 ms of 40 (float: the whole model 36.0 ms; AlexNet's 11×11
     conv1: 14.8 → 13.1 ms, AVX-512, one thread).
-    float_when_faster: convolutions that speed.py estimates faster in onnxruntime's fp32 than
-    decomposed at their (k, Q) stay float (faster *and* exact, at the price of their float
-    weights' bytes) when, with their neighbours, they save more than a switch between the runtimes
+    float_when_faster: convolutions (and MatMuls over MATMUL_MIN_ROWS+ rows per image) that
+    speed.py estimates faster in onnxruntime's fp32 than decomposed at their (k, Q) stay float
+    (faster *and* exact, at the price of their float weights' bytes) when, with their neighbours, they save more than a switch between the runtimes
     costs (speed.float_runs); with a budget, first those slower even at the cheapest setting, then
     those slower at the one allocated. Layers whose k or Q the layer config gives are decomposed.
     ResNet-56 `--budget 12`: its 16-channel first stage stays float, 1.25x faster end to end
@@ -268,13 +269,19 @@ def _allocation_settings() -> list[tuple[int, int]]:
 
 def _faster_in_float(L: rewrite.Layer, settings: list[tuple[int, int]]) -> tuple[float, str] | None:
     """(ms saved, reason) when onnxruntime's fp32 is estimated faster than the decomposed layer at
-    every one of `settings`, else None. Convolutions only: depthwise layers run their own kernel,
-    and Gemm / MatMul at batch 1 are memory-bound, where binary weights read a fraction of the
-    float bytes."""
-    if L.op != "Conv" or _depthwise(L) or L.out_pixels is None or len(L.weight_shape) != 4:
+    every one of `settings`, else None. Convolutions, and MatMuls over several rows per image
+    (ConvNeXt's and ViT's [N, H, W, C] / [N, tokens, C] inputs), which the kernels run as 1×1
+    convolutions over the rows and onnxruntime as a GEMM: at stage 1 of ConvNeXt-T (3136 rows,
+    96 ↔ 384 channels) fp32 was faster at k=Q=4. Not depthwise layers, which run their own
+    kernel, nor a Gemm or one-row MatMul: at batch 1 those are memory-bound, where binary weights
+    read a fraction of the float bytes."""
+    if L.op == "MatMul" and (L.out_pixels or 1) >= MATMUL_MIN_ROWS:
+        cin, taps, in_pixels = L.depth, 1, L.out_pixels
+    elif L.op != "Conv" or _depthwise(L) or L.out_pixels is None or len(L.weight_shape) != 4:
         return None
-    cin, taps = L.weight_shape[1] * L.group, L.weight_shape[2] * L.weight_shape[3]
-    in_pixels = L.out_pixels * L.strides[0] * L.strides[1]
+    else:
+        cin, taps = L.weight_shape[1] * L.group, L.weight_shape[2] * L.weight_shape[3]
+        in_pixels = L.out_pixels * L.strides[0] * L.strides[1]
     t_dec, (k, q) = min((speed.decomposed_ms(cin, L.cout, L.group, taps, in_pixels, L.out_pixels, k, q), (k, q))
                         for k, q in settings)
     t_float = speed.float_ms(cin, L.cout, L.group, taps, L.out_pixels)

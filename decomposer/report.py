@@ -87,10 +87,10 @@ class Report:
         return "\n".join(lines)
 
     def float_hint(self) -> str:
-        """One line on the decomposed convolutions estimated faster in float ('' if none)."""
+        """One line on the decomposed layers estimated faster in float ('' if none)."""
         f = self.faster_in_float
         if not f:
             return ""
-        return (f"note: {len(f['layers'])} decomposed convolution(s) are estimated faster in onnxruntime fp32 "
+        return (f"note: {len(f['layers'])} decomposed layer(s) are estimated faster in onnxruntime fp32 "
                 f"(together {f['est_ms']:.2f} ms per image on one thread); --float-when-faster keeps them "
                 f"float (faster and exact, a larger file)")

@@ -95,6 +95,18 @@ def test_with_the_option_or_nothing_faster_in_float_the_report_has_no_such_note(
     assert report.faster_in_float == {} and "--float-when-faster" not in report.table()
 
 
+@pytest.mark.parametrize("rows,stays_float", [(3136, True), (1, False)])
+def test_a_matmul_over_many_rows_is_weighed_like_a_one_by_one_conv_and_a_single_row_is_not(rows, stays_float, tmp_path):
+    # ConvNeXt-T's first-stage MLP (3136 rows, 96 → 384): fp32 was faster at k=Q=4; a one-row
+    # MatMul at batch 1 is memory-bound, where the binary weights win
+    rng = np.random.default_rng(0)
+    m = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mlp")], {"w": weights(rng, 96, 384)},
+                   ["N", rows, 96])
+    report = convert(save_model(m, tmp_path / "m.onnx"), tmp_path / "out.onnx", float_when_faster=True)
+    assert ("mlp" in reasons(report)) == stays_float
+    assert (not report.layers) == stays_float
+
+
 def test_a_layer_config_giving_k_decomposes_a_layer_estimated_faster_in_float(model, tmp_path):
     cfg = tmp_path / "layers.json"
     cfg.write_text(json.dumps({"layers": {"narrow": {"k": 2}}}))
