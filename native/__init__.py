@@ -80,20 +80,13 @@ _ENV_NAMES = ("BDECOMP_ISA", "BDECOMP_KERNEL", "BDECOMP_THREADS")
 try:
     _ENV_DATA = os.environ._data  # type: ignore[attr-defined]
     _ENV_KEYS = tuple(os.environ.encodekey(k) for k in _ENV_NAMES)  # type: ignore[attr-defined]
-    _THREADS_KEY = _ENV_KEYS[2]
 
     def _env_state() -> tuple:
         d = _ENV_DATA
         return (d.get(_ENV_KEYS[0]), d.get(_ENV_KEYS[1]), d.get(_ENV_KEYS[2]))
-
-    def _env_threads():
-        return _ENV_DATA.get(_THREADS_KEY)
 except AttributeError:  # pragma: no cover - other Python implementations
     def _env_state() -> tuple:
         return tuple(os.environ.get(k) for k in _ENV_NAMES)
-
-    def _env_threads():
-        return os.environ.get("BDECOMP_THREADS")
 _U64 = np.dtype(np.uint64)
 
 
@@ -296,6 +289,7 @@ def quantize_pack(
     channel_axis: int = 1,
     threads: int | None = None,
     channel_scales=None,
+    isa: str | None = None,
 ) -> np.ndarray:
     """Quantize float activations and pack them into bit planes.
 
@@ -304,7 +298,8 @@ def quantize_pack(
     for every channel, or ``channel_scales[c]`` if given: a 1-D array-like of C scales (finite,
     > 0 in float32; ``scale`` must then still be valid but is unused; sign mode ignores them after
     validation).  The zero point is shared by all channels.  Returns uint64 of shape (pixels,
-    groups, bits, ceil(C / groups / 64)) in the layout of bdecomp.h.
+    groups, bits, ceil(C / groups / 64)) in the layout of bdecomp.h.  ``isa``: None (BDECOMP_ISA, else
+    the best here), "scalar" (the plain loops) or "avx2" / "avx512" (the AVX2 code): the same bits.
 
     The checks of a (shape, options) combination run once and are cached: a repeated call on a
     float32 C-contiguous array only looks its plan up (channel_scales given as a numpy array are
@@ -320,15 +315,16 @@ def quantize_pack(
         else:
             fast = False
     if fast:
-        key = (x.shape, groups, scale, zero_point, bits, sign, channel_axis, threads, _env_threads(), cs_key)
+        key = (x.shape, groups, scale, zero_point, bits, sign, channel_axis, threads, isa, _env_state(), cs_key)
         try:
             plan = _QP_PLANS.get(key)
         except TypeError:  # unhashable option: the checks below reject it
             plan, key = None, None
     if not fast or plan is None:
         x, plan = _quantize_pack_plan(x, groups, scale, zero_point, bits, sign, channel_axis, threads,
-                                      channel_scales)
-        if key is not None and all(type(v) in (int, type(None)) for v in (groups, bits, zero_point, channel_axis, threads)):
+                                      channel_scales, isa)
+        if key is not None and all(type(v) in (int, type(None)) for v in (groups, bits, zero_point, channel_axis, threads)) \
+                and type(isa) in (str, type(None)):
             if len(_QP_PLANS) >= 256:
                 _QP_PLANS.clear()
             _QP_PLANS[key] = plan
@@ -336,11 +332,11 @@ def quantize_pack(
 
 
 def _quantize_pack_call(plan, x: np.ndarray) -> np.ndarray:
-    outer, channels, inner, groups_v, scale_v, zp, bits_v, sign_v, nthreads, shape, cs_ptr = plan
+    outer, channels, inner, groups_v, scale_v, zp, bits_v, sign_v, nthreads, shape, cs_ptr, isa_id = plan
     act = np.empty(shape, dtype=np.uint64)
     # cs_ptr: ffi.NULL or a cffi buffer over the plan's own float32 copy (alive with `plan`)
     rc = lib.bd_quantize_pack(ffi.from_buffer("float[]", x), outer, channels, inner, groups_v, scale_v,
-                              cs_ptr, zp, bits_v, sign_v, ffi.from_buffer("uint64_t[]", act), nthreads)
+                              cs_ptr, zp, bits_v, sign_v, ffi.from_buffer("uint64_t[]", act), isa_id, nthreads)
     if rc != lib.BD_OK:
         _check_status(rc, "bd_quantize_pack")
     return act
@@ -371,13 +367,15 @@ def _quantize_pack_plan_options(x, options: dict):
     options = dict(options)
     x, plan = _quantize_pack_plan(x, options.pop("groups"), options.pop("scale"), options.pop("zero_point"),
                                   options.pop("bits"), options.pop("sign", False), options.pop("channel_axis", 1),
-                                  options.pop("threads", None), options.pop("channel_scales", None))
+                                  options.pop("threads", None), options.pop("channel_scales", None),
+                                  options.pop("isa", None))
     if options:
         raise TypeError(f"unknown options: {', '.join(sorted(options))}")
     return x, plan
 
 
-def _quantize_pack_plan(x, groups, scale, zero_point, bits, sign, channel_axis, threads, channel_scales=None):
+def _quantize_pack_plan(x, groups, scale, zero_point, bits, sign, channel_axis, threads, channel_scales=None,
+                        isa=None):
     """quantize_pack's checks: (x as float32 C-contiguous, the C arguments and output shape)."""
     if not isinstance(x, np.ndarray):
         raise ValueError(f"x must be a numpy array, got {type(x).__name__}")
@@ -407,7 +405,7 @@ def _quantize_pack_plan(x, groups, scale, zero_point, bits, sign, channel_axis, 
     # the cffi buffer keeps the private float32 copy alive as long as the plan
     cs_ptr = ffi.NULL if cs is None else ffi.from_buffer("float[]", cs)
     return x, (outer, channels, inner, groups, scale_v, zero_point, bits, int(sign), _threads(threads),
-               (outer * inner, groups, bits, wpg), cs_ptr)
+               (outer * inner, groups, bits, wpg), cs_ptr, _resolve_isa(isa))
 
 
 def im2col_quantize_pack(
@@ -423,6 +421,7 @@ def im2col_quantize_pack(
     sign: bool = False,
     threads: int | None = None,
     channel_scales=None,
+    isa: str | None = None,
 ) -> tuple[np.ndarray, int, int, int]:
     """Packed patches of a (groups = 1) convolution of x float32 [N, C, H, W], in one C pass:
     exactly ``quantize_pack(im2col(x), groups=1, ...)`` (taps in the zero padding get the code of
@@ -430,7 +429,7 @@ def im2col_quantize_pack(
     as in quantize_pack (patch element (c, ky, kx) uses channel c's scale, i.e. quantize_pack of
     the im2col with the scales repeated KH·KW times each).  Returns (act, n, oh, ow): act is the
     (n·oh·ow, 1, bits, ceil(C·KH·KW / 64)) input of a 1×1 PackedConv with cin = C·KH·KW on an
-    n × oh × ow image."""
+    n × oh × ow image.  ``isa`` as in quantize_pack."""
     if not isinstance(x, np.ndarray) or x.ndim != 4:
         raise ValueError(f"x must be a float32 numpy array [N, C, H, W], got {getattr(x, 'shape', type(x).__name__)}")
     x = _float32_c(x)
@@ -462,7 +461,7 @@ def im2col_quantize_pack(
         raise ValueError("im2col size mismatch")
     cs_buf = ffi.NULL if cs is None else ffi.from_buffer("float[]", cs)  # alive for the call
     rc = lib.bd_im2col_quantize_pack(ffi.cast("const float *", ffi.from_buffer(x)), p, cs_buf,
-                                     ffi.cast("uint64_t *", ffi.from_buffer(act)), _threads(threads))
+                                     ffi.cast("uint64_t *", ffi.from_buffer(act)), _resolve_isa(isa), _threads(threads))
     _check_status(rc, "bd_im2col_quantize_pack")
     return act, n, oh, ow
 
@@ -790,7 +789,7 @@ class PackedConv:
 
 
 def quantize_codes(x: np.ndarray, *, scale: float, zero_point: int, bits: int, channel_scales=None,
-                   threads: int | None = None) -> np.ndarray:
+                   threads: int | None = None, isa: str | None = None) -> np.ndarray:
     """uint8 codes of float activations x [N, C, *spatial] (same shape): exactly the codes
     quantize_pack packs (same arguments, channel axis 1), for the depthwise kernel."""
     if not isinstance(x, np.ndarray) or x.ndim < 2 or x.size == 0:
@@ -803,7 +802,7 @@ def quantize_codes(x: np.ndarray, *, scale: float, zero_point: int, bits: int, c
     codes = np.empty(x.shape, dtype=np.uint8)
     rc = lib.bd_quantize_codes(ffi.from_buffer("float[]", x), outer, channels, inner, scale_v,
                                ffi.NULL if cs is None else ffi.from_buffer("float[]", cs), zero_point, bits,
-                               ffi.from_buffer("uint8_t[]", codes), _threads(threads))
+                               ffi.from_buffer("uint8_t[]", codes), _resolve_isa(isa), _threads(threads))
     _check_status(rc, "bd_quantize_codes")
     return codes
 
@@ -921,12 +920,12 @@ class Chain:
         (reference, shape) of the packed activations."""
         x = np.empty(shape, np.float32)  # for the checks: only its shape is used
         _, plan = _quantize_pack_plan_options(x, options)
-        outer, channels, inner, groups, scale_v, zp, bits, sign, nthreads, act_shape, cs_ptr = plan
+        outer, channels, inner, groups, scale_v, zp, bits, sign, nthreads, act_shape, cs_ptr, isa_id = plan
         self._keep_alive.append(cs_ptr)
         dst = self._buffer(8 * math.prod(act_shape))
         self._add(op=lib.BD_STEP_QUANTIZE_PACK, nthreads=nthreads, src=src, dst=dst, outer=outer,
                   channels=channels, inner=inner, groups=groups, scale=scale_v, channel_scales=cs_ptr,
-                  zero_point=zp, bits=bits, sign=sign)
+                  zero_point=zp, bits=bits, sign=sign, isa=isa_id)
         return dst, act_shape
 
     def conv(self, kernel: "PackedConv", act: int, n: int, h: int, w: int, *, residual: int | None = None,

@@ -110,10 +110,13 @@ int64_t bd_tap_sum_count(const bd_conv_params *p);      /* Cout·KH·KW·k      
  * s_c = channel_scales[c] (`channels` floats, each finite and > 0, else BD_EINVAL); the quotient
  * is the same single float division x / s_c (onnxruntime's Div by a [1, C, 1, 1] scale, bit for
  * bit).  `scale` is then unused but must still be finite and > 0.  The zero point is shared by
- * all channels.  Sign mode uses no scale: channel_scales is ignored (not read) there. */
+ * all channels.  Sign mode uses no scale: channel_scales is ignored (not read) there.
+ * isa: BD_ISA_SCALAR forces the scalar loops, AVX2 or AVX512 the AVX2 code (the same codes, bit for
+ * bit); BD_EUNSUPPORTED if this CPU cannot run it.  The same for bd_quantize_codes and
+ * bd_im2col_quantize_pack. */
 int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t inner,
                      int64_t groups, float scale, const float *channel_scales, int32_t zero_point,
-                     int32_t bits, int32_t sign, uint64_t *act, int32_t nthreads);
+                     int32_t bits, int32_t sign, uint64_t *act, int32_t isa, int32_t nthreads);
 
 /* Reorder file-layout basis bits into the kernel layout and compute the tap sums. */
 int bd_pack_weights(const bd_conv_params *p, const uint8_t *basis, int64_t basis_bytes,
@@ -153,7 +156,7 @@ int bd_conv_lut(const bd_conv_params *p, const uint64_t *act, const uint8_t *wlu
  * scales.  Sign mode ignores channel_scales (not read). */
 int64_t bd_im2col_words(const bd_conv_params *p);
 int bd_im2col_quantize_pack(const float *x, const bd_conv_params *p, const float *channel_scales,
-                            uint64_t *act, int32_t nthreads);
+                            uint64_t *act, int32_t isa, int32_t nthreads);
 
 /* Depthwise convolutions (groups = C = Cout, affine mode) straight from activation codes
  * (native/depthwise.c): bit planes of a single channel would leave each 64-bit word almost empty.
@@ -164,7 +167,7 @@ int bd_im2col_quantize_pack(const float *x, const bd_conv_params *p, const float
  *     for bit.  Uses the geometry, bits, zero_point, scale, k and clamp of `p`. */
 int bd_quantize_codes(const float *x, int64_t outer, int64_t channels, int64_t inner, float scale,
                       const float *channel_scales, int32_t zero_point, int32_t bits, uint8_t *codes,
-                      int32_t nthreads);
+                      int32_t isa, int32_t nthreads);
 int bd_conv_depthwise(const bd_conv_params *p, const uint8_t *codes, const int8_t *basis_pm,
                       const float *coeffs, const float *bias, float *out, int32_t *acc,
                       int32_t nthreads);
@@ -195,7 +198,7 @@ typedef struct {
     const void *weights;
     const int32_t *tap_sums;
     const float *coeffs, *bias;
-    int32_t isa;
+    int32_t isa; /* every op: the ISA of its public function */
 } bd_step;
 int bd_run_steps(const bd_step *steps, int64_t nsteps, uint8_t *arena, int64_t arena_bytes,
                  void *const *external, int64_t nexternal, int64_t *failed);

@@ -49,7 +49,7 @@ int64_t bd_weight_words(const bd_conv_params *p);
 int64_t bd_tap_sum_count(const bd_conv_params *p);
 int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t inner,
                      int64_t groups, float scale, const float *channel_scales, int32_t zero_point,
-                     int32_t bits, int32_t sign, uint64_t *act, int32_t nthreads);
+                     int32_t bits, int32_t sign, uint64_t *act, int32_t isa, int32_t nthreads);
 int bd_pack_weights(const bd_conv_params *p, const uint8_t *basis, int64_t basis_bytes,
                     uint64_t *wpacked, int32_t *tap_sums);
 int bd_conv(const bd_conv_params *p, const uint64_t *act, const uint64_t *wpacked,
@@ -59,7 +59,7 @@ double bd_popcount_peak(int32_t isa, double seconds);
 int32_t bd_conv_threads(const bd_conv_params *p, int32_t nthreads);
 int64_t bd_im2col_words(const bd_conv_params *p);
 int bd_im2col_quantize_pack(const float *x, const bd_conv_params *p, const float *channel_scales,
-                            uint64_t *act, int32_t nthreads);
+                            uint64_t *act, int32_t isa, int32_t nthreads);
 int64_t bd_lut_weight_bytes(const bd_conv_params *p);
 int bd_pack_weights_lut(const bd_conv_params *p, const uint64_t *wpacked, uint8_t *wlut);
 int bd_lut_supported(const bd_conv_params *p, int32_t isa);
@@ -68,7 +68,7 @@ int bd_conv_lut(const bd_conv_params *p, const uint64_t *act, const uint8_t *wlu
                 int32_t *acc, int32_t isa, int32_t nthreads);
 int bd_quantize_codes(const float *x, int64_t outer, int64_t channels, int64_t inner, float scale,
                       const float *channel_scales, int32_t zero_point, int32_t bits, uint8_t *codes,
-                      int32_t nthreads);
+                      int32_t isa, int32_t nthreads);
 int bd_conv_depthwise(const bd_conv_params *p, const uint8_t *codes, const int8_t *basis_pm,
                       const float *coeffs, const float *bias, float *out, int32_t *acc,
                       int32_t nthreads);

@@ -57,7 +57,7 @@ int bd_conv_lut_avx512vl(const bd_conv_params *p, const bd_geom *gm, const uint6
  * check of optional per-channel scales (BD_OK if NULL or all n finite and > 0, else BD_EINVAL) and
  * the BDECOMP_MIN_PARALLEL_WORK override of the single-thread thresholds. */
 int bd_im2col_pack_impl(const float *x, const bd_conv_params *p, const float *channel_scales,
-                        uint64_t *act, int32_t nthreads);
+                        uint64_t *act, int32_t isa, int32_t nthreads);
 int bd_check_channel_scales(const float *channel_scales, int64_t n);
 int64_t bd_min_parallel_work(int64_t dflt);
 

@@ -176,7 +176,7 @@ int bd_check_channel_scales(const float *channel_scales, int64_t n)
 
 int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t inner,
                      int64_t groups, float scale, const float *channel_scales, int32_t zero_point,
-                     int32_t bits, int32_t sign, uint64_t *act, int32_t nthreads)
+                     int32_t bits, int32_t sign, uint64_t *act, int32_t isa, int32_t nthreads)
 {
     if (!x || !act) return BD_EINVAL;
     if (outer <= 0 || channels <= 0 || inner <= 0 || groups <= 0) return BD_EINVAL;
@@ -204,7 +204,9 @@ int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t in
     if (nthreads > BD_MAX_THREADS) nthreads = BD_MAX_THREADS;
     if (total < bd_min_parallel_work(32768) && nthreads > 1) nthreads = 1; /* small: not worth a thread wake-up */
 
-    const int avx2 = bd_isa_supported(BD_ISA_AVX2);
+    if (isa < BD_ISA_SCALAR || isa > BD_ISA_AVX512) return BD_EINVAL;
+    if (!bd_isa_supported(isa)) return BD_EUNSUPPORTED;
+    const int avx2 = isa >= BD_ISA_AVX2; /* AVX-512 machines run the AVX2 code here */
     if (inner == 1) {
         /* channel-last: one pixel's channels are contiguous */
 #pragma omp parallel for schedule(static) num_threads(nthreads)
@@ -306,7 +308,7 @@ int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t in
  * by the same code_of / codes_avx2 arithmetic as the bit planes above. */
 int bd_quantize_codes(const float *x, int64_t outer, int64_t channels, int64_t inner, float scale,
                       const float *channel_scales, int32_t zero_point, int32_t bits, uint8_t *codes,
-                      int32_t nthreads)
+                      int32_t isa, int32_t nthreads)
 {
     if (!x || !codes || outer <= 0 || channels <= 0 || inner <= 0) return BD_EINVAL;
     if (bits < 1 || bits > 8 || zero_point < 0 || zero_point > (1 << bits) - 1) return BD_EINVAL;
@@ -320,8 +322,10 @@ int bd_quantize_codes(const float *x, int64_t outer, int64_t channels, int64_t i
     if (nthreads <= 0) nthreads = 1;
     if (nthreads > BD_MAX_THREADS) nthreads = BD_MAX_THREADS;
     if (total < bd_min_parallel_work(1 << 18) && nthreads > 1) nthreads = 1;
+    if (isa < BD_ISA_SCALAR || isa > BD_ISA_AVX512) return BD_EINVAL;
+    if (!bd_isa_supported(isa)) return BD_EUNSUPPORTED;
 #if defined(__x86_64__) || defined(__i386__)
-    const int avx2 = bd_isa_supported(BD_ISA_AVX2);
+    const int avx2 = isa >= BD_ISA_AVX2;
 #endif
 #pragma omp parallel num_threads(nthreads)
     {
@@ -357,7 +361,7 @@ int bd_quantize_codes(const float *x, int64_t outer, int64_t channels, int64_t i
  * checked, NULL in sign mode) pass 1 quantizes plane (n, c) with channel_scales[c]; the padding
  * code stays z (0 / s = 0 for every s > 0). */
 int bd_im2col_pack_impl(const float *x, const bd_conv_params *p, const float *channel_scales,
-                        uint64_t *act, int32_t nthreads)
+                        uint64_t *act, int32_t isa, int32_t nthreads)
 {
     const int64_t N = p->n, C = p->c, H = p->h, W = p->w, KH = p->kh, KW = p->kw;
     const int64_t OH = p->oh, OW = p->ow, D = C * KH * KW, wpg = (D + 63) / 64;
@@ -372,7 +376,7 @@ int bd_im2col_pack_impl(const float *x, const bd_conv_params *p, const float *ch
     uint8_t *codes = (uint8_t *)malloc((size_t)(planes * hw));
     if (!codes) return BD_ENOMEM;
 #if defined(__x86_64__) || defined(__i386__)
-    const int avx2 = bd_isa_supported(BD_ISA_AVX2);
+    const int avx2 = isa >= BD_ISA_AVX2; /* validated by bd_im2col_quantize_pack */
 #endif
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)

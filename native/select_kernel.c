@@ -310,14 +310,16 @@ int64_t bd_im2col_words(const bd_conv_params *p)
 }
 
 int bd_im2col_quantize_pack(const float *x, const bd_conv_params *p, const float *channel_scales,
-                            uint64_t *act, int32_t nthreads)
+                            uint64_t *act, int32_t isa, int32_t nthreads)
 {
     if (!x || !act || bd_im2col_words(p) <= 0) return BD_EINVAL;
     const int64_t in[4] = {p->n, p->c, p->h, p->w};
     if (bd_checked_prod(in, 4) < 0) return BD_EINVAL;
     if (p->sign) channel_scales = NULL; /* sign mode uses no scale */
     if (bd_check_channel_scales(channel_scales, p->c) != BD_OK) return BD_EINVAL;
-    return bd_im2col_pack_impl(x, p, channel_scales, act, nthreads);
+    if (isa < BD_ISA_SCALAR || isa > BD_ISA_AVX512) return BD_EINVAL;
+    if (!bd_isa_supported(isa)) return BD_EUNSUPPORTED;
+    return bd_im2col_pack_impl(x, p, channel_scales, act, isa, nthreads);
 }
 
 double bd_popcount_peak(int32_t isa, double seconds)

@@ -34,7 +34,7 @@ static int run_quantize_pack(const bd_step *s, uint8_t *arena, int64_t arena_byt
     if (!x || !act) return BD_EINVAL;
     return bd_quantize_pack((const float *)x, s->outer, s->channels, s->inner, s->groups, s->scale,
                             s->channel_scales, s->zero_point, s->bits, s->sign, (uint64_t *)act,
-                            s->nthreads);
+                            s->isa, s->nthreads);
 }
 
 static int run_conv(const bd_step *s, uint8_t *arena, int64_t arena_bytes, void *const *external,

@@ -374,13 +374,13 @@ def test_c_entry_points_reject_bad_channel_scales_with_einval(value):
     for cs, status in ((ffi.NULL, lib.BD_OK), (good, lib.BD_OK), (bad, lib.BD_EINVAL)):
         csp = cs if cs is ffi.NULL else ffi.from_buffer("float[]", cs)
         for inner in (9, 1):  # channel-first and channel-last
-            assert lib.bd_quantize_pack(xp, 1, 4, inner, 1, 1.0, csp, 0, 4, 0, ap, 1) == status
+            assert lib.bd_quantize_pack(xp, 1, 4, inner, 1, 1.0, csp, 0, 4, 0, ap, 0, 1) == status
         p = ffi.new("bd_conv_params *")
         p.n, p.h, p.w, p.c, p.groups, p.cout, p.kh, p.kw = 1, 3, 3, 4, 1, 1, 3, 3
         p.stride_h = p.stride_w = p.dil_h = p.dil_w = 1
         p.pad_top = p.pad_left = p.pad_bottom = p.pad_right = 1
         p.oh, p.ow, p.bits, p.k, p.scale = 3, 3, 4, 1, 1.0
         p.act_min, p.act_max = float("-inf"), float("inf")
-        assert lib.bd_im2col_quantize_pack(xp, p, csp, ap, 1) == status
+        assert lib.bd_im2col_quantize_pack(xp, p, csp, ap, 0, 1) == status
         # sign mode reads no scale: the bad ones are ignored
-        assert lib.bd_quantize_pack(xp, 1, 4, 9, 1, 1.0, csp, 0, 1, 1, ap, 1) == lib.BD_OK
+        assert lib.bd_quantize_pack(xp, 1, 4, 9, 1, 1.0, csp, 0, 1, 1, ap, 0, 1) == lib.BD_OK

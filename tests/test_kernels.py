@@ -317,6 +317,41 @@ def test_quantize_pack_channel_last_equals_channel_first_of_the_transpose(a):
     np.testing.assert_array_equal(got, expect)
 
 
+@SETTINGS
+@given(a=activations(), per_channel=st.booleans(), last=st.booleans())
+def test_every_isa_quantizes_to_the_same_bits(a, per_channel, last):
+    """The scalar loops (forced by isa / BDECOMP_ISA=scalar, the only code on non-x86) and the
+    AVX2 code give the same planes, channel-first or channel-last, one step or one per channel;
+    the reference tests above pin the best ISA's bits."""
+    x = a["x"]
+    c = x.shape[1]
+    cs = None if not per_channel else (np.random.default_rng(c).uniform(0.5, 2.0, c) * a["scale"]).astype(np.float32)
+    xin, axis = (np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1) if last else (x, 1)
+    got = {isa: native.quantize_pack(xin, groups=a["groups"], scale=a["scale"], zero_point=a["zero_point"],
+                                     bits=a["bits"], sign=a["sign"], channel_axis=axis, channel_scales=cs,
+                                     threads=2, isa=isa) for isa in ISAS}
+    for isa in ISAS[1:]:
+        np.testing.assert_array_equal(got[isa], got["scalar"])
+    if not a["sign"] and x.ndim == 4:
+        codes = {isa: native.quantize_codes(x, scale=a["scale"], zero_point=a["zero_point"], bits=a["bits"],
+                                            channel_scales=cs, isa=isa) for isa in ISAS}
+        patches = {isa: native.im2col_quantize_pack(x, kernel=(3, 3), pads=(1, 1, 1, 1), scale=a["scale"],
+                                                    zero_point=a["zero_point"], bits=a["bits"], channel_scales=cs,
+                                                    isa=isa)[0] for isa in ISAS}
+        for isa in ISAS[1:]:
+            np.testing.assert_array_equal(codes[isa], codes["scalar"])
+            np.testing.assert_array_equal(patches[isa], patches["scalar"])
+
+
+def test_quantize_pack_reads_bdecomp_isa_and_refuses_an_unknown_isa(monkeypatch):
+    x = np.ones((1, 4, 2, 2), np.float32)
+    with pytest.raises(ValueError, match="isa"):
+        native.quantize_pack(x, groups=1, scale=1.0, zero_point=0, bits=2, isa="neon")
+    monkeypatch.setenv("BDECOMP_ISA", "neon")
+    with pytest.raises(ValueError, match="BDECOMP_ISA"):
+        native.quantize_pack(x, groups=1, scale=1.0, zero_point=0, bits=2)
+
+
 def test_quantize_rounds_half_to_even_and_saturates():
     x = np.array([[0.5, 1.5, 2.5, -0.5, -1.5, 100.0, -100.0, np.nan]], np.float32)
     codes = ref.quantize(x, 1.0, 4, 4)
@@ -450,7 +485,7 @@ def test_c_layer_rejects_inconsistent_parameters_with_einval():
     assert lib.bd_act_words(p) == 1
     p.oh = 2  # does not match the formula
     assert lib.bd_act_words(p) == 0
-    assert lib.bd_quantize_pack(ffi.NULL, 1, 1, 1, 1, 1.0, ffi.NULL, 0, 1, 0, ffi.NULL, 1) == lib.BD_EINVAL
+    assert lib.bd_quantize_pack(ffi.NULL, 1, 1, 1, 1, 1.0, ffi.NULL, 0, 1, 0, ffi.NULL, 0, 1) == lib.BD_EINVAL
     assert lib.bd_popcount_peak(99, 0.01) == 0.0
 
 
