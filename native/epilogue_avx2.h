@@ -353,20 +353,22 @@ static inline void bd_epilogue_flush_avx2(const int32_t *Ablk, int64_t a_stride,
  * g·coutg·K, lane j·coutg + i for channel i; a_stride ≥ G·coutg·K + 8, all BD_EPI_BLOCK rows
  * readable), bit for bit bd_epilogue per output: y = ((0 + c_0·A_0) + c_1·A_1) + …, for 8
  * channels per instruction straight from the accumulators (no products to reorder), · s + bias,
- * then an 8×8 transpose so each channel's pixels are one contiguous store; + residual, clamp.
- * e: bd_epilogue_tables_make(basis_major = 1); out0 / res0 as in bd_epilogue_flush_avx2. */
+ * + residual, clamp.  Output (and residual) channel co of pixel p at out0 + co·ch_stride +
+ * p·px_stride: px_stride = 1 (NCHW rows: an 8×8 transpose first, so each channel's pixels are
+ * one contiguous store), or ch_stride = 1 (a gemm's rows, [N][Cout]: each pixel's 8 channels
+ * stored as they are).  e: bd_epilogue_tables_make(basis_major = 1). */
 static inline void bd_epilogue_flush_bm_avx2(const int32_t *Ablk, int64_t a_stride, int npx, int64_t G,
                                              int64_t coutg, int32_t K, const bd_epilogue_tables *e,
-                                             float scale, float lo, float hi, float *out0, int64_t plane,
-                                             const float *res0)
+                                             float scale, float lo, float hi, float *out0, int64_t ch_stride,
+                                             int64_t px_stride, const float *res0)
 {
     const __m256 vs = _mm256_set1_ps(scale), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
     const int64_t lanes = coutg * K;
     for (int64_t g = 0; g < G; ++g) {
         const int32_t *Ag = Ablk + g * lanes;
         const float *cg = e->c + g * lanes, *bg = e->bias ? e->bias + g * coutg : NULL;
-        float *og = out0 + g * coutg * plane;
-        const float *rg = res0 ? res0 + g * coutg * plane : NULL;
+        float *og = out0 + g * coutg * ch_stride;
+        const float *rg = res0 ? res0 + g * coutg * ch_stride : NULL;
         int64_t i0 = 0;
         for (; i0 + 8 <= coutg; i0 += 8) {
             const __m256 vb = bg ? _mm256_loadu_ps(bg + i0) : _mm256_setzero_ps();
@@ -379,50 +381,17 @@ static inline void bd_epilogue_flush_bm_avx2(const int32_t *Ablk, int64_t a_stri
                                                                    (const __m256i *)(Ag + p * a_stride + j * coutg + i0)))));
             }
             for (int p = 0; p < BD_EPI_BLOCK; ++p) r[p] = _mm256_add_ps(_mm256_mul_ps(r[p], vs), vb);
-            bd_transpose8_ps(r); /* r[i] = channel i0 + i over the 8 pixels */
-            for (int i = 0; i < 8; ++i)
-                bd_store_channel8(og + (i0 + i) * plane, rg ? rg + (i0 + i) * plane : NULL, r[i], npx, vlo, vhi);
-        }
-        for (; i0 < coutg; ++i0) /* the same float operations, one channel */
-            for (int p = 0; p < npx; ++p) {
-                float acc = 0.0f;
-                for (int32_t j = 0; j < K; ++j) acc += cg[j * coutg + i0] * (float)Ag[p * a_stride + j * coutg + i0];
-                float y = acc * scale + (bg ? bg[i0] : 0.0f);
-                if (rg) y += rg[i0 * plane + p];
-                if (y < lo) y = lo;
-                if (y > hi) y = hi;
-                og[i0 * plane + p] = y;
-            }
-    }
-}
-
-/* bd_epilogue_flush_bm_avx2 for outputs stored pixel-major: pixel p's channels at out0 +
- * p·px_stride (a gemm's rows, [N][Cout] with px_stride = Cout), the residual likewise.  Each
- * pixel's 8-channel sums are stored as they are, with no transpose; the float operations are
- * those of bd_epilogue_flush_bm_avx2, so the bits are the same. */
-static inline void bd_epilogue_flush_bm_rows_avx2(const int32_t *Ablk, int64_t a_stride, int npx, int64_t G,
-                                                  int64_t coutg, int32_t K, const bd_epilogue_tables *e,
-                                                  float scale, float lo, float hi, float *out0, int64_t px_stride,
-                                                  const float *res0)
-{
-    const __m256 vs = _mm256_set1_ps(scale), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
-    const int64_t lanes = coutg * K;
-    for (int64_t g = 0; g < G; ++g) {
-        const int32_t *Ag = Ablk + g * lanes;
-        const float *cg = e->c + g * lanes, *bg = e->bias ? e->bias + g * coutg : NULL;
-        float *og = out0 + g * coutg;
-        const float *rg = res0 ? res0 + g * coutg : NULL;
-        int64_t i0 = 0;
-        for (; i0 + 8 <= coutg; i0 += 8) {
-            const __m256 vb = bg ? _mm256_loadu_ps(bg + i0) : _mm256_setzero_ps();
-            for (int p = 0; p < npx; ++p) {
-                __m256 r = _mm256_setzero_ps();
-                for (int32_t j = 0; j < K; ++j)
-                    r = _mm256_add_ps(r, _mm256_mul_ps(_mm256_loadu_ps(cg + j * coutg + i0), _mm256_cvtepi32_ps(
-                                                           _mm256_loadu_si256((const __m256i *)(Ag + p * a_stride + j * coutg + i0)))));
-                r = _mm256_add_ps(_mm256_mul_ps(r, vs), vb);
-                if (rg) r = _mm256_add_ps(r, _mm256_loadu_ps(rg + p * px_stride + i0));
-                _mm256_storeu_ps(og + p * px_stride + i0, _mm256_min_ps(vhi, _mm256_max_ps(vlo, r)));
+            if (px_stride == 1) {
+                bd_transpose8_ps(r); /* r[i] = channel i0 + i over the 8 pixels */
+                for (int i = 0; i < 8; ++i)
+                    bd_store_channel8(og + (i0 + i) * ch_stride, rg ? rg + (i0 + i) * ch_stride : NULL, r[i], npx,
+                                      vlo, vhi);
+            } else {
+                for (int p = 0; p < npx; ++p) {
+                    __m256 y = r[p];
+                    if (rg) y = _mm256_add_ps(y, _mm256_loadu_ps(rg + p * px_stride + i0));
+                    _mm256_storeu_ps(og + p * px_stride + i0, _mm256_min_ps(vhi, _mm256_max_ps(vlo, y)));
+                }
             }
         }
         for (; i0 < coutg; ++i0) /* the same float operations, one channel */
@@ -430,10 +399,10 @@ static inline void bd_epilogue_flush_bm_rows_avx2(const int32_t *Ablk, int64_t a
                 float acc = 0.0f;
                 for (int32_t j = 0; j < K; ++j) acc += cg[j * coutg + i0] * (float)Ag[p * a_stride + j * coutg + i0];
                 float y = acc * scale + (bg ? bg[i0] : 0.0f);
-                if (rg) y += rg[p * px_stride + i0];
+                if (rg) y += rg[i0 * ch_stride + p * px_stride];
                 if (y < lo) y = lo;
                 if (y > hi) y = hi;
-                og[p * px_stride + i0] = y;
+                og[i0 * ch_stride + p * px_stride] = y;
             }
     }
 }

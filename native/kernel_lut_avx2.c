@@ -453,14 +453,10 @@ int BD_CONV_LUT_FN(const bd_conv_params *p, const bd_geom *gm, const uint64_t *a
                     }
                     b += np;
                 }
-                if (gemm)
-                    bd_epilogue_flush_bm_rows_avx2(Ablk, a_stride, npx, G, COUTG, K, &e, p->scale, p->act_min,
-                                                   p->act_max, out + (n + bx) * COUT, COUT,
-                                                   p->residual ? p->residual + (n + bx) * COUT : NULL);
-                else
-                    bd_epilogue_flush_bm_avx2(Ablk, a_stride, npx, G, COUTG, K, &e, p->scale, p->act_min, p->act_max,
-                                              out + (n * COUT * OH + oy) * OW + bx, OH * OW,
-                                              p->residual ? p->residual + (n * COUT * OH + oy) * OW + bx : NULL);
+                const int64_t o0 = gemm ? (n + bx) * COUT : (n * COUT * OH + oy) * OW + bx;
+                bd_epilogue_flush_bm_avx2(Ablk, a_stride, npx, G, COUTG, K, &e, p->scale, p->act_min, p->act_max,
+                                          out + o0, gemm ? 1 : OH * OW, gemm ? COUT : 1,
+                                          p->residual ? p->residual + o0 : NULL);
             }
         }
         free(s32);
