@@ -531,6 +531,7 @@ def compare(original: str | Path, decomposed: str | Path, data: str | Path, *, l
     cms: dict[str, np.ndarray] = {}
     agree_px = {k: 0 for k in models}
     n_px = 0
+    label_max, n_cls = -1, None  # segmentation: the largest label id seen (not ignored), the model's classes
     n_images = 0
     first_x = None
     bar = _tqdm(len(items), "accuracy", progress)
@@ -547,6 +548,8 @@ def compare(original: str | Path, decomposed: str | Path, data: str | Path, *, l
             n_cls = outs["original"].shape[1]
             for i, s in enumerate(meta):
                 mask = load_label_mask(s.label_path, preds["original"].shape[1:3])
+                ids = mask[mask != ignore_index] if ignore_index is not None else mask
+                label_max = max(label_max, int(ids.max())) if ids.size else label_max
                 for k, p in preds.items():
                     cm = metrics.confusion_matrix(p[i], mask, n_cls, ignore_index)
                     cms[k] = cm if k not in cms else cms[k] + cm
@@ -555,6 +558,13 @@ def compare(original: str | Path, decomposed: str | Path, data: str | Path, *, l
         n_images += len(meta)
         bar.update(len(meta))
     bar.close()
+    if task == "segmentation" and n_cls is not None and label_max >= n_cls:
+        notes.append(f"the labels use class ids up to {label_max} but the model predicts {n_cls} classes (0-{n_cls - 1}): "
+                     "pixels of the other ids can never be right; check that both follow the same class list")
+    elif task == "segmentation" and 0 <= label_max < (n_cls or 0) - 1 - (ignore_index == (n_cls or 0) - 1):
+        notes.append(f"the labels seen use class ids 0-{label_max}"
+                     + (f" (besides the ignored {ignore_index})" if ignore_index is not None else "")
+                     + f" of the model's {n_cls}: the scores compare ids as they are")
 
     entries: dict[str, dict] = {}
     for k in models:

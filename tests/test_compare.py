@@ -187,6 +187,26 @@ def test_segmentation_pairs_with_ignore_index(tmp_path):
     assert rep2["original"]["pixel_acc"] == 1.0 and rep2["decomposed"]["miou"] == rep["decomposed"]["miou"]
 
 
+@pytest.mark.parametrize("extra_id,note", [(None, None), (9, "can never be right")])
+def test_labels_outside_the_models_classes_are_pointed_out(tmp_path, extra_id, note):
+    orig, dec = _segmenter(tmp_path)
+    d = tmp_path / "camvidish"
+    imgs = make_images(d / "test", 3, (16, 16), seed=3)
+    (d / "testannot").mkdir()
+    paths = sorted(imgs.glob("*.png"))
+    outs = _original_outputs(orig, paths)
+    n_cls = outs[0].shape[1]
+    for i, (p, y) in enumerate(zip(paths, outs)):
+        mask = np.argmax(y[0], axis=0).astype(np.uint8)
+        mask[0, :n_cls] = np.arange(n_cls)  # every class of the model appears
+        if extra_id is not None and i == 0:
+            mask[1, 0] = extra_id  # an id the model cannot predict
+        Image.fromarray(mask, "L").save(d / "testannot" / p.name)
+    rep = compare(orig, dec, d, **FAST)
+    found = [n for n in rep["notes"] if "class" in n]
+    assert (found == []) if note is None else (len(found) == 1 and note in found[0])
+
+
 def test_a_channels_last_segmenter_is_scored_on_its_last_axis(tmp_path):
     """Labels are the channels-first twin's own argmax: the channels-last model, same layers, must
     score 100 % pixel accuracy too (argmax over axis 1 of [N, H, W, C] would be over H)."""
