@@ -154,6 +154,10 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     model, folded = simplify.fold_batchnorm(model)
     model = simplify.infer_shapes(model)
     layers, floats = rewrite.find_layers(model)
+    if not layers and (any(why == rewrite.QUANTIZED_WEIGHT for *_, why in floats)
+                       or any(n.op_type in rewrite.QUANTIZED_OPS for n in model.graph.node)):
+        raise ModelError(f"{model_path}: an int8-quantized model (its layers' weights are already integers); "
+                         "bdecomp decomposes float models: convert the float original")
     cfg.check_names({L.name for L in layers} | {L.output for L in layers})
 
     chosen = []

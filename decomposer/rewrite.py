@@ -142,17 +142,23 @@ def _matmul_layer(node, inits, vi) -> Layer | str:
                  out_pixels=rows, weight_names=(node.input[1],))
 
 
+QUANTIZED_WEIGHT = "weight comes from a DequantizeLinear (an int8 QDQ model)"
+QUANTIZED_OPS = ("QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger")  # QOperator int8 layers
+
+
 def find_layers(model: onnx.ModelProto) -> tuple[list[Layer], list[tuple[str, str, str]]]:
     """Decomposable layers in graph order, and (name, op, reason) for Conv/Gemm/MatMul left float."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     vi = {v.name: v for v in list(g.value_info) + list(g.input) + list(g.output)}
+    producer = {o: n.op_type for n in g.node for o in n.output}
     layers, floats = [], []
     for node in g.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
             continue
         if len(node.input) < 2 or node.input[1] not in inits:
-            floats.append((node.name, node.op_type, "weight is not a constant initializer"))
+            floats.append((node.name, node.op_type, QUANTIZED_WEIGHT if len(node.input) > 1 and
+                           producer.get(node.input[1]) == "DequantizeLinear" else "weight is not a constant initializer"))
             continue
         t = inits[node.input[1]]
         if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):

@@ -187,6 +187,26 @@ def test_input_model_is_never_modified(cnn, tmp_path, images):
     assert file_sha256(cnn) == before and cnn.stat().st_mtime_ns == mtime
 
 
+@pytest.mark.parametrize("fmt", ["QDQ", "QOperator"])
+def test_an_int8_quantized_model_is_refused_in_one_line_and_nothing_is_written(fmt, cnn, tmp_path):
+    # onnxruntime's quantize_static output: weights behind DequantizeLinear (QDQ) or inside
+    # QLinearConv (QOperator); decomposing their integers again is not what the user wants
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"x": x_batch(i, 1)} for i in range(4)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    q = tmp_path / "q.onnx"
+    quantize_static(str(cnn), str(q), Reader(), quant_format=getattr(QuantFormat, fmt))
+    with pytest.raises(ModelError, match="int8-quantized"):
+        convert(q, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_refuses_to_write_over_its_input(cnn):
     before = file_sha256(cnn)
     with pytest.raises(ConfigError):
