@@ -59,6 +59,9 @@ int bd_conv_lut_avx512vl(const bd_conv_params *p, const bd_geom *gm, const uint6
 int bd_im2col_pack_impl(const float *x, const bd_conv_params *p, const float *channel_scales,
                         uint64_t *act, int32_t isa, int32_t nthreads);
 int bd_check_channel_scales(const float *channel_scales, int64_t n);
+/* select_kernel.c: BD_OK if `isa` is a known ISA this CPU runs, BD_EINVAL if unknown, else
+ * BD_EUNSUPPORTED (the check of every entry point taking an isa). */
+int bd_check_isa(int32_t isa);
 int64_t bd_min_parallel_work(int64_t dflt);
 
 /* depthwise.c: the depthwise kernel (parameters validated by bd_conv_depthwise). */

@@ -204,8 +204,8 @@ int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t in
     if (nthreads > BD_MAX_THREADS) nthreads = BD_MAX_THREADS;
     if (total < bd_min_parallel_work(32768) && nthreads > 1) nthreads = 1; /* small: not worth a thread wake-up */
 
-    if (isa < BD_ISA_SCALAR || isa > BD_ISA_AVX512) return BD_EINVAL;
-    if (!bd_isa_supported(isa)) return BD_EUNSUPPORTED;
+    const int isa_rc = bd_check_isa(isa);
+    if (isa_rc != BD_OK) return isa_rc;
     const int avx2 = isa >= BD_ISA_AVX2; /* AVX-512 machines run the AVX2 code here */
     if (inner == 1) {
         /* channel-last: one pixel's channels are contiguous */
@@ -322,8 +322,8 @@ int bd_quantize_codes(const float *x, int64_t outer, int64_t channels, int64_t i
     if (nthreads <= 0) nthreads = 1;
     if (nthreads > BD_MAX_THREADS) nthreads = BD_MAX_THREADS;
     if (total < bd_min_parallel_work(1 << 18) && nthreads > 1) nthreads = 1;
-    if (isa < BD_ISA_SCALAR || isa > BD_ISA_AVX512) return BD_EINVAL;
-    if (!bd_isa_supported(isa)) return BD_EUNSUPPORTED;
+    const int isa_rc = bd_check_isa(isa);
+    if (isa_rc != BD_OK) return isa_rc;
 #if defined(__x86_64__) || defined(__i386__)
     const int avx2 = isa >= BD_ISA_AVX2;
 #endif

@@ -241,6 +241,12 @@ static int check_conv_args(const bd_conv_params *p, bd_geom *gm, const void *act
     return BD_OK;
 }
 
+int bd_check_isa(int32_t isa)
+{
+    if (isa < BD_ISA_SCALAR || isa > BD_ISA_AVX512) return BD_EINVAL;
+    return bd_isa_supported(isa) ? BD_OK : BD_EUNSUPPORTED;
+}
+
 int bd_conv_lut(const bd_conv_params *p, const uint64_t *act, const uint8_t *wlut,
                 const int32_t *tap_sums, const float *coeffs, const float *bias, float *out,
                 int32_t *acc, int32_t isa, int32_t nthreads)
@@ -266,8 +272,8 @@ int bd_conv(const bd_conv_params *p, const uint64_t *act, const uint64_t *wpacke
     bd_geom gm;
     if (validate_conv(p, &gm) != BD_OK) return BD_EINVAL;
     if (!act || !wpacked || !tap_sums || !coeffs || !out) return BD_EINVAL;
-    if (isa < BD_ISA_SCALAR || isa > BD_ISA_AVX512) return BD_EINVAL;
-    if (!bd_isa_supported(isa)) return BD_EUNSUPPORTED;
+    const int isa_rc = bd_check_isa(isa);
+    if (isa_rc != BD_OK) return isa_rc;
     for (int64_t i = 0; i < p->cout * (int64_t)p->k; ++i)
         if (!isfinite(coeffs[i])) return BD_EINVAL;
     if (bias)
@@ -317,14 +323,14 @@ int bd_im2col_quantize_pack(const float *x, const bd_conv_params *p, const float
     if (bd_checked_prod(in, 4) < 0) return BD_EINVAL;
     if (p->sign) channel_scales = NULL; /* sign mode uses no scale */
     if (bd_check_channel_scales(channel_scales, p->c) != BD_OK) return BD_EINVAL;
-    if (isa < BD_ISA_SCALAR || isa > BD_ISA_AVX512) return BD_EINVAL;
-    if (!bd_isa_supported(isa)) return BD_EUNSUPPORTED;
+    const int isa_rc = bd_check_isa(isa);
+    if (isa_rc != BD_OK) return isa_rc;
     return bd_im2col_pack_impl(x, p, channel_scales, act, isa, nthreads);
 }
 
 double bd_popcount_peak(int32_t isa, double seconds)
 {
-    if (isa < BD_ISA_SCALAR || isa > BD_ISA_AVX512 || !bd_isa_supported(isa)) return 0.0;
+    if (bd_check_isa(isa) != BD_OK) return 0.0;
     if (!isfinite(seconds) || seconds <= 0.0) return 0.0;
     if (seconds > 60.0) seconds = 60.0;
     return bd_kernels[isa].peak(seconds);
