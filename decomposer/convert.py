@@ -111,8 +111,8 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     conv1: 14.8 → 13.1 ms, AVX-512, one thread).
     float_when_faster: convolutions (and MatMuls over MATMUL_MIN_ROWS+ rows per image) that
     speed.py estimates faster in onnxruntime's fp32 than decomposed at their (k, Q) stay float
-    (faster *and* exact, at the price of their float weights' bytes) when, with their neighbours, they save more than a switch between the runtimes
-    costs (speed.float_runs); with a budget, first those slower even at the cheapest setting, then
+    (faster *and* exact, at the price of their float weights' bytes) when, with their neighbours,
+    they save more than a switch between the runtimes costs (speed.float_runs); with a budget, first those slower even at the cheapest setting, then
     those slower at the one allocated. Layers whose k or Q the layer config gives are decomposed.
     ResNet-56 `--budget 12`: its 16-channel first stage stays float, 1.25x faster end to end
     (1.93 vs 2.41 ms, one thread, AVX-512 Zen 4)."""
@@ -294,14 +294,20 @@ def _faster_in_float(L: rewrite.Layer, settings: list[tuple[int, int]]) -> tuple
     return t_dec - t_float, f"faster in float: est. {t_float:.3f} ms vs {t_dec:.3f} ms at k={k}, Q={q} (--float-when-faster)"
 
 
-def _keep_faster_float(order, chosen, cfg, floats, settings_of):
-    """`chosen` without the layers --float-when-faster leaves float (speed.float_runs of those
-    estimated faster in float at settings_of(setting); layers whose k or Q the layer config gives
-    are decomposed), and their float_layers entries."""
+def _faster_float_layers(order, chosen, cfg, floats, settings_of) -> dict[str, tuple[float, str]]:
+    """{name: (ms saved, reason)} of the layers of `chosen` that --float-when-faster leaves float:
+    speed.float_runs of those estimated faster in float at settings_of(setting); layers whose k or
+    Q the layer config gives are decomposed."""
     found = {L.name: f for L, s in chosen
              if not cfg.overridden((L.name, L.output)) and (f := _faster_in_float(L, settings_of(s)))}
     go = speed.float_runs(order, {name: gain for name, (gain, _) in found.items()}, floats)
-    slow = [{"name": L.name, "op": L.op, "macs": L.macs, "reason": found[L.name][1]} for L, _ in chosen if L.name in go]
+    return {name: found[name] for name in order if name in go}  # graph order (go is a set)
+
+
+def _keep_faster_float(order, chosen, cfg, floats, settings_of):
+    """`chosen` without the layers --float-when-faster leaves float, and their float_layers entries."""
+    go = _faster_float_layers(order, chosen, cfg, floats, settings_of)
+    slow = [{"name": L.name, "op": L.op, "macs": L.macs, "reason": go[L.name][1]} for L, _ in chosen if L.name in go]
     return [(L, s) for L, s in chosen if L.name not in go], slow
 
 
@@ -310,12 +316,10 @@ def _float_hint(order, chosen, cfg, floats) -> dict:
     are estimated to cost over onnxruntime fp32 (one thread), for the report to point at the
     option ({} if none). Users converting depthwise-separable networks at k=Q=4 otherwise find a
     model slower than the original with no word why (MobileNet v2: 0.66x; with the option 0.98x)."""
-    _, slow = _keep_faster_float(order, chosen, cfg, floats, lambda s: [(s.k, s.q)])
-    names = {f["name"] for f in slow}
-    if not names:
+    go = _faster_float_layers(order, chosen, cfg, floats, lambda s: [(s.k, s.q)])
+    if not go:
         return {}
-    ms = sum(_faster_in_float(L, [(s.k, s.q)])[0] for L, s in chosen if L.name in names)
-    return {"layers": [n for n in order if n in names], "est_ms": round(ms, 4)}
+    return {"layers": list(go), "est_ms": round(sum(gain for gain, _ in go.values()), 4)}
 
 
 def _channel_axis(L: rewrite.Layer) -> int:
