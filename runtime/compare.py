@@ -558,13 +558,16 @@ def compare(original: str | Path, decomposed: str | Path, data: str | Path, *, l
         n_images += len(meta)
         bar.update(len(meta))
     bar.close()
-    if task == "segmentation" and n_cls is not None and label_max >= n_cls:
-        notes.append(f"the labels use class ids up to {label_max} but the model predicts {n_cls} classes (0-{n_cls - 1}): "
-                     "pixels of the other ids can never be right; check that both follow the same class list")
-    elif task == "segmentation" and 0 <= label_max < (n_cls or 0) - 1 - (ignore_index == (n_cls or 0) - 1):
-        notes.append(f"the labels seen use class ids 0-{label_max}"
-                     + (f" (besides the ignored {ignore_index})" if ignore_index is not None else "")
-                     + f" of the model's {n_cls}: the scores compare ids as they are")
+    if task == "segmentation" and n_cls is not None and label_max >= 0:
+        top = n_cls - 2 if ignore_index == n_cls - 1 else n_cls - 1  # the largest id a label can score
+        if label_max >= n_cls:
+            notes.append(f"the labels use class ids up to {label_max} but the model predicts {n_cls} classes "
+                         f"(0-{n_cls - 1}): pixels of the other ids can never be right; check that both follow "
+                         "the same class list")
+        elif label_max < top:
+            notes.append(f"the labels seen use class ids 0-{label_max}"
+                         + (f" (besides the ignored {ignore_index})" if ignore_index is not None else "")
+                         + f" of the model's {n_cls}: the scores compare ids as they are")
 
     entries: dict[str, dict] = {}
     for k in models:
