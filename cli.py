@@ -71,6 +71,12 @@ def _recipe_options(f):
     return f
 
 
+def _task_option(f):
+    return click.option("--task", type=click.Choice(["classification", "segmentation", "outputs"]),
+                        help="what the model's output holds (default: the file's metadata, else its shape); "
+                             "outputs: compare raw tensors")(f)
+
+
 def _overrides(kw: dict) -> dict:
     return {k: kw.pop(k) for k in ("size", "resize", "crop", "mean", "std", "scale", "bgr", "channels_last", "grayscale")}
 
@@ -147,14 +153,23 @@ def convert(model, output, bases, act_bits, calib, calib_limit, range_method, ac
 @click.option("--masks", "mask_dir", type=click.Path(path_type=Path), default=Path("masks"), show_default=True,
               help="segmentation models: folder for the colour mask PNGs")
 @click.option("--overlay", is_flag=True, help="segmentation models: also write mask-over-image PNGs")
+@click.option("--save-outputs", "save_dir", type=click.Path(path_type=Path),
+              help="also write each image's raw outputs to DIR/IMAGE.npz (one array per output name)")
+@_task_option
 @_recipe_options
-def infer(model, images, top_k, backend, as_json, threads, mask_dir, overlay, **kw):
+def infer(model, images, top_k, backend, as_json, threads, mask_dir, overlay, save_dir, task, **kw):
     """Classify (or segment) IMAGES with MODEL, original or decomposed. A folder stands for every
-    image under it (sorted)."""
+    image under it (sorted). Models whose output is neither class scores nor a class map (detector
+    heads, depth maps) get each output's shape and range; --save-outputs keeps the tensors."""
     from tqdm import tqdm
+
+    import io
+
+    import numpy as np
 
     from bdecomp.decomposer.convert import resolve_recipe
     from bdecomp.decomposer.feed import classes_first
+    from bdecomp.decomposer.load import write_atomic
     from bdecomp.models import load_image, preprocess
     from bdecomp.models.datasets import list_images
     from bdecomp.runtime.model import load
@@ -163,13 +178,22 @@ def infer(model, images, top_k, backend, as_json, threads, mask_dir, overlay, **
     images = [p for path in images for p in (list_images(path) if path.is_dir() else [path])]
     m = load(model, backend=backend, threads=threads)
     recipe, info = resolve_recipe(model, m.model, _overrides(kw))
-    present = Presenter(info, top_k, mask_dir, overlay)
+    present = Presenter({**info, "task": task} if task else info, top_k, mask_dir, overlay)
     results = []
     # with --json nothing is printed until the end: a bar on stderr (terminals only) shows progress
     for path in tqdm(images, desc="infer", unit="img", leave=False, disable=None if as_json else True):
         img = load_image(path)
-        y = classes_first(m.run(preprocess(img, recipe))[0], recipe.channels_last)
-        res = present.result(path, img, y)
+        outs = dict(zip(m.output_names, m.run(preprocess(img, recipe))))
+        if save_dir is not None:
+            res_path = save_dir / (path.stem + ".npz")
+            buf = io.BytesIO()
+            np.savez(buf, **outs)
+            save_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(buf.getvalue(), res_path)
+        y = classes_first(next(iter(outs.values())), recipe.channels_last)
+        res = present.result(path, img, y, outs)
+        if save_dir is not None:
+            res["saved"] = str(res_path)
         results.append(res)
         if not as_json:
             click.echo(present.text(res))
@@ -199,9 +223,10 @@ def infer(model, images, top_k, backend, as_json, threads, mask_dir, overlay, **
 @click.option("--seconds", default=20.0, show_default=True, type=float, help="time budget of the latency runs")
 @click.option("--no-plots", is_flag=True, help="do not draw PNG plots")
 @click.option("--quiet", is_flag=True, help="no progress bars")
+@_task_option
 @_recipe_options
 def compare(original, decomposed, data, label_dir, limit, threads, int8, calib, per_layer, output_dir, json_path,
-            ignore_index, seconds, no_plots, quiet, **kw):
+            ignore_index, seconds, no_plots, quiet, task, **kw):
     """Accuracy, speed and size of DECOMPOSED against ORIGINAL (onnxruntime fp32, optionally int8)."""
     from bdecomp.runtime.compare import compare as run_compare
     from bdecomp.runtime.report_md import terminal_text, write_report
@@ -209,7 +234,7 @@ def compare(original, decomposed, data, label_dir, limit, threads, int8, calib, 
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
     rep = run_compare(original, decomposed, data, labels=label_dir, limit=limit, threads=threads, int8=int8,
                       calib=calib, per_layer=per_layer, out_dir=output_dir, recipe_overrides=_overrides(kw),
-                      ignore_index=ignore_index, seconds=seconds, progress=not quiet, log=log)
+                      ignore_index=ignore_index, seconds=seconds, progress=not quiet, log=log, task=task)
     click.echo(terminal_text(rep))
     for p in write_report(rep, output_dir, json_path, plots=not no_plots):
         click.echo(f"wrote {p}")

@@ -188,7 +188,8 @@ def centered(x: np.ndarray) -> np.ndarray:
     return x - x.mean(axis=1, keepdims=True) if x.ndim >= 2 and x.shape[1] > 1 else x
 
 
-def sensitivity(reference: list[np.ndarray], outputs: list[np.ndarray], layer_error: float | None) -> float:
+def sensitivity(reference: list[np.ndarray], outputs: list[np.ndarray], layer_error: float | None,
+                centre: bool = True) -> float:
     """How much of a layer's own relative output error reaches the network's output: relative
     squared error of the outputs when only this layer is decomposed (at PROBE), divided by that
     layer's relative squared output error on its calibration patches. Multiplying the layer's
@@ -203,9 +204,12 @@ def sensitivity(reference: list[np.ndarray], outputs: list[np.ndarray], layer_er
     and 1.5 %, in proportion to the damage. With raw errors and kernel_cost's pricing, SqueezeNet
     `--budget 16` traded conv10's third basis for Q = 8 elsewhere: 63.2 % top-1 on 1,000 held-out
     images; centred, 69.4 % (85.2 % agreement with float, as the previous pricing's 70.5 %).
-    ResNet-56's logits carry no common offset: the same files either way."""
-    num = sum(float(np.square(centered(a) - centered(b)).sum()) for a, b in zip(reference, outputs))
-    den = sum(float(np.square(centered(a)).sum()) for a in reference)
+    ResNet-56's logits carry no common offset: the same files either way. Outputs that are not
+    class scores (feed.output_task "outputs", e.g. a detector's boxes beside its scores) are
+    compared raw (`centre=False`): their axis 1 is not a set of classes."""
+    c = centered if centre else (lambda x: np.asarray(x, dtype=np.float64))
+    num = sum(float(np.square(c(a) - c(b)).sum()) for a, b in zip(reference, outputs))
+    den = sum(float(np.square(c(a)).sum()) for a in reference)
     if not layer_error or den == 0:
         return 1.0
     return (num / den) / layer_error ** 2

@@ -147,6 +147,11 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
         raise ModelError(f"{model_path}: already a decomposed model")
     bytes_before = load.model_bytes(model_path)
     recipe, info = resolve_recipe(model_path, original, recipe_overrides)
+    task = info["task"] if info.get("task") in feed.TASKS else feed.output_task(feed.output_shape(original),
+                                                                             recipe.channels_last)
+    if target_drop is not None and task == "outputs":
+        raise ConfigError(f"--target-drop bounds the share of class decisions that change, and the output of "
+                          f"{model_path.name} is neither class scores nor a class map: use --budget")
     model = load.upgrade_opset(original, model_path)
     del original  # big models: keep one copy of the weights alive, not several
     rewrite.ensure_node_names(model)
@@ -222,7 +227,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
             return qparams[key]
 
         if allocating:
-            chosen, search = _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop,
+            chosen, search = _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, task,
                                        images, recipe, threads, progress, method)
             if float_when_faster:  # now at the settings allocated
                 chosen, slow = _keep_faster_float(order, chosen, cfg, {f["name"] for f in float_layers},
@@ -327,9 +332,10 @@ def _channel_axis(L: rewrite.Layer) -> int:
     return 1 if L.op == "Conv" else -1
 
 
-def _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, images, recipe, threads,
+def _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, task, images, recipe, threads,
               progress, method):
-    """Choose (k, Q) per layer; returns the new `chosen` list and what the search saw."""
+    """Choose (k, Q) per layer; returns the new `chosen` list and what the search saw. `task`
+    (feed.TASKS) says whether the output's axis 1 holds classes (see allocate.sensitivity)."""
     free = [i for i, (L, _) in enumerate(chosen) if not cfg.overridden((L.name, L.output))]
     fixed = {i: (s.k, s.q) for i, (_, s) in enumerate(chosen) if i not in free}
     costs = []
@@ -361,7 +367,8 @@ def _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, im
             dec, L2, layer_err = fit_layer(L, allocate.PROBE[0], qp, samplers[L.name], "weight", True)
             out = outputs(rewrite.rewrite(model, [rewrite.Plan(L2, dec, allocate.PROBE[1], qp)]),
                           xs[: allocate.SENSITIVITY_IMAGES])
-            weights[L.name] = allocate.sensitivity(ref[: allocate.SENSITIVITY_IMAGES], out, layer_err)
+            weights[L.name] = allocate.sensitivity(ref[: allocate.SENSITIVITY_IMAGES], out, layer_err,
+                                                   centre=task != "outputs")
             costs[i].err = costs[i].err * weights[L.name]
             bar.update(1)
     if budget is not None:

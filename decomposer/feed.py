@@ -97,3 +97,29 @@ def dense_output(shape: Sequence[int | None], channels_last: bool) -> bool:
         return False
     hw = shape[1:3] if channels_last else shape[2:4]
     return any(d is None or d != 1 for d in hw)
+
+
+TASKS = ("classification", "segmentation", "outputs")
+
+
+def output_shape(model: onnx.ModelProto) -> list[int | None]:
+    """The first graph output's declared dims (None where symbolic or unknown)."""
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else None for d in dims]
+
+
+def output_task(shape: Sequence[int | None], channels_last: bool) -> str:
+    """What a model's first output holds, when the model does not say (TASKS): a class map
+    [N, C, H, W] with C > 1 is "segmentation"; one score vector per image ([N, C] with C > 1,
+    or [N, C, 1, 1]) is "classification"; anything else is "outputs" — a detector head such as
+    YOLO's [N, 84, 8400], a depth map [N, 1, H, W], a single score [N, 1]. No label scores those,
+    so they are compared as tensors (SQNR, relative error), never as 705,600 "classes".
+    An output of unknown rank counts as classification."""
+    if len(shape) == 4:
+        c = shape[3] if channels_last else shape[1]
+        if c == 1:
+            return "outputs"
+        return "segmentation" if dense_output(shape, channels_last) else "classification"
+    if len(shape) > 2 or (len(shape) == 2 and shape[1] == 1):
+        return "outputs"
+    return "classification"

@@ -33,7 +33,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from bdecomp.decomposer.feed import classes_first, dense_output, fixed_batch, input_dtype, model_input, run_batched
+from bdecomp.decomposer.feed import (TASKS, classes_first, fixed_batch, input_dtype, model_input, output_shape,
+                                     output_task, run_batched)
 from bdecomp.decomposer.load import model_bytes
 from bdecomp.errors import ConfigError, InputFileError, ModelError
 from bdecomp.runtime import metrics
@@ -99,15 +100,7 @@ def decomposed_layer_storage(model: onnx.ModelProto) -> dict:
 
 def _resolve_task(info: dict, out_shape: list, channels_last: bool) -> str:
     task = info.get("task")
-    if task not in ("classification", "segmentation"):
-        task = "segmentation" if dense_output(out_shape, channels_last) else "classification"
-    return task
-
-
-def _output_shape(model: onnx.ModelProto) -> list:
-    out = model.graph.output[0]
-    dims = out.type.tensor_type.shape.dim
-    return [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    return task if task in TASKS else output_task(out_shape, channels_last)
 
 
 def _batch_size(dims: list) -> int:
@@ -444,6 +437,9 @@ def _data_items(data: Path, labels: Path | None, task: str, limit: int | None):
         full = segmentation_set(data, labels)
         return "segmentation", spread(full, limit), len(full)
     layout = detect(data)
+    if task == "outputs":  # any images: labels are not used
+        full = segmentation_set(data) if layout == "segmentation" else classification_set(data)
+        return layout, spread(full, limit), len(full)
     if task == "segmentation":
         if layout != "segmentation":
             raise ConfigError(f"{data}: a segmentation model needs images + label images (DIR/test + DIR/testannot, "
@@ -460,9 +456,10 @@ def compare(original: str | Path, decomposed: str | Path, data: str | Path, *, l
             limit: int | None = None, threads: int | None = None, int8: bool = False,
             calib: str | Path | None = None, per_layer: bool = False, out_dir: str | Path | None = None,
             recipe_overrides: dict | None = None, ignore_index: int | None = None, seconds: float = 20.0,
-            progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
+            progress: bool = True, log: Callable[[str], None] | None = None, task: str | None = None) -> dict:
     """Run the comparison; returns the report dict (see the module docstring). Nothing is written
-    here except the int8 model (into `out_dir`, or a temporary folder)."""
+    here except the int8 model (into `out_dir`, or a temporary folder). `task` (feed.TASKS)
+    overrides what the files' metadata or the output's shape say."""
     import onnxruntime as ort
 
     import bdecomp
@@ -498,7 +495,9 @@ def compare(original: str | Path, decomposed: str | Path, data: str | Path, *, l
         recipe, info = o_recipe, o_info
     elif o_info.get("task") and recipe != o_recipe:
         notes.append("the two files imply different preprocessing; the decomposed file's recipe is used")
-    task = _resolve_task(info, _output_shape(dec_m.model), recipe.channels_last)
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+    task = task or _resolve_task(info, output_shape(dec_m.model), recipe.channels_last)
     if ignore_index is None and task == "segmentation" and info.get("ignore_index") not in (None, ""):
         ignore_index = int(info["ignore_index"])
     layout, items, n_total = _data_items(data, Path(labels) if labels else None, task, limit)
@@ -526,18 +525,27 @@ def compare(original: str | Path, decomposed: str | Path, data: str | Path, *, l
 
     # --- accuracy
     batch = _batch_size(orig_m.input_shape)
-    labelled = layout != "images"
+    labelled = layout != "images" and task != "outputs"
     cls_acc = {k: metrics.ClassificationAccumulator() for k in models}
     cms: dict[str, np.ndarray] = {}
     agree_px = {k: 0 for k in models}
     n_px = 0
     label_max, n_cls = -1, None  # segmentation: the largest label id seen (not ignored), the model's classes
+    fidelity = {k: metrics.FidelityAccumulator([o.name for o in orig_m.model.graph.output])
+                for k in models if k != "original"}
     n_images = 0
     first_x = None
-    bar = _tqdm(len(items), "accuracy", progress)
+    bar = _tqdm(len(items), "accuracy" if task != "outputs" else "outputs", progress)
     for x, meta in iter_batches(items, recipe, batch_size=batch):
         if first_x is None:
             first_x = np.ascontiguousarray(x[:1])
+        if task == "outputs":
+            raw = {k: m.run(x) for k, m in models.items()}
+            for k, acc in fidelity.items():
+                acc.update(raw["original"], raw[k])
+            n_images += len(meta)
+            bar.update(len(meta))
+            continue
         outs = {k: classes_first(m.run(x)[0], recipe.channels_last) for k, m in models.items()}
         if task == "classification":
             lab = [s.label for s in meta]
@@ -572,7 +580,12 @@ def compare(original: str | Path, decomposed: str | Path, data: str | Path, *, l
     entries: dict[str, dict] = {}
     for k in models:
         e: dict[str, Any] = {}
-        if task == "classification":
+        if task == "outputs":
+            if k != "original":
+                per_output = fidelity[k].result()
+                worst = min(per_output.values(), key=lambda r: r["sqnr_db"])
+                e.update(worst, outputs=per_output)
+        elif task == "classification":
             r = cls_acc[k].result()
             e.update(top1=r["top1"], top5=r["top5"])
             e["agreement"] = metrics.agreement(cls_acc[k].predictions, cls_acc["original"].predictions)
@@ -623,7 +636,7 @@ def compare(original: str | Path, decomposed: str | Path, data: str | Path, *, l
         "original": entries["original"],
         "decomposed": entries["decomposed"],
         "int8": entries.get("int8"),
-        "agreement": entries["decomposed"]["agreement"],
+        "agreement": entries["decomposed"].get("agreement"),
         "n_weights": n_weights,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "machine": platform.machine(),
                     "isa": dec_m.isa or native.default_isa(), "onnxruntime": ort.__version__,
@@ -642,6 +655,11 @@ def compare(original: str | Path, decomposed: str | Path, data: str | Path, *, l
                 report["class_names"] = class_names(info["labels"])
             except Exception:
                 pass
+    elif task == "outputs":
+        shape = "x".join(str(d) if d else "?" for d in output_shape(orig_m.model))
+        notes.append(f"the output ({shape}) is neither class scores nor a class map, so no label scores it: "
+                     "each model's raw outputs are compared with the original's (SQNR over all images, "
+                     "per-image relative error; with several outputs the table shows the worst)")
     elif not labelled:
         notes.append("the images have no labels: only agreement with the original is reported")
     elif info.get("labels"):

@@ -139,6 +139,43 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     return 10.0 * math.log10(sig / noise)
 
 
+class FidelityAccumulator:
+    """How close a model's raw outputs stay to the reference model's, per output tensor, over a
+    streamed set of images (axis 0 of every output is the image): SQNR over the whole set, each
+    image's relative L2 error ‖ŷ − y‖ / ‖y‖ (median and p90; ∞ where y = 0 ≠ ŷ), the largest
+    absolute difference. For outputs no label can score (detector heads, depth maps)."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.signal = [0.0] * len(self.names)
+        self.noise = [0.0] * len(self.names)
+        self.max_abs = [0.0] * len(self.names)
+        self.rel: list[list[float]] = [[] for _ in self.names]
+
+    def update(self, reference: Sequence[np.ndarray], approx: Sequence[np.ndarray]) -> None:
+        for i, (y, yh) in enumerate(zip(reference, approx)):
+            y = np.asarray(y, dtype=np.float64)
+            y = y.reshape(len(y), -1) if y.ndim else y.reshape(1, 1)
+            e = y - np.asarray(yh, dtype=np.float64).reshape(y.shape)
+            sig, noise = (y * y).sum(axis=1), (e * e).sum(axis=1)
+            self.signal[i] += float(sig.sum())
+            self.noise[i] += float(noise.sum())
+            self.max_abs[i] = max(self.max_abs[i], float(np.abs(e).max()) if e.size else 0.0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rel = np.where(noise == 0, 0.0, np.sqrt(noise / sig))
+            self.rel[i].extend(float(r) for r in rel)
+
+    def result(self) -> dict[str, dict]:
+        out = {}
+        for i, name in enumerate(self.names):
+            sig, noise, rel = self.signal[i], self.noise[i], np.asarray(self.rel[i])
+            db = math.inf if noise == 0 else (-math.inf if sig == 0 else 10.0 * math.log10(sig / noise))
+            out[name] = {"sqnr_db": db, "rel_err_median": float(np.median(rel)) if rel.size else None,
+                         "rel_err_p90": float(np.percentile(rel, 90, method="higher")) if rel.size else None,
+                         "max_abs_err": self.max_abs[i]}
+        return out
+
+
 def decomposed_bits_per_weight(k: int, depth: int) -> float:
     """Storage of one output channel of a decomposed layer per original weight:
     (k·D basis bits + 32·k scale bits + 32 bias bits) / D."""

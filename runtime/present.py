@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bdecomp.decomposer.feed import dense_output
+from bdecomp.decomposer.feed import TASKS, output_task
 from bdecomp.models.labels import class_names, palette
 
 
@@ -36,9 +36,19 @@ class Presenter:
         names = class_names(labels) if labels else []
         return names if len(names) == n else [str(i) for i in range(n)]
 
-    def result(self, path: Path, image: Image.Image, y: np.ndarray) -> dict[str, Any]:
+    def result(self, path: Path, image: Image.Image, y: np.ndarray,
+               outputs: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+        """One image's result from its first output `y` (classes on axis 1), or from all its
+        `outputs` by name when they are neither class scores nor a class map."""
         y = np.asarray(y)
-        if dense_output(y.shape, False) or self.info.get("task") == "segmentation":  # classes first here
+        task = self.info.get("task")
+        task = task if task in TASKS else output_task(y.shape, False)  # classes first here
+        if task == "outputs":
+            return {"image": str(path), "outputs": [
+                {"name": name, "shape": list(v.shape), "min": float(v.min()), "max": float(v.max()),
+                 "mean": float(v.mean(dtype=np.float64))} if v.size else {"name": name, "shape": list(v.shape)}
+                for name, v in (outputs or {"output": y}).items()]}
+        if task == "segmentation":
             return self._segmentation(path, image, y.reshape((-1,) + y.shape[-3:])[0])
         logits = y.reshape(-1)
         probs = softmax(logits)
@@ -67,6 +77,11 @@ class Presenter:
         return res
 
     def text(self, res: dict[str, Any]) -> str:
+        if "outputs" in res:
+            return res["image"] + "\n" + "\n".join(
+                f"  {o['name']} [{', '.join(map(str, o['shape']))}]"
+                + (f" min {o['min']:.4g} max {o['max']:.4g} mean {o['mean']:.4g}" if "min" in o else "")
+                for o in res["outputs"])
         if "top" in res:
             lines = [res["image"]]
             lines += [f"  {t['prob']:6.1%}  {t['label']} ({t['index']})" for t in res["top"]]

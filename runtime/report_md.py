@@ -10,7 +10,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bdecomp.runtime.compare import MODEL_KEYS
 
@@ -41,19 +41,27 @@ def _models(report: dict) -> list[str]:
     return [k for k in MODEL_KEYS if report.get(k)]
 
 
-def _acc_cols(report: dict) -> list[tuple[str, str]]:
+def _db(v) -> str:
+    return _num(v, "{:.1f} dB")
+
+
+def _acc_cols(report: dict) -> list[tuple[str, str, Callable[[Any], str]]]:
+    """(title, report key, formatter) of the columns that say how close each model stays."""
     if report["task"] == "segmentation":
-        return [("pixel acc", "pixel_acc"), ("mIoU", "miou"), ("agreement", "agreement")]
-    return [("top-1", "top1"), ("top-5", "top5"), ("top-1 agreement", "agreement")]
+        return [("pixel acc", "pixel_acc", _pct), ("mIoU", "miou", _pct), ("agreement", "agreement", _pct)]
+    if report["task"] == "outputs":
+        return [("output SQNR", "sqnr_db", _db), ("median rel. error", "rel_err_median", _pct),
+                ("p90 rel. error", "rel_err_p90", _pct)]
+    return [("top-1", "top1", _pct), ("top-5", "top5", _pct), ("top-1 agreement", "agreement", _pct)]
 
 
 def _rows(report: dict) -> tuple[list[str], list[list[str]]]:
-    head = ["model"] + [c for c, _ in _acc_cols(report)] + ["median ms", "p90 ms", "speed vs fp32", "size",
-                                                             "size vs fp32", "bits/weight"]
+    head = ["model"] + [c for c, _, _ in _acc_cols(report)] + ["median ms", "p90 ms", "speed vs fp32", "size",
+                                                                "size vs fp32", "bits/weight"]
     rows = []
     for k in _models(report):
         e = report[k]
-        rows.append([k] + [_pct(e.get(key)) for _, key in _acc_cols(report)] + [
+        rows.append([k] + [fmt(e.get(key)) for _, key, fmt in _acc_cols(report)] + [
             _num(e.get("latency_ms")), _num(e.get("latency_p90_ms")), _num(e.get("speedup_vs_fp32"), "{:.2f}x"),
             _mb(e.get("bytes")), _pct(e.get("size_vs_fp32")), _num(e.get("bits_per_weight"), "{:.2f}")])
     return head, rows
@@ -78,6 +86,8 @@ def headline(report: dict) -> list[str]:
             parts.append(f"{100 * e['size_vs_fp32']:.1f}% of the fp32 size")
         if e.get(main_key) is not None and o.get(main_key) is not None:
             parts.append(f"{main_name} {100 * (e[main_key] - o[main_key]):+.1f} points")
+        if e.get("sqnr_db") is not None:
+            parts.append(f"output SQNR {_db(e['sqnr_db'])}, median relative error {_pct(e.get('rel_err_median'))}")
         if e.get("agreement") is not None:
             parts.append(f"{100 * e['agreement']:.1f}% agreement with fp32")
         out.append(f"{k}: " + ", ".join(parts))
@@ -232,17 +242,20 @@ def make_plots(report: dict, out_dir: Path) -> tuple[dict[str, str], str | None]
     key, name = ("miou", "mIoU") if seg else ("top1", "top-1")
     if all(report[k].get(key) is None for k in models):
         key, name = "agreement", "agreement with fp32"
+    unit, scale = "%", 100.0
+    if report["task"] == "outputs":  # the original has no error to plot against itself
+        key, name, unit, scale = "sqnr_db", "output SQNR vs fp32", "dB", 1.0
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for k in models:
         e = report[k]
-        if e.get(key) is None:
+        if e.get(key) is None or not math.isfinite(e[key]):
             continue
-        ax.scatter(e["bytes"] / 1e6, 100 * e[key], s=80, color=colours[k], label=LABELS[k], zorder=3)
-        ax.annotate(f"{e.get('latency_ms') or 0:.1f} ms", (e["bytes"] / 1e6, 100 * e[key]),
+        ax.scatter(e["bytes"] / 1e6, scale * e[key], s=80, color=colours[k], label=LABELS[k], zorder=3)
+        ax.annotate(f"{e.get('latency_ms') or 0:.1f} ms", (e["bytes"] / 1e6, scale * e[key]),
                     textcoords="offset points", xytext=(6, 6), fontsize=8)
     ax.set_xlabel("size on disk (MB)")
-    ax.set_ylabel(f"{name} (%)")
+    ax.set_ylabel(f"{name} ({unit})")
     ax.set_title(f"{name} vs size ({report['n_images']} images; labels: median latency)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
