@@ -146,3 +146,23 @@ def test_blocked_coordinate_descent_visits_rows_exactly_like_the_row_by_row_swee
     row_by_row = _codes_data_aware(start.codes, coeffs, 3, G, T, block=1)
     np.testing.assert_array_equal(_codes_data_aware(start.codes, coeffs, 3, G, T, block=block), row_by_row)
     assert not np.array_equal(row_by_row, start.codes)  # the sweep did move codes
+
+
+@pytest.mark.parametrize("k", [2, 5, 8])
+def test_data_aware_scales_are_the_float64_least_squares_solution_within_float32_rounding(k):
+    """The scales' Ĝ·M product runs in float32 for speed; each row's scales must still be its
+    weighted least-squares solution (M_rᵀ Ĝ M_r) c = M_rᵀ t_r, solved here row by row in float64."""
+    from bdecomp.decomposer.decompose import _coeffs_data_aware, code_table
+
+    rng = np.random.default_rng(k)
+    X = (np.maximum(rng.standard_normal((2000, 300)), 0) * rng.uniform(0.1, 10, 300)).astype(np.float32)
+    W = rng.standard_normal((40, 300))
+    G = (X.T @ X).astype(np.float64) / len(X)
+    T = G @ W.T
+    codes = decompose(W, k).codes
+    got = _coeffs_data_aware(codes, k, G, T, chunk=16)  # several chunks, the last one partial
+    B = code_table(k)
+    for r in range(len(W)):
+        M = B[codes[r].astype(np.intp)]
+        want = np.linalg.solve(M.T @ G @ M, M.T @ T[:, r])
+        np.testing.assert_allclose(got[r], want, rtol=2e-5, atol=1e-6 * np.abs(want).max())
