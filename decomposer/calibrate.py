@@ -210,6 +210,42 @@ def _session(model: onnx.ModelProto, outputs: list[str], threads: int | None) ->
     return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
+def _known(vi: onnx.ValueInfoProto | None) -> bool:
+    """Whether every dimension past the batch is a number."""
+    if vi is None or not vi.type.tensor_type.HasField("shape"):
+        return False
+    dims = vi.type.tensor_type.shape.dim
+    return len(dims) > 0 and all(d.HasField("dim_value") for d in dims[1:])
+
+
+def measure_shapes(model: onnx.ModelProto, x: np.ndarray, threads: int | None = None) -> dict[str, list[int]]:
+    """The sizes of Conv inputs and outputs and MatMul inputs that shape inference left unknown,
+    from one onnxruntime run on `x` (batch first). torch.onnx writes `chunk` / `split` as Slices
+    with computed bounds (YOLOv8's C2f blocks), and every size after one is unknown to onnx's
+    inference: the layers' MACs (report, --budget's weights, the speed model) then counted one
+    pixel each and SAME padding could not be resolved. Used for those counts only, never written
+    into the output file (a fixed size could contradict a dynamic one). {} when nothing is
+    missing or the run fails."""
+    g = model.graph
+    vi = {v.name: v for v in list(g.value_info) + list(g.input) + list(g.output)}
+    wanted = []
+    for n in g.node:
+        if n.domain in ("", "ai.onnx") and n.op_type in ("Conv", "MatMul") and n.input:
+            wanted += [t for t in ([n.input[0], n.output[0]] if n.op_type == "Conv" else [n.input[0]])
+                       if not _known(vi.get(t))]
+    wanted = list(dict.fromkeys(wanted))
+    if not wanted:
+        return {}
+    try:
+        sess = _session(model, wanted, threads)
+        name, batch = sess.get_inputs()[0].name, feed.fixed_batch(model)
+        x = np.repeat(x[:1], batch or 1, axis=0).astype(feed.input_dtype(model), copy=False)
+        outs = sess.run(wanted, {name: x})
+    except Exception:
+        return {}
+    return {t: list(np.shape(y)) for t, y in zip(wanted, outs)}
+
+
 def first_outputs(model: onnx.ModelProto, xs: list[np.ndarray], threads: int | None = None) -> list[np.ndarray]:
     """The first output of `model` (float or decomposed, through onnxruntime) for each batch."""
     sess = _session(model, [], threads)

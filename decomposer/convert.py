@@ -66,6 +66,19 @@ def resolve_recipe(path: str | Path, model: onnx.ModelProto, overrides: dict[str
     return recipe, info
 
 
+def _probe_input(model: onnx.ModelProto, recipe: Recipe) -> np.ndarray:
+    """An input for measuring shapes: zeros of the declared input size where every dimension past
+    the batch is known, else a mid-grey image as the recipe prepares it (its size, layout)."""
+    from PIL import Image
+
+    from bdecomp.models.preprocess import preprocess
+
+    _, dims = model_input(model)
+    if dims and all(d for d in dims[1:]):
+        return np.zeros([1] + list(dims[1:]), np.float32)
+    return preprocess(Image.new("RGB", (64, 64), (128, 128, 128)), recipe)
+
+
 def _progress(total: int | None, desc: str, enabled: bool):
     # disable=None: shown on a terminal, silent in logs and pipes
     return tqdm(total=total, desc=desc, unit="img" if "calib" in desc else "layer", disable=None if enabled else True,
@@ -158,7 +171,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     model, _ = simplify.constant_weights(model)
     model, folded = simplify.fold_batchnorm(model)
     model = simplify.infer_shapes(model)
-    layers, floats = rewrite.find_layers(model)
+    layers, floats = rewrite.find_layers(model, calibrate.measure_shapes(model, _probe_input(model, recipe), threads))
     if not layers and (any(why == rewrite.QUANTIZED_WEIGHT for *_, why in floats)
                        or any(n.op_type in rewrite.QUANTIZED_OPS for n in model.graph.node)):
         raise ModelError(f"{model_path}: an int8-quantized model (its layers' weights are already integers); "

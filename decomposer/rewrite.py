@@ -146,11 +146,14 @@ QUANTIZED_WEIGHT = "weight comes from a DequantizeLinear (an int8 QDQ model)"
 QUANTIZED_OPS = ("QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger")  # QOperator int8 layers
 
 
-def find_layers(model: onnx.ModelProto) -> tuple[list[Layer], list[tuple[str, str, str]]]:
-    """Decomposable layers in graph order, and (name, op, reason) for Conv/Gemm/MatMul left float."""
+def find_layers(model: onnx.ModelProto, measured: dict[str, list[int]] | None = None
+                ) -> tuple[list[Layer], list[tuple[str, str, str]]]:
+    """Decomposable layers in graph order, and (name, op, reason) for Conv/Gemm/MatMul left float.
+    `measured`: tensor sizes shape inference could not give (calibrate.measure_shapes)."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     vi = {v.name: v for v in list(g.value_info) + list(g.input) + list(g.output)}
+    vi.update({t: helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, dims) for t, dims in (measured or {}).items()})
     producer = {o: n.op_type for n in g.node for o in n.output}
     layers, floats = [], []
     for node in g.node:

@@ -543,3 +543,43 @@ def test_a_model_with_a_fixed_batch_of_two_is_calibrated_and_run_on_any_number_o
     want = bdecomp.load(tmp_path / "free.bd.onnx", backend=backend).run(x)[0]
     assert y.shape == (3, 10)
     np.testing.assert_array_equal(y, want)
+
+
+def _sliced_by_computed_bounds(tmp_path):
+    """x [1, 8, 16, 16] → Slice of its first C/2 channels, the bound computed as Shape → Gather →
+    Div (torch.onnx's `chunk`) → 3×3 conv 4 → 16: onnx's shape inference leaves the conv's
+    output size unknown."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"], name="shape"),
+             helper.make_node("Gather", ["s", "one"], ["c"], name="gather", axis=0),
+             helper.make_node("Div", ["c", "two"], ["h"], name="half"),
+             helper.make_node("Unsqueeze", ["h", "ax0"], ["hu"], name="unsq"),
+             helper.make_node("Slice", ["x", "zero", "hu", "ax"], ["xs"], name="chunk"),
+             conv_node("xs", "w", "y", name="conv", pads=[1, 1, 1, 1])]
+    inits = {"one": np.array(1, np.int64), "two": np.array(2, np.int64), "ax": np.array([1], np.int64),
+             "ax0": np.array([0], np.int64),
+             "zero": np.array([0], np.int64), "w": weights(np.random.default_rng(0), 16, 4, 3, 3)}
+    return save_model(make_model(nodes, inits, [1, 8, 16, 16]), tmp_path / "chunk.onnx")
+
+
+def test_layer_sizes_shape_inference_cannot_give_are_measured_for_the_report(tmp_path):
+    from bdecomp.decomposer import calibrate, rewrite
+
+    path = _sliced_by_computed_bounds(tmp_path)
+    m = simplify.infer_shapes(onnx.load(str(path)))
+    assert rewrite.find_layers(m)[0][0].out_pixels is None  # the premise: inference gives up
+    x = np.zeros((1, 8, 16, 16), np.float32)
+    assert calibrate.measure_shapes(m, x) == {"xs": [1, 4, 16, 16], "y": [1, 16, 16, 16]}
+    rep = bdecomp.convert(path, tmp_path / "o.onnx", bases=2, act_bits=2, progress=False, min_depth=0)
+    assert rep.layers[0].macs == 16 * 36 * 16 * 16
+    out = onnx.load(str(tmp_path / "o.onnx"))
+    assert not any(v.name in ("xs", "y") and v.type.tensor_type.shape.dim[2].HasField("dim_value")
+                   for v in list(out.graph.value_info) + list(out.graph.output))  # measured sizes stay out
+
+
+def test_no_model_is_run_to_measure_shapes_when_inference_knows_them_all(cnn, monkeypatch):
+    from bdecomp.decomposer import calibrate
+
+    sessions = []
+    monkeypatch.setattr(calibrate, "_session", lambda *a, **k: sessions.append(a))
+    m = simplify.infer_shapes(onnx.load(str(cnn)))
+    assert calibrate.measure_shapes(m, np.zeros((1, 3, H, W), np.float32)) == {} and not sessions
