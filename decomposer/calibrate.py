@@ -223,16 +223,18 @@ def measure_shapes(model: onnx.ModelProto, x: np.ndarray, threads: int | None = 
     from one onnxruntime run on `x` (batch first). torch.onnx writes `chunk` / `split` as Slices
     with computed bounds (YOLOv8's C2f blocks), and every size after one is unknown to onnx's
     inference: the layers' MACs (report, --budget's weights, the speed model) then counted one
-    pixel each and SAME padding could not be resolved. Used for those counts only, never written
-    into the output file (a fixed size could contradict a dynamic one). {} when nothing is
-    missing or the run fails."""
+    pixel each and SAME padding could not be resolved. Never written into the output file (a fixed
+    size could contradict a dynamic one). A conv input's size, which fixes SAME padding, is
+    measured only when the model's input size is fixed: at any other size it could be wrong.
+    {} when nothing is missing or the run fails."""
     g = model.graph
     vi = {v.name: v for v in list(g.value_info) + list(g.input) + list(g.output)}
+    fixed_size = _known(vi.get(feed.model_input(model)[0]))
     wanted = []
     for n in g.node:
         if n.domain in ("", "ai.onnx") and n.op_type in ("Conv", "MatMul") and n.input:
-            wanted += [t for t in ([n.input[0], n.output[0]] if n.op_type == "Conv" else [n.input[0]])
-                       if not _known(vi.get(t))]
+            io = [n.input[0]] if n.op_type == "MatMul" else [n.input[0]] * fixed_size + [n.output[0]]
+            wanted += [t for t in io if not _known(vi.get(t))]
     wanted = list(dict.fromkeys(wanted))
     if not wanted:
         return {}

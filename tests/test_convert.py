@@ -545,7 +545,7 @@ def test_a_model_with_a_fixed_batch_of_two_is_calibrated_and_run_on_any_number_o
     np.testing.assert_array_equal(y, want)
 
 
-def _sliced_by_computed_bounds(tmp_path):
+def _sliced_by_computed_bounds(tmp_path, dims=(1, 8, 16, 16), **conv_attrs):
     """x [1, 8, 16, 16] → Slice of its first C/2 channels, the bound computed as Shape → Gather →
     Div (torch.onnx's `chunk`) → 3×3 conv 4 → 16: onnx's shape inference leaves the conv's
     output size unknown."""
@@ -554,11 +554,11 @@ def _sliced_by_computed_bounds(tmp_path):
              helper.make_node("Div", ["c", "two"], ["h"], name="half"),
              helper.make_node("Unsqueeze", ["h", "ax0"], ["hu"], name="unsq"),
              helper.make_node("Slice", ["x", "zero", "hu", "ax"], ["xs"], name="chunk"),
-             conv_node("xs", "w", "y", name="conv", pads=[1, 1, 1, 1])]
+             conv_node("xs", "w", "y", name="conv", **(conv_attrs or {"pads": [1, 1, 1, 1]}))]
     inits = {"one": np.array(1, np.int64), "two": np.array(2, np.int64), "ax": np.array([1], np.int64),
              "ax0": np.array([0], np.int64),
              "zero": np.array([0], np.int64), "w": weights(np.random.default_rng(0), 16, 4, 3, 3)}
-    return save_model(make_model(nodes, inits, [1, 8, 16, 16]), tmp_path / "chunk.onnx")
+    return save_model(make_model(nodes, inits, list(dims)), tmp_path / "chunk.onnx")
 
 
 def test_layer_sizes_shape_inference_cannot_give_are_measured_for_the_report(tmp_path):
@@ -583,3 +583,19 @@ def test_no_model_is_run_to_measure_shapes_when_inference_knows_them_all(cnn, mo
     monkeypatch.setattr(calibrate, "_session", lambda *a, **k: sessions.append(a))
     m = simplify.infer_shapes(onnx.load(str(cnn)))
     assert calibrate.measure_shapes(m, np.zeros((1, 3, H, W), np.float32)) == {} and not sessions
+
+
+@pytest.mark.parametrize("dims,decomposed", [((1, 8, 16, 16), True), ((1, 8, "H", "W"), False)])
+def test_same_padding_behind_an_unknown_size_is_resolved_only_for_a_fixed_input_size(dims, decomposed, tmp_path):
+    """A measured size holds for the size measured: with a dynamic input, SAME padding of stride 2
+    would change with the image's parity, so that conv stays float as before."""
+    path = _sliced_by_computed_bounds(tmp_path, dims, auto_pad="SAME_UPPER", strides=[2, 2])
+    rep = bdecomp.convert(path, tmp_path / "o.onnx", bases=8, act_bits=8, progress=False, min_depth=0)
+    assert bool(rep.layers) is decomposed
+    if decomposed:
+        x = np.random.default_rng(1).standard_normal((1, 8, 16, 16)).astype(np.float32)  # pads 0 / 1
+        want, got = run_onnx(path, x)[0], bdecomp.load(tmp_path / "o.onnx").run(x)[0]
+        assert got.shape == want.shape == (1, 16, 8, 8)
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.05
+    else:
+        assert "auto_pad" in rep.float_layers[0]["reason"]
