@@ -487,6 +487,9 @@ def compare(original: str | Path, decomposed: str | Path, data: str | Path, *, l
     dec_m = load(decomposed, backend="native", threads=threads)
     if orig_m.decomposed:
         raise ConfigError(f"{original}: this is a decomposed model; give the original first")
+    if orig_m.input_dtype != "float32":
+        notes.append(f"the original computes in {orig_m.input_dtype}: \"fp32\" in this report stands for the "
+                     "original as onnxruntime runs it")
     if not dec_m.decomposed:
         raise ConfigError(f"{decomposed}: not a decomposed model (no ai.bdecomp nodes); run bdecomp convert first")
     recipe, info = resolve_recipe(decomposed, dec_m.model, recipe_overrides)

@@ -73,6 +73,18 @@ def make_model(nodes: Iterable[onnx.NodeProto], inits: Mapping[str, np.ndarray],
     return model
 
 
+def as_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same network computing in float16: weights, input and output."""
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    for t in m.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for v in list(m.graph.input) + list(m.graph.output):
+        v.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    del m.graph.value_info[:]
+    onnx.checker.check_model(m)
+    return m
+
+
 def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
     path = Path(path)
     path.write_bytes(model.SerializeToString())

@@ -11,7 +11,7 @@ import pytest
 from onnx import helper
 from PIL import Image
 
-from conftest import make_images, make_model, run_onnx, save_model, weights
+from conftest import as_float16, make_images, make_model, run_onnx, save_model, weights
 
 import bdecomp
 from bdecomp.decomposer.convert import resolve_recipe
@@ -136,6 +136,18 @@ def test_a_model_with_a_fixed_batch_of_three_is_compared_over_eight_images(tmp_p
     rep = compare(fixed, dec, d, **FAST)
     assert rep["n_images"] == 8 and rep["original"]["top1"] == 1.0
     assert rep["latency_method"]["batch"] == 3
+
+
+def test_a_float16_original_is_named_for_what_it_is(tmp_path, cls_images):
+    import onnx
+
+    paths, _ = cls_images
+    orig = save_model(as_float16(onnx.load(str(_classifier(tmp_path)[0]))), tmp_path / "cls16.onnx")
+    dec = tmp_path / "cls16.bd.onnx"
+    bdecomp.convert(orig, dec, bases=4, act_bits=8, progress=False, min_depth=0)
+    rep = compare(orig, dec, paths[0].parent, **FAST)
+    assert any("computes in float16" in n for n in rep["notes"])
+    assert not any("computes in" in n for n in compare(*_classifier(tmp_path), paths[0].parent, **FAST)["notes"])
 
 
 def test_imagefolder_layout_matches_labels_tsv(tmp_path, cls_models, cls_images):

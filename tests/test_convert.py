@@ -14,7 +14,7 @@ import stat
 import numpy as np
 import onnx
 import pytest
-from conftest import conv_node, file_sha256, make_images, make_model, run_onnx, save_model, weights
+from conftest import as_float16, conv_node, file_sha256, make_images, make_model, run_onnx, save_model, weights
 from onnx import helper, numpy_helper
 
 import bdecomp
@@ -454,23 +454,11 @@ def test_a_weight_given_by_a_graph_node_is_decomposed_like_an_initializer(how, t
     np.testing.assert_array_equal(run_onnx(tmp_path / "out.onnx", x)[0], run_onnx(tmp_path / "ref_out.onnx", x)[0])
 
 
-def _as_float16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The same network computing in float16: weights, input and output."""
-    m = onnx.ModelProto.FromString(model.SerializeToString())
-    for t in m.graph.initializer:
-        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
-    for v in list(m.graph.input) + list(m.graph.output):
-        v.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
-    del m.graph.value_info[:]
-    onnx.checker.check_model(m)
-    return m
-
-
 @pytest.mark.parametrize("backend", ["onnxruntime", "native"])
 def test_a_float16_model_is_decomposed_and_keeps_its_float16_input_and_output(backend, tmp_path, images):
     """The decomposed ops compute in float32 between two Casts; images are fed as float32 and cast
     to the model's input type."""
-    src = save_model(_as_float16(small_cnn()), tmp_path / "m16.onnx")
+    src = save_model(as_float16(small_cnn()), tmp_path / "m16.onnx")
     convert(src, tmp_path / "out.onnx", bases=8, act_bits=8, calib=images)
     assert set(layer_settings(tmp_path / "out.onnx")) == {"conv1", "conv2", "fc"}
     x = calibration_batch(tmp_path / "out.onnx", images)
