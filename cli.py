@@ -161,11 +161,10 @@ def infer(model, images, top_k, backend, as_json, threads, mask_dir, overlay, sa
     """Classify (or segment) IMAGES with MODEL, original or decomposed. A folder stands for every
     image under it (sorted). Models whose output is neither class scores nor a class map (detector
     heads, depth maps) get each output's shape and range; --save-outputs keeps the tensors."""
-    from tqdm import tqdm
-
     import io
 
     import numpy as np
+    from tqdm import tqdm
 
     from bdecomp.decomposer.convert import resolve_recipe
     from bdecomp.decomposer.feed import classes_first

@@ -500,6 +500,7 @@ def compare(original: str | Path, decomposed: str | Path, data: str | Path, *, l
         notes.append("the two files imply different preprocessing; the decomposed file's recipe is used")
     if task is not None and task not in TASKS:
         raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+    task_given = task is not None
     task = task or _resolve_task(info, output_shape(dec_m.model), recipe.channels_last)
     if ignore_index is None and task == "segmentation" and info.get("ignore_index") not in (None, ""):
         ignore_index = int(info["ignore_index"])
@@ -660,8 +661,9 @@ def compare(original: str | Path, decomposed: str | Path, data: str | Path, *, l
                 pass
     elif task == "outputs":
         shape = "x".join(str(d) if d else "?" for d in output_shape(orig_m.model))
-        notes.append(f"the output ({shape}) is neither class scores nor a class map, so no label scores it: "
-                     "each model's raw outputs are compared with the original's (SQNR over all images, "
+        why = ("--task outputs" if task_given else
+               f"the output ({shape}) is neither class scores nor a class map, so no label scores it")
+        notes.append(f"{why}: each model's raw outputs are compared with the original's (SQNR over all images, "
                      "per-image relative error; with several outputs the table shows the worst)")
     elif not labelled:
         notes.append("the images have no labels: only agreement with the original is reported")

@@ -115,9 +115,19 @@ def test_raw_outputs_are_compared_on_a_labelled_or_segmentation_folder_too(head,
 
 
 def test_the_task_option_compares_a_classifier_as_raw_outputs(head, tmp_path):
-    orig, dec, images = head
+    """An embedding model's [N, 16] looks like a classifier; --task outputs compares it as tensors."""
+    _, _, images = head
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["y"], name="flat")]
+    orig = save_model(make_model(nodes, {"w": weights(rng, 16, 3, 3, 3)}, [1, 3, 16, 16]), tmp_path / "emb.onnx")
+    dec = tmp_path / "emb.bd.onnx"
+    bdecomp.convert(orig, dec, bases=4, act_bits=8, calib=images, progress=False, min_depth=0)
+    assert compare(orig, dec, images, **FAST)["task"] == "classification"
     rep = compare(orig, dec, images, task="outputs", **FAST)
-    assert rep["task"] == "outputs"
+    assert rep["task"] == "outputs" and any(n.startswith("--task outputs:") for n in rep["notes"])
+    assert rep["decomposed"]["outputs"]["y"]["sqnr_db"] > 10
     with pytest.raises(ConfigError, match="--task"):
         compare(orig, dec, images, task="detection", **FAST)
 
