@@ -205,7 +205,7 @@ def infer(model, images, top_k, backend, as_json, threads, mask_dir, overlay, sa
 @click.argument("decomposed", type=click.Path(path_type=Path))
 @click.option("--data", required=True, type=click.Path(path_type=Path),
               help="labelled images: labels.tsv folder, ImageFolder tree, or segmentation pairs (DIR/test + "
-                   "DIR/testannot, or a folder with a sibling FOLDERannot)")
+                   "DIR/testannot, or a folder with a sibling FOLDERannot); any images for --task outputs")
 @click.option("--labels", "label_dir", type=click.Path(path_type=Path),
               help="segmentation: folder of label images (same file names as --data)")
 @click.option("--limit", type=int, help="use N images, evenly spread over the sorted set")
