@@ -207,6 +207,7 @@ int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t in
     const int isa_rc = bd_check_isa(isa);
     if (isa_rc != BD_OK) return isa_rc;
     const int avx2 = isa >= BD_ISA_AVX2; /* AVX-512 machines run the AVX2 code here */
+    (void)avx2; /* (unused where the x86 paths are compiled out) */
     if (inner == 1) {
         /* channel-last: one pixel's channels are contiguous */
 #pragma omp parallel for schedule(static) num_threads(nthreads)
@@ -249,6 +250,7 @@ int bd_quantize_pack(const float *x, int64_t outer, int64_t channels, int64_t in
     {
         uint8_t codes[256 * 64] __attribute__((aligned(32)));
         int32_t tmp[8 * 256]; /* int32 codes of up to 8 channel rows */
+        (void)tmp; /* (used by the x86 paths only) */
         int64_t zero_from = 64; /* bytes [zero_from, 64) of every pixel's row of `codes` are 0 */
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < blocks; ++blk) {
@@ -330,6 +332,7 @@ int bd_quantize_codes(const float *x, int64_t outer, int64_t channels, int64_t i
 #pragma omp parallel num_threads(nthreads)
     {
         int32_t tmp[256];
+        (void)tmp; /* (used by the x86 paths only) */
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; ++r) {
             const float s = channel_scales ? channel_scales[r % channels] : scale;
@@ -382,6 +385,7 @@ int bd_im2col_pack_impl(const float *x, const bd_conv_params *p, const float *ch
 #pragma omp parallel num_threads(nthreads)
     {
         int32_t tmp[256];
+        (void)tmp; /* (used by the x86 paths only) */
 #pragma omp for schedule(static)
         for (int64_t pl = 0; pl < planes; ++pl)
             for (int64_t i0 = 0; i0 < hw; i0 += 256) {
