@@ -20,7 +20,7 @@ import numpy as np
 import bdecomp
 from bdecomp.decomposer.load import model_bytes
 from bdecomp.runtime.bench import measure_latency
-from bdecomp.runtime.compare import _OrtModel
+from bdecomp.runtime.compare import OrtModel
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     print(f"{'model':32s} {'fp32 ms':>9s} {'native ms':>10s} {'speed-up':>9s} {'size':>7s}  ({args.threads} thread(s))")
     for pair in args.pairs:
         orig_path, dec_path = (Path(p) for p in pair.split("=", 1))
-        orig = _OrtModel(orig_path, args.threads)
+        orig = OrtModel(orig_path, args.threads)
         dec = bdecomp.load(dec_path, threads=args.threads)
         shape = [1 if i == 0 else (d or free_hw[i - 2]) for i, d in enumerate(orig.input_shape)]
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)

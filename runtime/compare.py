@@ -399,7 +399,7 @@ def _db(sig: float, noise: float) -> float | None:
 # ---------------------------------------------------------------- the comparison
 
 
-class _OrtModel:
+class OrtModel:
     """A float (or int8) model in one onnxruntime session as users run it: its threads spin while
     a run lasts (onnxruntime's default; not spinning made ResNet-56 at 2 threads 2.37 instead of
     1.39 ms) and stop when it returns (session.force_spinning_stop, set for every session here),
@@ -483,7 +483,7 @@ def compare(original: str | Path, decomposed: str | Path, data: str | Path, *, l
         raise ConfigError("--threads must be at least 1")
     notes: list[str] = []
 
-    orig_m = _OrtModel(original, threads)
+    orig_m = OrtModel(original, threads)
     dec_m = load(decomposed, backend="native", threads=threads)
     if orig_m.decomposed:
         raise ConfigError(f"{original}: this is a decomposed model; give the original first")
@@ -525,7 +525,7 @@ def compare(original: str | Path, decomposed: str | Path, data: str | Path, *, l
         say(f"quantizing {original.name} to int8 with onnxruntime (calibration: {len(calib_imgs)} images of {calib})")
         int8_info = quantize_int8(original, int8_path, calib_imgs, recipe, orig_m.input_name, progress)
         int8_info["path"] = str(int8_path)
-        models["int8"] = _OrtModel(int8_path, threads)
+        models["int8"] = OrtModel(int8_path, threads)
 
     # --- accuracy
     batch = _batch_size(orig_m.input_shape)
