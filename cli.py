@@ -121,13 +121,16 @@ def main() -> None:
               help="keep float the convolutions (and MatMuls over many rows) estimated faster in onnxruntime "
                    "fp32 than decomposed at their k and Q (small channel counts on large images): a faster, "
                    "more accurate, larger file")
+@click.option("--sequential", is_flag=True,
+              help="with --calib: refit each layer's bases, in graph order, to the inputs the layers before it "
+                   "produce once decomposed (one more pass over the calibration images per layer)")
 @click.option("--layer-config", type=click.Path(path_type=Path), help="per-layer k/q/skip (JSON or TOML)")
 @click.option("--report", type=click.Path(path_type=Path), help="write the conversion report as JSON")
 @click.option("--threads", type=int, help="onnxruntime threads during calibration")
 @click.option("--quiet", is_flag=True, help="no progress bars and no table")
 @_recipe_options
 def convert(model, output, bases, act_bits, calib, calib_limit, range_method, act_scales, method, bias_correction, budget,
-            target_drop, min_depth, float_when_faster, layer_config, report, threads, quiet, **kw):
+            target_drop, min_depth, float_when_faster, sequential, layer_config, report, threads, quiet, **kw):
     """Decompose MODEL into binary bases + quantized inputs; writes a standard ONNX file."""
     from bdecomp.decomposer.convert import convert as run_convert
 
@@ -135,7 +138,7 @@ def convert(model, output, bases, act_bits, calib, calib_limit, range_method, ac
                       layer_config=layer_config, range_method=range_method, act_scales=act_scales, method=method,
                       bias_correction=bias_correction, budget=budget, target_drop=target_drop,
                       min_depth=min_depth, float_when_faster=float_when_faster, recipe_overrides=_overrides(kw),
-                      progress=not quiet, report_path=report, threads=threads)
+                      progress=not quiet, report_path=report, threads=threads, sequential=sequential)
     if not quiet:
         click.echo(rep.table())
     elif rep.faster_in_float:

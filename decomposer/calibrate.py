@@ -7,6 +7,8 @@ grow with the number of images. Step and zero point minimise the quantization MS
 """
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -297,12 +299,20 @@ class PatchSampler:
                  pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1, per_image: int = 512,
                  max_bytes: int = 32 << 20, max_patches: int = 8192, seed: int = 0):
         self.tensor, self.depth, self.kind = tensor, depth, kind
+        self.seed = seed
         self.rng = np.random.default_rng(seed)  # its own stream: patch positions don't depend on other layers
         self.kernel, self.strides, self.pads, self.dilations, self.group = kernel, strides, pads, dilations, group
         self.per_image = per_image
         self.cap = max(256, min(max_patches, max_bytes // (4 * depth * group)))
         self.chunks: list[np.ndarray] = []
         self.count = 0
+
+    def fresh(self) -> "PatchSampler":
+        """An empty sampler of the same layer and seed: fed the same images, it samples the same
+        positions (of another network's tensor there, for fit.refit_codes)."""
+        new = copy.copy(self)
+        new.rng, new.chunks, new.count = np.random.default_rng(self.seed), [], 0
+        return new
 
     def update(self, x: np.ndarray) -> None:
         rng = self.rng

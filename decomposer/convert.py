@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from tqdm import tqdm
 
 from bdecomp.decomposer import allocate, calibrate, decompose, feed, load, refine, rewrite, simplify, speed
 from bdecomp.decomposer.feed import model_input
-from bdecomp.decomposer.fit import fit_layer, output_fits
+from bdecomp.decomposer.fit import fit_layer, output_fits, refit_codes
 from bdecomp.decomposer.config import SKIPPED, LayerSetting, load_layer_config
 from bdecomp.decomposer.report import LayerRow, Report
 from bdecomp.errors import ConfigError, ModelError
@@ -91,8 +92,12 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
             act_scales: str = "auto",
             budget: float | None = None, target_drop: float | None = None, min_depth: int = MIN_DEPTH,
             float_when_faster: bool = False, recipe_overrides: dict[str, Any] | None = None, progress: bool = True,
-            report_path: str | Path | None = None, threads: int | None = None) -> Report:
+            report_path: str | Path | None = None, threads: int | None = None, sequential: bool = False) -> Report:
     """Decompose `model_path` and write the decomposed ONNX file; returns the conversion report.
+
+    sequential (with method "data" and calibration images): after the fits, refit each layer's
+    codes in graph order to the inputs the network with the layers before it decomposed produces
+    (fit.refit_codes); one more pass over the calibration images per layer.
 
     method "data" (with calibration images) fits each layer's bases to its output on calibration
     patches seen through its own quantizer; "weight" is the original weight-only fit.
@@ -251,13 +256,17 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
 
     faster_in_float = {} if float_when_faster else _float_hint(order, chosen, cfg, {f["name"] for f in float_layers})
     plans, rows = _fit_all(chosen, qparams, samplers, method, bias_correction, progress)
+    sequential = sequential and method == "data" and bool(samplers)
+    if sequential:
+        plans = _refit_sequential(model, plans, rows, samplers, images, recipe, threads, progress)
     out = rewrite.rewrite(model, plans)
     meta = {"version": "1", "recipe": recipe.to_json(), "source_sha256": registry.file_sha256(model_path),
             "options": json.dumps({"calib_images": n_calib,
                                    "method": method if n_calib else "weight",
                                    "bias_correction": bool(bias_correction and n_calib),
                                    "range_method": used_range,
-                                   "act_scales": act_scales if n_calib else "tensor"}, sort_keys=True)}
+                                   "act_scales": act_scales if n_calib else "tensor",
+                                   "sequential": sequential}, sort_keys=True)}
     meta.update({k: str(v) for k, v in info.items()})
     existing = {p.key for p in out.metadata_props}
     for k, v in sorted(meta.items()):
@@ -431,6 +440,25 @@ def _cost_grid(L: rewrite.Layer) -> np.ndarray:
     if _depthwise(L):
         return allocate.cost_grid()
     return allocate.cost_grid(L.weight_shape[1] if L.op == "Conv" else L.depth)
+
+
+def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, progress):
+    """fit.refit_codes for every layer in graph order, each fed by the network with the layers
+    before it decomposed (their refitted codes included); updates the rows' weight errors (their
+    output errors stay those of the first fit, on float inputs)."""
+    batch = feed.fixed_batch(model) or 1
+    with _progress(len(plans), "refitting to decomposed inputs", progress) as bar:
+        for i, plan in enumerate(plans):
+            sp = samplers.get(plan.layer.name)
+            if plan.qparams is not None and sp is not None and sp.count:
+                seq = sp.fresh()
+                batches = (x for x, _ in datasets.iter_batches(images, recipe, batch_size=batch))
+                calibrate.collect_stats(rewrite.rewrite(model, plans[:i]) if i else model, [], batches,
+                                        threads=threads, samplers=[seq])
+                plans[i] = replace(plan, dec=refit_codes(plan, sp.patches(), seq.patches()))
+                rows[i].weight_error = decompose.total_relative_error(plan.layer.weight, plans[i].dec)
+            bar.update(1)
+    return plans
 
 
 def _fit_all(chosen, qparams, samplers, method, bias_correction, progress):

@@ -1,0 +1,102 @@
+"""`convert --sequential`: each layer's basis codes are refitted, scales fixed, to the inputs the
+network with the layers before it decomposed feeds it, against the float network's outputs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import conv_node, make_images, make_model, run_onnx, save_model, weights
+
+import bdecomp
+from bdecomp.decomposer import calibrate, decompose, fold
+from bdecomp.decomposer.fit import fit_layer, refit_codes
+from bdecomp.decomposer.rewrite import Layer, Plan
+
+
+def _layer_and_patches(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    X = np.maximum(rng.standard_normal((3000, 1, 72)), 0).astype(np.float32)
+    W = rng.standard_normal((24, 72)).astype(np.float32)
+    L = Layer("l", "Conv", "x", "y", W, np.zeros(24), (24, 8, 3, 3))
+    sampler = calibrate.PatchSampler("x", 72, "Gemm", seed=seed)
+    sampler.chunks, sampler.count = [X], len(X)
+    qp = calibrate.qparams_from_range(0.0, float(X.max()), 4)
+    return L, X, sampler, qp
+
+
+def _objective(plan, X, Xs, mix):
+    """(1 − mix)·‖Q(X̃) M c − X w‖² + mix·‖Q(X) M c − X w‖² over the patches (one group)."""
+    Mc = plan.dec.reconstruct().astype(np.float64)
+    Y = X[:, 0, :].astype(np.float64) @ plan.layer.weight.T.astype(np.float64)
+    err = lambda P: float(np.square(calibrate.quantize_dequantize(P, plan.qparams)[:, 0, :] @ Mc.T - Y).sum())
+    return (1 - mix) * err(Xs) + mix * err(X)
+
+
+@pytest.mark.parametrize("mix,factor", [(0.0, 0.95), (0.5, 1.0)])
+def test_refitting_to_shifted_inputs_lowers_the_error_on_them_and_keeps_the_scales(mix, factor):
+    L, X, sampler, qp = _layer_and_patches()
+    dec, L2, _ = fit_layer(L, 3, qp, sampler, "data", False)
+    plan = Plan(L2, dec, 4, qp)
+    Xs = (X * np.float32(0.85) + np.float32(0.05)).astype(np.float32)  # the decomposed upstream, shrunk
+    new = refit_codes(plan, X, Xs, mix=mix)
+    np.testing.assert_array_equal(new.coeffs, dec.coeffs)
+    assert not np.array_equal(new.codes, dec.codes)
+    before, after = _objective(plan, X, Xs, mix), _objective(Plan(L2, new, 4, qp), X, Xs, mix)
+    assert after < factor * before
+
+
+def test_refitting_to_the_float_inputs_themselves_never_raises_the_error():
+    L, X, sampler, qp = _layer_and_patches(1)
+    dec, L2, _ = fit_layer(L, 2, qp, sampler, "data", False)
+    new = refit_codes(Plan(L2, dec, 4, qp), X, X)
+    assert _objective(Plan(L2, new, 4, qp), X, X, 0.0) <= _objective(Plan(L2, dec, 4, qp), X, X, 0.0) * (1 + 1e-9)
+
+
+def test_a_fresh_sampler_samples_the_same_positions():
+    rng = np.random.default_rng(2)
+    s = calibrate.PatchSampler("x", 4 * 9, "Conv", (3, 3), (1, 1), (1, 1, 1, 1), per_image=20, seed=7)
+    xs = [rng.standard_normal((1, 4, 10, 10)).astype(np.float32) for _ in range(3)]
+    for x in xs:
+        s.update(x)
+    twin = s.fresh()
+    for x in xs:
+        twin.update(2 * x)
+    np.testing.assert_array_equal(twin.patches(), 2 * s.patches())
+
+
+def _deep_cnn(tmp_path):
+    """Four 3×3 convs with ReLUs over 16 channels, then global pooling: errors of early layers
+    reach the later ones."""
+    rng = np.random.default_rng(3)
+    nodes, inits, x = [], {}, "x"
+    for i, cin in enumerate([3, 16, 16, 16]):
+        nodes += [conv_node(x, f"w{i}", f"c{i}", f"b{i}", name=f"conv{i}", pads=[1, 1, 1, 1]),
+                  onnx.helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}")]
+        inits[f"w{i}"], inits[f"b{i}"] = weights(rng, 16, cin, 3, 3), np.full(16, 0.1, np.float32)
+        x = f"r{i}"
+    nodes.append(onnx.helper.make_node("GlobalAveragePool", [x], ["y"], name="gap"))
+    return save_model(make_model(nodes, inits, [1, 3, 16, 16]), tmp_path / "deep.onnx")
+
+
+def test_sequential_conversion_tracks_the_float_network_closer_on_its_calibration_images(tmp_path):
+    from bdecomp.decomposer.convert import resolve_recipe
+    from bdecomp.models import preprocess
+
+    src, calib = _deep_cnn(tmp_path), make_images(tmp_path / "calib", 12, (16, 16), seed=6)
+    recipe, _ = resolve_recipe(src, onnx.load(str(src)), None)
+    xs = [preprocess(p, recipe) for p in sorted(calib.glob("*.png"))]
+
+    def error(path):
+        m = bdecomp.load(path)
+        num = sum(float(np.square(m.run(x)[0] - run_onnx(src, x)[0]).sum()) for x in xs)
+        return num / sum(float(np.square(run_onnx(src, x)[0]).sum()) for x in xs)
+
+    opts = dict(bases=2, act_bits=4, calib=calib, progress=False, min_depth=0)
+    bdecomp.convert(src, tmp_path / "plain.onnx", **opts)
+    bdecomp.convert(src, tmp_path / "seq.onnx", sequential=True, **opts)
+    assert error(tmp_path / "seq.onnx") < 0.9 * error(tmp_path / "plain.onnx")
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "seq.onnx")).metadata_props}
+    assert json.loads(meta["bdecomp.options"])["sequential"] is True
