@@ -149,6 +149,8 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     allocating = budget is not None or target_drop is not None
     if allocating and calib is None:
         raise ConfigError("--budget and --target-drop need calibration images (--calib DIR)")
+    if sequential and (calib is None or method != "data"):
+        raise ConfigError("--sequential refits the data-aware fit: it needs --calib DIR and --method data")
     if budget is not None and target_drop is not None:
         raise ConfigError("give either --budget or --target-drop, not both")
     if budget is not None and not 1 <= budget <= 64:
@@ -256,7 +258,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
 
     faster_in_float = {} if float_when_faster else _float_hint(order, chosen, cfg, {f["name"] for f in float_layers})
     plans, rows = _fit_all(chosen, qparams, samplers, method, bias_correction, progress)
-    sequential = sequential and method == "data" and bool(samplers)
+    sequential = sequential and bool(samplers)  # (no layer left to decompose: nothing to refit)
     if sequential:
         plans = _refit_sequential(model, plans, rows, samplers, images, recipe, threads, progress)
     out = rewrite.rewrite(model, plans)

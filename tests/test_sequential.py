@@ -110,3 +110,13 @@ def test_sequential_conversion_tracks_the_float_network_closer_on_its_calibratio
     assert seq < 0.9 * plain and seq < 0.9 * float_fed
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "seq.onnx")).metadata_props}
     assert json.loads(meta["bdecomp.options"])["sequential"] is True
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(method="weight")])
+def test_sequential_without_calibration_or_the_data_aware_fit_is_refused(opts, tmp_path):
+    from bdecomp.errors import ConfigError
+
+    src = _deep_cnn(tmp_path)
+    calib = make_images(tmp_path / "calib", 2, (16, 16)) if opts else None
+    with pytest.raises(ConfigError, match="--sequential"):
+        bdecomp.convert(src, tmp_path / "o.onnx", calib=calib, sequential=True, progress=False, **opts)
