@@ -8,7 +8,6 @@ grow with the number of images. Step and zero point minimise the quantization MS
 from __future__ import annotations
 
 import copy
-
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from bdecomp.decomposer import allocate, calibrate, decompose, feed, load, refine, rewrite, simplify, speed
 from bdecomp.decomposer.feed import model_input
-from bdecomp.decomposer.fit import fit_layer, output_fits, refit_codes
+from bdecomp.decomposer.fit import data_aware_fits, fit_layer, output_fits, refit_codes
 from bdecomp.decomposer.config import SKIPPED, LayerSetting, load_layer_config
 from bdecomp.decomposer.report import LayerRow, Report
 from bdecomp.errors import ConfigError, ModelError
@@ -447,12 +447,14 @@ def _cost_grid(L: rewrite.Layer) -> np.ndarray:
 def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, progress):
     """fit.refit_codes for every layer in graph order, each fed by the network with the layers
     before it decomposed (their refitted codes included); updates the rows' weight errors (their
-    output errors stay those of the first fit, on float inputs)."""
+    output errors stay those of the first fit, on float inputs). Layers beyond the data-aware
+    fit's limits (fit.data_aware_fits: big FC layers) keep their bases."""
     batch = feed.fixed_batch(model) or 1
     with _progress(len(plans), "refitting to decomposed inputs", progress) as bar:
         for i, plan in enumerate(plans):
             sp = samplers.get(plan.layer.name)
-            if plan.qparams is not None and sp is not None and sp.count:
+            refit = plan.qparams is not None and sp is not None and sp.count
+            if refit and data_aware_fits(plan.layer, plan.dec.k):
                 seq = sp.fresh()
                 batches = (x for x, _ in datasets.iter_batches(images, recipe, batch_size=batch))
                 calibrate.collect_stats(rewrite.rewrite(model, plans[:i]) if i else model, [], batches,

@@ -20,7 +20,7 @@ GRID_MAX_FLOPS = 2.5e10  # D²·Cout·Σk of the allocator's grid (one data-awar
 # (ResNet-50's layer3/4 3×3 and wide 1×1 layers, its fc: ~3 min each) the grid keeps weight-only bases
 
 
-def _data_aware_fits(L: Layer, k: int) -> bool:
+def data_aware_fits(L: Layer, k: int) -> bool:
     """Whether the data-aware fit runs for L at k (within the Gram size and flop limits above)."""
     return L.depth <= DATA_AWARE_MAX_DEPTH and L.depth ** 2 * (L.cout // L.group) * k <= DATA_AWARE_MAX_FLOPS
 
@@ -49,7 +49,7 @@ def fit_layer(L: Layer, k: int, qp: calibrate.QParams | None, sampler: calibrate
         X, Xh, W = P[:, g, :], Ph[:, g, :], L.weight[rows]
         Y = X @ W.T.astype(np.float32)  # float outputs on the calibration patches (sgemm: fast enough)
         gdec = decompose.Decomposition(codes[rows], coeffs[rows], k)
-        if method == "data" and _data_aware_fits(L, k):
+        if method == "data" and data_aware_fits(L, k):
             G = (Xh.T @ Xh).astype(np.float64) / len(X)  # D × D: only built where it is used
             T = (Xh.T @ Y).astype(np.float64) / len(X)
             gdec = decompose.decompose_data_aware(W, k, G, T, init=gdec)
@@ -82,7 +82,7 @@ def output_fits(L: Layer, sampler: calibrate.PatchSampler, ks) -> dict[int, deco
     out = {}
     for k in ks:
         dec = decompose.decompose(L.weight, k)
-        if not len(P) or not _data_aware_fits(L, k):
+        if not len(P) or not data_aware_fits(L, k):
             out[k] = dec
             continue
         if grams is None:

@@ -153,7 +153,8 @@ def find_layers(model: onnx.ModelProto, measured: dict[str, list[int]] | None = 
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     vi = {v.name: v for v in list(g.value_info) + list(g.input) + list(g.output)}
-    vi.update({t: helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, dims) for t, dims in (measured or {}).items()})
+    vi.update({t: helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, dims)
+               for t, dims in (measured or {}).items()})
     producer = {o: n.op_type for n in g.node for o in n.output}
     layers, floats = [], []
     for node in g.node:
