@@ -213,10 +213,8 @@ def _session(model: onnx.ModelProto, outputs: list[str], threads: int | None) ->
 
 def _known(vi: onnx.ValueInfoProto | None) -> bool:
     """Whether every dimension past the batch is a number."""
-    if vi is None or not vi.type.tensor_type.HasField("shape"):
-        return False
-    dims = vi.type.tensor_type.shape.dim
-    return len(dims) > 0 and all(d.HasField("dim_value") for d in dims[1:])
+    dims = feed.declared_dims(vi) if vi is not None else None
+    return bool(dims) and None not in dims[1:]
 
 
 def measure_shapes(model: onnx.ModelProto, x: np.ndarray, threads: int | None = None) -> dict[str, list[int]]:

@@ -26,11 +26,18 @@ def _image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
     return inputs[0]
 
 
+def declared_dims(vi: onnx.ValueInfoProto) -> list[int | None] | None:
+    """A tensor's declared dims (None where symbolic or unknown), or None without a shape."""
+    t = vi.type.tensor_type
+    if not vi.type.HasField("tensor_type") or not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+
+
 def model_input(model: onnx.ModelProto) -> tuple[str, list[int | None]]:
     """The image input's (name, shape), None for a dynamic dimension."""
     i = _image_input(model)
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
-    return i.name, dims
+    return i.name, declared_dims(i) or []
 
 
 def input_dtype(model: onnx.ModelProto) -> str:
@@ -104,8 +111,7 @@ TASKS = ("classification", "segmentation", "outputs")
 
 def output_shape(model: onnx.ModelProto) -> list[int | None]:
     """The first graph output's declared dims (None where symbolic or unknown)."""
-    dims = model.graph.output[0].type.tensor_type.shape.dim
-    return [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    return declared_dims(model.graph.output[0]) or []
 
 
 def output_task(shape: Sequence[int | None], channels_last: bool) -> str:

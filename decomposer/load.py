@@ -9,6 +9,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from bdecomp.decomposer import ops
+from bdecomp.decomposer.feed import declared_dims
 from bdecomp.errors import InputFileError, ModelError
 
 MIN_OPSET = ops.MIN_OPSET  # the decomposed ops' function bodies use opset-13 operator forms
@@ -75,13 +76,6 @@ def _is_external(t: onnx.TensorProto) -> bool:
     return t.data_location == onnx.TensorProto.EXTERNAL
 
 
-def _static_dims(vi: onnx.ValueInfoProto) -> list[int | None] | None:
-    t = vi.type.tensor_type
-    if not vi.type.HasField("tensor_type") or not t.HasField("shape"):
-        return None
-    return [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-
-
 def _check_declared_sizes(model: onnx.ModelProto, path: Path) -> None:
     """Refuse absurd sizes a file declares (initializers, input dimensions) before allocating."""
     for t in model.graph.initializer:
@@ -97,7 +91,7 @@ def _check_declared_sizes(model: onnx.ModelProto, path: Path) -> None:
     for vi in model.graph.input:
         if vi.name in inits:
             continue
-        dims = _static_dims(vi) or []
+        dims = declared_dims(vi) or []
         for d in dims:
             if d is not None and d > MAX_INPUT_DIM:
                 raise ModelError(f"{path}: input {vi.name!r} has dimension {d:,} in {_fmt(dims)} "
@@ -157,7 +151,7 @@ def _check_inferred(model: onnx.ModelProto, path: Path) -> None:
         raise ModelError(f"{path}: fails ONNX shape inference: {_first_line(e)}") from None
     g = inferred.graph
     for vi in list(g.value_info) + list(g.output):
-        dims = _static_dims(vi)
+        dims = declared_dims(vi)
         if not dims or None in dims:
             continue
         n = 1
@@ -166,7 +160,7 @@ def _check_inferred(model: onnx.ModelProto, path: Path) -> None:
         if n > MAX_ACTIVATION_ELEMS:
             raise ModelError(f"{path}: tensor {vi.name!r} would have shape {_fmt(dims)} ({n:,} elements, "
                              f"limit {MAX_ACTIVATION_ELEMS:,})")
-    shapes = {vi.name: _static_dims(vi) for vi in list(g.value_info) + list(g.input)}
+    shapes = {vi.name: declared_dims(vi) for vi in list(g.value_info) + list(g.input)}
     inits = {t.name: t for t in g.initializer}
     for node in g.node:
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:

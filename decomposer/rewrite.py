@@ -14,6 +14,7 @@ from onnx import helper, numpy_helper
 from bdecomp.decomposer import load, ops
 from bdecomp.decomposer.calibrate import QParams
 from bdecomp.decomposer.decompose import Decomposition
+from bdecomp.decomposer.feed import declared_dims
 from bdecomp.decomposer.simplify import prune_initializers
 
 
@@ -57,10 +58,7 @@ def _attrs(node: onnx.NodeProto) -> dict:
 
 
 def _shape(vi: dict[str, onnx.ValueInfoProto], name: str) -> list[int | None] | None:
-    v = vi.get(name)
-    if v is None or not v.type.tensor_type.HasField("shape"):
-        return None
-    return [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+    return declared_dims(vi[name]) if name in vi else None
 
 
 def _same_pads(in_hw, kernel, strides, dilations, upper: bool) -> tuple[int, int, int, int]:
