@@ -167,8 +167,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
         raise ModelError(f"{model_path}: already a decomposed model")
     bytes_before = load.model_bytes(model_path)
     recipe, info = resolve_recipe(model_path, original, recipe_overrides)
-    task = info["task"] if info.get("task") in feed.TASKS else feed.output_task(feed.output_shape(original),
-                                                                             recipe.channels_last)
+    task = feed.output_task(feed.output_shape(original), recipe.channels_last, info.get("task"))
     if target_drop is not None and task == "outputs":
         raise ConfigError(f"--target-drop bounds the share of class decisions that change, and the output of "
                           f"{model_path.name} is neither class scores nor a class map: use --budget")

@@ -114,13 +114,16 @@ def output_shape(model: onnx.ModelProto) -> list[int | None]:
     return declared_dims(model.graph.output[0]) or []
 
 
-def output_task(shape: Sequence[int | None], channels_last: bool) -> str:
-    """What a model's first output holds, when the model does not say (TASKS): a class map
+def output_task(shape: Sequence[int | None], channels_last: bool, declared: str | None = None) -> str:
+    """What a model's first output holds (TASKS): `declared` (its metadata's or the registry's)
+    when that is one of them; else from the output's shape: a class map
     [N, C, H, W] with C > 1 is "segmentation"; one score vector per image ([N, C] with C > 1,
     or [N, C, 1, 1]) is "classification"; anything else is "outputs" — a detector head such as
     YOLO's [N, 84, 8400], a depth map [N, 1, H, W], a single score [N, 1]. No label scores those,
     so they are compared as tensors (SQNR, relative error), never as 705,600 "classes".
     An output of unknown rank counts as classification."""
+    if declared in TASKS:
+        return declared
     if len(shape) == 4:
         c = shape[3] if channels_last else shape[1]
         if c == 1:

@@ -98,11 +98,6 @@ def decomposed_layer_storage(model: onnx.ModelProto) -> dict:
             "bits_per_weight_formula": formula_bits / weights}
 
 
-def _resolve_task(info: dict, out_shape: list, channels_last: bool) -> str:
-    task = info.get("task")
-    return task if task in TASKS else output_task(out_shape, channels_last)
-
-
 def _batch_size(dims: list) -> int:
     """1 if the model's batch dimension is fixed (to 1), else a small batch for throughput."""
     return 8 if dims and dims[0] in (None, 0) else 1
@@ -501,7 +496,7 @@ def compare(original: str | Path, decomposed: str | Path, data: str | Path, *, l
     if task is not None and task not in TASKS:
         raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     task_given = task is not None
-    task = task or _resolve_task(info, output_shape(dec_m.model), recipe.channels_last)
+    task = task or output_task(output_shape(dec_m.model), recipe.channels_last, info.get("task"))
     if ignore_index is None and task == "segmentation" and info.get("ignore_index") not in (None, ""):
         ignore_index = int(info["ignore_index"])
     layout, items, n_total = _data_items(data, Path(labels) if labels else None, task, limit)

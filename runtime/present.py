@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bdecomp.decomposer.feed import TASKS, output_task
+from bdecomp.decomposer.feed import output_task
 from bdecomp.models.labels import class_names, palette
 
 
@@ -41,8 +41,7 @@ class Presenter:
         """One image's result from its first output `y` (classes on axis 1), or from all its
         `outputs` by name when they are neither class scores nor a class map."""
         y = np.asarray(y)
-        task = self.info.get("task")
-        task = task if task in TASKS else output_task(y.shape, False)  # classes first here
+        task = output_task(y.shape, False, self.info.get("task"))  # classes first here
         if task == "outputs":
             return {"image": str(path), "outputs": [
                 {"name": name, "shape": list(v.shape), "min": float(v.min()), "max": float(v.max()),
