@@ -531,7 +531,7 @@ def compare(original: str | Path, decomposed: str | Path, data: str | Path, *, l
     n_px = 0
     label_max, n_cls = -1, None  # segmentation: the largest label id seen (not ignored), the model's classes
     fidelity = {k: metrics.FidelityAccumulator([o.name for o in orig_m.model.graph.output])
-                for k in models if k != "original"}
+                for k in models if k != "original" and task == "outputs"}
     n_images = 0
     first_x = None
     bar = _tqdm(len(items), "accuracy" if task != "outputs" else "outputs", progress)

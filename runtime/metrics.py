@@ -131,12 +131,16 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     """10·log10(Σ y² / Σ (y − ŷ)²); +inf when identical, -inf when the reference is all zero."""
     y = np.asarray(reference, dtype=np.float64)
     e = y - np.asarray(approx, dtype=np.float64)
-    sig, noise = float((y * y).sum()), float((e * e).sum())
+    return sqnr_db_of(float((y * y).sum()), float((e * e).sum()))
+
+
+def sqnr_db_of(signal: float, noise: float) -> float:
+    """10·log10(signal / noise) from energies already summed; +inf without noise, -inf without signal."""
     if noise == 0:
         return math.inf
-    if sig == 0:
+    if signal == 0:
         return -math.inf
-    return 10.0 * math.log10(sig / noise)
+    return 10.0 * math.log10(signal / noise)
 
 
 class FidelityAccumulator:
@@ -168,9 +172,8 @@ class FidelityAccumulator:
     def result(self) -> dict[str, dict]:
         out = {}
         for i, name in enumerate(self.names):
-            sig, noise, rel = self.signal[i], self.noise[i], np.asarray(self.rel[i])
-            db = math.inf if noise == 0 else (-math.inf if sig == 0 else 10.0 * math.log10(sig / noise))
-            out[name] = {"sqnr_db": db, "rel_err_median": float(np.median(rel)) if rel.size else None,
+            rel = np.asarray(self.rel[i])
+            out[name] = {"sqnr_db": sqnr_db_of(self.signal[i], self.noise[i]), "rel_err_median": float(np.median(rel)) if rel.size else None,
                          "rel_err_p90": float(np.percentile(rel, 90, method="higher")) if rel.size else None,
                          "max_abs_err": self.max_abs[i]}
         return out
