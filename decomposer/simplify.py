@@ -128,6 +128,41 @@ def prune_initializers(model: onnx.ModelProto) -> None:
     model.graph.input.extend(inputs)
 
 
+def _reads(node: onnx.NodeProto) -> list[str]:
+    """Every name `node` reads, those its subgraphs take from the outer scope included."""
+    names = [i for i in node.input if i]
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        names += [i for g in graphs for sn in g.node for i in _reads(sn)]
+    return names
+
+
+def upstream(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """`model` cut down to the nodes that `tensors` depend on, with `tensors` as its outputs.
+    onnxruntime runs every node of a graph whatever outputs a run asks for, so a calibration pass
+    that needs one early tensor would otherwise pay for the whole network (convert --sequential
+    makes one pass per layer). `model` itself when `tensors` are all graph inputs."""
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output if o}
+    wanted = [t for t in dict.fromkeys(tensors) if t in producer]
+    if not wanted:
+        return model
+    keep: set[int] = set()
+    stack = list(wanted)
+    while stack:
+        n = producer.get(stack.pop())
+        if n is not None and id(n) not in keep:
+            keep.add(id(n))
+            stack.extend(_reads(n))
+    graph = onnx.helper.make_graph([n for n in g.node if id(n) in keep], g.name, list(g.input),
+                                   [onnx.ValueInfoProto(name=t) for t in wanted], list(g.initializer),
+                                   value_info=list(g.value_info))
+    out = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version,
+                                 functions=list(model.functions))
+    prune_initializers(out)
+    return out
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shape inference that never fails the conversion (unknown shapes just stay unknown)."""
     try:

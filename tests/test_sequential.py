@@ -11,7 +11,7 @@ import pytest
 from conftest import conv_node, make_images, make_model, run_onnx, save_model, weights
 
 import bdecomp
-from bdecomp.decomposer import calibrate, decompose, fold
+from bdecomp.decomposer import calibrate, decompose, fold, simplify
 from bdecomp.decomposer.fit import fit_layer, refit_codes
 from bdecomp.decomposer.rewrite import Layer, Plan
 
@@ -110,6 +110,60 @@ def test_sequential_conversion_tracks_the_float_network_closer_on_its_calibratio
     assert seq < 0.9 * plain and seq < 0.9 * float_fed
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "seq.onnx")).metadata_props}
     assert json.loads(meta["bdecomp.options"])["sequential"] is True
+
+
+def _two_convs() -> onnx.ModelProto:
+    rng = np.random.default_rng(4)
+    nodes = [conv_node("x", "w0", "c0", name="conv0", pads=[1, 1, 1, 1]),
+             onnx.helper.make_node("Relu", ["c0"], ["a"], name="relu0"),
+             conv_node("a", "w1", "y", name="conv1", pads=[1, 1, 1, 1])]
+    return make_model(nodes, {"w0": weights(rng, 8, 3, 3, 3), "w1": weights(rng, 8, 8, 3, 3)}, [1, 3, 8, 8])
+
+
+def test_the_upstream_model_computes_only_what_the_tensor_needs_and_the_same_values():
+    model = _two_convs()
+    cut = simplify.upstream(model, ["a"])
+    assert [n.name for n in cut.graph.node] == ["conv0", "relu0"]
+    assert [i.name for i in cut.graph.initializer] == ["w0"]
+    x = np.random.default_rng(5).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    full = onnx.ModelProto.FromString(model.SerializeToString())
+    full.graph.output.append(onnx.ValueInfoProto(name="a"))
+    np.testing.assert_array_equal(run_onnx(cut, x)[0], run_onnx(full, x)[1])
+
+
+def test_the_upstream_model_keeps_what_a_subgraph_reads_from_the_outer_scope():
+    """An If whose branches read `a` from the enclosing graph still needs a's producer."""
+    model = _two_convs()
+    branch = lambda op: onnx.helper.make_graph(
+        [onnx.helper.make_node(op, ["a"], [f"{op}_out"])], op, [],
+        [onnx.helper.make_tensor_value_info(f"{op}_out", onnx.TensorProto.FLOAT, None)])
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(True), "cond"))
+    model.graph.node.append(onnx.helper.make_node("If", ["cond"], ["z"], name="if0",
+                                                  then_branch=branch("Sigmoid"), else_branch=branch("Neg")))
+    cut = simplify.upstream(model, ["z"])
+    assert [n.name for n in cut.graph.node] == ["conv0", "relu0", "if0"]
+    x = np.random.default_rng(5).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    a = np.maximum(run_onnx(simplify.upstream(model, ["a"]), x)[0], 0)
+    np.testing.assert_allclose(run_onnx(cut, x)[0], 1 / (1 + np.exp(-a)), rtol=1e-6)
+
+
+def test_the_upstream_model_of_a_graph_input_is_the_model_itself():
+    model = _two_convs()
+    assert simplify.upstream(model, ["x"]) is model
+
+
+def test_calibration_batches_kept_in_memory_equal_those_read_again(tmp_path):
+    from bdecomp.decomposer.convert import _kept_batches
+    from bdecomp.models.preprocess import Recipe
+
+    images = sorted(make_images(tmp_path / "calib", 5, (16, 16), seed=8).glob("*.png"))
+    recipe = Recipe(size=(16, 16))
+    kept, read = _kept_batches(images, recipe, 2), _kept_batches(images, recipe, 2, max_bytes=0)
+    for _ in range(2):  # each call gives them all again
+        a, b = list(kept()), list(read())
+        assert [x.shape[0] for x in a] == [2, 2, 1]
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
 
 
 @pytest.mark.parametrize("opts", [dict(), dict(method="weight")])
