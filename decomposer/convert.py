@@ -447,21 +447,39 @@ def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, pro
     """fit.refit_codes for every layer in graph order, each fed by the network with the layers
     before it decomposed (their refitted codes included); updates the rows' weight errors (their
     output errors stay those of the first fit, on float inputs). Layers beyond the data-aware
-    fit's limits (fit.data_aware_fits: big FC layers) keep their bases."""
+    fit's limits (fit.data_aware_fits: big FC layers) keep their bases. Layers in a row whose
+    inputs do not depend on each other's outputs share a pass (`_shared_passes`)."""
     batches = _kept_batches(images, recipe, feed.fixed_batch(model) or 1)
-    with _progress(len(plans), "refitting to decomposed inputs", progress) as bar:
-        for i, plan in enumerate(plans):
-            sp = samplers.get(plan.layer.name)
-            refit = plan.qparams is not None and sp is not None and sp.count
-            if refit and data_aware_fits(plan.layer, plan.dec.k):
-                seq = sp.fresh()
-                partly = rewrite.rewrite(model, plans[:i]) if i else model
-                calibrate.collect_stats(simplify.upstream(partly, [seq.tensor]), [], batches(),
-                                        threads=threads, samplers=[seq])
-                plans[i] = replace(plan, dec=refit_codes(plan, sp.patches(), seq.patches()))
+    todo = [i for i, p in enumerate(plans) if p.qparams is not None and samplers.get(p.layer.name) is not None
+            and samplers[p.layer.name].count and data_aware_fits(p.layer, p.dec.k)]
+    with _progress(len(todo), "refitting to decomposed inputs", progress) as bar:
+        for run in _shared_passes(model, [plans[i].layer for i in todo]):
+            first = todo[run[0]]
+            fresh = {todo[r]: samplers[plans[todo[r]].layer.name].fresh() for r in run}
+            partly = rewrite.rewrite(model, plans[:first]) if first else model
+            calibrate.collect_stats(simplify.upstream(partly, [sp.tensor for sp in fresh.values()]), [], batches(),
+                                    threads=threads, samplers=list(fresh.values()))
+            for i, seq in fresh.items():
+                plan = plans[i]
+                plans[i] = replace(plan, dec=refit_codes(plan, samplers[plan.layer.name].patches(), seq.patches()))
                 rows[i].weight_error = decompose.total_relative_error(plan.layer.weight, plans[i].dec)
-            bar.update(1)
+                bar.update(1)
     return plans
+
+
+def _shared_passes(model: onnx.ModelProto, layers: list[rewrite.Layer]) -> list[list[int]]:
+    """`layers` (in graph order) cut into runs of consecutive layers none of whose inputs depends
+    on another's output in the run: one --sequential pass gives all their inputs as the layer by
+    layer passes would (a fire module's two expand layers, a downsampling shortcut beside its
+    block's first conv, parallel branches)."""
+    runs: list[list[int]] = []
+    for i, L in enumerate(layers):
+        below = {o for n in simplify.upstream_nodes(model.graph, [L.input]) for o in n.output}
+        if runs and not any(layers[j].output in below for j in runs[-1]):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
 
 
 def _kept_batches(images, recipe, batch: int, max_bytes: int = 1 << 30):

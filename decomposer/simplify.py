@@ -137,24 +137,30 @@ def _reads(node: onnx.NodeProto) -> list[str]:
     return names
 
 
+def upstream_nodes(graph: onnx.GraphProto, tensors: list[str]) -> list[onnx.NodeProto]:
+    """The nodes of `graph` that `tensors` depend on, in graph order."""
+    producer = {o: n for n in graph.node for o in n.output if o}
+    keep: set[int] = set()
+    stack = list(tensors)
+    while stack:
+        n = producer.get(stack.pop())
+        if n is not None and id(n) not in keep:
+            keep.add(id(n))
+            stack.extend(_reads(n))
+    return [n for n in graph.node if id(n) in keep]
+
+
 def upstream(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     """`model` cut down to the nodes that `tensors` depend on, with `tensors` as its outputs.
     onnxruntime runs every node of a graph whatever outputs a run asks for, so a calibration pass
     that needs one early tensor would otherwise pay for the whole network (convert --sequential
     makes one pass per layer). `model` itself when `tensors` are all graph inputs."""
     g = model.graph
-    producer = {o: n for n in g.node for o in n.output if o}
-    wanted = [t for t in dict.fromkeys(tensors) if t in producer]
+    produced = {o for n in g.node for o in n.output if o}
+    wanted = [t for t in dict.fromkeys(tensors) if t in produced]
     if not wanted:
         return model
-    keep: set[int] = set()
-    stack = list(wanted)
-    while stack:
-        n = producer.get(stack.pop())
-        if n is not None and id(n) not in keep:
-            keep.add(id(n))
-            stack.extend(_reads(n))
-    graph = onnx.helper.make_graph([n for n in g.node if id(n) in keep], g.name, list(g.input),
+    graph = onnx.helper.make_graph(upstream_nodes(g, wanted), g.name, list(g.input),
                                    [onnx.ValueInfoProto(name=t) for t in wanted], list(g.initializer),
                                    value_info=list(g.value_info))
     out = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version,

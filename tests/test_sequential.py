@@ -166,6 +166,45 @@ def test_calibration_batches_kept_in_memory_equal_those_read_again(tmp_path):
             np.testing.assert_array_equal(x, y)
 
 
+def _fire_module(tmp_path):
+    """squeeze 3×3 → (expand 1×1, expand 3×3) → Concat → 3×3 → pooling: the expand layers read
+    the same tensor."""
+    rng = np.random.default_rng(9)
+    nodes = [conv_node("x", "w0", "s", name="squeeze", pads=[1, 1, 1, 1]),
+             onnx.helper.make_node("Relu", ["s"], ["sr"], name="relu_s"),
+             conv_node("sr", "w1", "e1", name="expand1"),
+             conv_node("sr", "w2", "e3", name="expand3", pads=[1, 1, 1, 1]),
+             onnx.helper.make_node("Concat", ["e1", "e3"], ["cat"], name="cat", axis=1),
+             onnx.helper.make_node("Relu", ["cat"], ["cr"], name="relu_c"),
+             conv_node("cr", "w3", "c", name="last", pads=[1, 1, 1, 1]),
+             onnx.helper.make_node("GlobalAveragePool", ["c"], ["y"], name="gap")]
+    inits = {"w0": weights(rng, 16, 3, 3, 3), "w1": weights(rng, 16, 16, 1, 1),
+             "w2": weights(rng, 16, 16, 3, 3), "w3": weights(rng, 16, 32, 3, 3)}
+    return save_model(make_model(nodes, inits, [1, 3, 16, 16]), tmp_path / "fire.onnx")
+
+
+def test_layers_reading_independent_inputs_share_a_pass_and_a_chain_does_not(tmp_path):
+    from bdecomp.decomposer.convert import _shared_passes
+    from bdecomp.decomposer.rewrite import find_layers
+
+    for src, runs in ((_fire_module(tmp_path), [[0], [1, 2], [3]]), (_deep_cnn(tmp_path), [[0], [1], [2], [3]])):
+        model = onnx.load(str(src))
+        layers, _ = find_layers(model)
+        assert _shared_passes(model, layers) == runs
+
+
+def test_shared_passes_give_the_same_file_as_one_pass_per_layer(tmp_path, monkeypatch):
+    from bdecomp.decomposer import convert as convert_module
+
+    src, calib = _fire_module(tmp_path), make_images(tmp_path / "calib", 6, (16, 16), seed=10)
+    opts = dict(bases=2, act_bits=4, calib=calib, progress=False, min_depth=0, sequential=True)
+    bdecomp.convert(src, tmp_path / "shared.onnx", **opts)
+    with monkeypatch.context() as mp:
+        mp.setattr(convert_module, "_shared_passes", lambda model, layers: [[i] for i in range(len(layers))])
+        bdecomp.convert(src, tmp_path / "each.onnx", **opts)
+    assert (tmp_path / "shared.onnx").read_bytes() == (tmp_path / "each.onnx").read_bytes()
+
+
 @pytest.mark.parametrize("opts", [dict(), dict(method="weight")])
 def test_sequential_without_calibration_or_the_data_aware_fit_is_refused(opts, tmp_path):
     from bdecomp.errors import ConfigError
