@@ -199,35 +199,26 @@ def _codes_data_aware(codes: np.ndarray, coeffs: np.ndarray, k: int, G: np.ndarr
 
     With v = M c, the objective vᵀĜv − 2vᵀt is a 1-D parabola in v_d, so the best of the 2^k
     values b·c for row d is the one nearest to its minimiser (t_d − Σ_{e≠d} Ĝ_de v_e) / Ĝ_dd.
-    Ĝv is kept up to date inside a block of `block` rows after every change and for the other
-    rows once per block (one GEMM), so a sweep costs D² · Cout flops at BLAS speed instead of D
-    memory-bound rank-1 updates of a D × Cout matrix; the sweep visits the rows in the same order."""
+    Ĝv is kept up to date inside a block of `block` rows after every change (native.codes_sweep:
+    the rows are dependent steps, too small for numpy calls) and for the other rows once per block
+    (one GEMM), so a sweep costs D² · Cout flops at BLAS speed instead of D memory-bound rank-1
+    updates of a D × Cout matrix; the sweep visits the rows in the same order."""
+    from bdecomp import native
+
+    G, T = np.ascontiguousarray(G, np.float64), np.ascontiguousarray(T, np.float64)
     B = code_table(k)
-    vals = coeffs @ B.T  # [rows, 2^k]
-    vorder = np.argsort(vals, axis=1, kind="stable")
+    vals = np.ascontiguousarray(coeffs @ B.T)  # [rows, 2^k]
+    vorder = np.argsort(vals, axis=1, kind="stable").astype(np.int64)
     svals = np.take_along_axis(vals, vorder, axis=1)
-    mids = 0.5 * (svals[:, 1:] + svals[:, :-1])
-    rows = np.arange(codes.shape[0])
-    codes = codes.copy()
+    mids = np.ascontiguousarray(0.5 * (svals[:, 1:] + svals[:, :-1]))
+    codes = np.ascontiguousarray(codes, np.uint8).copy()
     depth = codes.shape[1]
     V = np.take_along_axis(vals, codes.astype(np.intp), axis=1).T.copy()  # [D, rows]
     U = G @ V  # Ĝ v
     for b0 in range(0, depth, block):
         b1 = min(depth, b0 + block)
         V_start = V[b0:b1].copy()
-        for d in range(b0, b1):
-            gdd = G[d, d]
-            if gdd <= 0:
-                continue
-            target = (T[d] - U[d] + gdd * V[d]) / gdd
-            idx = (mids < target[:, None]).sum(axis=1)
-            new_codes = vorder[rows, idx]
-            new_v = vals[rows, new_codes]
-            delta = new_v - V[d]
-            if np.any(delta):
-                U[b0:b1] += G[b0:b1, d, None] * delta[None, :]
-                V[d] = new_v
-                codes[:, d] = new_codes
+        native.codes_sweep(G, T, U, V, codes, vals, mids, vorder, b0, b1)
         change = V[b0:b1] - V_start
         if np.any(change):
             U[:b0] += G[:b0, b0:b1] @ change

@@ -1050,3 +1050,28 @@ def popcount_peak(isa: str | None = None, seconds: float = 0.2) -> float:
     if not (math.isfinite(sec) and 0 < sec <= 60):
         raise ValueError(f"seconds must be in (0, 60], got {seconds!r}")
     return float(lib.bd_popcount_peak(isa_id, sec))
+
+
+def codes_sweep(G: np.ndarray, T: np.ndarray, U: np.ndarray, V: np.ndarray, codes: np.ndarray,
+                vals: np.ndarray, mids: np.ndarray, vorder: np.ndarray, b0: int, b1: int) -> None:
+    """Rows [b0, b1) of one coordinate sweep of the data-aware fit, in place on U, V and codes
+    (decomposer.decompose._codes_data_aware; the arithmetic is in native/fit_codes.c). A Python
+    loop over rows spent most of a conversion's fitting time in per-row numpy calls and in
+    comparing every row's target with all 2^k − 1 midpoints."""
+    depth, rows = T.shape
+    nvals = vals.shape[1] if vals.ndim == 2 else 0
+    for name, a, dtype, shape in (("G", G, np.float64, (depth, depth)), ("T", T, np.float64, (depth, rows)),
+                                  ("U", U, np.float64, (depth, rows)), ("V", V, np.float64, (depth, rows)),
+                                  ("codes", codes, np.uint8, (rows, depth)), ("vals", vals, np.float64, (rows, nvals)),
+                                  ("mids", mids, np.float64, (rows, nvals - 1)),
+                                  ("vorder", vorder, np.int64, (rows, nvals))):
+        _check_array(name, a, dtype, shape)
+    for name, a in (("U", U), ("V", V), ("codes", codes)):
+        if not a.flags.writeable:
+            raise ValueError(f"{name} must be writeable")
+    ptr = lambda t, a: ffi.cast(t, ffi.from_buffer(a))
+    rc = lib.bd_codes_sweep(depth, rows, _int("b0", b0), _int("b1", b1), nvals, ptr("const double *", G),
+                            ptr("const double *", T), ptr("double *", U), ptr("double *", V),
+                            ptr("uint8_t *", codes), ptr("const double *", vals), ptr("const double *", mids),
+                            ptr("const int64_t *", vorder))
+    _check_status(rc, "bd_codes_sweep")

@@ -213,4 +213,11 @@ int32_t bd_conv_threads(const bd_conv_params *p, int32_t nthreads);
  * tiny in-cache loop for about `seconds` (the machine's own peak for efficiency reports). */
 double bd_popcount_peak(int32_t isa, double seconds);
 
+/* Conversion, not inference: the rows [b0, b1) of one coordinate sweep of the data-aware fit
+ * (decomposer/decompose.py _codes_data_aware), in place on U, V and codes; fit_codes.c documents
+ * the arithmetic and the layouts. */
+int bd_codes_sweep(int64_t depth, int64_t rows, int64_t b0, int64_t b1, int32_t nvals,
+                   const double *G, const double *T, double *U, double *V, uint8_t *codes,
+                   const double *vals, const double *mids, const int64_t *vorder);
+
 #endif /* BDECOMP_H */

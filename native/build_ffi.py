@@ -90,6 +90,9 @@ typedef struct {
 } bd_step;
 int bd_run_steps(const bd_step *steps, int64_t nsteps, uint8_t *arena, int64_t arena_bytes,
                  void *const *external, int64_t nexternal, int64_t *failed);
+int bd_codes_sweep(int64_t depth, int64_t rows, int64_t b0, int64_t b1, int32_t nvals,
+                   const double *G, const double *T, double *U, double *V, uint8_t *codes,
+                   const double *vals, const double *mids, const int64_t *vorder);
 """
 
 SOURCES = sorted(os.path.basename(f) for f in glob.glob(os.path.join(HERE, "*.c")))

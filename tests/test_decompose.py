@@ -148,6 +148,106 @@ def test_blocked_coordinate_descent_visits_rows_exactly_like_the_row_by_row_swee
     assert not np.array_equal(row_by_row, start.codes)  # the sweep did move codes
 
 
+def _numpy_sweep(codes, coeffs, k, G, T, block=64):
+    """The coordinate sweep in numpy as it was before the native one (rows in Python, the other
+    rows' Ĝv once per block): the reference the native sweep must match code for code."""
+    from bdecomp.decomposer.decompose import code_table
+
+    vals = coeffs @ code_table(k).T
+    vorder = np.argsort(vals, axis=1, kind="stable")
+    svals = np.take_along_axis(vals, vorder, axis=1)
+    mids = 0.5 * (svals[:, 1:] + svals[:, :-1])
+    rows, codes, depth = np.arange(codes.shape[0]), codes.copy(), codes.shape[1]
+    V = np.take_along_axis(vals, codes.astype(np.intp), axis=1).T.copy()
+    U = G @ V
+    for b0 in range(0, depth, block):
+        b1 = min(depth, b0 + block)
+        V_start = V[b0:b1].copy()
+        for d in range(b0, b1):
+            gdd = G[d, d]
+            if gdd <= 0:
+                continue
+            target = (T[d] - U[d] + gdd * V[d]) / gdd
+            new_codes = vorder[rows, (mids < target[:, None]).sum(axis=1)]
+            new_v = vals[rows, new_codes]
+            delta = new_v - V[d]
+            if np.any(delta):
+                U[b0:b1] += G[b0:b1, d, None] * delta[None, :]
+                V[d] = new_v
+                codes[:, d] = new_codes
+        change = V[b0:b1] - V_start
+        if np.any(change):
+            U[:b0] += G[:b0, b0:b1] @ change
+            U[b1:] += G[b1:, b0:b1] @ change
+    return codes
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
+def test_native_coordinate_sweep_equals_the_numpy_sweep_code_for_code(k):
+    """Including rows whose Ĝ_dd is 0 (a dead input channel, skipped) and tied code values."""
+    from bdecomp.decomposer.decompose import _codes_data_aware, _coeffs_data_aware
+
+    rng = np.random.default_rng(10 + k)
+    X = np.maximum(rng.standard_normal((500, 140)), 0) * rng.uniform(0.1, 4, 140)
+    X[:, 7] = 0.0
+    W = rng.standard_normal((33, 140))
+    G, T = X.T @ X / len(X), X.T @ (X @ W.T) / len(X)
+    start = decompose(W, k)
+    coeffs = _coeffs_data_aware(start.codes, k, G, T)
+    coeffs[0] = coeffs[0, 0]  # equal scales: several codes share a value
+    ref = _numpy_sweep(start.codes, coeffs, k, G, T)
+    np.testing.assert_array_equal(_codes_data_aware(start.codes, coeffs, k, G, T), ref)
+    assert not np.array_equal(ref, start.codes)
+
+
+def _numpy_block(G, T, U, V, codes, vals, mids, vorder, b0, b1):
+    """The inner loop of _numpy_sweep, for one block, in place."""
+    rows = np.arange(codes.shape[0])
+    for d in range(b0, b1):
+        gdd = G[d, d]
+        if gdd <= 0:
+            continue
+        target = (T[d] - U[d] + gdd * V[d]) / gdd
+        new_codes = vorder[rows, (mids < target[:, None]).sum(axis=1)]
+        new_v = vals[rows, new_codes]
+        delta = new_v - V[d]
+        if np.any(delta):
+            U[b0:b1] += G[b0:b1, d, None] * delta[None, :]
+            V[d] = new_v
+            codes[:, d] = new_codes
+
+
+@pytest.mark.parametrize("on_midpoints", [False, True])
+def test_native_sweep_block_updates_values_and_codes_bit_for_bit_like_numpy(on_midpoints):
+    """U, V and codes after a block; with targets exactly on a midpoint between two code values
+    (ties go to the lower value, as `#{mids < target}` says)."""
+    from bdecomp import native
+    from bdecomp.decomposer.decompose import code_table
+
+    rng = np.random.default_rng(21)
+    depth, rows, k = 40, 9, 3
+    X = rng.standard_normal((200, depth))
+    G = np.eye(depth) if on_midpoints else X.T @ X / 200
+    vals = rng.standard_normal((rows, k)) @ code_table(k).T
+    vorder = np.argsort(vals, axis=1, kind="stable").astype(np.int64)
+    svals = np.take_along_axis(vals, vorder, axis=1)
+    mids = np.ascontiguousarray(0.5 * (svals[:, 1:] + svals[:, :-1]))
+    codes = rng.integers(0, 2 ** k, (rows, depth)).astype(np.uint8)
+    V = np.take_along_axis(vals, codes.astype(np.intp), axis=1).T.copy()
+    if on_midpoints:  # Ĝ = I: target = T[d] exactly
+        T = mids[np.arange(rows), rng.integers(0, 2 ** k - 1, (depth, rows))].copy()
+    else:
+        T = rng.standard_normal((depth, rows))
+    U = G @ V
+    a, b = (U.copy(), V.copy(), codes.copy()), (U.copy(), V.copy(), codes.copy())
+    for b0, b1 in ((0, 16), (16, 40)):
+        native.codes_sweep(G, T, *a, vals, mids, vorder, b0, b1)
+        _numpy_block(G, T, *b, vals, mids, vorder, b0, b1)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a[2], codes)
+
+
 @pytest.mark.parametrize("k", [2, 5, 8])
 def test_data_aware_scales_are_the_float64_least_squares_solution_within_float32_rounding(k):
     """The scales' Ĝ·M product runs in float32 for speed; each row's scales must still be its
