@@ -123,7 +123,8 @@ def main() -> None:
                    "more accurate, larger file")
 @click.option("--sequential", is_flag=True,
               help="with --calib: refit each layer's bases, in graph order, to the inputs the layers before it "
-                   "produce once decomposed (one more pass over the calibration images per layer)")
+                   "produce once decomposed (one more pass over the calibration images, through the network up "
+                   "to the layer, per layer or group of layers reading independent inputs)")
 @click.option("--layer-config", type=click.Path(path_type=Path), help="per-layer k/q/skip (JSON or TOML)")
 @click.option("--report", type=click.Path(path_type=Path), help="write the conversion report as JSON")
 @click.option("--threads", type=int, help="onnxruntime threads during calibration")
