@@ -21,7 +21,6 @@ terminal table and the plots. What is measured and how:
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import platform
 import tempfile
@@ -384,11 +383,8 @@ def per_layer_report(original_path: Path, dec_model, images: list[Path], recipe,
 
 
 def _db(sig: float, noise: float) -> float | None:
-    if noise == 0:
-        return math.inf if sig > 0 else None
-    if sig == 0:
-        return None
-    return 10 * math.log10(sig / noise)
+    """metrics.sqnr_db_of, but None (shown as "—") for a layer whose reference output is all zero."""
+    return None if sig == 0 else metrics.sqnr_db_of(sig, noise)
 
 
 # ---------------------------------------------------------------- the comparison
