@@ -354,3 +354,91 @@ def quantize_dequantize(x: np.ndarray, q: QParams, scales: np.ndarray | None = N
     s = np.float32(q.scale) if scales is None else np.asarray(scales, np.float32)
     return ((np.clip(np.rint(x / s) + q.zero_point, 0, qmax) - q.zero_point) * s).astype(np.float32)
 
+
+
+class FrontierPasses:
+    """Patch samples of a sequence of partly decomposed networks (convert --sequential), each pass
+    started from the values earlier passes left instead of from the images.
+
+    Pass r needs the inputs of some layers in the network with every layer before them
+    decomposed. What it computes upstream of those inputs depends on no layer decomposed later
+    (graph order), so every later network computes the same values there: the tensors of that
+    region that the rest of the graph reads (its frontier) are kept, and the next pass runs only
+    the nodes between the frontier and its own layers' inputs. Without this, pass after pass
+    recomputed the network from the image (quadratic in depth). When the frontier would exceed
+    `max_bytes`, or a pass needs a value no pass kept, it runs from the images."""
+
+    def __init__(self, batches: Callable[[], Iterable[np.ndarray]], in_memory: bool, input_name: str, dtype: str,
+                 batch: int | None, threads: int | None, max_bytes: int = 1 << 30):
+        """`batches()` gives the images again on each call; `in_memory`: from memory (else no
+        frontier is kept either)."""
+        self.batches, self.dtype = batches, dtype
+        self.chunks = [c for b in batches() for c in feed.chunks(b.astype(dtype, copy=False), batch)] if in_memory else []
+        self.input_name, self.batch, self.threads, self.max_bytes = input_name, batch, threads, max_bytes
+        self.kept: dict[str, list[np.ndarray]] | None = {} if in_memory else None  # None: every pass from the images
+        self.done: set[str] = set()  # tensors of the region earlier passes computed
+
+    def sample(self, model: onnx.ModelProto, samplers: "list[PatchSampler]") -> None:
+        from bdecomp.decomposer.simplify import _reads
+
+        g = model.graph
+        targets = list(dict.fromkeys(sp.tensor for sp in samplers))
+        producer = {o: n for n in g.node for o in n.output if o}
+        inits = {t.name for t in g.initializer}
+        have = set(self.kept or ()) | {self.input_name}
+        run, reads, stack = set(), set(), list(targets)
+        while stack:
+            t = stack.pop()
+            n = producer.get(t)
+            if t in have or t in inits or n is None:
+                reads.add(t)
+            elif id(n) not in run:
+                run.add(id(n))
+                stack.extend(_reads(n))
+        nodes = [n for n in g.node if id(n) in run]
+        if self.kept is None or not reads <= have | inits:
+            self.kept = None
+            return self._from_images(model, samplers, targets)
+        self.done |= {o for n in nodes for o in n.output if o}
+        outside = [n for n in g.node if not set(o for o in n.output if o) <= self.done]
+        frontier = {t for n in outside for t in _reads(n) if t in self.done}
+        new = sorted(frontier - set(self.kept))
+        wanted = [t for t in targets if t not in have] + [t for t in new if t not in targets]
+        feeds = sorted({t for n in nodes for t in _reads(n)} & have)
+        values = self._run(model, nodes, feeds, wanted) if wanted else [{} for _ in self.chunks]
+        for i, (x, rows) in enumerate(self.chunks):
+            got = values[i]
+            for sp in samplers:
+                v = got[sp.tensor] if sp.tensor in got else x if sp.tensor == self.input_name else self.kept[sp.tensor][i]
+                sp.update(np.asarray(feed.real_rows(v, rows, self.batch), np.float32))
+        kept = {t: v for t, v in self.kept.items() if t in frontier}
+        kept.update({t: [got[t] for got in values] for t in new})
+        if sum(a.nbytes for v in kept.values() for a in v) > self.max_bytes:
+            self.kept = None
+        else:
+            self.kept = kept
+
+    def _run(self, model, nodes, feeds, wanted) -> list[dict[str, np.ndarray]]:
+        g = model.graph
+        first = {t: (self.chunks[0][0] if t == self.input_name else self.kept[t][0]) for t in feeds}
+        inputs = [onnx.helper.make_tensor_value_info(t, onnx.helper.np_dtype_to_tensor_dtype(a.dtype),
+                                                     ["N", *a.shape[1:]] if a.ndim else [])
+                  for t, a in first.items()]
+        graph = onnx.helper.make_graph(nodes, g.name, inputs, [onnx.ValueInfoProto(name=t) for t in wanted],
+                                       list(g.initializer), value_info=[v for v in g.value_info if v.name not in first])
+        seg = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version,
+                                     functions=list(model.functions))
+        from bdecomp.decomposer.simplify import prune_initializers
+
+        prune_initializers(seg)
+        sess = _session(seg, [], self.threads)
+        out = []
+        for i, (x, _) in enumerate(self.chunks):
+            f = {t: (x if t == self.input_name else self.kept[t][i]) for t in feeds}
+            out.append(dict(zip(wanted, sess.run(wanted, f))))
+        return out
+
+    def _from_images(self, model, samplers, targets) -> None:
+        from bdecomp.decomposer.simplify import upstream
+
+        collect_stats(upstream(model, targets), [], self.batches(), threads=self.threads, samplers=samplers)

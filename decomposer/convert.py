@@ -449,7 +449,9 @@ def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, pro
     output errors stay those of the first fit, on float inputs). Layers beyond the data-aware
     fit's limits (fit.data_aware_fits: big FC layers) keep their bases. Layers in a row whose
     inputs do not depend on each other's outputs share a pass (`_shared_passes`)."""
-    batches = _kept_batches(images, recipe, feed.fixed_batch(model) or 1)
+    batch = feed.fixed_batch(model)
+    passes = calibrate.FrontierPasses(*_kept_batches(images, recipe, batch or 1), feed.model_input(model)[0],
+                                      feed.input_dtype(model), batch, threads)
     todo = [i for i, p in enumerate(plans) if p.qparams is not None and samplers.get(p.layer.name) is not None
             and samplers[p.layer.name].count and data_aware_fits(p.layer, p.dec.k)]
     with _progress(len(todo), "refitting to decomposed inputs", progress) as bar:
@@ -457,8 +459,7 @@ def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, pro
             first = todo[run[0]]
             fresh = {todo[r]: samplers[plans[todo[r]].layer.name].fresh() for r in run}
             partly = rewrite.rewrite(model, plans[:first]) if first else model
-            calibrate.collect_stats(simplify.upstream(partly, [sp.tensor for sp in fresh.values()]), [], batches(),
-                                    threads=threads, samplers=list(fresh.values()))
+            passes.sample(partly, list(fresh.values()))
             for i, seq in fresh.items():
                 plan = plans[i]
                 plans[i] = replace(plan, dec=refit_codes(plan, samplers[plan.layer.name].patches(), seq.patches()))
@@ -483,15 +484,15 @@ def _shared_passes(model: onnx.ModelProto, layers: list[rewrite.Layer]) -> list[
 
 
 def _kept_batches(images, recipe, batch: int, max_bytes: int = 1 << 30):
-    """A function giving the calibration batches again on each call, decoded once and kept in
-    memory when they fit in `max_bytes` (else decoded again each time): --sequential reads them
-    once per layer, and decoding was a third of its time on SqueezeNet."""
+    """(a function giving the calibration batches again on each call, whether they are in memory):
+    decoded once and kept when they fit in `max_bytes`, else decoded again each time.
+    --sequential reads them once per layer, and decoding was a third of its time on SqueezeNet."""
     read = lambda: (x for x, _ in datasets.iter_batches(images, recipe, batch_size=batch))
     first = next(read(), None)
     if first is None or first.nbytes * -(-len(images) // batch) > max_bytes:
-        return read
+        return read, False
     kept = list(read())
-    return lambda: iter(kept)
+    return (lambda: iter(kept)), True
 
 
 def _fit_all(chosen, qparams, samplers, method, bias_correction, progress):

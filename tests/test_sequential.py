@@ -158,7 +158,8 @@ def test_calibration_batches_kept_in_memory_equal_those_read_again(tmp_path):
 
     images = sorted(make_images(tmp_path / "calib", 5, (16, 16), seed=8).glob("*.png"))
     recipe = Recipe(size=(16, 16))
-    kept, read = _kept_batches(images, recipe, 2), _kept_batches(images, recipe, 2, max_bytes=0)
+    (kept, in_memory), (read, streamed) = _kept_batches(images, recipe, 2), _kept_batches(images, recipe, 2, max_bytes=0)
+    assert in_memory and not streamed
     for _ in range(2):  # each call gives them all again
         a, b = list(kept()), list(read())
         assert [x.shape[0] for x in a] == [2, 2, 1]
@@ -203,6 +204,57 @@ def test_shared_passes_give_the_same_file_as_one_pass_per_layer(tmp_path, monkey
         mp.setattr(convert_module, "_shared_passes", lambda model, layers: [[i] for i in range(len(layers))])
         bdecomp.convert(src, tmp_path / "each.onnx", **opts)
     assert (tmp_path / "shared.onnx").read_bytes() == (tmp_path / "each.onnx").read_bytes()
+
+
+def _residual_net() -> onnx.ModelProto:
+    """conv0 → relu (r0) → conv1 → relu → conv2 → Add(r0) → relu → conv3 → pooling."""
+    rng = np.random.default_rng(11)
+    nodes = [conv_node("x", "w0", "c0", name="conv0", pads=[1, 1, 1, 1]),
+             onnx.helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+             conv_node("r0", "w1", "c1", name="conv1", pads=[1, 1, 1, 1]),
+             onnx.helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             conv_node("r1", "w2", "c2", name="conv2", pads=[1, 1, 1, 1]),
+             onnx.helper.make_node("Add", ["c2", "r0"], ["s"], name="add"),
+             onnx.helper.make_node("Relu", ["s"], ["r2"], name="relu2"),
+             conv_node("r2", "w3", "c3", name="conv3", pads=[1, 1, 1, 1]),
+             onnx.helper.make_node("GlobalAveragePool", ["c3"], ["y"], name="gap")]
+    inits = {"w0": weights(rng, 8, 3, 3, 3), **{f"w{i}": weights(rng, 8, 8, 3, 3) for i in (1, 2, 3)}}
+    return make_model(nodes, inits, [1, 3, 12, 12])
+
+
+def _passes(max_bytes=1 << 30):
+    rng = np.random.default_rng(12)
+    batches = [rng.standard_normal((1, 3, 12, 12)).astype(np.float32) for _ in range(4)]
+    return calibrate.FrontierPasses(lambda: iter(batches), True, "x", "float32", None, None, max_bytes=max_bytes)
+
+
+def _samplers():
+    return [calibrate.PatchSampler(t, 72, "Conv", (3, 3), (1, 1), (1, 1, 1, 1), per_image=20, seed=i)
+            for i, t in enumerate(["r0", "r1", "r2"])]
+
+
+@pytest.mark.parametrize("max_bytes", [1 << 30, 0])
+def test_passes_from_the_kept_frontier_sample_what_passes_from_the_images_sample(max_bytes):
+    """Layer inputs in graph order; with max_bytes = 0 nothing is kept and each pass runs from the
+    images, which is the reference here."""
+    model, passes, reference = _residual_net(), _passes(max_bytes), _passes()
+    ours, theirs = _samplers(), _samplers()
+    for a, b in zip(ours, theirs):
+        passes.sample(model, [a])
+        calibrate.collect_stats(simplify.upstream(model, [b.tensor]), [], reference.batches(), samplers=[b])
+        np.testing.assert_allclose(a.patches(), b.patches(), rtol=1e-6, atol=1e-6)
+    assert (passes.kept is None) == (max_bytes == 0)
+
+
+def test_the_frontier_keeps_what_a_later_node_reads_and_drops_what_none_does():
+    """After the pass for conv2's input (r1), the skip connection's r0 (read by the Add) and r1 are
+    kept; after the pass for conv3's input, only r2 is: nothing later reads r0 or r1."""
+    model, passes = _residual_net(), _passes()
+    r0, r1, r2 = _samplers()
+    passes.sample(model, [r1])
+    assert set(passes.kept) == {"r0", "r1"}
+    passes.sample(model, [r2])
+    assert set(passes.kept) == {"r2"}
 
 
 @pytest.mark.parametrize("opts", [dict(), dict(method="weight")])
