@@ -121,10 +121,10 @@ def main() -> None:
               help="keep float the convolutions (and MatMuls over many rows) estimated faster in onnxruntime "
                    "fp32 than decomposed at their k and Q (small channel counts on large images): a faster, "
                    "more accurate, larger file")
-@click.option("--sequential", is_flag=True,
-              help="with --calib: refit each layer's bases, in graph order, to the inputs the layers before it "
-                   "produce once decomposed (one more pass over the calibration images, through the network up "
-                   "to the layer, per layer or group of layers reading independent inputs)")
+@click.option("--sequential/--no-sequential", default=None,
+              help="refit each layer's bases, in graph order, to the inputs the layers before it produce once "
+                   "decomposed (about one more run of the network over the calibration images). Default: on "
+                   "with --calib and --method data when the decoded calibration images fit in 1 GiB")
 @click.option("--layer-config", type=click.Path(path_type=Path), help="per-layer k/q/skip (JSON or TOML)")
 @click.option("--report", type=click.Path(path_type=Path), help="write the conversion report as JSON")
 @click.option("--threads", type=int, help="onnxruntime threads during calibration")

@@ -365,8 +365,9 @@ class FrontierPasses:
     (graph order), so every later network computes the same values there: the tensors of that
     region that the rest of the graph reads (its frontier) are kept, and the next pass runs only
     the nodes between the frontier and its own layers' inputs. Without this, pass after pass
-    recomputed the network from the image (quadratic in depth). When the frontier would exceed
-    `max_bytes`, or a pass needs a value no pass kept, it runs from the images."""
+    recomputed the network from the image (quadratic in depth). A frontier larger than
+    `max_bytes` is dropped (the next pass runs from the images and keeps its own); a pass that
+    needs a value no pass kept, or any pass when the images are not in memory, runs from them."""
 
     def __init__(self, batches: Callable[[], Iterable[np.ndarray]], in_memory: bool, input_name: str, dtype: str,
                  batch: int | None, threads: int | None, max_bytes: int = 1 << 30):
@@ -413,10 +414,8 @@ class FrontierPasses:
                 sp.update(np.asarray(feed.real_rows(v, rows, self.batch), np.float32))
         kept = {t: v for t, v in self.kept.items() if t in frontier}
         kept.update({t: [got[t] for got in values] for t in new})
-        if sum(a.nbytes for v in kept.values() for a in v) > self.max_bytes:
-            self.kept = None
-        else:
-            self.kept = kept
+        # too large: the next pass runs from the images and keeps its own frontier if that fits
+        self.kept = kept if sum(a.nbytes for v in kept.values() for a in v) <= self.max_bytes else {}
 
     def _run(self, model, nodes, feeds, wanted) -> list[dict[str, np.ndarray]]:
         g = model.graph

@@ -92,12 +92,14 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
             act_scales: str = "auto",
             budget: float | None = None, target_drop: float | None = None, min_depth: int = MIN_DEPTH,
             float_when_faster: bool = False, recipe_overrides: dict[str, Any] | None = None, progress: bool = True,
-            report_path: str | Path | None = None, threads: int | None = None, sequential: bool = False) -> Report:
+            report_path: str | Path | None = None, threads: int | None = None, sequential: bool | None = None) -> Report:
     """Decompose `model_path` and write the decomposed ONNX file; returns the conversion report.
 
     sequential (with method "data" and calibration images): after the fits, refit each layer's
     codes in graph order to the inputs the network with the layers before it decomposed produces
-    (fit.refit_codes); one more pass over the calibration images per layer.
+    (fit.refit_codes). None (default): when the data-aware fit runs and the decoded calibration
+    images fit in memory (`_kept_batches`), where its passes cost about one more run of the
+    network over them; True asks for it whatever that costs, False never.
 
     method "data" (with calibration images) fits each layer's bases to its output on calibration
     patches seen through its own quantizer; "weight" is the original weight-only fit.
@@ -257,9 +259,10 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
 
     faster_in_float = {} if float_when_faster else _float_hint(order, chosen, cfg, {f["name"] for f in float_layers})
     plans, rows = _fit_all(chosen, qparams, samplers, method, bias_correction, progress)
-    sequential = sequential and bool(samplers)  # (no layer left to decompose: nothing to refit)
-    if sequential:
-        plans = _refit_sequential(model, plans, rows, samplers, images, recipe, threads, progress)
+    if sequential is not False and samplers and method == "data":  # (no layer left to decompose: nothing to refit)
+        plans, sequential = _refit_sequential(model, plans, rows, samplers, images, recipe, threads, progress,
+                                              cheap_only=sequential is None)
+    sequential = bool(sequential and samplers)
     out = rewrite.rewrite(model, plans)
     meta = {"version": "1", "recipe": recipe.to_json(), "source_sha256": registry.file_sha256(model_path),
             "options": json.dumps({"calib_images": n_calib,
@@ -443,15 +446,19 @@ def _cost_grid(L: rewrite.Layer) -> np.ndarray:
     return allocate.cost_grid(L.weight_shape[1] if L.op == "Conv" else L.depth)
 
 
-def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, progress):
+def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, progress, cheap_only=False):
     """fit.refit_codes for every layer in graph order, each fed by the network with the layers
     before it decomposed (their refitted codes included); updates the rows' weight errors (their
     output errors stay those of the first fit, on float inputs). Layers beyond the data-aware
     fit's limits (fit.data_aware_fits: big FC layers) keep their bases. Layers in a row whose
-    inputs do not depend on each other's outputs share a pass (`_shared_passes`)."""
+    inputs do not depend on each other's outputs share a pass (`_shared_passes`). Returns (plans,
+    whether it refitted): with `cheap_only`, not when the calibration images do not fit in memory
+    (every pass would decode them and run the network from them)."""
     batch = feed.fixed_batch(model)
-    passes = calibrate.FrontierPasses(*_kept_batches(images, recipe, batch or 1), feed.model_input(model)[0],
-                                      feed.input_dtype(model), batch, threads)
+    read, in_memory = _kept_batches(images, recipe, batch or 1)
+    if cheap_only and not in_memory:
+        return plans, False
+    passes = calibrate.FrontierPasses(read, in_memory, feed.model_input(model)[0], feed.input_dtype(model), batch, threads)
     todo = [i for i, p in enumerate(plans) if p.qparams is not None and samplers.get(p.layer.name) is not None
             and samplers[p.layer.name].count and data_aware_fits(p.layer, p.dec.k)]
     with _progress(len(todo), "refitting to decomposed inputs", progress) as bar:
@@ -465,7 +472,7 @@ def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, pro
                 plans[i] = replace(plan, dec=refit_codes(plan, samplers[plan.layer.name].patches(), seq.patches()))
                 rows[i].weight_error = decompose.total_relative_error(plan.layer.weight, plans[i].dec)
                 bar.update(1)
-    return plans
+    return plans, True
 
 
 def _shared_passes(model: onnx.ModelProto, layers: list[rewrite.Layer]) -> list[list[int]]:

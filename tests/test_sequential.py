@@ -101,15 +101,14 @@ def test_sequential_conversion_tracks_the_float_network_closer_on_its_calibratio
         return num / sum(float(np.square(run_onnx(src, x)[0]).sum()) for x in xs)
 
     opts = dict(bases=2, act_bits=4, calib=calib, progress=False, min_depth=0)
-    bdecomp.convert(src, tmp_path / "plain.onnx", **opts)
+    bdecomp.convert(src, tmp_path / "plain.onnx", sequential=False, **opts)
     bdecomp.convert(src, tmp_path / "seq.onnx", sequential=True, **opts)
     with monkeypatch.context() as mp:
         mp.setattr(convert_module, "refit_codes", functools.partial(refit_codes, mix=1.0))
         bdecomp.convert(src, tmp_path / "float_fed.onnx", sequential=True, **opts)
     seq, plain, float_fed = (error(tmp_path / f"{n}.onnx") for n in ("seq", "plain", "float_fed"))
     assert seq < 0.9 * plain and seq < 0.9 * float_fed
-    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "seq.onnx")).metadata_props}
-    assert json.loads(meta["bdecomp.options"])["sequential"] is True
+    assert _options(tmp_path / "seq.onnx")["sequential"] is True
 
 
 def _two_convs() -> onnx.ModelProto:
@@ -243,7 +242,7 @@ def test_passes_from_the_kept_frontier_sample_what_passes_from_the_images_sample
         passes.sample(model, [a])
         calibrate.collect_stats(simplify.upstream(model, [b.tensor]), [], reference.batches(), samplers=[b])
         np.testing.assert_allclose(a.patches(), b.patches(), rtol=1e-6, atol=1e-6)
-    assert (passes.kept is None) == (max_bytes == 0)
+    assert passes.kept == {} if max_bytes == 0 else passes.kept
 
 
 def test_the_frontier_keeps_what_a_later_node_reads_and_drops_what_none_does():
@@ -255,6 +254,31 @@ def test_the_frontier_keeps_what_a_later_node_reads_and_drops_what_none_does():
     assert set(passes.kept) == {"r0", "r1"}
     passes.sample(model, [r2])
     assert set(passes.kept) == {"r2"}
+
+
+def _options(path) -> dict:
+    return json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["bdecomp.options"])
+
+
+@pytest.mark.parametrize("max_bytes,applied", [(1 << 30, True), (0, False)])
+def test_by_default_the_refit_runs_when_the_calibration_images_fit_in_memory(max_bytes, applied, tmp_path, monkeypatch):
+    import functools
+
+    from bdecomp.decomposer import convert as convert_module
+
+    src, calib = _deep_cnn(tmp_path), make_images(tmp_path / "calib", 4, (16, 16), seed=13)
+    monkeypatch.setattr(convert_module, "_kept_batches",
+                        functools.partial(convert_module._kept_batches, max_bytes=max_bytes))
+    bdecomp.convert(src, tmp_path / "d.onnx", bases=2, act_bits=4, calib=calib, progress=False, min_depth=0)
+    assert _options(tmp_path / "d.onnx")["sequential"] is applied
+
+
+@pytest.mark.parametrize("opts", [dict(sequential=False), dict(method="weight"), dict(calib=False)])
+def test_no_refit_when_turned_off_or_without_the_data_aware_fit(opts, tmp_path):
+    src = _deep_cnn(tmp_path)
+    calib = None if opts.pop("calib", True) is False else make_images(tmp_path / "calib", 4, (16, 16), seed=13)
+    bdecomp.convert(src, tmp_path / "d.onnx", bases=2, act_bits=4, calib=calib, progress=False, min_depth=0, **opts)
+    assert _options(tmp_path / "d.onnx")["sequential"] is False
 
 
 @pytest.mark.parametrize("opts", [dict(), dict(method="weight")])
