@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from bdecomp.decomposer import feed
+from bdecomp.decomposer.simplify import node_reads, prune_initializers, upstream
 
 SAMPLES_PER_BATCH = 8192
 MAX_SAMPLES = 1 << 20
@@ -373,15 +374,13 @@ class FrontierPasses:
                  batch: int | None, threads: int | None, max_bytes: int = 1 << 30):
         """`batches()` gives the images again on each call; `in_memory`: from memory (else no
         frontier is kept either)."""
-        self.batches, self.dtype = batches, dtype
+        self.batches = batches
         self.chunks = [c for b in batches() for c in feed.chunks(b.astype(dtype, copy=False), batch)] if in_memory else []
         self.input_name, self.batch, self.threads, self.max_bytes = input_name, batch, threads, max_bytes
         self.kept: dict[str, list[np.ndarray]] | None = {} if in_memory else None  # None: every pass from the images
         self.done: set[str] = set()  # tensors of the region earlier passes computed
 
     def sample(self, model: onnx.ModelProto, samplers: "list[PatchSampler]") -> None:
-        from bdecomp.decomposer.simplify import _reads
-
         g = model.graph
         targets = list(dict.fromkeys(sp.tensor for sp in samplers))
         producer = {o: n for n in g.node for o in n.output if o}
@@ -395,17 +394,17 @@ class FrontierPasses:
                 reads.add(t)
             elif id(n) not in run:
                 run.add(id(n))
-                stack.extend(_reads(n))
+                stack.extend(node_reads(n))
         nodes = [n for n in g.node if id(n) in run]
         if self.kept is None or not reads <= have | inits:
             self.kept = None
             return self._from_images(model, samplers, targets)
         self.done |= {o for n in nodes for o in n.output if o}
         outside = [n for n in g.node if not set(o for o in n.output if o) <= self.done]
-        frontier = {t for n in outside for t in _reads(n) if t in self.done}
+        frontier = {t for n in outside for t in node_reads(n) if t in self.done}
         new = sorted(frontier - set(self.kept))
         wanted = [t for t in targets if t not in have] + [t for t in new if t not in targets]
-        feeds = sorted({t for n in nodes for t in _reads(n)} & have)
+        feeds = sorted({t for n in nodes for t in node_reads(n)} & have)
         values = self._run(model, nodes, feeds, wanted) if wanted else [{} for _ in self.chunks]
         for i, (x, rows) in enumerate(self.chunks):
             got = values[i]
@@ -427,8 +426,6 @@ class FrontierPasses:
                                        list(g.initializer), value_info=[v for v in g.value_info if v.name not in first])
         seg = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version,
                                      functions=list(model.functions))
-        from bdecomp.decomposer.simplify import prune_initializers
-
         prune_initializers(seg)
         sess = _session(seg, [], self.threads)
         out = []
@@ -438,6 +435,4 @@ class FrontierPasses:
         return out
 
     def _from_images(self, model, samplers, targets) -> None:
-        from bdecomp.decomposer.simplify import upstream
-
         collect_stats(upstream(model, targets), [], self.batches(), threads=self.threads, samplers=samplers)

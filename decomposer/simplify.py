@@ -128,12 +128,12 @@ def prune_initializers(model: onnx.ModelProto) -> None:
     model.graph.input.extend(inputs)
 
 
-def _reads(node: onnx.NodeProto) -> list[str]:
+def node_reads(node: onnx.NodeProto) -> list[str]:
     """Every name `node` reads, those its subgraphs take from the outer scope included."""
     names = [i for i in node.input if i]
     for a in node.attribute:
         graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-        names += [i for g in graphs for sn in g.node for i in _reads(sn)]
+        names += [i for g in graphs for sn in g.node for i in node_reads(sn)]
     return names
 
 
@@ -146,7 +146,7 @@ def upstream_nodes(graph: onnx.GraphProto, tensors: list[str]) -> list[onnx.Node
         n = producer.get(stack.pop())
         if n is not None and id(n) not in keep:
             keep.add(id(n))
-            stack.extend(_reads(n))
+            stack.extend(node_reads(n))
     return [n for n in graph.node if id(n) in keep]
 
 
