@@ -157,24 +157,13 @@ def _numpy_sweep(codes, coeffs, k, G, T, block=64):
     vorder = np.argsort(vals, axis=1, kind="stable")
     svals = np.take_along_axis(vals, vorder, axis=1)
     mids = 0.5 * (svals[:, 1:] + svals[:, :-1])
-    rows, codes, depth = np.arange(codes.shape[0]), codes.copy(), codes.shape[1]
+    codes, depth = codes.copy(), codes.shape[1]
     V = np.take_along_axis(vals, codes.astype(np.intp), axis=1).T.copy()
     U = G @ V
     for b0 in range(0, depth, block):
         b1 = min(depth, b0 + block)
         V_start = V[b0:b1].copy()
-        for d in range(b0, b1):
-            gdd = G[d, d]
-            if gdd <= 0:
-                continue
-            target = (T[d] - U[d] + gdd * V[d]) / gdd
-            new_codes = vorder[rows, (mids < target[:, None]).sum(axis=1)]
-            new_v = vals[rows, new_codes]
-            delta = new_v - V[d]
-            if np.any(delta):
-                U[b0:b1] += G[b0:b1, d, None] * delta[None, :]
-                V[d] = new_v
-                codes[:, d] = new_codes
+        _numpy_block(G, T, U, V, codes, vals, mids, vorder, b0, b1)
         change = V[b0:b1] - V_start
         if np.any(change):
             U[:b0] += G[:b0, b0:b1] @ change
