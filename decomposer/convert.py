@@ -493,7 +493,8 @@ def _shared_passes(model: onnx.ModelProto, layers: list[rewrite.Layer]) -> list[
 def _kept_batches(images, recipe, batch: int, max_bytes: int = 1 << 30):
     """(a function giving the calibration batches again on each call, whether they are in memory):
     decoded once and kept when they fit in `max_bytes`, else decoded again each time.
-    --sequential reads them once per layer, and decoding was a third of its time on SqueezeNet."""
+    The --sequential refit reads them again (decoding was a third of its passes' time on SqueezeNet)
+    and keeps its frontier only when they are in memory (calibrate.FrontierPasses)."""
     read = lambda: (x for x, _ in datasets.iter_batches(images, recipe, batch_size=batch))
     first = next(read(), None)
     if first is None or first.nbytes * -(-len(images) // batch) > max_bytes:
