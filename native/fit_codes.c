@@ -28,6 +28,9 @@ int bd_codes_sweep(int64_t depth, int64_t rows, int64_t b0, int64_t b1, int32_t 
     if (depth <= 0 || rows <= 0 || b0 < 0 || b1 <= b0 || b1 > depth || nvals < 2 || nvals > 256 ||
         !G || !T || !U || !V || !codes || !vals || !mids || !vorder)
         return BD_EINVAL;
+    for (int64_t i = 0; i < rows * nvals; i++)
+        if (vorder[i] < 0 || vorder[i] >= nvals)
+            return BD_EINVAL;
     double *nv = malloc((size_t)rows * sizeof *nv), *delta = malloc((size_t)rows * sizeof *delta);
     uint8_t *nc = malloc((size_t)rows);
     if (!nv || !delta || !nc) {

@@ -237,6 +237,17 @@ def test_native_sweep_block_updates_values_and_codes_bit_for_bit_like_numpy(on_m
     assert not np.array_equal(a[2], codes)
 
 
+def test_native_sweep_refuses_an_order_that_points_outside_the_code_values():
+    from bdecomp import native
+
+    depth, rows, n = 4, 2, 4
+    z = lambda *s: np.zeros(s)
+    bad = np.full((rows, n), n, np.int64)
+    with pytest.raises(ValueError, match="bd_codes_sweep"):
+        native.codes_sweep(np.eye(depth), z(depth, rows), z(depth, rows), z(depth, rows),
+                           np.zeros((rows, depth), np.uint8), z(rows, n), z(rows, n - 1), bad, 0, depth)
+
+
 @pytest.mark.parametrize("k", [2, 5, 8])
 def test_data_aware_scales_are_the_float64_least_squares_solution_within_float32_rounding(k):
     """The scales' Ĝ·M product runs in float32 for speed; each row's scales must still be its
