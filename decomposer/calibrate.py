@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from bdecomp.decomposer import feed
-from bdecomp.decomposer.simplify import node_reads, prune_initializers, upstream
+from bdecomp.decomposer.simplify import node_reads, submodel, upstream, upstream_nodes
 
 SAMPLES_PER_BATCH = 8192
 MAX_SAMPLES = 1 << 20
@@ -383,20 +383,10 @@ class FrontierPasses:
     def sample(self, model: onnx.ModelProto, samplers: "list[PatchSampler]") -> None:
         g = model.graph
         targets = list(dict.fromkeys(sp.tensor for sp in samplers))
-        producer = {o: n for n in g.node for o in n.output if o}
-        inits = {t.name for t in g.initializer}
         have = set(self.kept or ()) | {self.input_name}
-        run, reads, stack = set(), set(), list(targets)
-        while stack:
-            t = stack.pop()
-            n = producer.get(t)
-            if t in have or t in inits or n is None:
-                reads.add(t)
-            elif id(n) not in run:
-                run.add(id(n))
-                stack.extend(node_reads(n))
-        nodes = [n for n in g.node if id(n) in run]
-        if self.kept is None or not reads <= have | inits:
+        nodes = upstream_nodes(g, targets, have)
+        reads = ({t for n in nodes for t in node_reads(n)} | set(targets)) - {o for n in nodes for o in n.output}
+        if self.kept is None or not reads <= have | {t.name for t in g.initializer}:
             self.kept = None
             return self._from_images(model, samplers, targets)
         self.done |= {o for n in nodes for o in n.output if o}
@@ -417,17 +407,11 @@ class FrontierPasses:
         self.kept = kept if sum(a.nbytes for v in kept.values() for a in v) <= self.max_bytes else {}
 
     def _run(self, model, nodes, feeds, wanted) -> list[dict[str, np.ndarray]]:
-        g = model.graph
         first = {t: (self.chunks[0][0] if t == self.input_name else self.kept[t][0]) for t in feeds}
         inputs = [onnx.helper.make_tensor_value_info(t, onnx.helper.np_dtype_to_tensor_dtype(a.dtype),
                                                      ["N", *a.shape[1:]] if a.ndim else [])
                   for t, a in first.items()]
-        graph = onnx.helper.make_graph(nodes, g.name, inputs, [onnx.ValueInfoProto(name=t) for t in wanted],
-                                       list(g.initializer), value_info=[v for v in g.value_info if v.name not in first])
-        seg = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version,
-                                     functions=list(model.functions))
-        prune_initializers(seg)
-        sess = _session(seg, [], self.threads)
+        sess = _session(submodel(model, nodes, inputs, wanted), [], self.threads)
         out = []
         for i, (x, _) in enumerate(self.chunks):
             f = {t: (x if t == self.input_name else self.kept[t][i]) for t in feeds}

@@ -259,10 +259,10 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
 
     faster_in_float = {} if float_when_faster else _float_hint(order, chosen, cfg, {f["name"] for f in float_layers})
     plans, rows = _fit_all(chosen, qparams, samplers, method, bias_correction, progress)
+    refitted = False
     if sequential is not False and samplers and method == "data":  # (no layer left to decompose: nothing to refit)
-        plans, sequential = _refit_sequential(model, plans, rows, samplers, images, recipe, threads, progress,
-                                              cheap_only=sequential is None)
-    sequential = bool(sequential and samplers)
+        plans, refitted = _refit_sequential(model, plans, rows, samplers, images, recipe, threads, progress,
+                                            cheap_only=sequential is None)
     out = rewrite.rewrite(model, plans)
     meta = {"version": "1", "recipe": recipe.to_json(), "source_sha256": registry.file_sha256(model_path),
             "options": json.dumps({"calib_images": n_calib,
@@ -270,7 +270,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
                                    "bias_correction": bool(bias_correction and n_calib),
                                    "range_method": used_range,
                                    "act_scales": act_scales if n_calib else "tensor",
-                                   "sequential": sequential}, sort_keys=True)}
+                                   "sequential": refitted}, sort_keys=True)}
     meta.update({k: str(v) for k, v in info.items()})
     existing = {p.key for p in out.metadata_props}
     for k, v in sorted(meta.items()):

@@ -137,17 +137,33 @@ def node_reads(node: onnx.NodeProto) -> list[str]:
     return names
 
 
-def upstream_nodes(graph: onnx.GraphProto, tensors: list[str]) -> list[onnx.NodeProto]:
-    """The nodes of `graph` that `tensors` depend on, in graph order."""
+def upstream_nodes(graph: onnx.GraphProto, tensors: list[str], available=frozenset()) -> list[onnx.NodeProto]:
+    """The nodes of `graph` that `tensors` depend on, in graph order, not looking past the
+    `available` tensors (values a caller already has)."""
     producer = {o: n for n in graph.node for o in n.output if o}
     keep: set[int] = set()
     stack = list(tensors)
     while stack:
-        n = producer.get(stack.pop())
+        t = stack.pop()
+        n = producer.get(t) if t not in available else None
         if n is not None and id(n) not in keep:
             keep.add(id(n))
             stack.extend(node_reads(n))
     return [n for n in graph.node if id(n) in keep]
+
+
+def submodel(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],
+             outputs: list[str]) -> onnx.ModelProto:
+    """A model of `nodes` from `model` (its initializers, functions and opsets), with those inputs
+    and the named outputs; initializers nothing reads are dropped."""
+    g = model.graph
+    given = {i.name for i in inputs}
+    graph = onnx.helper.make_graph(nodes, g.name, inputs, [onnx.ValueInfoProto(name=t) for t in outputs],
+                                   list(g.initializer), value_info=[v for v in g.value_info if v.name not in given])
+    out = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version,
+                                 functions=list(model.functions))
+    prune_initializers(out)
+    return out
 
 
 def upstream(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
@@ -160,13 +176,7 @@ def upstream(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     wanted = [t for t in dict.fromkeys(tensors) if t in produced]
     if not wanted:
         return model
-    graph = onnx.helper.make_graph(upstream_nodes(g, wanted), g.name, list(g.input),
-                                   [onnx.ValueInfoProto(name=t) for t in wanted], list(g.initializer),
-                                   value_info=list(g.value_info))
-    out = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version,
-                                 functions=list(model.functions))
-    prune_initializers(out)
-    return out
+    return submodel(model, upstream_nodes(g, wanted), list(g.input), wanted)
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
