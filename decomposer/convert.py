@@ -385,6 +385,7 @@ def _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, ta
         return [feed.classes_first(y, recipe.channels_last) for y in calibrate.first_outputs(m, batch, threads)]
 
     ref = outputs(model, xs)
+    energy = allocate.output_energy(ref[: allocate.SENSITIVITY_IMAGES], centre=task != "outputs")
     weights = {}
     with _progress(len(free), "measuring sensitivity", progress) as bar:
         for i in free:
@@ -394,7 +395,7 @@ def _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, ta
             out = outputs(rewrite.rewrite(model, [rewrite.Plan(L2, dec, allocate.PROBE[1], qp)]),
                           xs[: allocate.SENSITIVITY_IMAGES])
             weights[L.name] = allocate.sensitivity(ref[: allocate.SENSITIVITY_IMAGES], out, layer_err,
-                                                   centre=task != "outputs")
+                                                   centre=task != "outputs", energy=energy)
             costs[i].err = costs[i].err * weights[L.name]
             bar.update(1)
     if budget is not None:
