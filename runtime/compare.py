@@ -584,6 +584,8 @@ def compare(original: str | Path, decomposed: str | Path, data: str | Path, *, l
             r = cls_acc[k].result()
             e.update(top1=r["top1"], top5=r["top5"])
             e["agreement"] = metrics.agreement(cls_acc[k].predictions, cls_acc["original"].predictions)
+            if k != "original":
+                e["top1_diff"] = metrics.paired_difference(cls_acc["original"].top1_correct, cls_acc[k].top1_correct)
         else:
             e.update(metrics.segmentation_scores(cms[k], ignore_index))
             e["agreement"] = agree_px[k] / n_px if n_px else None

@@ -17,6 +17,7 @@ import bdecomp
 from bdecomp.decomposer.convert import resolve_recipe
 from bdecomp.models import preprocess
 from bdecomp.runtime.compare import compare, count_weights
+from bdecomp.runtime.report_md import headline
 
 FAST = dict(seconds=0.3, progress=False, threads=1)
 
@@ -102,6 +103,10 @@ def test_labels_tsv_layout(tmp_path, cls_models, cls_images):
     assert rep["original"]["top1"] == 1.0 and rep["original"]["top5"] == 1.0
     assert rep["original"]["agreement"] == 1.0
     assert rep["decomposed"]["top1"] == rep["decomposed"]["agreement"]  # labels = original's top-1
+    ci = rep["decomposed"]["top1_diff"]
+    assert ci["n"] == 8 and ci["diff"] == pytest.approx(rep["decomposed"]["top1"] - rep["original"]["top1"])
+    assert ci["low"] <= ci["diff"] <= ci["high"]
+    assert "95% CI" in " ".join(headline(rep))
     assert rep["int8"] is None
     for k in ("original", "decomposed"):
         _check_model_entry(rep[k], "classification")

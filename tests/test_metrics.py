@@ -43,6 +43,41 @@ def test_classification_accumulator_counts_hits_and_skips_unlabelled():
     assert acc.predictions == [6, 0, 0]
 
 
+def test_paired_difference_by_hand():
+    r = metrics.paired_difference([1, 1, 1, 0], [1, 0, 1, 1])
+    # per-image differences 0, −1, 0, +1: mean 0, sample std √(2/3), half-width 1.96·√(2/3)/2
+    assert r["diff"] == 0.0 and r["n"] == 4 and r["only_a"] == 1 and r["only_b"] == 1
+    assert r["high"] == pytest.approx(1.96 * math.sqrt(2 / 3) / 2) and r["low"] == pytest.approx(-r["high"])
+
+
+def test_paired_difference_of_identical_answers_has_no_width():
+    r = metrics.paired_difference([1, 0, 1], [1, 0, 1])
+    assert (r["diff"], r["low"], r["high"]) == (0.0, 0.0, 0.0)
+    assert metrics.paired_difference([], []) is None
+    with pytest.raises(ValueError):
+        metrics.paired_difference([1], [1, 0])
+
+
+def test_paired_difference_interval_covers_the_true_drop_about_95_percent_of_the_time():
+    """Two models right on 80 % / 77 % of images, agreeing on most: the interval around the
+    observed drop on 1,000 images must contain the true −3 points in ~95 % of repeats."""
+    rng = np.random.default_rng(0)
+    covered = 0
+    for _ in range(2000):
+        u = rng.random(1000)
+        a = u < 0.80
+        b = (u < 0.74) | ((u >= 0.80) & (u < 0.83))  # right on 74 % shared + 3 % a missed: 77 %
+        r = metrics.paired_difference(a, b)
+        covered += r["low"] <= -0.03 <= r["high"]
+    assert 0.93 <= covered / 2000 <= 0.97
+
+
+def test_accumulator_keeps_per_image_top1_hits_of_labelled_images():
+    acc = metrics.ClassificationAccumulator()
+    acc.update(np.array([[0, 1.0], [1, 0], [1, 0]]), [1, 1, None])
+    assert acc.top1_correct == [True, False]
+
+
 def test_agreement():
     assert metrics.agreement([1, 2, 3, 4], [1, 2, 0, 4]) == 0.75
     assert metrics.agreement([], []) is None
