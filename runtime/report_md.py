@@ -85,7 +85,7 @@ def headline(report: dict) -> list[str]:
         if e.get("size_vs_fp32") is not None:
             parts.append(f"{100 * e['size_vs_fp32']:.1f}% of the fp32 size")
         if e.get(main_key) is not None and o.get(main_key) is not None:
-            ci = e.get("top1_diff") if main_key == "top1" else None
+            ci = e.get("top1_diff" if main_key == "top1" else "miou_diff")
             parts.append(f"{main_name} {100 * (e[main_key] - o[main_key]):+.1f} points" + (
                 f" (95% CI {100 * ci['low']:+.1f} to {100 * ci['high']:+.1f} on {ci['n']:,} images)"
                 if ci and ci["n"] > 1 else ""))

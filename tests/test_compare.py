@@ -198,6 +198,9 @@ def test_segmentation_pairs_with_ignore_index(tmp_path):
     for k in ("original", "decomposed"):
         _check_model_entry(rep[k], "segmentation")
     assert 0 <= rep["decomposed"]["miou"] <= 1 and 0 < rep["agreement"] <= 1
+    ci = rep["decomposed"]["miou_diff"]
+    assert ci["n"] == 3 and ci["diff"] == pytest.approx(rep["decomposed"]["miou"] - o["miou"])
+    assert ci["low"] <= ci["high"] and "95% CI" in " ".join(headline(rep))
 
     # the same pairs given as an image folder + --labels folder
     rep2 = compare(orig, dec, d / "test", labels=d / "testannot", ignore_index=2, **FAST)

@@ -78,6 +78,33 @@ def test_accumulator_keeps_per_image_top1_hits_of_labelled_images():
     assert acc.top1_correct == [True, False]
 
 
+def _image_cms(rng, n, wrong_rate):
+    """Per-image confusion matrices of 3 classes, 400 pixels each, a share of them mislabelled."""
+    out = []
+    for _ in range(n):
+        t = rng.integers(0, 3, 400)
+        p = np.where(rng.random(400) < wrong_rate, (t + 1) % 3, t)
+        out.append(metrics.confusion_matrix(p, t, 3))
+    return out
+
+
+def test_miou_difference_is_that_of_the_summed_matrices_and_its_interval_holds_it():
+    rng = np.random.default_rng(1)
+    a, b = _image_cms(rng, 40, 0.05), _image_cms(rng, 40, 0.15)
+    r = metrics.bootstrap_miou_difference(a, b)
+    miou = lambda cms: metrics.segmentation_scores(np.sum(cms, axis=0))["miou"]
+    assert r["diff"] == pytest.approx(miou(b) - miou(a)) and r["diff"] < 0 and r["n"] == 40
+    assert r["low"] <= r["diff"] <= r["high"] < 0  # 10 points worse on every image: resolved
+    assert metrics.bootstrap_miou_difference(a, b) == r  # fixed seed
+
+
+def test_miou_difference_of_identical_predictions_has_no_width():
+    a = _image_cms(np.random.default_rng(2), 10, 0.1)
+    r = metrics.bootstrap_miou_difference(a, a)
+    assert (r["diff"], r["low"], r["high"]) == (0.0, 0.0, 0.0)
+    assert metrics.bootstrap_miou_difference([], []) is None
+
+
 def test_agreement():
     assert metrics.agreement([1, 2, 3, 4], [1, 2, 0, 4]) == 0.75
     assert metrics.agreement([], []) is None
