@@ -18,7 +18,8 @@ measures the converted file on the *measure* set (never the calibration set):
 
 Accuracy is computed with the onnxruntime backend (`bdecomp.load(p, backend="onnxruntime")`: the
 decomposed maths through the ONNX function bodies), top-1 for classifiers, mIoU for segmentation
-(ground-truth void ignored, see bdecomp.runtime.metrics). x axis of the plot: the report's
+(ground-truth void ignored, see bdecomp.runtime.metrics), each drop with its paired 95 % interval
+on the measure set (`drop_interval`: rows whose intervals overlap are not told apart). x axis of the plot: the report's
 totals.mac_weighted_kq. Prints a markdown table, writes OUT/pareto.md, OUT/pareto.json and
 OUT/pareto.png; conversion time is given as wall clock and as CPU time of the convert process
 (user + system, all threads: the fairer number on a shared machine). Converted files are kept in OUT and re-used when their report exists (--force to redo).
@@ -91,10 +92,11 @@ def evaluate(path: Path, data: Path, limit: int | None, threads: int, batch: int
             acc.update(np.asarray(m.run(x)[0]).reshape(len(meta), -1), [s.label for s in meta])
         r = acc.result()
         return {"task": "classification", "n": acc.n, "top1": r["top1"], "top5": r["top5"],
-                "metric": r["top1"], "pred": acc.predictions, "eval_s": time.perf_counter() - t0}
+                "metric": r["top1"], "pred": acc.predictions, "per_image": acc.top1_correct,
+                "eval_s": time.perf_counter() - t0}
     ignore = int(info["ignore_index"]) if info.get("ignore_index") not in (None, "") else None
     cm = None
-    preds = []
+    preds, cms = [], []
     for x, meta in iter_batches(items, recipe, batch_size=batch):
         y = classes_first(m.run(x)[0], recipe.channels_last)
         p = np.argmax(y, axis=1)
@@ -102,10 +104,24 @@ def evaluate(path: Path, data: Path, limit: int | None, threads: int, batch: int
             mask = load_label_mask(s.label_path, p.shape[1:3])
             c = metrics.confusion_matrix(p[i], mask, y.shape[1], ignore)
             cm = c if cm is None else cm + c
+            cms.append(c)
             preds.append(p[i].astype(np.uint8))
     sc = metrics.segmentation_scores(cm, ignore)
     return {"task": "segmentation", "n": len(items), "pixel_acc": sc["pixel_acc"], "miou": sc["miou"],
-            "metric": sc["miou"], "pred": preds, "eval_s": time.perf_counter() - t0}
+            "metric": sc["miou"], "pred": preds, "per_image": cms, "ignore": ignore,
+            "eval_s": time.perf_counter() - t0}
+
+
+def drop_interval(fl: dict, ev: dict) -> tuple[float, float] | None:
+    """The 95 % interval of the drop (points; float minus decomposed) on the same images: paired
+    normal approximation for top-1, paired bootstrap over images for mIoU (bdecomp.runtime.metrics)."""
+    from bdecomp.runtime import metrics
+
+    if ev["task"] == "classification":
+        d = metrics.paired_difference(fl["per_image"], ev["per_image"])
+    else:
+        d = metrics.bootstrap_miou_difference(fl["per_image"], ev["per_image"], ev["ignore"])
+    return None if d is None else (-100 * d["high"], -100 * d["low"])
 
 
 def agreement(a, b) -> float:
@@ -151,16 +167,17 @@ def render(data: dict, out: Path, stem: str, title: str | None, cpu_json: Path |
     lines = [f"### {title}: {metric_name} on {fl['n']} images of {data['data']} (calibration: {data['calib']}; "
              f"onnxruntime backend)", "",
              f"float: {metric_name} {100 * fl['metric']:.2f}, {float_bytes:,} bytes", "",
-             f"| method | setting | MAC-wt k·Q | {metric_name} | drop vs float (pts) | agreement | bytes | % of float "
-             f"| convert wall s | convert CPU s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| method | setting | MAC-wt k·Q | {metric_name} | drop vs float (pts) | 95 % CI | agreement | bytes "
+             f"| % of float | convert wall s | convert CPU s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['setting']} | FAILED: {r['error'].splitlines()[-1][:80]} | | | | | | | |")
+            lines.append(f"| {r['method']} | {r['setting']} | FAILED: {r['error'].splitlines()[-1][:80]} | | | | | | | | |")
             continue
         c = f"{r['cpu_s']:.0f}" if r.get("cpu_s") is not None else "–"
+        ci = f"{r['drop_ci95'][0]:+.2f} to {r['drop_ci95'][1]:+.2f}" if r.get("drop_ci95") else "–"
         lines.append(f"| {r['method']} | {r['setting']} | {r['mac_weighted_kq']:.2f} | {100 * r['metric']:.2f} | "
-                     f"{r['drop']:+.2f} | {100 * r['agreement']:.1f}% | {r['bytes']:,} | "
+                     f"{r['drop']:+.2f} | {ci} | {100 * r['agreement']:.1f}% | {r['bytes']:,} | "
                      f"{100 * r['size_vs_float']:.1f}% | {r['wall_s']:.0f} | {c} |")
     md = "\n".join(lines)
     print(md)
@@ -309,7 +326,7 @@ def main() -> None:
             continue
         row = {"method": method, "setting": label, "file": str(out), **c,
                "metric": ev["metric"], "drop": 100 * (fl["metric"] - ev["metric"]),
-               "agreement": agreement(ev["pred"], fl["pred"]),
+               "drop_ci95": drop_interval(fl, ev), "agreement": agreement(ev["pred"], fl["pred"]),
                "size_vs_float": c["bytes"] / float_bytes}
         if not seg:
             row["top5"] = ev["top5"]
@@ -320,7 +337,7 @@ def main() -> None:
             f"{c['bytes']} B, convert {c['wall_s']:.0f} s, eval {ev['eval_s']:.0f} s")
 
     data = {"model": str(a.model), "data": str(a.data), "limit": a.limit, "calib": str(a.calib),
-            "metric": metric_name, "float": {k: v for k, v in fl.items() if k != "pred"},
+            "metric": metric_name, "float": {k: v for k, v in fl.items() if k not in ("pred", "per_image")},
             "float_bytes": float_bytes, "rows": rows}
     (a.out / f"{stem}.pareto.json").write_text(json.dumps(data, indent=1))
     render(data, a.out, stem, a.title, a.cpu_json)
