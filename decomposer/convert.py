@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from bdecomp.decomposer import allocate, calibrate, decompose, feed, load, refine, rewrite, simplify, speed
+from bdecomp.decomposer import allocate, calibrate, decompose, feed, load, probe, refine, rewrite, simplify, speed
 from bdecomp.decomposer.feed import model_input
 from bdecomp.decomposer.fit import data_aware_fits, fit_layer, output_fits, refit_codes
 from bdecomp.decomposer.config import SKIPPED, LayerSetting, load_layer_config
@@ -386,14 +386,16 @@ def _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, ta
 
     ref = outputs(model, xs)
     energy = allocate.output_energy(ref[: allocate.SENSITIVITY_IMAGES], centre=task != "outputs")
+    probes = probe.ProbeRuns(model, xs[: allocate.SENSITIVITY_IMAGES], threads)
     weights = {}
     with _progress(len(free), "measuring sensitivity", progress) as bar:
         for i in free:
             L = chosen[i][0]
             qp = qparams_for(L, allocate.PROBE[1])
             dec, L2, layer_err = fit_layer(L, allocate.PROBE[0], qp, samplers[L.name], "weight", True)
-            out = outputs(rewrite.rewrite(model, [rewrite.Plan(L2, dec, allocate.PROBE[1], qp)]),
-                          xs[: allocate.SENSITIVITY_IMAGES])
+            out = probes.outputs(rewrite.rewrite(model, [rewrite.Plan(L2, dec, allocate.PROBE[1], qp)]))
+            out = (ref[: allocate.SENSITIVITY_IMAGES] if out is None
+                   else [feed.classes_first(y, recipe.channels_last) for y in out])
             weights[L.name] = allocate.sensitivity(ref[: allocate.SENSITIVITY_IMAGES], out, layer_err,
                                                    centre=task != "outputs", energy=energy)
             costs[i].err = costs[i].err * weights[L.name]
