@@ -40,14 +40,16 @@ class LayerCosts:
 
 def layer_errors(weight: np.ndarray, group: int, sampler: calibrate.PatchSampler,
                  qparams_for: Callable[[int], calibrate.QParams],
-                 decomps: dict[int, decompose.Decomposition]) -> np.ndarray:
+                 decomps: dict[int, decompose.Decomposition], qs=Q_CHOICES) -> np.ndarray:
     """Relative output MSE of one layer for every (k, Q) in K_CHOICES × Q_CHOICES, with the
     quantizer `qparams_for(Q)` and the bases `decomps[k]` (fit.output_fits or weight-only) of the
     unfolded weight: per-channel steps are applied to the inputs, and these bases stand in for those
-    of the folded weight, which are not fitted at this stage."""
+    of the folded weight, which are not fitted at this stage. Only the Q in `qs` are measured
+    (`useful_qs`); the others are inf."""
     P = sampler.patches()
     cout_g = weight.shape[0] // group
     err = np.zeros((len(K_CHOICES), len(Q_CHOICES)))
+    err[:, [Q_CHOICES.index(q) for q in Q_CHOICES if q not in qs]] = np.inf
     den = 0.0
     n, depth = P.shape[0], P.shape[2]
     # the Gram route costs D²·P once per Q plus D²·Cout per k, the direct one P·D·Cout per k: the
@@ -59,6 +61,8 @@ def layer_errors(weight: np.ndarray, group: int, sampler: calibrate.PatchSampler
         Y = X @ weight[rows].T.astype(np.float32)
         den += float((Y.astype(np.float64) ** 2).sum())
         for qi, q in enumerate(Q_CHOICES):
+            if q not in qs:
+                continue
             qp = qparams_for(q)
             es = (None if qp.channel_scales is None
                   else fold.element_scales(qp.channel_scales, group, weight.shape[1])[g])
@@ -80,6 +84,27 @@ def layer_errors(weight: np.ndarray, group: int, sampler: calibrate.PatchSampler
                     sse = float((diff.astype(np.float64) ** 2).sum())
                 err[ki, qi] += max(sse, 0.0)
     return err / den if den > 0 else err
+
+
+def weighted(err: np.ndarray, sensitivity: float) -> np.ndarray:
+    """A layer's error grid times its sensitivity, ruled-out entries (inf) kept out: a layer whose
+    error does not reach the output has sensitivity 0, and inf·0 = NaN, which argmin takes first
+    (it gave such a layer k = 1, the choice `allocatable` rules out)."""
+    out = np.full_like(err, np.inf, dtype=np.float64)
+    np.multiply(err, sensitivity, out=out, where=~np.isinf(err))
+    return out
+
+
+def useful_qs(cost: np.ndarray) -> tuple[int, ...]:
+    """The Q in Q_CHOICES that some allocatable k prices below every larger Q: a Q that costs at
+    least as much as a larger one at every k buys nothing the larger one does not give (more bits,
+    less error), so layer_errors need not measure it. With 64 or more input channels per group the
+    lookup-table kernel prices Q = 3 as Q = 4 and Q = 6, 7 as Q = 8 (16–32 channels: also Q = 2
+    and 5, where popcount is not cheaper either), which saves 3 (5) of the 7 quantizers' Gram
+    matrices per layer."""
+    ks = [i for i, k in enumerate(K_CHOICES) if k >= MIN_ALLOCATED_K]
+    return tuple(q for j, q in enumerate(Q_CHOICES)
+                 if any(all(cost[i, j] < cost[i, jj] for jj in range(j + 1, len(Q_CHOICES))) for i in ks))
 
 
 def allocatable(err: np.ndarray) -> np.ndarray:

@@ -371,7 +371,8 @@ def _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, ta
                 decomps = (output_fits(L, samplers[L.name], allocate.K_CHOICES) if method == "data" else
                            {k: decompose.decompose(L.weight, k) for k in allocate.K_CHOICES})
                 err = allocate.allocatable(allocate.layer_errors(L.weight, L.group, samplers[L.name],
-                                                                 lambda q, L=L: qparams_for(L, q), decomps))
+                                                                 lambda q, L=L: qparams_for(L, q), decomps,
+                                                                 allocate.useful_qs(_cost_grid(L))))
             else:
                 err = np.full((len(allocate.K_CHOICES), len(allocate.Q_CHOICES)), np.inf)
                 err[allocate.K_CHOICES.index(s.k), allocate.Q_CHOICES.index(max(s.q, 2))] = 0.0
@@ -398,7 +399,7 @@ def _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, ta
                    else [feed.classes_first(y, recipe.channels_last) for y in out])
             weights[L.name] = allocate.sensitivity(ref[: allocate.SENSITIVITY_IMAGES], out, layer_err,
                                                    centre=task != "outputs", energy=energy)
-            costs[i].err = costs[i].err * weights[L.name]
+            costs[i].err = allocate.weighted(costs[i].err, weights[L.name])
             bar.update(1)
     if budget is not None:
         choice = [fixed.get(i, c) for i, c in enumerate(allocate.allocate(costs, budget))]

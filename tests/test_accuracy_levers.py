@@ -232,6 +232,51 @@ def test_the_error_grid_is_the_same_by_the_gram_route_and_the_direct_one(monkeyp
     assert not np.array_equal(gram, direct)  # two computations, not one
 
 
+def test_the_error_grid_measures_only_the_useful_activation_bits():
+    """Q values no k prices below every larger Q are not measured (inf); the others are exactly
+    what the full grid gives."""
+    X, W = _correlated_problem(seed=4, n=1000)
+    layer, sampler, stats = _gemm_layer_with_patches(X, W)
+    decomps = {k: decompose.decompose(W, k) for k in allocate.K_CHOICES}
+    asked = []
+
+    def grid(qs):
+        return allocate.layer_errors(W, 1, sampler, lambda q: asked.append(q) or calibrate.choose_qparams(stats, q),
+                                     decomps, qs)
+
+    full = grid(allocate.Q_CHOICES)
+    asked.clear()
+    qs = allocate.useful_qs(allocate.cost_grid(64))
+    part = grid(qs)
+    assert qs == (2, 4, 5, 8) and sorted(set(asked)) == [2, 4, 5, 8]
+    for j, q in enumerate(allocate.Q_CHOICES):
+        if q in qs:
+            np.testing.assert_array_equal(part[:, j], full[:, j])
+        else:
+            assert np.all(np.isinf(part[:, j]))
+
+
+def test_useful_activation_bits_follow_the_cost_model():
+    """64+ input channels: Q = 3 costs what 4 does and Q = 6, 7 what 8 does (lookup tables), Q = 2
+    and 5 are cheaper with popcount at some k; 16 channels leave popcount's words three-quarters
+    empty, so only 4 and 8 remain."""
+    assert allocate.useful_qs(allocate.cost_grid(64)) == (2, 4, 5, 8)
+    assert allocate.useful_qs(allocate.cost_grid(16)) == (4, 8)
+    flat = np.ones((len(allocate.K_CHOICES), len(allocate.Q_CHOICES)))
+    assert allocate.useful_qs(flat) == (8,)
+    assert allocate.useful_qs(np.cumsum(flat, axis=1)) == allocate.Q_CHOICES
+
+
+def test_a_layer_that_does_not_reach_the_output_never_gets_one_basis():
+    """Sensitivity 0 (its error never reaches the output): the grid's ruled-out k = 1 stays out
+    (inf · 0 would be NaN, which argmin takes first) and the layer gets the cheapest allowed setting."""
+    kq = np.outer(allocate.K_CHOICES, allocate.Q_CHOICES).astype(float)
+    err = allocate.weighted(allocate.allocatable(1.0 / kq), 0.0)
+    assert np.all(np.isinf(err[0])) and not np.isnan(err).any()
+    (k, q), = allocate.allocate([allocate.LayerCosts("dead end", 1_000, err)], 64)
+    assert k >= allocate.MIN_ALLOCATED_K
+
+
 def test_a_layer_whose_error_grid_would_cost_too_much_gets_weight_only_bases(monkeypatch):
     """Big layers (ResNet-50's 3×3 layer4, its fc) would spend minutes each on one data-aware fit
     per k; past GRID_MAX_FLOPS the grid takes the weight-only bases instead."""
