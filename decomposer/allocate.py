@@ -7,7 +7,8 @@ of that cost.
 Error of a layer at (k, Q) is its relative output error on calibration patches — the bases for k
 fitted to the layer's float output (fit.output_fits; weight-only with `--method weight`), the
 layer's own calibrated quantizer for Q, bias corrected — computed from Gram
-statistics so the whole k × Q grid costs one Gram matrix per Q — times the layer's measured
+statistics so the whole k × Q grid costs one Gram matrix per Q (only the Q the cost model can
+prefer, `useful_qs`) — times the layer's measured
 sensitivity (how much of it reaches the network's output, `sensitivity`). The allocation
 minimises the sum of the layers' errors for a given budget by Lagrangian relaxation (each layer independently picks
 argmin err + λ·cost; λ bisected to meet the budget).
