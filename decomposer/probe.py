@@ -4,8 +4,9 @@ from the float network's values at the boundary of what that layer changes.
 A probe changes one layer; everything that does not depend on it equals the float network, so
 only the layer and the nodes downstream of it need to run (ESPNet at 360×480: every probe had
 run the whole network on 16 images, 69 of its 200 s of conversion). The float values the probes
-read are computed segment by segment, in graph order, each node once, and dropped when no later
-probe reads them (like calibrate.FrontierPasses for the --sequential refit).
+read are computed segment by segment in graph order: each probe keeps those at its boundary, and
+the next computes its own from them (in a chain, each float node once), as
+calibrate.FrontierPasses does for the --sequential refit.
 """
 from __future__ import annotations
 
