@@ -95,18 +95,15 @@ def evaluate(path: Path, data: Path, limit: int | None, threads: int, batch: int
                 "metric": r["top1"], "pred": acc.predictions, "per_image": acc.top1_correct,
                 "eval_s": time.perf_counter() - t0}
     ignore = int(info["ignore_index"]) if info.get("ignore_index") not in (None, "") else None
-    cm = None
     preds, cms = [], []
     for x, meta in iter_batches(items, recipe, batch_size=batch):
         y = classes_first(m.run(x)[0], recipe.channels_last)
         p = np.argmax(y, axis=1)
         for i, s in enumerate(meta):
             mask = load_label_mask(s.label_path, p.shape[1:3])
-            c = metrics.confusion_matrix(p[i], mask, y.shape[1], ignore)
-            cm = c if cm is None else cm + c
-            cms.append(c)
+            cms.append(metrics.confusion_matrix(p[i], mask, y.shape[1], ignore))
             preds.append(p[i].astype(np.uint8))
-    sc = metrics.segmentation_scores(cm, ignore)
+    sc = metrics.segmentation_scores(np.sum(cms, axis=0), ignore)
     return {"task": "segmentation", "n": len(items), "pixel_acc": sc["pixel_acc"], "miou": sc["miou"],
             "metric": sc["miou"], "pred": preds, "per_image": cms, "ignore": ignore,
             "eval_s": time.perf_counter() - t0}

@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from bdecomp.decomposer import feed
-from bdecomp.decomposer.simplify import node_reads, submodel, upstream, upstream_nodes
+from bdecomp.decomposer.simplify import boundary, input_infos, node_reads, submodel, upstream, upstream_nodes
 
 SAMPLES_PER_BATCH = 8192
 MAX_SAMPLES = 1 << 20
@@ -385,8 +385,9 @@ class FrontierPasses:
         targets = list(dict.fromkeys(sp.tensor for sp in samplers))
         have = set(self.kept or ()) | {self.input_name}
         nodes = upstream_nodes(g, targets, have)
-        reads = ({t for n in nodes for t in node_reads(n)} | set(targets)) - {o for n in nodes for o in n.output}
-        if self.kept is None or not reads <= have | {t.name for t in g.initializer}:
+        feeds = boundary(nodes, {t.name for t in g.initializer})
+        unmade = set(targets) - {o for n in nodes for o in n.output}
+        if self.kept is None or not set(feeds) | unmade <= have:
             self.kept = None
             return self._from_images(model, samplers, targets)
         self.done |= {o for n in nodes for o in n.output if o}
@@ -394,7 +395,6 @@ class FrontierPasses:
         frontier = {t for n in outside for t in node_reads(n) if t in self.done}
         new = sorted(frontier - set(self.kept))
         wanted = [t for t in targets if t not in have] + [t for t in new if t not in targets]
-        feeds = sorted({t for n in nodes for t in node_reads(n)} & have)
         values = self._run(model, nodes, feeds, wanted) if wanted else [{} for _ in self.chunks]
         for i, (x, rows) in enumerate(self.chunks):
             got = values[i]
@@ -408,10 +408,7 @@ class FrontierPasses:
 
     def _run(self, model, nodes, feeds, wanted) -> list[dict[str, np.ndarray]]:
         first = {t: (self.chunks[0][0] if t == self.input_name else self.kept[t][0]) for t in feeds}
-        inputs = [onnx.helper.make_tensor_value_info(t, onnx.helper.np_dtype_to_tensor_dtype(a.dtype),
-                                                     ["N", *a.shape[1:]] if a.ndim else [])
-                  for t, a in first.items()]
-        sess = _session(submodel(model, nodes, inputs, wanted), [], self.threads)
+        sess = _session(submodel(model, nodes, input_infos(first), wanted), [], self.threads)
         out = []
         for i, (x, _) in enumerate(self.chunks):
             f = {t: (x if t == self.input_name else self.kept[t][i]) for t in feeds}

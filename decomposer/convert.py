@@ -386,7 +386,8 @@ def _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, ta
         return [feed.classes_first(y, recipe.channels_last) for y in calibrate.first_outputs(m, batch, threads)]
 
     ref = outputs(model, xs)
-    energy = allocate.output_energy(ref[: allocate.SENSITIVITY_IMAGES], centre=task != "outputs")
+    probe_ref = ref[: allocate.SENSITIVITY_IMAGES]
+    energy = allocate.output_energy(probe_ref, centre=task != "outputs")
     probes = probe.ProbeRuns(model, xs[: allocate.SENSITIVITY_IMAGES], threads)
     weights = {}
     with _progress(len(free), "measuring sensitivity", progress) as bar:
@@ -395,9 +396,8 @@ def _allocate(model, chosen, cfg, qparams_for, samplers, budget, target_drop, ta
             qp = qparams_for(L, allocate.PROBE[1])
             dec, L2, layer_err = fit_layer(L, allocate.PROBE[0], qp, samplers[L.name], "weight", True)
             out = probes.outputs(rewrite.rewrite(model, [rewrite.Plan(L2, dec, allocate.PROBE[1], qp)]))
-            out = (ref[: allocate.SENSITIVITY_IMAGES] if out is None
-                   else [feed.classes_first(y, recipe.channels_last) for y in out])
-            weights[L.name] = allocate.sensitivity(ref[: allocate.SENSITIVITY_IMAGES], out, layer_err,
+            out = probe_ref if out is None else [feed.classes_first(y, recipe.channels_last) for y in out]
+            weights[L.name] = allocate.sensitivity(probe_ref, out, layer_err,
                                                    centre=task != "outputs", energy=energy)
             costs[i].err = allocate.weighted(costs[i].err, weights[L.name])
             bar.update(1)

@@ -15,7 +15,7 @@ import onnx
 
 from bdecomp.decomposer import feed
 from bdecomp.decomposer.calibrate import _session, first_outputs
-from bdecomp.decomposer.simplify import node_reads, submodel, upstream_nodes
+from bdecomp.decomposer.simplify import boundary, input_infos, node_reads, submodel, upstream_nodes
 
 
 def downstream(nodes: list[onnx.NodeProto], start: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
@@ -29,12 +29,6 @@ def downstream(nodes: list[onnx.NodeProto], start: list[onnx.NodeProto]) -> list
             out.append(n)
             made.update(o for o in n.output if o)
     return out
-
-
-def boundary(nodes: list[onnx.NodeProto], constants: set[str]) -> list[str]:
-    """The names `nodes` read that none of them computes (constants excluded), sorted."""
-    made = {o for n in nodes for o in n.output if o}
-    return sorted({t for n in nodes for t in node_reads(n)} - made - constants)
 
 
 class ProbeRuns:
@@ -70,15 +64,11 @@ class ProbeRuns:
             return None
         feeds = boundary(run, self.constants | {t.name for t in probe.graph.initializer})
         self._float_values(feeds)
-        sess = _session(submodel(probe, run, self._inputs(feeds), [out0]), [], self.threads)
+        sess = _session(submodel(probe, run, input_infos(self._feed(feeds, 0)), [out0]), [], self.threads)
         return [np.asarray(sess.run([out0], self._feed(feeds, i))[0], np.float32) for i in range(len(self.xs))]
 
     def _feed(self, names: list[str], i: int) -> dict[str, np.ndarray]:
         return {t: self.xs[i] if t == self.input_name else self.cache[t][i] for t in names}
-
-    def _inputs(self, names: list[str]) -> list[onnx.ValueInfoProto]:
-        return [onnx.helper.make_tensor_value_info(t, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), list(a.shape))
-                for t, a in self._feed(names, 0).items()]
 
     def _float_values(self, names: list[str]) -> None:
         """Makes the cache hold the float values of `names` and nothing else, running only the
@@ -88,7 +78,7 @@ class ProbeRuns:
         if missing:
             nodes = upstream_nodes(self.model.graph, missing, have)
             reads = boundary(nodes, self.constants)  # ⊆ have: the walk stops there or at the image
-            sess = _session(submodel(self.model, nodes, self._inputs(reads), missing), [], self.threads)
+            sess = _session(submodel(self.model, nodes, input_infos(self._feed(reads, 0)), missing), [], self.threads)
             values = [sess.run(missing, self._feed(reads, i)) for i in range(len(self.xs))]
             self.float_nodes_run += len(nodes)
             for j, t in enumerate(missing):

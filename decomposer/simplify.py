@@ -152,6 +152,21 @@ def upstream_nodes(graph: onnx.GraphProto, tensors: list[str], available=frozens
     return [n for n in graph.node if id(n) in keep]
 
 
+def boundary(nodes: list[onnx.NodeProto], constants: set[str]) -> list[str]:
+    """The names `nodes` read that none of them computes (constants excluded), sorted: what a
+    submodel of them must be fed."""
+    made = {o for n in nodes for o in n.output if o}
+    return sorted({t for n in nodes for t in node_reads(n)} - made - constants)
+
+
+def input_infos(values: dict[str, np.ndarray]) -> list[onnx.ValueInfoProto]:
+    """Graph inputs for a submodel fed these arrays: their element types and sizes, the batch
+    axis left symbolic."""
+    return [onnx.helper.make_tensor_value_info(t, onnx.helper.np_dtype_to_tensor_dtype(a.dtype),
+                                               ["N", *a.shape[1:]] if a.ndim else [])
+            for t, a in values.items()]
+
+
 def submodel(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],
              outputs: list[str]) -> onnx.ModelProto:
     """A model of `nodes` from `model` (its initializers, functions and opsets), with those inputs

@@ -522,8 +522,7 @@ def compare(original: str | Path, decomposed: str | Path, data: str | Path, *, l
     batch = _batch_size(orig_m.input_shape)
     labelled = layout != "images" and task != "outputs"
     cls_acc = {k: metrics.ClassificationAccumulator() for k in models}
-    cms: dict[str, np.ndarray] = {}
-    image_cms: dict[str, list[np.ndarray]] = {}  # per image, for the mIoU difference's bootstrap
+    cms: dict[str, list[np.ndarray]] = {}  # per image: summed for the scores, resampled for the mIoU interval
     agree_px = {k: 0 for k in models}
     n_px = 0
     label_max, n_cls = -1, None  # segmentation: the largest label id seen (not ignored), the model's classes
@@ -556,8 +555,7 @@ def compare(original: str | Path, decomposed: str | Path, data: str | Path, *, l
                 label_max = max(label_max, int(ids.max())) if ids.size else label_max
                 for k, p in preds.items():
                     cm = metrics.confusion_matrix(p[i], mask, n_cls, ignore_index)
-                    cms[k] = cm if k not in cms else cms[k] + cm
-                    image_cms.setdefault(k, []).append(cm)
+                    cms.setdefault(k, []).append(cm)
                     agree_px[k] += int((p[i] == preds["original"][i]).sum())
                 n_px += preds["original"][i].size
         n_images += len(meta)
@@ -589,9 +587,9 @@ def compare(original: str | Path, decomposed: str | Path, data: str | Path, *, l
             if k != "original":
                 e["top1_diff"] = metrics.paired_difference(cls_acc["original"].top1_correct, cls_acc[k].top1_correct)
         else:
-            e.update(metrics.segmentation_scores(cms[k], ignore_index))
+            e.update(metrics.segmentation_scores(np.sum(cms[k], axis=0), ignore_index))
             if k != "original":
-                e["miou_diff"] = metrics.bootstrap_miou_difference(image_cms["original"], image_cms[k], ignore_index)
+                e["miou_diff"] = metrics.bootstrap_miou_difference(cms["original"], cms[k], ignore_index)
             e["agreement"] = agree_px[k] / n_px if n_px else None
         entries[k] = e
 

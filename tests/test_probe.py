@@ -10,6 +10,7 @@ from conftest import conv_node, make_model, weights
 
 from bdecomp.decomposer import calibrate, decompose, probe
 from bdecomp.decomposer.rewrite import Plan, find_layers, rewrite
+from bdecomp.decomposer.simplify import boundary
 
 
 def _net() -> onnx.ModelProto:
@@ -70,9 +71,9 @@ def test_the_boundary_of_a_block_layer_holds_the_skip_tensor():
     nodes = list(model.graph.node)
     conv_b = next(n for n in nodes if n.name == "conv_b")
     consts = {t.name for t in model.graph.initializer}
-    assert probe.boundary(probe.downstream(nodes, [conv_b]), consts) == ["ra", "s"]
+    assert boundary(probe.downstream(nodes, [conv_b]), consts) == ["ra", "s"]
     expand3 = next(n for n in nodes if n.name == "expand3")
-    assert probe.boundary(probe.downstream(nodes, [expand3]), consts) == ["e1", "q"]
+    assert boundary(probe.downstream(nodes, [expand3]), consts) == ["e1", "q"]
 
 
 def test_a_fixed_batch_model_runs_whole_probe_networks():
