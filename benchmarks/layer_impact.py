@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -60,10 +61,11 @@ def main() -> None:
     macs = {L["name"]: L["macs"] for L in report["layers"]}
     total = sum(macs.values()) + sum(f.get("macs", 0) for f in report.get("float_layers", []))
     rows = []
-    for run, cfg in layer_configs(report).items():
-        cfg_path = a.out / f"{run}.config.json"
+    for i, (run, cfg) in enumerate(layer_configs(report).items()):
+        stem = f"{i:03d}-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", run).strip("_")  # names like /layer1/conv1/Conv
+        cfg_path = a.out / f"{stem}.config.json"
         cfg_path.write_text(json.dumps(cfg, indent=1, sort_keys=True))
-        out = a.out / f"{run}.onnx"
+        out = a.out / f"{stem}.onnx"
         convert(a.model, out, ["--layer-config", str(cfg_path)] + shlex.split(a.convert_args), a.calib,
                 calib_limit, a.threads, a.force)
         ev = evaluate(out, a.data, a.limit, a.threads, 16)
