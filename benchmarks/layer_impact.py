@@ -62,8 +62,8 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     calib_limit = report["totals"].get("calibration_images")
     fl = evaluate(a.model, a.data, a.limit, a.threads, 16)
-    macs = {L["name"]: L["macs"] for L in report["layers"]}
-    total = sum(macs.values()) + sum(f.get("macs", 0) for f in report.get("float_layers", []))
+    layers = {L["name"]: L for L in report["layers"]}
+    total = sum(L["macs"] for L in layers.values()) + sum(f.get("macs", 0) for f in report.get("float_layers", []))
     rows = []
     for i, (run, cfg) in enumerate(layer_configs(report).items()):
         stem = f"{i:03d}-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", run).strip("_")  # names like /layer1/conv1/Conv
@@ -73,18 +73,17 @@ def main() -> None:
         convert(a.model, out, ["--layer-config", str(cfg_path)] + shlex.split(a.convert_args), a.calib,
                 calib_limit, a.threads, a.force)
         ev = evaluate(out, a.data, a.limit, a.threads, 16)
-        rows.append({"run": run, "mac_share": macs.get(run, 0) / total if total else 0.0,
+        rows.append({"run": run, "mac_share": layers[run]["macs"] / total if run in layers and total else 0.0,
                      "agreement": agreement(fl["pred"], ev["pred"]), "metric": ev["metric"], "ev": ev})
         print(f"{run}: agreement {100 * rows[-1]['agreement']:.1f} %, metric {100 * ev['metric']:.2f}", flush=True)
     conv = rows[0]
     for r in rows:
         r["interval"] = drop_interval(r["ev"], conv["ev"])  # the change against the whole conversion
     name = "top-1" if fl["task"] == "classification" else "mIoU"
-    settings = {L["name"]: (L["k"], L["q"]) for L in report["layers"]}
     lines = [f"float {name} {100 * fl['metric']:.2f} on {fl['n']} images of {a.data}", "",
              f"| left float | MACs | k | Q | agreement % | {name} % | change (95 % CI) |", "|---|---:|---:|---:|---:|---:|---|"]
     for r in [conv] + sorted(rows[1:], key=lambda r: -r["agreement"]):
-        k, q = settings.get(r["run"], ("", ""))
+        k, q = (layers[r["run"]]["k"], layers[r["run"]]["q"]) if r["run"] in layers else ("", "")
         ci = r["interval"]
         change = f"{100 * (r['metric'] - conv['metric']):+.2f} ({ci[0]:+.2f} … {ci[1]:+.2f})" if ci and r is not conv else ""
         label = "nothing (as converted)" if r is conv else r["run"]

@@ -45,11 +45,13 @@ class ClassificationAccumulator:
 
     def __init__(self) -> None:
         self.n = 0
-        self.n_labelled = 0
-        self.top1_hits = 0
         self.top5_hits = 0
         self.predictions: list[int] = []
         self.top1_correct: list[bool] = []  # per labelled image, in order (for paired_difference)
+
+    @property
+    def n_labelled(self) -> int:
+        return len(self.top1_correct)
 
     def update(self, scores: np.ndarray, labels: Sequence[int | None]) -> np.ndarray:
         s = np.asarray(scores).reshape(len(labels), -1)
@@ -59,17 +61,14 @@ class ClassificationAccumulator:
         have = [i for i, lab in enumerate(labels) if lab is not None]
         if have:
             lab = np.array([labels[i] for i in have], dtype=np.int64)
-            self.n_labelled += len(have)
-            hit = topk_correct(s[have], lab, 1)
-            self.top1_correct.extend(bool(h) for h in hit)
-            self.top1_hits += int(hit.sum())
+            self.top1_correct.extend(bool(h) for h in topk_correct(s[have], lab, 1))
             self.top5_hits += int(topk_correct(s[have], lab, 5).sum())
         return pred
 
     def result(self) -> dict:
         if not self.n_labelled:
             return {"top1": None, "top5": None, "n_labelled": 0}
-        return {"top1": self.top1_hits / self.n_labelled, "top5": self.top5_hits / self.n_labelled,
+        return {"top1": sum(self.top1_correct) / self.n_labelled, "top5": self.top5_hits / self.n_labelled,
                 "n_labelled": self.n_labelled}
 
 
@@ -159,9 +158,10 @@ def bootstrap_miou_difference(cms_a: Sequence[np.ndarray], cms_b: Sequence[np.nd
     if not len(A):
         return None
     miou = lambda cm: segmentation_scores(cm, ignore_index)["miou"]
-    if miou(A.sum(0)) is None or miou(B.sum(0)) is None:
+    whole_a, whole_b = miou(A.sum(0)), miou(B.sum(0))
+    if whole_a is None or whole_b is None:
         return None
-    diff = miou(B.sum(0)) - miou(A.sum(0))
+    diff = whole_b - whole_a
     rng = np.random.default_rng(seed)
     draws = []
     for _ in range(resamples):
