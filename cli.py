@@ -123,6 +123,9 @@ def main() -> None:
               help="keep float the convolutions (and MatMuls over many rows) estimated faster in onnxruntime "
                    "fp32 than decomposed at their k and Q (small channel counts on large images): a faster, "
                    "more accurate, larger file")
+@click.option("--speed-profile", help="what --float-when-faster's speed estimates are based on: a file written by "
+              "`bdecomp speed-profile -o` (e.g. on the machine you deploy to) or 'builtin' [this machine's, "
+              "measured once (~5 s) and cached]")
 @click.option("--sequential/--no-sequential", default=None,
               help="refit each layer's bases, in graph order, to the inputs the layers before it produce once "
                    "decomposed (about one more run of the network over the calibration images). Default: on "
@@ -133,7 +136,8 @@ def main() -> None:
 @click.option("--quiet", is_flag=True, help="no progress bars and no table")
 @_recipe_options
 def convert(model, output, bases, act_bits, calib, calib_limit, range_method, act_scales, method, bias_correction, budget,
-            target_drop, min_depth, float_when_faster, sequential, layer_config, report, threads, quiet, **kw):
+            target_drop, min_depth, float_when_faster, speed_profile, sequential, layer_config, report, threads, quiet,
+            **kw):
     """Decompose MODEL into binary bases + quantized inputs; writes a standard ONNX file."""
     from bdecomp.decomposer.convert import convert as run_convert
 
@@ -141,7 +145,8 @@ def convert(model, output, bases, act_bits, calib, calib_limit, range_method, ac
                       layer_config=layer_config, range_method=range_method, act_scales=act_scales, method=method,
                       bias_correction=bias_correction, budget=budget, target_drop=target_drop,
                       min_depth=min_depth, float_when_faster=float_when_faster, recipe_overrides=_overrides(kw),
-                      progress=not quiet, report_path=report, threads=threads, sequential=sequential)
+                      progress=not quiet, report_path=report, threads=threads, sequential=sequential,
+                      speed_profile=speed_profile)
     if not quiet:
         click.echo(rep.table())
     elif rep.faster_in_float:
@@ -243,6 +248,33 @@ def compare(original, decomposed, data, label_dir, limit, threads, int8, calib, 
     click.echo(terminal_text(rep))
     for p in write_report(rep, output_dir, json_path, plots=not no_plots):
         click.echo(f"wrote {p}")
+
+
+@main.command("speed-profile")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="also write the profile to this file")
+@click.option("--remeasure", is_flag=True, help="measure even if this machine's profile is cached")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def speed_profile_cmd(output, remeasure, quiet):
+    """Measure this CPU's speed profile: what `convert --float-when-faster` decides by.
+
+    Times 20 convolution shapes at 6 (k, Q) settings, binary kernels against onnxruntime fp32 on
+    one thread (~5 s), fits the estimates' constants and caches them for this machine; with -o,
+    writes them where `convert --speed-profile FILE` can use them (e.g. on another machine)."""
+    from bdecomp.runtime import speed_profile as sp
+
+    cases = None
+    profile = None if remeasure else sp.cached(measure_if_missing=False)
+    if profile is None:
+        profile, cases = sp.measure(progress=not quiet)
+        sp.write(profile, sp.cache_path())
+    click.echo(f"speed profile: {profile.short()}")
+    if cases is not None:
+        click.echo(f"it picks the side measured faster in {sp.agreement(profile, cases)} of {len(cases)} layer x "
+                   f"setting cases (the built-in profile: {sp.agreement(sp.speed.BUILTIN, cases)})")
+    click.echo(f"cached in {sp.cache_path()}" + ("" if cases is not None else " (--remeasure measures again)"))
+    if output:
+        sp.write(profile, output)
+        click.echo(f"wrote {output}")
 
 
 @main.group()

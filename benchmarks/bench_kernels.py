@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from bdecomp.decomposer.convert import example_input, resolve_recipe
 import bdecomp.native as native
 import bdecomp.runtime.model as rm
 from bdecomp.runtime.model import Model
@@ -167,7 +168,9 @@ def main() -> None:
         clock = time.thread_time
 
     model = Model(args.model, threads=args.threads, isa=args.isa)
-    shape = [args.batch] + [int(d) for d in model.input_shape[1:]]
+    # the declared input size, else (free height / width) the size the file was converted for
+    recipe, _ = resolve_recipe(args.model, model.model, None)
+    shape = [args.batch] + list(example_input(model.model, recipe).shape[1:])
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     isa = args.isa or native.default_isa()
     peak1 = native.popcount_peak(isa, 0.3)

@@ -23,6 +23,7 @@ from bdecomp.decomposer.report import LayerRow, Report
 from bdecomp.errors import ConfigError, ModelError
 from bdecomp.models import datasets, registry
 from bdecomp.models.preprocess import Recipe, recipe_with_overrides
+from bdecomp.runtime import speed_profile as machine_speed
 
 META_PREFIX = "bdecomp."
 METHODS = ("data", "weight")
@@ -67,7 +68,7 @@ def resolve_recipe(path: str | Path, model: onnx.ModelProto, overrides: dict[str
     return recipe, info
 
 
-def _probe_input(model: onnx.ModelProto, recipe: Recipe) -> np.ndarray:
+def example_input(model: onnx.ModelProto, recipe: Recipe) -> np.ndarray:
     """An input for measuring shapes: zeros of the declared input size where every dimension past
     the batch is known, else a mid-grey image as the recipe prepares it (its size, layout)."""
     from PIL import Image
@@ -92,7 +93,8 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
             act_scales: str = "auto",
             budget: float | None = None, target_drop: float | None = None, min_depth: int = MIN_DEPTH,
             float_when_faster: bool = False, recipe_overrides: dict[str, Any] | None = None, progress: bool = True,
-            report_path: str | Path | None = None, threads: int | None = None, sequential: bool | None = None) -> Report:
+            report_path: str | Path | None = None, threads: int | None = None, sequential: bool | None = None,
+            speed_profile: str | Path | speed.SpeedProfile | None = None) -> Report:
     """Decompose `model_path` and write the decomposed ONNX file; returns the conversion report.
 
     sequential (with method "data" and calibration images): after the fits, refit each layer's
@@ -135,7 +137,10 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     they save more than a switch between the runtimes costs (speed.float_runs); with a budget, first those slower even at the cheapest setting, then
     those slower at the one allocated. Layers whose k or Q the layer config gives are decomposed.
     ResNet-56 `--budget 12`: its 16-channel first stage stays float, 1.25x faster end to end
-    (1.93 vs 2.41 ms, one thread, AVX-512 Zen 4)."""
+    (1.93 vs 2.41 ms, one thread, AVX-512 Zen 4).
+    speed_profile: the speed.SpeedProfile those estimates use (a profile, a file written by
+    `bdecomp speed-profile -o`, or "builtin"); None: $BDECOMP_SPEED_PROFILE, else this machine's,
+    which --float-when-faster measures the first time (runtime/speed_profile.py, cached)."""
     if method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if range_method not in RANGES:
@@ -179,12 +184,14 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     model, _ = simplify.constant_weights(model)
     model, folded = simplify.fold_batchnorm(model)
     model = simplify.infer_shapes(model)
-    layers, floats = rewrite.find_layers(model, calibrate.measure_shapes(model, _probe_input(model, recipe), threads))
+    layers, floats = rewrite.find_layers(model, calibrate.measure_shapes(model, example_input(model, recipe), threads))
     if not layers and (any(why == rewrite.QUANTIZED_WEIGHT for *_, why in floats)
                        or any(n.op_type in rewrite.QUANTIZED_OPS for n in model.graph.node)):
         raise ModelError(f"{model_path}: an int8-quantized model (its layers' weights are already integers); "
                          "bdecomp decomposes float models: convert the float original")
     cfg.check_names({L.name for L in layers} | {L.output for L in layers})
+    # --float-when-faster measures this machine the first time; the hint without it uses what is there
+    profile = machine_speed.resolve(speed_profile, measure_if_missing=float_when_faster, progress=progress)
 
     chosen = []
     float_layers = [{"name": n, "op": op, "reason": why} for n, op, why in floats]
@@ -199,7 +206,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     order = [L.name for L in layers]
     if float_when_faster:  # an allocation can give any setting: float must beat the cheapest
         chosen, slow = _keep_faster_float(order, chosen, cfg, {f["name"] for f in float_layers},
-                                          lambda s: _allocation_settings() if allocating else [(s.k, s.q)])
+                                          lambda s: _allocation_settings() if allocating else [(s.k, s.q)], profile)
         float_layers += slow
 
     qparams: dict[tuple[str, int, int], calibrate.QParams] = {}
@@ -252,12 +259,13 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
                                        images, recipe, threads, progress, method)
             if float_when_faster:  # now at the settings allocated
                 chosen, slow = _keep_faster_float(order, chosen, cfg, {f["name"] for f in float_layers},
-                                                  lambda s: [(s.k, s.q)])
+                                                  lambda s: [(s.k, s.q)], profile)
                 float_layers += slow
                 search.update(_mac_means(chosen))
         qparams = {(L.input, s.q, _channel_axis(L)): qparams_for(L, s.q) for L, s in chosen}
 
-    faster_in_float = {} if float_when_faster else _float_hint(order, chosen, cfg, {f["name"] for f in float_layers})
+    faster_in_float = {} if float_when_faster else _float_hint(order, chosen, cfg, {f["name"] for f in float_layers},
+                                                                profile)
     plans, rows = _fit_all(chosen, qparams, samplers, method, bias_correction, progress)
     refitted = False
     if sequential is not False and samplers and method == "data":  # (no layer left to decompose: nothing to refit)
@@ -270,7 +278,9 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
                                    "bias_correction": bool(bias_correction and n_calib),
                                    "range_method": used_range,
                                    "act_scales": act_scales if n_calib else "tensor",
-                                   "sequential": refitted}, sort_keys=True)}
+                                   "sequential": refitted,
+                                   **({"speed_profile": profile.machine} if float_when_faster else {})},
+                                  sort_keys=True)}
     meta.update({k: str(v) for k, v in info.items()})
     existing = {p.key for p in out.metadata_props}
     for k, v in sorted(meta.items()):
@@ -282,7 +292,8 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
         raise RuntimeError(f"decomposed model fails the ONNX checker: {str(e).splitlines()[0]}") from None
     bytes_after = load.save_model(out, output_path)
     report = Report(str(model_path), str(output_path), rows, float_layers, bytes_before, bytes_after,
-                    time.perf_counter() - t0, n_calib, folded, search, faster_in_float)
+                    time.perf_counter() - t0, n_calib, folded, search, faster_in_float,
+                    profile.short() if float_when_faster or faster_in_float else "")
     if report_path:
         load.write_atomic(report.to_json().encode(), report_path)
     return report
@@ -302,7 +313,8 @@ def _allocation_settings() -> list[tuple[int, int]]:
     return [(k, q) for k in allocate.K_CHOICES if k >= allocate.MIN_ALLOCATED_K for q in allocate.Q_CHOICES]
 
 
-def _faster_in_float(L: rewrite.Layer, settings: list[tuple[int, int]]) -> tuple[float, str] | None:
+def _faster_in_float(L: rewrite.Layer, settings: list[tuple[int, int]],
+                     profile: speed.SpeedProfile) -> tuple[float, str] | None:
     """(ms saved, reason) when onnxruntime's fp32 is estimated faster than the decomposed layer at
     every one of `settings`, else None. Convolutions, and MatMuls over several rows per image
     (ConvNeXt's and ViT's [N, H, W, C] / [N, tokens, C] inputs), which the kernels run as 1×1
@@ -317,37 +329,37 @@ def _faster_in_float(L: rewrite.Layer, settings: list[tuple[int, int]]) -> tuple
     else:
         cin, taps = L.weight_shape[1] * L.group, L.weight_shape[2] * L.weight_shape[3]
         in_pixels = L.out_pixels * L.strides[0] * L.strides[1]
-    t_dec, (k, q) = min((speed.decomposed_ms(cin, L.cout, L.group, taps, in_pixels, L.out_pixels, k, q), (k, q))
+    t_dec, (k, q) = min((profile.decomposed_ms(cin, L.cout, L.group, taps, in_pixels, L.out_pixels, k, q), (k, q))
                         for k, q in settings)
-    t_float = speed.float_ms(cin, L.cout, L.group, taps, L.out_pixels)
+    t_float = profile.float_ms(cin, L.cout, L.group, taps, L.out_pixels)
     if t_float >= t_dec:
         return None
     return t_dec - t_float, f"faster in float: est. {t_float:.3f} ms vs {t_dec:.3f} ms at k={k}, Q={q} (--float-when-faster)"
 
 
-def _faster_float_layers(order, chosen, cfg, floats, settings_of) -> dict[str, tuple[float, str]]:
+def _faster_float_layers(order, chosen, cfg, floats, settings_of, profile) -> dict[str, tuple[float, str]]:
     """{name: (ms saved, reason)} of the layers of `chosen` that --float-when-faster leaves float:
     speed.float_runs of those estimated faster in float at settings_of(setting); layers whose k or
     Q the layer config gives are decomposed."""
     found = {L.name: f for L, s in chosen
-             if not cfg.overridden((L.name, L.output)) and (f := _faster_in_float(L, settings_of(s)))}
+             if not cfg.overridden((L.name, L.output)) and (f := _faster_in_float(L, settings_of(s), profile))}
     go = speed.float_runs(order, {name: gain for name, (gain, _) in found.items()}, floats)
     return {name: found[name] for name in order if name in go}  # graph order (go is a set)
 
 
-def _keep_faster_float(order, chosen, cfg, floats, settings_of):
+def _keep_faster_float(order, chosen, cfg, floats, settings_of, profile):
     """`chosen` without the layers --float-when-faster leaves float, and their float_layers entries."""
-    go = _faster_float_layers(order, chosen, cfg, floats, settings_of)
+    go = _faster_float_layers(order, chosen, cfg, floats, settings_of, profile)
     slow = [{"name": L.name, "op": L.op, "macs": L.macs, "reason": go[L.name][1]} for L, _ in chosen if L.name in go]
     return [(L, s) for L, s in chosen if L.name not in go], slow
 
 
-def _float_hint(order, chosen, cfg, floats) -> dict:
+def _float_hint(order, chosen, cfg, floats, profile) -> dict:
     """Without --float-when-faster: the decomposed layers it would keep float, and the time they
     are estimated to cost over onnxruntime fp32 (one thread), for the report to point at the
     option ({} if none). Users converting depthwise-separable networks at k=Q=4 otherwise find a
     model slower than the original with no word why (MobileNet v2: 0.66x; with the option 0.98x)."""
-    go = _faster_float_layers(order, chosen, cfg, floats, lambda s: [(s.k, s.q)])
+    go = _faster_float_layers(order, chosen, cfg, floats, lambda s: [(s.k, s.q)], profile)
     if not go:
         return {}
     return {"layers": list(go), "est_ms": round(sum(gain for gain, _ in go.values()), 4)}

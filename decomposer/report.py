@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from bdecomp.decomposer.speed import BUILTIN
+
 
 @dataclass
 class LayerRow:
@@ -35,6 +37,7 @@ class Report:
     folded_batchnorms: int = 0
     allocation: dict = field(default_factory=dict)  # what --budget / --target-drop chose and tried
     faster_in_float: dict = field(default_factory=dict)  # layers --float-when-faster would keep float
+    speed_profile: str = ""  # the speed profile that decided them (SpeedProfile.short()), if one did
 
     @property
     def mac_weighted_kq(self) -> float:
@@ -60,7 +63,8 @@ class Report:
         return json.dumps({"source": self.source, "output": self.output,
                            "layers": [asdict(r) for r in self.layers],
                            "float_layers": self.float_layers, "allocation": self.allocation,
-                           "faster_in_float": self.faster_in_float, "totals": self.totals()}, indent=2)
+                           "faster_in_float": self.faster_in_float, "speed_profile": self.speed_profile,
+                           "totals": self.totals()}, indent=2)
 
     def table(self) -> str:
         head = (f"{'layer':<28} {'op':<6} {'D':>6} {'Cout':>5} {'k':>2} {'Q':>2} {'w.err':>6} {'out.err':>7} "
@@ -82,6 +86,8 @@ class Report:
         lines.append(f"{len(self.layers)} layers decomposed, {len(self.float_layers)} left float{share}; "
                      f"MAC-weighted k*Q {t['mac_weighted_kq']:.1f}{kernel} (decomposed layers); file "
                      f"{self.bytes_before:,} -> {self.bytes_after:,} bytes ({ratio}); {self.seconds:.1f} s")
+        if self.speed_profile:
+            lines.append(f"speed profile: {self.speed_profile}")
         if self.faster_in_float:
             lines.append(self.float_hint())
         return "\n".join(lines)
@@ -91,6 +97,8 @@ class Report:
         f = self.faster_in_float
         if not f:
             return ""
+        how = ("; estimated with the built-in speed profile of another CPU: `bdecomp speed-profile` measures "
+               "this one" if self.speed_profile.startswith(BUILTIN.machine) else "")
         return (f"note: {len(f['layers'])} decomposed layer(s) are estimated faster in onnxruntime fp32 "
                 f"(together {f['est_ms']:.2f} ms per image on one thread); --float-when-faster keeps them "
-                f"float (faster and exact, a larger file)")
+                f"float (faster and exact, a larger file){how}")

@@ -21,28 +21,125 @@ bound, so it carries over to AVX2 machines better than the absolute times do.
 """
 from __future__ import annotations
 
-from bdecomp.decomposer import allocate
+import json
+from dataclasses import asdict, dataclass
 
-# decomposed: per output pixel, per output pixel and (channel, basis, table set) lane, per input
-# pixel and channel (quantize + pack, tables), per MAC and allocate.kernel_cost unit; in ms
-DEC_PIXEL, DEC_LANE, DEC_INPUT, DEC_WORK = 2.18e-5, 2.59e-7, 6.57e-7, 5.53e-10
-# onnxruntime fp32: per MAC, per output pixel and channel, per output pixel; in ms
-FLOAT_MAC, FLOAT_OUTPUT, FLOAT_PIXEL = 1.73e-8, 1.50e-7, 1.85e-6
+import numpy as np
+from scipy.optimize import nnls
+
+from bdecomp.decomposer import allocate
+from bdecomp.errors import ConfigError
+
+PROFILE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class SpeedProfile:
+    """The constants of both time models, and the machine they were measured on.
+
+    decomposed: per output pixel, per output pixel and (channel, basis, table set) lane, per input
+    pixel and channel (quantize + pack, tables), per MAC and allocate.kernel_cost unit; float:
+    per MAC, per output pixel and channel, per output pixel; all in ms on one thread."""
+
+    dec_pixel: float
+    dec_lane: float
+    dec_input: float
+    dec_work: float
+    float_mac: float
+    float_output: float
+    float_pixel: float
+    machine: str
+
+    def decomposed_ms(self, cin: int, cout: int, groups: int, taps: int, in_pixels: int, out_pixels: int,
+                      k: int, q: int) -> float:
+        """One image through the native kernel (the faster family) at (k, Q), quantize + pack included."""
+        return float(np.dot(self._dec_vector(), decomposed_features(cin, cout, groups, taps, in_pixels,
+                                                                    out_pixels, k, q)))
+
+    def float_ms(self, cin: int, cout: int, groups: int, taps: int, out_pixels: int) -> float:
+        """One image through onnxruntime's fp32 convolution (+ activation)."""
+        return float(np.dot(self._float_vector(), float_features(cin, cout, groups, taps, out_pixels)))
+
+    def _dec_vector(self) -> np.ndarray:
+        return np.array([self.dec_pixel, self.dec_lane, self.dec_input, self.dec_work])
+
+    def _float_vector(self) -> np.ndarray:
+        return np.array([self.float_mac, self.float_output, self.float_pixel])
+
+    def to_json(self) -> str:
+        return json.dumps({"format": PROFILE_FORMAT, **asdict(self)}, indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "speed profile") -> "SpeedProfile":
+        """Parse a profile written by to_json; ConfigError (one line) for anything else."""
+        try:
+            d = json.loads(text)
+            if not isinstance(d, dict) or d.pop("format", None) != PROFILE_FORMAT:
+                raise ValueError(f"not a format-{PROFILE_FORMAT} bdecomp speed profile")
+            p = cls(**d)
+            values = np.array([v for k, v in asdict(p).items() if k != "machine"], dtype=float)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        if not isinstance(p.machine, str) or not np.all(np.isfinite(values)) or np.any(values < 0) \
+                or p.dec_work <= 0 or p.float_mac <= 0:
+            raise ConfigError(f"{where}: its constants must be finite, non-negative numbers (and the per-MAC ones positive)")
+        return p
+
+    def short(self) -> str:
+        """One line for reports: fp32 and kernel rates this profile implies, and its machine."""
+        return (f"{self.machine}: fp32 convolution {1e-6 / self.float_mac:.0f} GMAC/s, "
+                f"binary kernels {1e-6 / self.dec_work:.0f} G (MAC x k·Q unit)/s")
+
+
+# Least-squares fit (relative error) to benchmarks/bench_vs_float.py on an AVX-512 VPOPCNTDQ Zen 4
+# core; the fallback where this machine's profile is not measured (see runtime/speed_profile.py).
+BUILTIN = SpeedProfile(dec_pixel=2.18e-5, dec_lane=2.59e-7, dec_input=6.57e-7, dec_work=5.53e-10,
+                       float_mac=1.73e-8, float_output=1.50e-7, float_pixel=1.85e-6,
+                       machine="built in (AMD EPYC Zen 4, AVX-512 VPOPCNTDQ)")
+
+
+def decomposed_features(cin: int, cout: int, groups: int, taps: int, in_pixels: int, out_pixels: int,
+                        k: int, q: int) -> np.ndarray:
+    """What the decomposed time is linear in (SpeedProfile's dec_* constants, in order)."""
+    macs = out_pixels * cout * (cin // groups) * taps
+    sets = 2 if q > 4 else 1  # the tables' second set, or popcount's extra planes: ~2x the lanes' work
+    return np.array([out_pixels, out_pixels * cout * k * sets, in_pixels * cin,
+                     macs * allocate.kernel_cost(k, q, cin // groups)], dtype=float)
+
+
+def float_features(cin: int, cout: int, groups: int, taps: int, out_pixels: int) -> np.ndarray:
+    """What the float time is linear in (SpeedProfile's float_* constants, in order)."""
+    macs = out_pixels * cout * (cin // groups) * taps
+    return np.array([macs, out_pixels * cout, out_pixels], dtype=float)
+
+
+def fit_profile(dec_rows: list[tuple[np.ndarray, float]], float_rows: list[tuple[np.ndarray, float]],
+                machine: str) -> SpeedProfile:
+    """Non-negative least squares on the relative error of each side: rows of (features, measured
+    ms). Relative, so the many small layers weigh as much as the few large ones: which side is
+    faster is decided on both. Rows measured at 0 ms or less (noise on tiny layers) are dropped."""
+    def solve(rows, n):
+        rows = [(f, t) for f, t in rows if t > 0]
+        if len(rows) < n:
+            raise ValueError(f"need at least {n} positive timings, got {len(rows)}")
+        A = np.array([f / t for f, t in rows])
+        scale = A.max(axis=0)
+        scale[scale == 0] = 1.0
+        x, _ = nnls(A / scale, np.ones(len(rows)))
+        return x / scale
+    d, f = solve(dec_rows, 4), solve(float_rows, 3)
+    return SpeedProfile(*(float(v) for v in d), *(float(v) for v in f), machine=machine)
 
 
 def decomposed_ms(cin: int, cout: int, groups: int, taps: int, in_pixels: int, out_pixels: int,
-                  k: int, q: int) -> float:
+                  k: int, q: int, profile: SpeedProfile = BUILTIN) -> float:
     """One image through the native kernel (the faster family) at (k, Q), quantize + pack included."""
-    macs = out_pixels * cout * (cin // groups) * taps
-    sets = 2 if q > 4 else 1  # the tables' second set, or popcount's extra planes: ~2x the lanes' work
-    return (DEC_PIXEL * out_pixels + DEC_LANE * out_pixels * cout * k * sets + DEC_INPUT * in_pixels * cin
-            + DEC_WORK * macs * allocate.kernel_cost(k, q, cin // groups))
+    return profile.decomposed_ms(cin, cout, groups, taps, in_pixels, out_pixels, k, q)
 
 
-def float_ms(cin: int, cout: int, groups: int, taps: int, out_pixels: int) -> float:
+def float_ms(cin: int, cout: int, groups: int, taps: int, out_pixels: int, profile: SpeedProfile = BUILTIN) -> float:
     """One image through onnxruntime's fp32 convolution (+ activation)."""
-    macs = out_pixels * cout * (cin // groups) * taps
-    return FLOAT_MAC * macs + FLOAT_OUTPUT * out_pixels * cout + FLOAT_PIXEL * out_pixels
+    return profile.float_ms(cin, cout, groups, taps, out_pixels)
 
 
 # a float layer between decomposed ones costs a switch to an onnxruntime segment and back (~0.03 ms

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -15,6 +16,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 13
 IR_VERSION = 8
+
+# `--float-when-faster` decides by a speed profile that convert would otherwise measure on (and
+# cache for) the machine running the tests: pin the built-in one, so every machine makes the same
+# decisions, and keep any cache out of the user's home (test_speed_profile.py measures on purpose).
+os.environ["BDECOMP_SPEED_PROFILE"] = "builtin"
+os.environ["BDECOMP_CACHE_DIR"] = tempfile.mkdtemp(prefix="bdecomp-test-cache-")
 
 
 # ---------------------------------------------------------------- ../shared
