@@ -11,46 +11,27 @@ MAC-weighted mean of that cost, so the model should rank settings as the kernels
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
 import bdecomp.native as native
 from bdecomp.decomposer import allocate
+from bdecomp.runtime.speed_profile import median_ms, random_conv
 
 SHAPES = [(16, 16, 3, 32), (64, 64, 3, 8), (64, 64, 3, 16), (128, 128, 3, 14), (256, 256, 3, 7),
           (64, 256, 1, 28), (256, 64, 1, 28), (512, 512, 3, 7)]  # (cin, cout, kernel, H = W)
 SETTINGS = [(2, 4), (4, 2), (4, 4), (8, 2), (8, 4), (3, 3), (2, 8)]
 
 
-def median_ms(f, runs: int) -> float:
-    f()
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(ts))
-
-
 def bench_start(doc: str, unit: str = "") -> tuple[argparse.Namespace, np.random.Generator]:
-    """The start of the per-layer benchmark scripts: their options (--threads, --runs), the
-    random generator of their layers and inputs, and the line saying what the times are."""
+    """The options of this script (--threads, --runs), the random generator of its layers and
+    inputs, and the line saying what the times are."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=60)
     args = ap.parse_args()
     print(f"isa {native.default_isa()}, {args.threads} thread(s); times are medians of {args.runs} runs{unit}")
     return args, np.random.default_rng(0)
-
-
-def random_conv(rng: np.random.Generator, cin: int, cout: int, ks: int, k: int, q: int) -> native.PackedConv:
-    """A ks×ks convolution ('same' padding, stride 1) with random bases, coefficients and bias at (k, Q)."""
-    depth = cin * ks * ks
-    basis = rng.integers(0, 256, (cout, k, (depth + 7) // 8), dtype=np.uint8)
-    return native.PackedConv(basis, rng.random((cout, k), dtype=np.float32), rng.random(cout, dtype=np.float32),
-                             cin=cin, groups=1, kernel=(ks, ks), pads=(ks // 2,) * 4, bits=q,
-                             zero_point=0, scale=0.1, act_min=0.0)
 
 
 def main() -> None:

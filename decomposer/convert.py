@@ -204,9 +204,11 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
         else:
             chosen.append((L, s))
     order = [L.name for L in layers]
+    neighbours = rewrite.native_neighbours(model, layers)
     if float_when_faster:  # an allocation can give any setting: float must beat the cheapest
         chosen, slow = _keep_faster_float(order, chosen, cfg, {f["name"] for f in float_layers},
-                                          lambda s: _allocation_settings() if allocating else [(s.k, s.q)], profile)
+                                          lambda s: _allocation_settings() if allocating else [(s.k, s.q)], profile,
+                                          neighbours)
         float_layers += slow
 
     qparams: dict[tuple[str, int, int], calibrate.QParams] = {}
@@ -259,13 +261,13 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
                                        images, recipe, threads, progress, method)
             if float_when_faster:  # now at the settings allocated
                 chosen, slow = _keep_faster_float(order, chosen, cfg, {f["name"] for f in float_layers},
-                                                  lambda s: [(s.k, s.q)], profile)
+                                                  lambda s: [(s.k, s.q)], profile, neighbours)
                 float_layers += slow
                 search.update(_mac_means(chosen))
         qparams = {(L.input, s.q, _channel_axis(L)): qparams_for(L, s.q) for L, s in chosen}
 
     faster_in_float = {} if float_when_faster else _float_hint(order, chosen, cfg, {f["name"] for f in float_layers},
-                                                                profile)
+                                                                profile, neighbours)
     plans, rows = _fit_all(chosen, qparams, samplers, method, bias_correction, progress)
     refitted = False
     if sequential is not False and samplers and method == "data":  # (no layer left to decompose: nothing to refit)
@@ -313,13 +315,13 @@ def _allocation_settings() -> list[tuple[int, int]]:
     return [(k, q) for k in allocate.K_CHOICES if k >= allocate.MIN_ALLOCATED_K for q in allocate.Q_CHOICES]
 
 
-def _faster_in_float(L: rewrite.Layer, settings: list[tuple[int, int]],
-                     profile: speed.SpeedProfile) -> tuple[float, str] | None:
-    """(ms saved, reason) when onnxruntime's fp32 is estimated faster than the decomposed layer at
-    every one of `settings`, else None. Convolutions, and MatMuls over several rows per image
-    (ConvNeXt's and ViT's [N, H, W, C] / [N, tokens, C] inputs), which the kernels run as 1×1
-    convolutions over the rows and onnxruntime as a GEMM: at stage 1 of ConvNeXt-T (3136 rows,
-    96 ↔ 384 channels) fp32 was faster at k=Q=4. Not depthwise layers, which run their own
+def _estimates(L: rewrite.Layer, settings: list[tuple[int, int]],
+               profile: speed.SpeedProfile) -> tuple[float, float, int, int] | None:
+    """(decomposed ms at the fastest of `settings`, float ms, that k, that Q) for the layers that
+    --float-when-faster may leave float, else None. Convolutions, and MatMuls over several rows
+    per image (ConvNeXt's and ViT's [N, H, W, C] / [N, tokens, C] inputs), which the kernels run
+    as 1×1 convolutions over the rows and onnxruntime as a GEMM: at stage 1 of ConvNeXt-T (3136
+    rows, 96 ↔ 384 channels) fp32 was faster at k=Q=4. Not depthwise layers, which run their own
     kernel, nor a Gemm or one-row MatMul: at batch 1 those are memory-bound, where binary weights
     read a fraction of the float bytes."""
     if L.op == "MatMul" and (L.out_pixels or 1) >= MATMUL_MIN_ROWS:
@@ -331,35 +333,45 @@ def _faster_in_float(L: rewrite.Layer, settings: list[tuple[int, int]],
         in_pixels = L.out_pixels * L.strides[0] * L.strides[1]
     t_dec, (k, q) = min((profile.decomposed_ms(cin, L.cout, L.group, taps, in_pixels, L.out_pixels, k, q), (k, q))
                         for k, q in settings)
-    t_float = profile.float_ms(cin, L.cout, L.group, taps, L.out_pixels)
-    if t_float >= t_dec:
-        return None
-    return t_dec - t_float, f"faster in float: est. {t_float:.3f} ms vs {t_dec:.3f} ms at k={k}, Q={q} (--float-when-faster)"
+    return t_dec, profile.float_ms(cin, L.cout, L.group, taps, L.out_pixels), k, q
 
 
-def _faster_float_layers(order, chosen, cfg, floats, settings_of, profile) -> dict[str, tuple[float, str]]:
+def _faster_float_layers(order, chosen, cfg, floats, settings_of, profile, neighbours) -> dict[str, tuple[float, str]]:
     """{name: (ms saved, reason)} of the layers of `chosen` that --float-when-faster leaves float:
-    speed.float_runs of those estimated faster in float at settings_of(setting); layers whose k or
-    Q the layer config gives are decomposed."""
-    found = {L.name: f for L, s in chosen
-             if not cfg.overridden((L.name, L.output)) and (f := _faster_in_float(L, settings_of(s), profile))}
-    go = speed.float_runs(order, {name: gain for name, (gain, _) in found.items()}, floats)
-    return {name: found[name] for name in order if name in go}  # graph order (go is a set)
+    speed.float_runs of those estimated faster in float at settings_of(setting), then those of the
+    rest whose saving does not pay for their switches between the runtimes (speed.switch_worthy);
+    layers whose k or Q the layer config gives are decomposed."""
+    est = {L.name: e for L, s in chosen
+           if not cfg.overridden((L.name, L.output)) and (e := _estimates(L, settings_of(s), profile))}
+    go = speed.float_runs(order, {n: t_dec - t_float for n, (t_dec, t_float, _, _) in est.items() if t_float < t_dec},
+                          floats, profile.switch_ms)
+    rest = {L.name for L, _ in chosen} - go
+    keep, switches = speed.switch_worthy({n: t_float - t_dec for n, (t_dec, t_float, _, _) in est.items()},
+                                         neighbours, rest, profile.switch_ms)
+    out = {}
+    for name in order:
+        if name in go or name in rest - keep:
+            t_dec, t_float, k, q = est[name]
+            how = "" if name in go else " and its switches between the runtimes"
+            out[name] = (t_dec - t_float + switches.get(name, 0.0),
+                         f"faster in float{how}: est. {t_float:.3f} ms vs {t_dec:.3f} ms at k={k}, Q={q} "
+                         f"(--float-when-faster)")
+    return out
 
 
-def _keep_faster_float(order, chosen, cfg, floats, settings_of, profile):
+def _keep_faster_float(order, chosen, cfg, floats, settings_of, profile, neighbours):
     """`chosen` without the layers --float-when-faster leaves float, and their float_layers entries."""
-    go = _faster_float_layers(order, chosen, cfg, floats, settings_of, profile)
+    go = _faster_float_layers(order, chosen, cfg, floats, settings_of, profile, neighbours)
     slow = [{"name": L.name, "op": L.op, "macs": L.macs, "reason": go[L.name][1]} for L, _ in chosen if L.name in go]
     return [(L, s) for L, s in chosen if L.name not in go], slow
 
 
-def _float_hint(order, chosen, cfg, floats, profile) -> dict:
+def _float_hint(order, chosen, cfg, floats, profile, neighbours) -> dict:
     """Without --float-when-faster: the decomposed layers it would keep float, and the time they
     are estimated to cost over onnxruntime fp32 (one thread), for the report to point at the
     option ({} if none). Users converting depthwise-separable networks at k=Q=4 otherwise find a
     model slower than the original with no word why (MobileNet v2: 0.66x; with the option 0.98x)."""
-    go = _faster_float_layers(order, chosen, cfg, floats, lambda s: [(s.k, s.q)], profile)
+    go = _faster_float_layers(order, chosen, cfg, floats, lambda s: [(s.k, s.q)], profile, neighbours)
     if not go:
         return {}
     return {"layers": list(go), "est_ms": round(sum(gain for gain, _ in go.values()), 4)}

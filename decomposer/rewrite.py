@@ -179,6 +179,66 @@ def find_layers(model: onnx.ModelProto, measured: dict[str, list[int]] | None = 
     return layers, floats
 
 
+def native_neighbours(model: onnx.ModelProto, layers: list[Layer]
+                      ) -> dict[str, tuple[frozenset[str] | None, frozenset[str] | None]]:
+    """Per layer: (the layers its input comes from, the layers its output goes to), through what
+    the native runtime runs without onnxruntime: a residual Add and a Relu / Clip that are a layer
+    output's only consumer, and a Concat of layer outputs. None on a side that reaches another
+    op: decomposed, the layer then switches between the two runtimes there. The graph's input
+    and outputs need no switch (an empty set). Mirrors runtime/graph.build_schedule's fusions on
+    the float model, so that convert can price the switches before it decides."""
+    g = model.graph
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    producer: dict[str, onnx.NodeProto] = {}
+    for n in g.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+        for y in n.output:
+            producer[y] = n
+    outputs = {o.name for o in g.output}
+    by_name = {L.name: L for L in layers}
+
+    def fused_out(L: Layer) -> str:
+        def only(t: str) -> onnx.NodeProto | None:
+            cons = consumers.get(t, [])
+            ok = len(cons) == 1 and t not in outputs and cons[0].domain in ("", "ai.onnx")
+            return cons[0] if ok else None
+        t = L.output
+        if (c := only(t)) is not None and c.op_type == "Add":
+            t = c.output[0]
+        if (c := only(t)) is not None and c.op_type in ("Relu", "Clip") and c.input[0] == t:
+            t = c.output[0]
+        return t
+
+    out_of = {L.name: fused_out(L) for L in layers}
+    layer_of = {t: name for name, t in out_of.items()}
+
+    def sources(t: str) -> frozenset[str] | None:
+        if t in layer_of:
+            return frozenset([layer_of[t]])
+        n = producer.get(t)
+        if n is None:
+            return frozenset()  # the graph's input (or a constant)
+        if n.op_type == "Concat" and all(x in layer_of for x in n.input):
+            return frozenset(layer_of[x] for x in n.input)
+        return None
+
+    def sinks(t: str) -> frozenset[str] | None:
+        found: set[str] = set()
+        for n in consumers.get(t, []):
+            if n.name in by_name and by_name[n.name].input == t:
+                found.add(n.name)
+            elif n.op_type == "Concat" and all(x in layer_of for x in n.input):
+                if (more := sinks(n.output[0])) is None:
+                    return None
+                found |= more
+            else:
+                return None
+        return frozenset(found)
+
+    return {L.name: (sources(L.input), sinks(out_of[L.name])) for L in layers}
+
+
 def ensure_node_names(model: onnx.ModelProto) -> None:
     """Give every node a unique name: layer configs and reports refer to layers by name."""
     seen: set[str] = set()

@@ -48,6 +48,7 @@ class SpeedProfile:
     float_mac: float
     float_output: float
     float_pixel: float
+    switch_ms: float  # a switch from the native runtime to onnxruntime and back (not measured: see BUILTIN)
     machine: str
 
     def decomposed_ms(self, cin: int, cout: int, groups: int, taps: int, in_pixels: int, out_pixels: int,
@@ -93,8 +94,12 @@ class SpeedProfile:
 
 # Least-squares fit (relative error) to benchmarks/bench_vs_float.py on an AVX-512 VPOPCNTDQ Zen 4
 # core; the fallback where this machine's profile is not measured (see runtime/speed_profile.py).
+# switch_ms is what whole models showed: ResNet-56 on that core (speed.float_runs), and on an Intel
+# Xeon YOLOv8n `--budget 16 --float-when-faster` ran at 0.97x / 1.00x / 1.00x / 0.99x of fp32 with
+# switches priced at 0 / 0.03 / 0.06 / 0.09 ms (15 / 8 / 4 / 3 layers decomposed). An
+# onnxruntime graph split in two, timed alone, cost 0.01–0.05 ms: too noisy, and only part of it.
 BUILTIN = SpeedProfile(dec_pixel=2.18e-5, dec_lane=2.59e-7, dec_input=6.57e-7, dec_work=5.53e-10,
-                       float_mac=1.73e-8, float_output=1.50e-7, float_pixel=1.85e-6,
+                       float_mac=1.73e-8, float_output=1.50e-7, float_pixel=1.85e-6, switch_ms=0.03,
                        machine="built in (AMD EPYC Zen 4, AVX-512 VPOPCNTDQ)")
 
 
@@ -114,7 +119,7 @@ def float_features(cin: int, cout: int, groups: int, taps: int, out_pixels: int)
 
 
 def fit_profile(dec_rows: list[tuple[np.ndarray, float]], float_rows: list[tuple[np.ndarray, float]],
-                machine: str) -> SpeedProfile:
+                switch_ms: float, machine: str) -> SpeedProfile:
     """Non-negative least squares on the relative error of each side: rows of (features, measured
     ms). Relative, so the many small layers weigh as much as the few large ones: which side is
     faster is decided on both. Rows measured at 0 ms or less (noise on tiny layers) are dropped."""
@@ -128,7 +133,7 @@ def fit_profile(dec_rows: list[tuple[np.ndarray, float]], float_rows: list[tuple
         x, _ = nnls(A / scale, np.ones(len(rows)))
         return x / scale
     d, f = solve(dec_rows, 4), solve(float_rows, 3)
-    return SpeedProfile(*(float(v) for v in d), *(float(v) for v in f), machine=machine)
+    return SpeedProfile(*(float(v) for v in d), *(float(v) for v in f), switch_ms=float(switch_ms), machine=machine)
 
 
 def decomposed_ms(cin: int, cout: int, groups: int, taps: int, in_pixels: int, out_pixels: int,
@@ -142,16 +147,13 @@ def float_ms(cin: int, cout: int, groups: int, taps: int, out_pixels: int, profi
     return profile.float_ms(cin, cout, groups, taps, out_pixels)
 
 
-# a float layer between decomposed ones costs a switch to an onnxruntime segment and back (~0.03 ms
-# on one thread: ResNet-56 `--budget 14`, 5 isolated 32- and 64-channel layers each estimated
-# 0.007 ms faster in float made the model 0.12 ms slower when left float)
-SWITCH_MS = 0.03
-
-
-def float_runs(order: list[str], gains: dict[str, float], floats: set[str]) -> set[str]:
+def float_runs(order: list[str], gains: dict[str, float], floats: set[str], switch_ms: float) -> set[str]:
     """The layers of `gains` (name → ms saved in float) worth leaving float: runs of consecutive
     layers in `order` (graph order) that are in `gains` or already float; a run goes float when
-    it touches an already-float layer (no new switch) or saves more than SWITCH_MS in all."""
+    it touches an already-float layer (no new switch) or saves more than a switch to onnxruntime
+    and back (switch_ms: ~0.03 ms on one Zen 4 thread, where on ResNet-56 `--budget 14` 5 isolated
+    32- and 64-channel layers each estimated 0.007 ms faster in float made the model 0.12 ms
+    slower when left float)."""
     out: set[str] = set()
     run: list[str] = []
     touches = False
@@ -160,7 +162,41 @@ def float_runs(order: list[str], gains: dict[str, float], floats: set[str]) -> s
             run += [name] if name in gains else []
             touches |= name in floats
             continue
-        if run and (touches or sum(gains[n] for n in run) > SWITCH_MS):
+        if run and (touches or sum(gains[n] for n in run) > switch_ms):
             out.update(run)
         run, touches = [], False
     return out
+
+
+def switch_worthy(margins: dict[str, float], neighbours: dict, decomposed: set[str],
+                  switch_ms: float) -> tuple[set[str], dict[str, float]]:
+    """The layers of `decomposed` that stay decomposed once the switches between the runtimes are
+    priced, and for each one that does not, the switches' cost it saves by going float (ms).
+
+    margins: name → ms the layer is estimated to save decomposed (layers not in it always stay);
+    neighbours: rewrite.native_neighbours. Each side of a layer where a native and an onnxruntime
+    step meet is half a switch to onnxruntime and back (switch_ms): decomposed, a side costs that
+    unless it reaches only decomposed layers (or the graph's input / outputs); float, unless it
+    reaches none. A layer whose margin does not pay for the difference goes float, which changes
+    its neighbours' sums, so this repeats until nothing changes (smallest surplus first:
+    deterministic). On SiLU networks every decomposed layer pays both sides (its Sigmoid and Mul
+    run in onnxruntime)."""
+    dec = set(decomposed)
+    saved: dict[str, float] = {}
+
+    def extra(name: str) -> float:  # switches decomposed minus switches float, in ms
+        here = dec - {name}
+        n = 0
+        for side in neighbours[name]:
+            n += (side is None or not side <= here) - (side is not None and bool(side & here))
+        return switch_ms * n / 2
+
+    changed = True
+    while changed:
+        changed = False
+        for name in sorted((n for n in dec if n in margins), key=lambda n: (margins[n] - extra(n), n)):
+            if name in dec and margins[name] < (cost := extra(name)):
+                dec.discard(name)
+                saved[name] = cost
+                changed = True
+    return dec, saved

@@ -122,13 +122,13 @@ def measure_cases(shapes=SHAPES, settings=SETTINGS, runs: int = RUNS, threads: i
     return cases
 
 
-def fit(cases: list[Case], machine: str) -> SpeedProfile:
+def fit(cases: list[Case], switch_ms: float, machine: str) -> SpeedProfile:
     """The profile whose two time models fit these measurements best (speed.fit_profile)."""
     dec = [(speed.decomposed_features(c.cin, c.cout, 1, c.ks * c.ks, c.hw * c.hw, c.hw * c.hw, c.k, c.q),
             c.decomposed_ms) for c in cases]
     flt = {(c.cin, c.cout, c.ks, c.hw): (speed.float_features(c.cin, c.cout, 1, c.ks * c.ks, c.hw * c.hw), c.float_ms)
            for c in cases}  # one float timing per shape
-    return speed.fit_profile(dec, list(flt.values()), machine)
+    return speed.fit_profile(dec, list(flt.values()), switch_ms, machine)
 
 
 def agreement(profile: SpeedProfile, cases: list[Case]) -> int:
@@ -192,7 +192,7 @@ def measure(progress: bool = True, runs: int | None = None) -> tuple[SpeedProfil
     with tqdm(total=len(SHAPES), desc="measuring this CPU's speed profile", unit="shape", leave=False,
               dynamic_ncols=True, disable=None if progress else True) as bar:
         cases = measure_cases(SHAPES, SETTINGS, runs=runs or RUNS, on_shape=bar.update)
-    return fit(cases, machine_name()), cases
+    return fit(cases, speed.BUILTIN.switch_ms, machine_name()), cases
 
 
 def cached(measure_if_missing: bool, progress: bool = True) -> SpeedProfile | None:

@@ -19,6 +19,7 @@ import bdecomp
 from bdecomp.decomposer import speed
 
 HW = 64
+SW = speed.BUILTIN.switch_ms
 
 
 def shapes_model() -> onnx.ModelProto:
@@ -154,16 +155,54 @@ def test_with_a_budget_a_layer_slower_at_the_setting_it_was_allocated_stays_floa
 
 def test_a_lone_layer_saving_less_than_a_segment_switch_stays_decomposed():
     order = ["a", "b", "c"]
-    assert speed.float_runs(order, {"b": speed.SWITCH_MS / 2}, set()) == set()
+    assert speed.float_runs(order, {"b": SW / 2}, set(), SW) == set()
 
 
 def test_consecutive_layers_go_float_together_when_their_savings_add_up_to_more_than_a_switch():
     order = ["a", "b", "c", "d"]
-    gains = {"a": speed.SWITCH_MS / 3, "b": speed.SWITCH_MS / 3, "c": speed.SWITCH_MS / 2}
-    assert speed.float_runs(order, gains, set()) == {"a", "b", "c"}
+    gains = {"a": SW / 3, "b": SW / 3, "c": SW / 2}
+    assert speed.float_runs(order, gains, set(), SW) == {"a", "b", "c"}
 
 
 def test_a_layer_next_to_one_already_float_goes_float_for_any_saving():
     order = ["stem", "a", "b"]
-    assert speed.float_runs(order, {"a": 1e-6}, {"stem"}) == {"a"}
-    assert speed.float_runs(order, {"b": 1e-6}, {"stem"}) == set()
+    assert speed.float_runs(order, {"a": 1e-6}, {"stem"}, SW) == {"a"}
+    assert speed.float_runs(order, {"b": 1e-6}, {"stem"}, SW) == set()
+
+
+# switches priced on the data graph (speed.switch_worthy, rewrite.native_neighbours): a chain
+# a → b → c of layers, `None` where a side reaches an onnxruntime op
+CHAIN = {"a": (frozenset(), frozenset({"b"})), "b": (frozenset({"a"}), frozenset({"c"})),
+         "c": (frozenset({"b"}), frozenset())}
+SILU = {n: (None, None) for n in "abc"}  # every layer's Sigmoid and Mul run in onnxruntime
+
+
+def test_a_layer_among_decomposed_neighbours_pays_no_switch():
+    keep, _ = speed.switch_worthy({"b": 1e-6}, CHAIN, {"a", "b", "c"}, SW)
+    assert keep == {"a", "b", "c"}
+
+
+def test_a_layer_whose_sides_both_reach_onnxruntime_must_save_a_whole_switch():
+    keep, saved = speed.switch_worthy({"a": SW * 0.9, "b": SW * 1.1, "c": SW * 0.5}, SILU, {"a", "b", "c"}, SW)
+    assert keep == {"b"} and saved == {"a": SW, "c": SW}
+
+
+def test_a_layer_gone_float_makes_its_neighbours_pay_for_their_switches():
+    # a feeds b, whose output goes to onnxruntime; b is faster in float. Once b is float, a's
+    # output side is half a switch: a stays decomposed only if it saves more than that
+    graph = {"a": (frozenset(), frozenset({"b"})), "b": (frozenset({"a"}), None)}
+    keep, saved = speed.switch_worthy({"a": SW * 0.4, "b": -SW * 0.1}, graph, {"a", "b"}, SW)
+    assert keep == set() and saved["a"] == SW / 2
+    keep, _ = speed.switch_worthy({"a": SW * 0.6, "b": -SW * 0.1}, graph, {"a", "b"}, SW)
+    assert keep == {"a"}
+
+
+def test_the_graph_shows_which_sides_run_natively(tmp_path):
+    from bdecomp.decomposer import rewrite
+
+    m = shapes_model()
+    layers, _ = rewrite.find_layers(m)
+    nb = rewrite.native_neighbours(m, layers)
+    assert nb["narrow"] == (frozenset({"stem"}), frozenset({"down"}))  # through the Relus
+    assert nb["stem"] == (frozenset(), frozenset({"narrow"}))  # the graph's input
+    assert nb["wide"] == (frozenset({"down"}), frozenset())  # the graph's output
