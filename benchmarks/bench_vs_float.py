@@ -8,9 +8,8 @@ and as the speed profiles estimate it (a script, not a test).
 are faster in float. This measures the shapes and settings `bdecomp speed-profile` fits its
 profile to (runtime/speed_profile.py) and prints, for each, the measured and estimated times of
 both sides and which side each profile picks: the built-in one, this machine's cached one (or
---profile FILE), and one fitted to this very run. onnxruntime's time is that of a Conv + Relu
-session minus that of a Relu-only session on the same input (its fixed cost per run is not a
-layer's).
+--profile FILE), and one fitted to this very run. onnxruntime's time is that of the layer after
+another convolution, less that convolution (speed_profile.float_session).
 """
 from __future__ import annotations
 

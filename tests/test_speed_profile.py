@@ -36,7 +36,7 @@ def model(tmp_path):
 
 def test_the_fit_recovers_the_constants_that_generated_the_timings():
     truth = replace(speed.BUILTIN, float_mac=speed.BUILTIN.float_mac / 1.6, dec_lane=3e-7, machine="x")
-    fitted = sp.fit(synthetic_cases(truth), truth.switch_ms, "x")
+    fitted = sp.fit(synthetic_cases(truth), "x", truth.switch_ms)
     for name in ("dec_pixel", "dec_lane", "dec_input", "dec_work", "float_mac", "float_output", "float_pixel", "switch_ms"):
         assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-6), name
     assert sp.agreement(fitted, synthetic_cases(truth)) == len(sp.SHAPES) * len(sp.SETTINGS)
