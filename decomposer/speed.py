@@ -3,21 +3,19 @@
 The native kernels pay, per output pixel, for work that does not shrink with k or Q: the lookup
 tables of the input codes, quantize + pack, the integer and float epilogue of every (channel,
 basis) lane. On layers with few channels per pixel that work outweighs what the binary inner
-product saves, and onnxruntime's fp32 convolution is faster: measured here, a 16-channel 3×3 layer
+product saves, and onnxruntime's fp32 convolution is faster: measured on a Zen 4 core, a 16-channel 3×3 layer
 on 32×32 pixels (ResNet-56's first stage) takes 0.064 ms decomposed at (2, 4) and 0.075 ms at
 (4, 4) against 0.048 ms in fp32, while a 128-channel one on 28×28 takes 0.59 / 1.08 ms against
 1.99 ms; 1×1 layers of 16–64 channels on 55×55 (SqueezeNet's squeeze and expand1x1) are 2.6–4x
 slower decomposed.
 
-Both models are least-squares fits (relative error) to benchmarks/bench_vs_float.py on an
-AVX-512 VPOPCNTDQ Zen 4 core, 20 layer shapes (3×3 and 1×1, 16–512 channels, 7×7 to 55×55
-pixels) × 6 settings (k = 2…6, Q = 4 and 8): median error 6 % (max 30 %) decomposed, 3 % (max
-11 %) float, and the faster of the two agrees with the measurement in 116 of 120 cases (the four
-others within 4 % of a tie, or one 1×1 layer on 13×13 pixels at (2, 4): 0.065 vs 0.057 ms, estimated
-0.046). Refitted after the lookup-table kernel's padded tables and basis-major epilogue (2026-11-30),
-which made small layers 15–40 % faster; re-measured after that session's last kernel changes, these
-constants still pick the faster side in 117 of 120 cases. Only their ratio is used, and both sides are SIMD-width
-bound, so it carries over to AVX2 machines better than the absolute times do.
+Both models are linear in a few constants, a SpeedProfile: fitted to timings of 20 layer shapes
+(3×3 and 1×1, 16–512 channels, 7×7 to 55×55 pixels) × 6 settings (k = 2…6, Q = 4 and 8) on the
+machine that converts (runtime/speed_profile.py), or BUILTIN, fitted on an AVX-512 VPOPCNTDQ
+Zen 4 core: there median error 6 % (max 30 %) decomposed, 3 % (max 11 %) float, and the faster of
+the two agreed with the measurement in 116 of 120 cases. Not across machines: on an Intel Xeon
+with two AVX-512 FMA units onnxruntime's fp32 ran ~1.8x as fast as on the Zen 4 and BUILTIN
+picked the faster side in 92 of 120 cases, the profile measured there in 115.
 """
 from __future__ import annotations
 
@@ -87,9 +85,10 @@ class SpeedProfile:
         return p
 
     def short(self) -> str:
-        """One line for reports: fp32 and kernel rates this profile implies, and its machine."""
-        return (f"{self.machine}: fp32 convolution {1e-6 / self.float_mac:.0f} GMAC/s, "
-                f"binary kernels {1e-6 / self.dec_work:.0f} G (MAC x k·Q unit)/s")
+        """One line for reports: its machine, and the large-layer rates it implies."""
+        dec = self.dec_work * allocate.kernel_cost(4, 4, 256)
+        return (f"{self.machine}: fp32 convolutions {1e-6 / self.float_mac:.0f} G multiply-adds/s, "
+                f"binary kernels at k = Q = 4 {1e-6 / dec:.0f} G/s (large layers, one thread)")
 
 
 # Least-squares fit (relative error) to benchmarks/bench_vs_float.py on an AVX-512 VPOPCNTDQ Zen 4
@@ -134,17 +133,6 @@ def fit_profile(dec_rows: list[tuple[np.ndarray, float]], float_rows: list[tuple
         return x / scale
     d, f = solve(dec_rows, 4), solve(float_rows, 3)
     return SpeedProfile(*(float(v) for v in d), *(float(v) for v in f), switch_ms=float(switch_ms), machine=machine)
-
-
-def decomposed_ms(cin: int, cout: int, groups: int, taps: int, in_pixels: int, out_pixels: int,
-                  k: int, q: int, profile: SpeedProfile = BUILTIN) -> float:
-    """One image through the native kernel (the faster family) at (k, Q), quantize + pack included."""
-    return profile.decomposed_ms(cin, cout, groups, taps, in_pixels, out_pixels, k, q)
-
-
-def float_ms(cin: int, cout: int, groups: int, taps: int, out_pixels: int, profile: SpeedProfile = BUILTIN) -> float:
-    """One image through onnxruntime's fp32 convolution (+ activation)."""
-    return profile.float_ms(cin, cout, groups, taps, out_pixels)
 
 
 def float_runs(order: list[str], gains: dict[str, float], floats: set[str], switch_ms: float) -> set[str]:
