@@ -134,8 +134,9 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     float_when_faster: convolutions (and MatMuls over MATMUL_MIN_ROWS+ rows per image) that
     speed.py estimates faster in onnxruntime's fp32 than decomposed at their (k, Q) stay float
     (faster *and* exact, at the price of their float weights' bytes) when, with their neighbours,
-    they save more than a switch between the runtimes costs (speed.float_runs); with a budget, first those slower even at the cheapest setting, then
-    those slower at the one allocated. Layers whose k or Q the layer config gives are decomposed.
+    they save more than a switch between the runtimes costs (speed.float_runs), and so do decomposed
+    layers whose saving does not pay for the switches on their sides (speed.switch_worthy); with a
+    budget, first those slower even at the cheapest setting, then those slower at the one allocated. Layers whose k or Q the layer config gives are decomposed.
     ResNet-56 `--budget 12`: its 16-channel first stage stays float, 1.25x faster end to end
     (1.93 vs 2.41 ms, one thread, AVX-512 Zen 4).
     speed_profile: the speed.SpeedProfile those estimates use (a profile, a file written by

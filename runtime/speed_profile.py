@@ -2,9 +2,10 @@
 
 Which side of a layer is faster, binary kernels or onnxruntime's fp32, depends on the CPU far
 more than the kernels' own cost does: on an Intel Xeon with two AVX-512 FMA units onnxruntime ran
-SqueezeNet-sized convolutions 1.6x faster than the Zen 4 fit (speed.BUILTIN) predicts, while
-the kernels ran as predicted, so the built-in profile picked the faster side in 94 of 120 cases
-there (116 of 120 on Zen 4), and YOLOv8n `--budget 16 --float-when-faster` ran at 0.81x of fp32.
+convolutions ~1.8x faster than the Zen 4 fit (speed.BUILTIN) predicts, while the kernels ran as
+predicted, so the built-in profile picked the faster side in 92–95 of 120 cases there (116 of 120
+on Zen 4), and YOLOv8n `--budget 16 --float-when-faster` ran at 0.80x of fp32 (0.99x with the
+profile measured there).
 So `convert --float-when-faster` measures the machine it runs on (one-thread timings of 20 layer
 shapes × 6 settings, both sides, ~5 s), fits the profile's constants and caches them, keyed by
 CPU, instruction set and library versions, so that later conversions on the same machine give
