@@ -183,10 +183,11 @@ def native_neighbours(model: onnx.ModelProto, layers: list[Layer]
                       ) -> dict[str, tuple[frozenset[str] | None, frozenset[str] | None]]:
     """Per layer: (the layers its input comes from, the layers its output goes to), through what
     the native runtime runs without onnxruntime: a residual Add and a Relu / Clip that are a layer
-    output's only consumer, and a Concat of layer outputs. None on a side that reaches another
-    op: decomposed, the layer then switches between the two runtimes there. The graph's input
-    and outputs need no switch (an empty set). Mirrors runtime/graph.build_schedule's fusions on
-    the float model, so that convert can price the switches before it decides."""
+    output's only consumer (the Add's other operand is read by that layer), and a Concat of layer
+    outputs. None on a side that reaches another op: decomposed, the layer then switches between
+    the two runtimes there. The graph's input and outputs need no switch (an empty set). Mirrors
+    runtime/graph.build_schedule's fusions on the float model, so that convert can price the
+    switches before it decides."""
     g = model.graph
     consumers: dict[str, list[onnx.NodeProto]] = {}
     producer: dict[str, onnx.NodeProto] = {}
@@ -198,6 +199,8 @@ def native_neighbours(model: onnx.ModelProto, layers: list[Layer]
     outputs = {o.name for o in g.output}
     by_name = {L.name: L for L in layers}
 
+    residual_of: dict[str, str] = {}  # a residual Add fused into a layer → that layer
+
     def fused_out(L: Layer) -> str:
         def only(t: str) -> onnx.NodeProto | None:
             cons = consumers.get(t, [])
@@ -205,6 +208,7 @@ def native_neighbours(model: onnx.ModelProto, layers: list[Layer]
             return cons[0] if ok else None
         t = L.output
         if (c := only(t)) is not None and c.op_type == "Add":
+            residual_of[c.name] = L.name
             t = c.output[0]
         if (c := only(t)) is not None and c.op_type in ("Relu", "Clip") and c.input[0] == t:
             t = c.output[0]
@@ -228,6 +232,8 @@ def native_neighbours(model: onnx.ModelProto, layers: list[Layer]
         for n in consumers.get(t, []):
             if n.name in by_name and by_name[n.name].input == t:
                 found.add(n.name)
+            elif n.name in residual_of:  # read by the layer whose output write adds it
+                found.add(residual_of[n.name])
             elif n.op_type == "Concat" and all(x in layer_of for x in n.input):
                 if (more := sinks(n.output[0])) is None:
                     return None

@@ -206,3 +206,18 @@ def test_the_graph_shows_which_sides_run_natively(tmp_path):
     assert nb["narrow"] == (frozenset({"stem"}), frozenset({"down"}))  # through the Relus
     assert nb["stem"] == (frozenset(), frozenset({"narrow"}))  # the graph's input
     assert nb["wide"] == (frozenset({"down"}), frozenset())  # the graph's output
+
+
+def test_a_block_output_read_by_the_next_block_s_residual_add_stays_native():
+    # a → Relu → r; r feeds conv b and the Add after b, which the runtime runs inside b's output write
+    from bdecomp.decomposer import rewrite
+
+    rng = np.random.default_rng(0)
+    nodes = [conv_node("x", "wa", "ca", name="a", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["ca"], ["r"]),
+             conv_node("r", "wb", "cb", name="b", pads=[1, 1, 1, 1]), helper.make_node("Add", ["cb", "r"], ["s"]),
+             helper.make_node("Relu", ["s"], ["y"])]
+    m = make_model(nodes, {"wa": weights(rng, 16, 16, 3, 3), "wb": weights(rng, 16, 16, 3, 3)}, ["N", 16, 8, 8])
+    layers, _ = rewrite.find_layers(m)
+    nb = rewrite.native_neighbours(m, layers)
+    assert nb["a"] == (frozenset(), frozenset({"b"}))
+    assert nb["b"] == (frozenset({"a"}), frozenset())
