@@ -269,8 +269,9 @@ def speed_profile_cmd(output, remeasure, quiet):
         sp.write(profile, sp.cache_path())
     click.echo(f"speed profile: {profile.short()}")
     if cases is not None:
-        click.echo(f"it picks the side measured faster in {sp.agreement(profile, cases)} of {len(cases)} layer x "
-                   f"setting cases (the built-in profile: {sp.agreement(sp.speed.BUILTIN, cases)})")
+        click.echo(f"on the cases it was fitted to, it picks the side measured faster in "
+                   f"{sp.agreement(profile, cases)} of {len(cases)} layer x setting cases (the built-in profile: "
+                   f"{sp.agreement(sp.speed.BUILTIN, cases)})")
     click.echo(f"cached in {sp.cache_path()}" + ("" if cases is not None else " (--remeasure measures again)"))
     if output:
         sp.write(profile, output)
