@@ -149,8 +149,9 @@ def convert(model, output, bases, act_bits, calib, calib_limit, range_method, ac
                       speed_profile=speed_profile)
     if not quiet:
         click.echo(rep.table())
-    elif rep.faster_in_float:
-        click.echo(rep.float_hint())
+    else:
+        for line in rep.notes():
+            click.echo(line)
     click.echo(f"wrote {rep.output}")
 
 

@@ -88,9 +88,17 @@ class Report:
                      f"{self.bytes_before:,} -> {self.bytes_after:,} bytes ({ratio}); {self.seconds:.1f} s")
         if self.speed_profile:
             lines.append(f"speed profile: {self.speed_profile}")
+        return "\n".join(lines + self.notes())
+
+    def notes(self) -> list[str]:
+        """What the user should know beyond the table (also printed with --quiet)."""
         if self.faster_in_float:
-            lines.append(self.float_hint())
-        return "\n".join(lines)
+            return [self.float_hint()]
+        if not self.layers and any(f["reason"].endswith("(--float-when-faster)") for f in self.float_layers):
+            return ["note: every layer that could be decomposed is estimated faster in onnxruntime fp32 by the "
+                    "speed profile, so none is: the file computes as the original does (without "
+                    "--float-when-faster it is smaller and slower)"]
+        return []
 
     def float_hint(self) -> str:
         """One line on the decomposed layers estimated faster in float ('' if none)."""

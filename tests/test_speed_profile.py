@@ -64,6 +64,13 @@ def test_float_when_faster_follows_the_profile_it_is_given(model, tmp_path):
     assert decomposed(tmp_path / "slow.onnx") == {"narrow", "down", "wide"}
 
 
+def test_a_conversion_that_leaves_every_layer_float_for_speed_says_so(model, tmp_path):
+    fast = convert(model, tmp_path / "fast.onnx", float_when_faster=True, speed_profile=FAST_FLOAT)
+    slow = convert(model, tmp_path / "slow.onnx", float_when_faster=True, speed_profile=SLOW_FLOAT)
+    assert any("computes as the original" in n for n in fast.notes()) and "computes as the original" in fast.table()
+    assert slow.notes() == []
+
+
 def test_the_file_names_the_profile_that_decided(model, tmp_path):
     sp.write(FAST_FLOAT, tmp_path / "p.json")
     report = convert(model, tmp_path / "o.onnx", float_when_faster=True, speed_profile=tmp_path / "p.json")
