@@ -267,13 +267,18 @@ def speed_profile_cmd(output, remeasure, quiet):
     profile = None if remeasure else sp.cached(measure_if_missing=False)
     if profile is None:
         profile, cases = sp.measure(progress=not quiet)
-        sp.write(profile, sp.cache_path())
+        cache = sp.write_cache(profile)
+    else:
+        cache = sp.cache_path()
     click.echo(f"speed profile: {profile.short()}")
     if cases is not None:
         click.echo(f"on the cases it was fitted to, it picks the side measured faster in "
                    f"{sp.agreement(profile, cases)} of {len(cases)} layer x setting cases (the built-in profile: "
                    f"{sp.agreement(sp.speed.BUILTIN, cases)})")
-    click.echo(f"cached in {sp.cache_path()}" + ("" if cases is not None else " (--remeasure measures again)"))
+    if cache is None:
+        click.echo(f"could not cache it in {sp.cache_path().parent} (BDECOMP_CACHE_DIR sets where)")
+    else:
+        click.echo(f"cached in {cache}" + ("" if cases is not None else " (--remeasure measures again)"))
     if output:
         sp.write(profile, output)
         click.echo(f"wrote {output}")

@@ -189,10 +189,25 @@ def read(path: str | Path) -> SpeedProfile:
 
 
 def write(profile: SpeedProfile, path: str | Path) -> None:
+    """Write a profile file atomically; InputFileError (one line) where that is not possible."""
     from bdecomp.decomposer.load import write_atomic
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(profile.to_json().encode(), path)
+    try:
+        write_atomic(profile.to_json().encode(), path)
+    except OSError as e:
+        raise InputFileError(f"{path}: cannot write the speed profile ({e.strerror or type(e).__name__})") from None
+
+
+def write_cache(profile: SpeedProfile) -> Path | None:
+    """Cache this machine's profile; None where the cache cannot be written (not an error: the
+    profile is then measured again next time)."""
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(profile, path)
+    except (OSError, InputFileError):
+        return None
+    return path
 
 
 def measure(progress: bool = True, runs: int | None = None) -> tuple[SpeedProfile, list[Case]]:
@@ -206,8 +221,7 @@ def measure(progress: bool = True, runs: int | None = None) -> tuple[SpeedProfil
 
 
 def cached(measure_if_missing: bool, progress: bool = True) -> SpeedProfile | None:
-    """This machine's cached profile; measured and cached first when missing and asked to (a cache
-    that cannot be written is not an error: the profile is then measured again next time)."""
+    """This machine's cached profile; measured and cached first when missing and asked to."""
     path = cache_path()
     if path.exists():
         try:
@@ -217,10 +231,7 @@ def cached(measure_if_missing: bool, progress: bool = True) -> SpeedProfile | No
     if not measure_if_missing:
         return None
     profile, _ = measure(progress)
-    try:
-        write(profile, path)
-    except OSError:
-        pass
+    write_cache(profile)
     return profile
 
 

@@ -13,6 +13,7 @@ from test_float_when_faster import convert, decomposed, shapes_model
 
 from bdecomp.cli import main
 from bdecomp.decomposer import speed
+from bdecomp.errors import InputFileError
 from bdecomp.runtime import speed_profile as sp
 
 FAST_FLOAT = replace(speed.BUILTIN, float_mac=speed.BUILTIN.float_mac / 1000, machine="fast float")
@@ -115,3 +116,15 @@ def test_the_speed_profile_command_writes_a_profile_convert_can_read(monkeypatch
     assert r.exit_code == 0, r.output
     assert "of 18 layer x setting cases" in r.output
     assert sp.read(tmp_path / "p.json") == sp.read(sp.cache_path())
+
+
+def test_an_unwritable_profile_output_fails_in_one_line(tmp_path):
+    sp.write(FAST_FLOAT, tmp_path / "ok.json")
+    with pytest.raises(InputFileError, match="cannot write|does not exist"):
+        sp.write(FAST_FLOAT, tmp_path / "missing" / "p.json")
+
+
+def test_a_cache_that_cannot_be_written_is_not_an_error(monkeypatch, tmp_path):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("BDECOMP_CACHE_DIR", str(tmp_path / "file" / "cache"))  # under a file: no folder
+    assert sp.write_cache(FAST_FLOAT) is None
