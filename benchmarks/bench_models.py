@@ -6,7 +6,8 @@ not a test): the speed part of `bdecomp compare` without labelled data, for many
 
 Each pair is timed as `compare` times it (runtime/bench.py: the two interleaved in one process,
 onnxruntime's threads spinning during its runs) on one random input of the original's declared
-size (--size H,W for inputs whose height and width are free). Prints one table row per pair:
+size (for inputs whose height and width are free: the size the decomposed file was converted
+for, or --size H,W). Prints one table row per pair:
 medians, the ratio, and the decomposed file's size against the original's (external data
 included).
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import bdecomp
+from bdecomp.decomposer.convert import example_input, resolve_recipe
 from bdecomp.decomposer.load import model_bytes
 from bdecomp.runtime.bench import measure_latency
 from bdecomp.runtime.compare import OrtModel
@@ -28,15 +30,16 @@ def main() -> None:
     ap.add_argument("pairs", nargs="+", help="ORIGINAL.onnx=DECOMPOSED.onnx")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seconds", type=float, default=12.0, help="time budget per pair")
-    ap.add_argument("--size", default="224,224", help="H,W for inputs whose size is free")
+    ap.add_argument("--size", help="H,W for inputs whose size is free (default: what the decomposed file "
+                                   "was converted for)")
     args = ap.parse_args()
-    free_hw = tuple(int(v) for v in args.size.split(","))
     print(f"{'model':32s} {'fp32 ms':>9s} {'native ms':>10s} {'speed-up':>9s} {'size':>7s}  ({args.threads} thread(s))")
     for pair in args.pairs:
         orig_path, dec_path = (Path(p) for p in pair.split("=", 1))
         orig = OrtModel(orig_path, args.threads)
         dec = bdecomp.load(dec_path, threads=args.threads)
-        shape = [1 if i == 0 else (d or free_hw[i - 2]) for i, d in enumerate(orig.input_shape)]
+        recipe, _ = resolve_recipe(dec_path, dec.model, {"size": args.size})
+        shape = [1] + list(example_input(dec.model, recipe).shape[1:])
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         lat = measure_latency({"fp32": lambda: orig.run(x), "native": lambda: dec.run(x)}, seconds=args.seconds)
         a, b = lat["fp32"]["median_ms"], lat["native"]["median_ms"]
