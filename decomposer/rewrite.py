@@ -16,6 +16,7 @@ from bdecomp.decomposer.calibrate import QParams
 from bdecomp.decomposer.decompose import Decomposition
 from bdecomp.decomposer.feed import declared_dims
 from bdecomp.decomposer.simplify import prune_initializers
+from bdecomp.runtime.graph import clip_bounds, residual_input
 
 
 @dataclass
@@ -186,8 +187,8 @@ def native_neighbours(model: onnx.ModelProto, layers: list[Layer]
     output's only consumer (the Add's other operand is read by that layer), and a Concat of layer
     outputs. None on a side that reaches another op: decomposed, the layer then switches between
     the two runtimes there. The graph's input and outputs need no switch (an empty set). Mirrors
-    runtime/graph.build_schedule's fusions on the float model, so that convert can price the
-    switches before it decides."""
+    runtime/graph.build_schedule's fusions (with its tests of which Add and Relu / Clip it fuses)
+    on the float model, so that convert can price the switches before it decides."""
     g = model.graph
     consumers: dict[str, list[onnx.NodeProto]] = {}
     producer: dict[str, onnx.NodeProto] = {}
@@ -197,6 +198,7 @@ def native_neighbours(model: onnx.ModelProto, layers: list[Layer]
         for y in n.output:
             producer[y] = n
     outputs = {o.name for o in g.output}
+    inits = {t.name: t for t in g.initializer}
     by_name = {L.name: L for L in layers}
 
     residual_of: dict[str, str] = {}  # a residual Add fused into a layer → that layer
@@ -207,10 +209,10 @@ def native_neighbours(model: onnx.ModelProto, layers: list[Layer]
             ok = len(cons) == 1 and t not in outputs and cons[0].domain in ("", "ai.onnx")
             return cons[0] if ok else None
         t = L.output
-        if (c := only(t)) is not None and c.op_type == "Add":
+        if (c := only(t)) is not None and residual_input(c, t, inits) is not None:
             residual_of[c.name] = L.name
             t = c.output[0]
-        if (c := only(t)) is not None and c.op_type in ("Relu", "Clip") and c.input[0] == t:
+        if (c := only(t)) is not None and clip_bounds(c, inits) is not None and c.input[0] == t:
             t = c.output[0]
         return t
 

@@ -196,7 +196,7 @@ class Step:
     spec: QuantSpec | LayerSpec | ConcatSpec | None = None
 
 
-def _clip_bounds(node: onnx.NodeProto, inits: dict) -> tuple[float, float] | None:
+def clip_bounds(node: onnx.NodeProto, inits: dict) -> tuple[float, float] | None:
     """Constant bounds of a Relu / Clip node, or None if not fusable."""
     if node.op_type == "Relu":
         return 0.0, np.inf
@@ -218,7 +218,7 @@ def _clip_bounds(node: onnx.NodeProto, inits: dict) -> tuple[float, float] | Non
     return float(lo), float(hi)
 
 
-def _residual_input(node: onnx.NodeProto, output: str, inits: dict) -> str | None:
+def residual_input(node: onnx.NodeProto, output: str, inits: dict) -> str | None:
     """The other operand of an Add of `output` and a computed tensor (not a constant), or None."""
     if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
         return None
@@ -263,7 +263,7 @@ def build_schedule(model: onnx.ModelProto) -> list[Step]:
         if not isinstance(spec, LayerSpec):
             continue
         c = only_consumer(spec.output)
-        other = _residual_input(nodes[c], spec.output, inits) if c is not None else None
+        other = residual_input(nodes[c], spec.output, inits) if c is not None else None
         if other is not None:
             spec.residual, spec.output = other, nodes[c].output[0]
             spec.fused.append(nodes[c].name)
@@ -272,7 +272,7 @@ def build_schedule(model: onnx.ModelProto) -> list[Step]:
         if c is None:
             continue
         act = nodes[c]
-        bounds = _clip_bounds(act, inits) if act.domain in ("", "ai.onnx") else None
+        bounds = clip_bounds(act, inits) if act.domain in ("", "ai.onnx") else None
         if bounds is None or act.input[0] != spec.output:
             continue
         spec.act_min, spec.act_max = max(spec.act_min, bounds[0]), min(spec.act_max, bounds[1])
