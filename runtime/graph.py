@@ -319,7 +319,50 @@ def build_schedule(model: onnx.ModelProto) -> list[Step]:
         if not progressed:
             missing = sorted({x for i in pending for x in nodes[i].input if x not in available})
             raise DecomposedModelError(f"graph cannot be scheduled: inputs never produced: {', '.join(missing[:5])}")
+    return _hoist_segments(steps)
+
+
+def _hoist_segments(steps: list[Step]) -> list[Step]:
+    """Move each onnxruntime segment earlier among the native steps just before it, to where it
+    separates the fewest quantizer → layer pairs (then the fewest float tensors; ties: it stays).
+
+    The scheduler emits a segment when nothing native can run without it, which can be between a
+    quantizer and its layer: ResNet-CIFAR's shortcut (Slice, Slice, Pad) came after the quantizer
+    of the block's second convolution, whose layer adds the Pad output. A quantizer read across
+    a segment cannot join a chain (runtime/chains.py), nor can its layer, so both ran from Python.
+    Before the block's first quantizer the segment splits only a float tensor (a chain's export)."""
+    steps = list(steps)
+    for s in range(len(steps)):
+        if steps[s].kind != "ort":
+            continue
+        produced = {o for n in steps[s].nodes for o in n.output}
+        needs = {x for n in steps[s].nodes for x in all_inputs(n)} - produced
+        start = s
+        while start > 0 and steps[start - 1].kind != "ort" and not needs & set(steps[start - 1].outputs):
+            start -= 1
+        if start == s:
+            continue
+
+        def split(cut: int) -> tuple[int, int, int]:
+            before = {o: steps[i].kind for i in range(start, cut) for o in steps[i].outputs}
+            crossing = {x: before[x] for i in range(cut, len(steps)) if steps[i].kind != "ort"
+                        for x in steps[i].inputs if x in before}
+            codes = sum(kind == "quant" for kind in crossing.values())
+            return codes, len(crossing) - codes, -cut
+
+        cut = min(range(start, s + 1), key=split)
+        steps[cut:s + 1] = [steps[s], *steps[cut:s]]
     return steps
+
+
+def all_inputs(node: onnx.NodeProto) -> list[str]:
+    """A node's inputs, including outer-scope names its subgraphs read."""
+    names = list(node.input)
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            inner = {o for sn in a.g.node for o in sn.output} | {i.name for i in a.g.input}
+            names += [x for sn in a.g.node for x in all_inputs(sn) if x not in inner]
+    return names
 
 
 def _native_concats(nodes: list[onnx.NodeProto], specs: dict, removed: set[int]) -> dict[int, ConcatSpec]:

@@ -24,7 +24,7 @@ from bdecomp.decomposer.feed import fixed_batch, input_dtype, model_input, run_b
 from bdecomp.decomposer.load import read_model
 from bdecomp.errors import ConfigError, DecomposedModelError, ModelError
 from bdecomp.runtime import chains
-from bdecomp.runtime.graph import LayerSpec, QuantSpec, Step, build_schedule
+from bdecomp.runtime.graph import LayerSpec, QuantSpec, Step, all_inputs, build_schedule
 
 BACKENDS = ("native", "onnxruntime")
 
@@ -264,7 +264,7 @@ class Model:
         for i, step in enumerate(self._steps):
             if step.kind == "ort":
                 produced = {o for n in step.nodes for o in n.output}
-                used = {x for n in step.nodes for x in _all_inputs(n)}
+                used = {x for n in step.nodes for x in all_inputs(n)}
                 step.inputs = sorted(x for x in used if x and x not in produced and x not in inits)
                 step.outputs = [o for n in step.nodes for o in n.output if o in needed_later[i]]
                 sub = helper.make_graph(
@@ -567,16 +567,6 @@ def _materialize(v: Any, quantized: dict[str, _Quantized]) -> np.ndarray:
     return v.codes() if isinstance(v, _Quantized) else v
 
 
-def _all_inputs(node: onnx.NodeProto) -> list[str]:
-    """A node's inputs, including outer-scope names its subgraphs read."""
-    names = list(node.input)
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            inner = {o for sn in a.g.node for o in sn.output} | {i.name for i in a.g.input}
-            names += [x for sn in a.g.node for x in _all_inputs(sn) if x not in inner]
-    return names
-
-
 def _needed_after(steps: list[Step], graph_outputs: list[str]) -> list[set[str]]:
     """For each step, the tensor names read by later steps or returned by the graph."""
     needed: set[str] = set(graph_outputs)
@@ -585,7 +575,7 @@ def _needed_after(steps: list[Step], graph_outputs: list[str]) -> list[set[str]]
         out[i] = set(needed)
         s = steps[i]
         if s.kind == "ort":
-            needed |= {x for n in s.nodes for x in _all_inputs(n)}
+            needed |= {x for n in s.nodes for x in all_inputs(n)}
         else:
             needed |= set(s.inputs)
             if s.kind == "layer":

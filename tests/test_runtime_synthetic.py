@@ -145,6 +145,19 @@ def pattern(name: str):
                                  helper.make_node("Add", ["c1", "c2"], ["s"], name="add"),
                                  helper.make_node("Relu", ["s"], ["y"], name="relu")],
                                 {"w1": weights(rng, 32, 16, 3, 3), "w2": weights(rng, 32, 16, 1, 1)}),
+        # ResNet-CIFAR's parameter-free shortcut (option A): the block input subsampled and
+        # zero-padded in channels by onnxruntime, added in conv2
+        "residual_shortcut_pad": ([conv_node("a0", "w1", "c1", name="conv1", strides=[2, 2], **conv3),
+                                   helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+                                   conv_node("r1", "w2", "c2", name="conv2", **conv3),
+                                   helper.make_node("Slice", ["a0", "st", "en", "ax", "sp"], ["sl"], name="subsample"),
+                                   helper.make_node("Pad", ["sl", "pp"], ["sc"], name="pad"),
+                                   helper.make_node("Add", ["c2", "sc"], ["s"], name="add"),
+                                   helper.make_node("Relu", ["s"], ["y"], name="relu2")],
+                                  {"w1": weights(rng, 32, 16, 3, 3), "w2": weights(rng, 32, 32, 3, 3),
+                                   "st": np.array([0, 0], np.int64), "en": np.array([H, W], np.int64),
+                                   "ax": np.array([2, 3], np.int64), "sp": np.array([2, 2], np.int64),
+                                   "pp": np.array([0, 8, 0, 0, 0, 8, 0, 0], np.int64)}),
         "concat": ([conv_node("a0", "w1", "c1", name="conv1x1"),
                     conv_node("a0", "w2", "c2", name="conv3x3", **conv3),
                     helper.make_node("Concat", ["c1", "c2"], ["cc"], name="concat", axis=1),
@@ -164,7 +177,7 @@ def pattern(name: str):
 
 PATTERNS = ["plain", "strided_asym_pads", "dilated", "grouped", "depthwise", "first_layer_5x5",
             "gemm_transB_alpha_beta", "gemm_plain", "matmul_3d", "residual_add", "residual_add_relu",
-            "residual_broadcast", "residual_two_layers", "concat",
+            "residual_broadcast", "residual_two_layers", "residual_shortcut_pad", "concat",
             "relu_after_conv", "clip06_after_conv"]
 
 
@@ -388,6 +401,24 @@ def test_later_runs_of_a_shape_run_its_native_steps_as_chains_with_the_same_byte
     one_by_one = model.run(x)
     for a, b, c in zip(first, chained, one_by_one):
         assert a.tobytes() == b.tobytes() == c.tobytes()
+
+
+def test_a_shortcut_segment_runs_before_the_quantizers_of_its_block_so_both_convolutions_chain(converted):
+    """The scheduler first put the shortcut (Slice, Pad) after conv2's quantizer, the last native
+    step it could run before; a quantizer read across a segment keeps it and its layer out of the
+    chains. The segment moves up to where it splits only a float tensor."""
+    model = bdecomp.load(converted("residual_shortcut_pad", 3, 4, True))
+    kinds = [(s.kind, s.spec.name if s.spec else [n.name for n in s.nodes]) for s in model._steps]
+    pos = {name if isinstance(name, str) else name[0]: i for i, (_, name) in enumerate(kinds)}
+    quants = [i for i, (kind, _) in enumerate(kinds) if kind == "quant"]
+    assert pos["stem"] < pos["subsample"] < min(q for q in quants if q > pos["stem"]) < pos["conv1"] < pos["conv2"]
+    x = batch("residual_shortcut_pad")
+    model.run(x)
+    model.run(x)
+    (built,) = model._chains.values()
+    chained = {model._steps[i].spec.name for r in built.values() for i in range(r.start, r.end)
+               if model._steps[i].kind == "layer"}
+    assert {"conv1", "conv2"} <= chained
 
 
 @pytest.mark.parametrize("name", ["residual_broadcast", "gemm_plain"])
