@@ -29,26 +29,23 @@ from bdecomp.runtime.graph import LayerSpec, QuantSpec, Step, all_inputs, build_
 BACKENDS = ("native", "onnxruntime")
 
 
-def session_options(threads: int | None, spinning: bool = True) -> ort.SessionOptions:
-    """`spinning=False` for short segments that alternate with the C kernels: onnxruntime's idle
-    threads would spin through them on the cores OpenMP needs, for little gain."""
+def session_options(threads: int | None) -> ort.SessionOptions:
+    """Every session of the package: fatal log level only, `threads` intra-op threads."""
     so = ort.SessionOptions()
     so.log_severity_level = 4  # fatal only: failures become one ModelError line, not an extra log line
     # workers spin during a run (onnxruntime's speed) but stop when it returns: left spinning they
     # would take the cores whatever runs next needs (the native runtime after an onnxruntime
     # baseline in `compare`)
     so.add_session_config_entry("session.force_spinning_stop", "1")
-    if not spinning:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     return so
 
 
-def _session(model: onnx.ModelProto, threads: int | None, spinning: bool = True) -> ort.InferenceSession:
+def _session(model: onnx.ModelProto, threads: int | None) -> ort.InferenceSession:
     try:
-        return ort.InferenceSession(model.SerializeToString(), session_options(threads, spinning),
+        return ort.InferenceSession(model.SerializeToString(), session_options(threads),
                                     providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -273,11 +270,13 @@ class Model:
                 m = helper.make_model(sub, opset_imports=opsets, ir_version=self.model.ir_version)
                 # segments of cheap ops (Add, Relu, pools, Concat) run inline: waking onnxruntime's
                 # workers costs more than they save (ResNet-56's 27 residual segments: 0.80 ms on
-                # one thread, 1.24 ms on two). Segments of several convolutions (layers left float)
+                # one thread, 1.24 ms on two). Segments with a convolution (a layer left float)
                 # let the workers spin during the run, as onnxruntime does, and stop when it
                 # returns: ResNet-56 `--budget 12 --float-when-faster` at 2 threads 1.97 → 1.58 ms
-                n_heavy = sum(n.op_type in HEAVY_OPS for n in step.nodes)
-                step.session = (_session(m, self.threads if n_heavy else 1, spinning=n_heavy >= 2)
+                # (segments of several convolutions); SqueezeNet `--budget 16`, whose expand1x1
+                # layers stay float one per segment, 6.8-7.2 → 6.5-6.7 ms (Intel Xeon, 2 threads)
+                heavy = any(n.op_type in HEAVY_OPS for n in step.nodes)
+                step.session = (_session(m, self.threads if heavy else 1)
                                 if step.outputs else None)
             elif step.kind == "quant":
                 step.packers = {}  # bound quantize_pack calls (see _Quantized)
