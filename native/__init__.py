@@ -470,6 +470,11 @@ def im2col_quantize_pack(
 # packed convolution
 
 
+# kernel family → (its C entry point, its chain step op)
+_FAMILY_C = {"popcount": ("bd_conv", "BD_STEP_CONV"), "lut": ("bd_conv_lut", "BD_STEP_CONV_LUT"),
+             "lut64": ("bd_conv_lut64", "BD_STEP_CONV_LUT64")}
+
+
 class PackedConv:
     """A decomposed convolution (or gemm, as a 1×1 conv on 1×1 images) with weights packed once.
 
@@ -576,29 +581,46 @@ class PackedConv:
                 rc = lib.bd_pack_weights_lut(p, ffi.cast("const uint64_t *", ffi.from_buffer(self.wpacked)),
                                              ffi.cast("uint8_t *", ffi.from_buffer(self.wlut)))
                 _check_status(rc, "bd_pack_weights_lut")
+        # its 64-entry variant (AVX-512 VBMI machines)
+        self.wlut64 = None
+        if "avx512" in available_isas() and lib.bd_lut64_supported(p, lib.BD_ISA_AVX512):
+            nb = lib.bd_lut64_weight_bytes(p)
+            if nb > 0:
+                self.wlut64 = np.zeros(nb, dtype=np.uint8)
+                rc = lib.bd_pack_weights_lut64(p, ffi.cast("const uint64_t *", ffi.from_buffer(self.wpacked)),
+                                               ffi.cast("uint8_t *", ffi.from_buffer(self.wlut64)))
+                _check_status(rc, "bd_pack_weights_lut64")
 
     # -- kernel family ------------------------------------------------------------------------
 
     def family(self, isa: str | None = None) -> str:
-        """Kernel family run() uses on ``isa``: "lut" (lookup tables) or "popcount".
+        """Kernel family run() uses on ``isa``: "lut" (16-entry lookup tables), "lut64" (64-entry
+        tables, AVX-512 VBMI) or "popcount".
 
-        ``BDECOMP_KERNEL=popcount|lut|auto`` forces it (lut only where supported); auto picks
-        by a cost model of the two inner loops (cycles per output pixel and group)."""
-        isa_id = _resolve_isa(isa)
-        return "lut" if self._use_lut(isa_id, os.environ.get("BDECOMP_KERNEL", "auto")) else "popcount"
+        ``BDECOMP_KERNEL=popcount|lut|lut64|auto`` forces it (a lookup-table family only where
+        supported, else popcount); auto picks lut or popcount by a cost model of the two inner
+        loops (cycles per output pixel and group); the runtime times every family instead."""
+        return self._family(_resolve_isa(isa), os.environ.get("BDECOMP_KERNEL", "auto"))
 
     def families(self, isa: str | None = None) -> list[str]:
         """Kernel families runnable on ``isa`` for this layer (same results, different speed)."""
-        return ["lut", "popcount"] if self.wlut is not None and _resolve_isa(isa) != lib.BD_ISA_SCALAR \
-            else ["popcount"]
+        isa_id = _resolve_isa(isa)
+        if isa_id == lib.BD_ISA_SCALAR or self.wlut is None:
+            return ["popcount"]
+        return ["lut", "lut64", "popcount"] if self._lut64_on(isa_id) else ["lut", "popcount"]
 
-    def _use_lut(self, isa_id: int, choice) -> bool:
-        if choice not in ("auto", "lut", "popcount", "", None):
-            raise ValueError(f"kernel family must be auto, lut or popcount, got {choice!r}")
+    def _lut64_on(self, isa_id: int) -> bool:
+        return self.wlut64 is not None and isa_id == lib.BD_ISA_AVX512
+
+    def _family(self, isa_id: int, choice) -> str:
+        if choice not in ("auto", "lut", "lut64", "popcount", "", None):
+            raise ValueError(f"kernel family must be auto, lut, lut64 or popcount, got {choice!r}")
         if self.wlut is None or isa_id == lib.BD_ISA_SCALAR or choice == "popcount":
-            return False
+            return "popcount"
+        if choice == "lut64":
+            return "lut64" if self._lut64_on(isa_id) else "popcount"
         if choice == "lut":
-            return True
+            return "lut"
         cg, coutg = self.cin // self.groups, self.cout // self.groups
         kp = 4 if self.k <= 4 else 8
         # popcount: one 4-lane step (AND + nibble popcount of 256 bits) ≈ 2 cycles, two sets per
@@ -608,7 +630,7 @@ class PackedConv:
         npass = -(-coutg * self.k // 128)
         sets = 2 if self.bits > 4 else 1  # Q > 4: tables of the codes' low and high nibbles
         lut = -(-coutg * self.k // 32) * -(-cg // 4) * (0.75 if self.bits < 4 else 1.0) * sets + 20.0 * npass
-        return lut < pop
+        return "lut" if lut < pop else "popcount"
 
     # -- geometry ---------------------------------------------------------------------------------
 
@@ -671,7 +693,7 @@ class PackedConv:
         """Run on packed activations ``act`` (from quantize_pack with the same groups/bits) of an
         n×C×h×w input.  Returns float32 [n, cout, oh, ow], plus int32 A [n, oh, ow, cout, k] if
         ``return_acc``.  ``scale`` / ``zero_point`` override the construction values (dynamic
-        quantization).  ``family`` forces the kernel family ("lut" / "popcount", see family()).
+        quantization).  ``family`` forces the kernel family ("lut" / "lut64" / "popcount", see family()).
         ``residual`` (float32, C-contiguous, the output's shape) is added to every output before
         the clamp: a fused residual Add (bdecomp.h).  ``clamp=False`` skips the act_min/act_max
         clamp (the caller applies it after a broadcasting add of its own).
@@ -694,7 +716,7 @@ class PackedConv:
                     self._plans[key] = plan
             except TypeError:
                 pass
-        p, use_lut, wptr, oshape, act_shape, act_size, nthreads, isa_id = plan
+        p, fam, wptr, oshape, act_shape, act_size, nthreads, isa_id = plan
         if type(act) is not np.ndarray or act.dtype != _U64 or not act.flags.c_contiguous or (
                 act.shape != act_shape and (act.ndim == 4 or act.size != act_size)):
             _check_array("act", act, np.uint64)
@@ -713,10 +735,10 @@ class PackedConv:
 
     def _call(self, plan, act, out, acc, residual, clamp) -> None:
         """The C call of a checked plan on checked arrays (run() and bind())."""
-        p, use_lut, wptr, oshape, _, _, nthreads, isa_id = plan
+        p, fam, wptr, oshape, _, _, nthreads, isa_id = plan
         if residual is not None or not clamp:
             p = _call_params(p, residual, oshape, clamp)
-        rc = (lib.bd_conv_lut if use_lut else lib.bd_conv)(
+        rc = getattr(lib, _FAMILY_C[fam][0])(
                 p, ffi.from_buffer("uint64_t[]", act), wptr, self._ts_ptr, self._coeffs_ptr,
                 self._bias_ptr, ffi.from_buffer("float[]", out),
                 ffi.NULL if acc is None else ffi.from_buffer("int32_t[]", acc), isa_id, nthreads)
@@ -757,7 +779,7 @@ class PackedConv:
     def _plan(self, n, h, w, isa, threads, family, scale, zero_point):
         """Full validation of one call geometry; the cached part of run()."""
         isa_id = _resolve_isa(isa)
-        use_lut = self._use_lut(isa_id, family if family is not None else os.environ.get("BDECOMP_KERNEL", "auto"))
+        fam = self._family(isa_id, family if family is not None else os.environ.get("BDECOMP_KERNEL", "auto"))
         nthreads = _threads(threads)
         n = _int_in("n", n, 1, _MAX_DIM)
         h = _int_in("h", h, 1, _MAX_DIM)
@@ -776,16 +798,16 @@ class PackedConv:
             raise ValueError("act size does not match the convolution parameters")
         if not hasattr(self, "_ts_ptr"):  # weight pointers, once (the arrays live as long as self)
             self._wpacked_ptr = ffi.cast("const uint64_t *", ffi.from_buffer(self.wpacked))
-            self._wlut_ptr = (None if self.wlut is None
-                              else ffi.cast("const uint8_t *", ffi.from_buffer(self.wlut)))
+            self._wlut_ptr, self._wlut64_ptr = (None if w is None else ffi.cast("const uint8_t *", ffi.from_buffer(w))
+                                                for w in (self.wlut, self.wlut64))
             self._ts_ptr = ffi.cast("const int32_t *", ffi.from_buffer(self.tap_sums))
             self._coeffs_ptr = ffi.cast("const float *", ffi.from_buffer(self.coeffs))
             self._bias_ptr = (ffi.NULL if self.bias is None
                               else ffi.cast("const float *", ffi.from_buffer(self.bias)))
             # the pointers stay valid even if a caller rebinds the public attributes
-            self._keep = (self.wpacked, self.wlut, self.tap_sums, self.coeffs, self.bias)
-        wptr = self._wlut_ptr if use_lut else self._wpacked_ptr
-        return (p, use_lut, wptr, oshape, act_shape, int(act_size), nthreads, isa_id)
+            self._keep = (self.wpacked, self.wlut, self.wlut64, self.tap_sums, self.coeffs, self.bias)
+        wptr = {"lut": self._wlut_ptr, "lut64": self._wlut64_ptr, "popcount": self._wpacked_ptr}[fam]
+        return (p, fam, wptr, oshape, act_shape, int(act_size), nthreads, isa_id)
 
 
 def quantize_codes(x: np.ndarray, *, scale: float, zero_point: int, bits: int, channel_scales=None,
@@ -905,7 +927,8 @@ class Chain:
     def concat(self, refs: list[int]) -> int:
         """A buffer whose consecutive parts are the outputs `refs` of conv steps (none already
         part of another concat): for batch 1, their concatenation along the channel axis."""
-        conv_outputs = {f["dst"] for f in self._fields if f["op"] in (lib.BD_STEP_CONV, lib.BD_STEP_CONV_LUT)}
+        conv_ops = {getattr(lib, op) for _, op in _FAMILY_C.values()}
+        conv_outputs = {f["dst"] for f in self._fields if f["op"] in conv_ops}
         if len(set(refs)) != len(refs) or any(r not in conv_outputs or r in self._parts for r in refs):
             raise ValueError("concat parts must be distinct conv outputs of this chain, not already concatenated")
         whole = self._buffer(sum(self._sizes[r] for r in refs))
@@ -934,11 +957,11 @@ class Chain:
         """kernel.run(...) on the packed activations at `act` (plus the float32 residual at
         `residual`, clamped as run() does by default); returns (reference, shape) of the float32
         output."""
-        p, use_lut, wptr, oshape, _, _, nthreads, isa_id = kernel._plan(n, h, w, isa, threads, family, scale,
-                                                                         zero_point)
+        p, fam, wptr, oshape, _, _, nthreads, isa_id = kernel._plan(n, h, w, isa, threads, family, scale,
+                                                                     zero_point)
         self._keep_alive += [p, kernel]
         out = self._buffer(4 * math.prod(oshape))
-        self._add(op=lib.BD_STEP_CONV_LUT if use_lut else lib.BD_STEP_CONV, nthreads=nthreads, src=act, dst=out,
+        self._add(op=getattr(lib, _FAMILY_C[fam][1]), nthreads=nthreads, src=act, dst=out,
                   residual=lib.BD_NO_BUFFER if residual is None else residual, params=p, weights=wptr,
                   tap_sums=kernel._ts_ptr, coeffs=kernel._coeffs_ptr, bias=kernel._bias_ptr, isa=isa_id)
         return out, oshape

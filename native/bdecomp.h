@@ -141,6 +141,21 @@ int bd_conv_lut(const bd_conv_params *p, const uint64_t *act, const uint8_t *wlu
                 const int32_t *tap_sums, const float *coeffs, const float *bias, float *out,
                 int32_t *acc, int32_t isa, int32_t nthreads);
 
+/* Lookup-table kernel family with 64-entry tables (AVX-512 VBMI vpermb; kernel_lut64_avx512.c):
+ * the same integer accumulators and float outputs, bit for bit; groups of 6 input channels
+ * instead of 4 and 64 lanes per lookup instead of 32.
+ *   LUT64 weights: uint8 [G][npass][KH·KW][ng][4][64], npass = ceil(Cout/G·k / 256), ng = 11 per
+ *   64-channel word (fewer in a last, partial word), one 6-bit index per byte; the lane order is
+ *   documented in kernel_lut64_avx512.c.  Built from the packed weights above.
+ * bd_lut64_supported: 1 if bd_conv_lut64 can run these parameters on `isa` here (isa AVX-512 on
+ * a CPU with AVX-512 VBMI, sign = 0, bits ≤ 8). */
+int64_t bd_lut64_weight_bytes(const bd_conv_params *p);
+int bd_pack_weights_lut64(const bd_conv_params *p, const uint64_t *wpacked, uint8_t *wlut);
+int bd_lut64_supported(const bd_conv_params *p, int32_t isa);
+int bd_conv_lut64(const bd_conv_params *p, const uint64_t *act, const uint8_t *wlut,
+                  const int32_t *tap_sums, const float *coeffs, const float *bias, float *out,
+                  int32_t *acc, int32_t isa, int32_t nthreads);
+
 /* Packed patches of a groups = 1 convolution (im2col fused with quantize + pack): the activations
  * of the equivalent 1×1 convolution on an n·oh·ow-pixel image of D = C·KH·KW channels, i.e.
  * word index (pix·Q + b)·ceil(D/64) + w, pix = (n·OH + oy)·OW + ox, bit i = bit b of the code of
@@ -182,7 +197,7 @@ int bd_conv_depthwise(const bd_conv_params *p, const uint8_t *codes, const int8_
  * residual = BD_NO_BUFFER: none.  A conv step's params are copied and their residual pointer set
  * from `residual`.  Steps run in order; the first failing step stops the chain: its status is
  * returned and its index stored in *failed (−1 when every step succeeded). */
-enum bd_step_op { BD_STEP_QUANTIZE_PACK = 1, BD_STEP_CONV = 2, BD_STEP_CONV_LUT = 3 };
+enum bd_step_op { BD_STEP_QUANTIZE_PACK = 1, BD_STEP_CONV = 2, BD_STEP_CONV_LUT = 3, BD_STEP_CONV_LUT64 = 4 };
 #define BD_NO_BUFFER INT64_MIN
 typedef struct {
     int32_t op;
@@ -193,7 +208,8 @@ typedef struct {
     float scale;
     const float *channel_scales;
     int32_t zero_point, bits, sign;
-    /* BD_STEP_CONV (bd_conv) and BD_STEP_CONV_LUT (bd_conv_lut): act = src, out = dst */
+    /* BD_STEP_CONV (bd_conv), BD_STEP_CONV_LUT (bd_conv_lut), BD_STEP_CONV_LUT64 (bd_conv_lut64):
+     * act = src, out = dst */
     const bd_conv_params *params;
     const void *weights;
     const int32_t *tap_sums;

@@ -66,13 +66,19 @@ int bd_lut_supported(const bd_conv_params *p, int32_t isa);
 int bd_conv_lut(const bd_conv_params *p, const uint64_t *act, const uint8_t *wlut,
                 const int32_t *tap_sums, const float *coeffs, const float *bias, float *out,
                 int32_t *acc, int32_t isa, int32_t nthreads);
+int64_t bd_lut64_weight_bytes(const bd_conv_params *p);
+int bd_pack_weights_lut64(const bd_conv_params *p, const uint64_t *wpacked, uint8_t *wlut);
+int bd_lut64_supported(const bd_conv_params *p, int32_t isa);
+int bd_conv_lut64(const bd_conv_params *p, const uint64_t *act, const uint8_t *wlut,
+                  const int32_t *tap_sums, const float *coeffs, const float *bias, float *out,
+                  int32_t *acc, int32_t isa, int32_t nthreads);
 int bd_quantize_codes(const float *x, int64_t outer, int64_t channels, int64_t inner, float scale,
                       const float *channel_scales, int32_t zero_point, int32_t bits, uint8_t *codes,
                       int32_t isa, int32_t nthreads);
 int bd_conv_depthwise(const bd_conv_params *p, const uint8_t *codes, const int8_t *basis_pm,
                       const float *coeffs, const float *bias, float *out, int32_t *acc,
                       int32_t nthreads);
-enum bd_step_op { BD_STEP_QUANTIZE_PACK = 1, BD_STEP_CONV = 2, BD_STEP_CONV_LUT = 3 };
+enum bd_step_op { BD_STEP_QUANTIZE_PACK = 1, BD_STEP_CONV = 2, BD_STEP_CONV_LUT = 3, BD_STEP_CONV_LUT64 = 4 };
 #define BD_NO_BUFFER ...
 typedef struct {
     int32_t op;

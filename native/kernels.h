@@ -53,6 +53,15 @@ int bd_conv_lut_avx512vl(const bd_conv_params *p, const bd_geom *gm, const uint6
                          const uint8_t *wl, const int32_t *tap_sums, const float *coeffs,
                          const float *bias, float *out, int32_t *acc, int32_t nthreads);  /* kernel_lut_avx512.c */
 
+/* kernel_lut64_avx512.c — the lookup-table family with 64-entry tables (AVX-512 VBMI). */
+int64_t bd_lut64_ng(const bd_geom *gm);
+int64_t bd_lut64_npass(const bd_conv_params *p, const bd_geom *gm);
+void bd_lut64_pack_weights(const bd_conv_params *p, const bd_geom *gm, const uint64_t *wpacked,
+                           uint8_t *wl);
+int bd_conv_lut64_avx512(const bd_conv_params *p, const bd_geom *gm, const uint64_t *act,
+                         const uint8_t *wl, const int32_t *tap_sums, const float *coeffs,
+                         const float *bias, float *out, int32_t *acc, int32_t nthreads);
+
 /* quantize_pack.c: im2col + quantize + pack (parameters validated by bd_im2col_quantize_pack), the
  * check of optional per-channel scales (BD_OK if NULL or all n finite and > 0, else BD_EINVAL) and
  * the BDECOMP_MIN_PARALLEL_WORK override of the single-thread thresholds. */

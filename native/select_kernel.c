@@ -265,6 +265,53 @@ int bd_conv_lut(const bd_conv_params *p, const uint64_t *act, const uint8_t *wlu
                                                                             bias, out, acc, nthreads);
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * Lookup-table kernel family with 64-entry tables (kernel_lut64_avx512.c) */
+
+int64_t bd_lut64_weight_bytes(const bd_conv_params *p)
+{
+    bd_geom gm;
+    if (bd_geom_weights(p, &gm) != BD_OK) return 0;
+    const int64_t f[5] = {p->groups, bd_lut64_npass(p, &gm), gm.taps, bd_lut64_ng(&gm), 256};
+    return bd_checked_prod(f, 5);
+}
+
+int bd_pack_weights_lut64(const bd_conv_params *p, const uint64_t *wpacked, uint8_t *wlut)
+{
+    bd_geom gm;
+    if (bd_geom_weights(p, &gm) != BD_OK || !wpacked || !wlut) return BD_EINVAL;
+    if (bd_lut64_weight_bytes(p) <= 0) return BD_EINVAL;
+    bd_lut64_pack_weights(p, &gm, wpacked, wlut);
+    return BD_OK;
+}
+
+int bd_lut64_supported(const bd_conv_params *p, int32_t isa)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    if (!p || p->sign || p->bits < 1 || p->bits > 8 || isa != BD_ISA_AVX512) return 0;
+    return bd_isa_supported(BD_ISA_AVX512) && __builtin_cpu_supports("avx512vbmi");
+#else
+    (void)p; (void)isa;
+    return 0;
+#endif
+}
+
+int bd_conv_lut64(const bd_conv_params *p, const uint64_t *act, const uint8_t *wlut,
+                  const int32_t *tap_sums, const float *coeffs, const float *bias, float *out,
+                  int32_t *acc, int32_t isa, int32_t nthreads)
+{
+    bd_geom gm;
+    if (check_conv_args(p, &gm, act, wlut, tap_sums, coeffs, bias, out) != BD_OK) return BD_EINVAL;
+    if (isa < BD_ISA_SCALAR || isa > BD_ISA_AVX512) return BD_EINVAL;
+    if (p->sign || p->bits > 8) return BD_EINVAL;
+    if (!bd_lut64_supported(p, isa)) return BD_EUNSUPPORTED;
+    const int64_t tab[5] = {p->n, p->h, p->w + p->pad_left + p->pad_right, p->groups * bd_lut64_ng(&gm),
+                            p->bits > 4 ? 128 : 64};
+    if (bd_checked_prod(tab, 5) < 0) return BD_EINVAL;
+    nthreads = useful_threads(p, &gm, nthreads);
+    return bd_conv_lut64_avx512(p, &gm, act, wlut, tap_sums, coeffs, bias, out, acc, nthreads);
+}
+
 int bd_conv(const bd_conv_params *p, const uint64_t *act, const uint64_t *wpacked,
             const int32_t *tap_sums, const float *coeffs, const float *bias, float *out,
             int32_t *acc, int32_t isa, int32_t nthreads)

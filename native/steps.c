@@ -54,6 +54,9 @@ static int run_conv(const bd_step *s, uint8_t *arena, int64_t arena_bytes, void 
         p.residual = resolve(s->residual, out_bytes, arena, arena_bytes, external, nexternal);
         if (!p.residual) return BD_EINVAL;
     }
+    if (s->op == BD_STEP_CONV_LUT64)
+        return bd_conv_lut64(&p, (const uint64_t *)act, (const uint8_t *)s->weights, s->tap_sums,
+                             s->coeffs, s->bias, (float *)out, NULL, s->isa, s->nthreads);
     if (s->op == BD_STEP_CONV_LUT)
         return bd_conv_lut(&p, (const uint64_t *)act, (const uint8_t *)s->weights, s->tap_sums,
                            s->coeffs, s->bias, (float *)out, NULL, s->isa, s->nthreads);
@@ -76,6 +79,7 @@ int bd_run_steps(const bd_step *steps, int64_t nsteps, uint8_t *arena, int64_t a
             break;
         case BD_STEP_CONV:
         case BD_STEP_CONV_LUT:
+        case BD_STEP_CONV_LUT64:
             rc = run_conv(s, arena, arena_bytes, external, nexternal);
             break;
         default:

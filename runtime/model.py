@@ -167,7 +167,7 @@ def kernel_choices(kernel, patch_kernel, isa: str | None) -> list[tuple[Any, str
     forced = os.environ.get("BDECOMP_KERNEL", "auto") or "auto"
     out = [(k, fam, patch) for k, patch in ((kernel, False), (patch_kernel, True)) if k is not None
            for fam in k.families(isa) if forced in ("auto", fam)]
-    if forced == "lut":  # the direct convolution is what a forced lut family means
+    if forced in ("lut", "lut64"):  # the direct convolution is what a forced lookup-table family means
         out = [c for c in out if not c[2]]
     return out or [(kernel, "popcount", False)]  # lut forced where there is none: as family() does
 

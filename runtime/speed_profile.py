@@ -90,8 +90,9 @@ def float_session(cin: int, cout: int, ks: int, hw: int, conv: bool, threads: in
     nodes.append(helper.make_node("GlobalAveragePool", [last], ["y"]))
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, hw, hw])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
+    from bdecomp.runtime.model import session_options
+
+    so = session_options(threads)  # as the runtime's segments: workers stop spinning after a run
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
@@ -217,7 +218,11 @@ def measure(progress: bool = True, runs: int | None = None) -> tuple[SpeedProfil
     with tqdm(total=len(SHAPES), desc="measuring this CPU's speed profile", unit="shape", leave=False,
               dynamic_ncols=True, disable=None if progress else True) as bar:
         cases = measure_cases(SHAPES, SETTINGS, runs=runs or RUNS, on_shape=bar.update)
-    return fit(cases, machine_name()), cases
+    try:
+        return fit(cases, machine_name()), cases
+    except ValueError as e:  # too few layers timed above 0 ms: the timings are noise
+        raise ConfigError(f"could not measure this CPU's speed profile ({e}; is the machine busy?): measure "
+                          "again with `bdecomp speed-profile --remeasure`, or use --speed-profile builtin or FILE") from None
 
 
 def cached(measure_if_missing: bool, progress: bool = True) -> SpeedProfile | None:

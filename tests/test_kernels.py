@@ -17,6 +17,7 @@ native = pytest.importorskip("bdecomp.native", reason="native kernels not built"
 from bdecomp.runtime import reference as ref  # noqa: E402
 
 ISAS = native.available_isas()
+FAMILIES = ["popcount", "lut", "lut64"]  # kernel families (the lookup-table ones need a SIMD ISA)
 # BDECOMP_TEST_EXAMPLES=2000 BDECOMP_TEST_RANDOM=1 for a longer, randomized soak run
 SETTINGS = settings(
     max_examples=int(os.environ.get("BDECOMP_TEST_EXAMPLES", "120")),
@@ -206,13 +207,15 @@ def test_relu_clamp_is_applied_to_outputs(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("family", ["popcount", "lut"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_a_residual_is_added_before_the_clamp_with_the_same_float_operations(isa, family):
     """y = clamp((s·Σ c_j A_j + bias) + r): bit for bit numpy's float32 add and clamp of the
     unclamped output (what onnxruntime does with the Add and Relu the layer absorbed)."""
     case = small_case(c=70, h=6, w=9, cout=11, k=3, bits=3, zero_point=2)
     act = pack_nchw(case["codes"], 1, 3)
     conv = make_conv(case, act_min=0.0, act_max=2.5)
+    if family not in conv.families(isa):
+        pytest.skip(f"no {family} kernel on {isa} here")
     raw = conv.run(act, 1, 6, 9, isa=isa, family=family, clamp=False)
     assert raw.min() < 0 < 2.5 < raw.max()  # the clamp has work on both sides
     r = np.random.default_rng(3).standard_normal(raw.shape).astype(np.float32)
@@ -551,6 +554,12 @@ def test_popcount_peak_is_positive_and_finite(isa):
 LUT_ISAS = [i for i in ISAS if i != "scalar"]
 
 
+def lut_runs(conv) -> list[tuple[str, str]]:
+    """(isa, family) of every lookup-table kernel this CPU can run for `conv`: the 16-entry tables
+    on every SIMD ISA, the 64-entry ones (vpermb) on AVX-512 VBMI."""
+    return [(isa, fam) for isa in LUT_ISAS for fam in conv.families(isa) if fam != "popcount"]
+
+
 @pytest.mark.skipif(not LUT_ISAS, reason="no SIMD ISA for the LUT kernels on this CPU")
 @SETTINGS
 @given(case=conv_cases())
@@ -560,8 +569,8 @@ def test_lut_kernel_matches_reference_bit_for_bit(case):
         assert conv.wlut is None
         return
     act = pack_nchw(case["codes"], case["groups"], case["bits"])
-    for isa in LUT_ISAS:
-        y, acc = conv.run(act, case["n"], case["h"], case["w"], isa=isa, family="lut", return_acc=True)
+    for isa, fam in lut_runs(conv):
+        y, acc = conv.run(act, case["n"], case["h"], case["w"], isa=isa, family=fam, return_acc=True)
         np.testing.assert_array_equal(acc, reference_acc(case))
         y_ref = conv.run(act, case["n"], case["h"], case["w"], isa="scalar")
         np.testing.assert_array_equal(y, y_ref)
@@ -590,8 +599,8 @@ def test_lut_gemm_runs_its_rows_as_the_pixels_of_one_row_bit_for_bit(rows, bits,
     expect = np.einsum("rgd,gokd->rgok", x, pm).reshape(rows, cout, k)
     want = conv.run(act, rows, 1, 1, isa="scalar", residual=res)
     assert (want == -3.0).any() and (want == 3.0).any()  # the clamp has work on both sides
-    for isa in LUT_ISAS:
-        y, acc = conv.run(act, rows, 1, 1, isa=isa, family="lut", threads=threads, residual=res, return_acc=True)
+    for isa, fam in lut_runs(conv):
+        y, acc = conv.run(act, rows, 1, 1, isa=isa, family=fam, threads=threads, residual=res, return_acc=True)
         np.testing.assert_array_equal(acc.reshape(rows, cout, k), expect)
         assert y.tobytes() == want.tobytes()
 
@@ -607,8 +616,8 @@ def test_lut_kernel_long_depth_and_many_lanes(bits, k, c, cout):
     case["codes"][0, :, 0, 0] = np.random.default_rng(1).integers(0, 2**bits, c)
     conv = make_conv(case)
     act = pack_nchw(case["codes"], 1, bits)
-    for isa in LUT_ISAS:
-        y, acc = conv.run(act, 1, 4, 5, isa=isa, family="lut", threads=2, return_acc=True)
+    for isa, fam in lut_runs(conv):
+        y, acc = conv.run(act, 1, 4, 5, isa=isa, family=fam, threads=2, return_acc=True)
         np.testing.assert_array_equal(acc, reference_acc(case))
         np.testing.assert_array_equal(y, conv.run(act, 1, 4, 5, isa="scalar"))
 
@@ -625,8 +634,8 @@ def test_lut_kernel_edge_pixels_sharing_a_pass_stay_exact(w, strides, pads, dil)
                       dilations=dil)
     conv = make_conv(case)
     act = pack_nchw(case["codes"], 1, 4)
-    for isa in LUT_ISAS:
-        y, acc = conv.run(act, 1, 3, w, isa=isa, family="lut", return_acc=True)
+    for isa, fam in lut_runs(conv):
+        y, acc = conv.run(act, 1, 3, w, isa=isa, family=fam, return_acc=True)
         np.testing.assert_array_equal(acc, reference_acc(case))
         np.testing.assert_array_equal(y, conv.run(act, 1, 3, w, isa="scalar"))
 
@@ -640,6 +649,8 @@ def test_kernel_family_env_and_argument(monkeypatch):
         assert conv.family(LUT_ISAS[-1]) == "lut"
         monkeypatch.setenv("BDECOMP_KERNEL", "popcount")
         assert conv.family(LUT_ISAS[-1]) == "popcount"
+        monkeypatch.setenv("BDECOMP_KERNEL", "lut64")  # AVX-512 VBMI only, else popcount
+        assert conv.family(LUT_ISAS[-1]) == ("lut64" if "lut64" in conv.families(LUT_ISAS[-1]) else "popcount")
     assert conv.family("scalar") == "popcount"  # no LUT kernel in the scalar reference
 
 
@@ -743,15 +754,15 @@ def test_min_parallel_work_override_makes_small_layers_multithreaded(monkeypatch
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("family", ["popcount", "lut"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_results_do_not_depend_on_the_thread_count_of_a_real_parallel_run(monkeypatch, isa, family):
     monkeypatch.setenv("BDECOMP_MIN_PARALLEL_WORK", "0")
     bits = 5 if family == "popcount" else 3
     case = small_case(n=2, c=70, h=9, w=7, cout=40, k=3, bits=bits, zero_point=2, strides=(2, 1),
                       pads=(0, 1, 2, 1))
     conv = make_conv(case)
-    if family == "lut" and (isa == "scalar" or conv.wlut is None):
-        pytest.skip("no LUT kernel here")
+    if family not in conv.families(isa):
+        pytest.skip(f"no {family} kernel on {isa} here")
     assert conv.threads_used(2, 9, 7, threads=3) == 3
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 70, 9, 7)).astype(np.float32)
@@ -820,14 +831,14 @@ def test_lut_kernel_wide_layers_match_reference_and_scalar_bit_for_bit(wc):
     conv = make_conv(case, act_min=lo, act_max=hi)
     act = pack_nchw(case["codes"], case["groups"], case["bits"])
     y_ref = conv.run(act, 1, case["h"], case["w"], isa="scalar")
-    for isa in LUT_ISAS:
-        y, acc = conv.run(act, 1, case["h"], case["w"], isa=isa, family="lut", return_acc=True)
+    for isa, fam in lut_runs(conv):
+        y, acc = conv.run(act, 1, case["h"], case["w"], isa=isa, family=fam, return_acc=True)
         np.testing.assert_array_equal(acc, reference_acc(case))
         assert y.tobytes() == y_ref.tobytes()
-        assert conv.run(act, 1, case["h"], case["w"], isa=isa, family="lut").tobytes() == y_ref.tobytes()
+        assert conv.run(act, 1, case["h"], case["w"], isa=isa, family=fam).tobytes() == y_ref.tobytes()
 
 
-@pytest.mark.parametrize("family", ["popcount", "lut"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("k,cout,groups", [(1, 20, 1), (2, 13, 1), (4, 16, 2), (8, 11, 1), (3, 16, 1), (5, 16, 1),
                                             (6, 21, 1), (7, 9, 2), (4, 130, 1), (6, 50, 1)])
 @pytest.mark.parametrize("w", [8, 9, 19])
@@ -840,18 +851,20 @@ def test_epilogue_over_blocks_of_pixels_matches_the_scalar_path_bit_for_bit(fami
     act = pack_nchw(case["codes"], groups, 4)
     r = np.random.default_rng(w).standard_normal((1, cout * groups, 4, w)).astype(np.float32)
     y_ref = conv.run(act, 1, 4, w, isa="scalar", residual=r)
-    for isa in LUT_ISAS:
+    for isa in (i for i in LUT_ISAS if family in conv.families(i)):
         y, acc = conv.run(act, 1, 4, w, isa=isa, family=family, residual=r, return_acc=True)
         np.testing.assert_array_equal(acc, reference_acc(case))
         assert y.tobytes() == y_ref.tobytes()
 
 
-@pytest.mark.parametrize("family", ["popcount", "lut"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_a_bound_call_gives_what_run_gives_with_residual_and_without_clamp(family):
     """PackedConv.bind resolves run()'s options once (the runtime's per-layer call): the same
     bytes as run() for plain, residual and unclamped calls."""
     case = small_case(c=40, h=6, w=11, cout=12, k=4, bits=4, zero_point=2)
     conv = make_conv(case, act_min=0.0, act_max=2.0)
+    if family not in conv.families():
+        pytest.skip(f"no {family} kernel here")
     act = pack_nchw(case["codes"], 1, 4)
     r = np.random.default_rng(5).standard_normal((1, 12, 6, 11)).astype(np.float32)
     f = conv.bind(1, 6, 11, family=family, scale=0.25, zero_point=3, threads=1)
@@ -897,13 +910,13 @@ def _chain_layers(rng):
     return convs, qopts
 
 
-@pytest.mark.parametrize("family", ["popcount", "lut"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("isa", ISAS)
 def test_a_chain_gives_the_bytes_of_its_steps_called_one_by_one(isa, family):
-    if family == "lut" and isa == "scalar":
-        pytest.skip("no lookup-table kernel on the scalar ISA")
     rng = np.random.default_rng(11)
     convs, qopts = _chain_layers(rng)
+    if family not in convs[0].families(isa):
+        pytest.skip(f"no {family} kernel on {isa} here")
     x = np.abs(rng.standard_normal((2, 24, 7, 9))).astype(np.float32)
     kw = dict(isa=isa, family=family, threads=1)
     y, ys = x, []
