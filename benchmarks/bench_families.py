@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Both kernel families on typical layer shapes, against the allocator's cost model (a script, not a test).
+"""The kernel families on typical layer shapes, against the allocator's cost model (a script, not a test).
 
     python benchmarks/bench_families.py [--threads 1] [--runs 60]
 
@@ -36,7 +36,7 @@ def bench_start(doc: str, unit: str = "") -> tuple[argparse.Namespace, np.random
 
 def main() -> None:
     args, rng = bench_start(__doc__)
-    print(f"{'cin':>4} {'cout':>4} {'ks':>2} {'hw':>3} {'k':>2} {'Q':>2} {'lut ms':>8} {'pop ms':>8} "
+    print(f"{'cin':>4} {'cout':>4} {'ks':>2} {'hw':>3} {'k':>2} {'Q':>2} {'lut ms':>8} {'lut64 ms':>8} {'pop ms':>8} "
           f"{'pop/lut':>7} {'model lut':>9} {'model pop':>9} {'model pop/lut':>13}")
     for cin, cout, ks, hw in SHAPES:
         for k, q in SETTINGS:
@@ -47,8 +47,8 @@ def main() -> None:
                  for fam in conv.families(None)}
             lut, pop = allocate.lut_cost(k, q), allocate.popcount_cost(k, q, cin)
             row = f"{cin:4d} {cout:4d} {ks:2d} {hw:3d} {k:2d} {q:2d} "
-            t_lut = t.get("lut", float("nan"))  # no tables on the scalar ISA
-            row += f"{t_lut:8.4f} {t['popcount']:8.4f} {t['popcount'] / t_lut:7.2f} "
+            t_lut = t.get("lut", float("nan"))  # no tables on the scalar ISA (lut64: AVX-512 VBMI only)
+            row += f"{t_lut:8.4f} {t.get('lut64', float('nan')):8.4f} {t['popcount']:8.4f} {t['popcount'] / t_lut:7.2f} "
             print(row + f"{lut:9.1f} {pop:9.1f} {pop / lut:13.2f}")
 
 
