@@ -23,6 +23,7 @@ import bdecomp.native as native
 import bdecomp.runtime.model as rm
 from bdecomp.runtime.model import Model
 
+CONV_FNS = ("bd_conv", "bd_conv_lut", "bd_conv_lut64", "bd_conv_depthwise")  # the layers' C entry points
 clock = time.perf_counter  # --clock cpu: time.thread_time (1 thread: immune to other processes)
 
 
@@ -34,8 +35,7 @@ class _TimedLib:
 
     def __getattr__(self, name):
         fn = getattr(self._lib, name)
-        if name not in ("bd_conv", "bd_conv_lut", "bd_conv_depthwise", "bd_quantize_pack", "bd_im2col_quantize_pack",
-                        "bd_quantize_codes"):
+        if name not in (*CONV_FNS, "bd_quantize_pack", "bd_im2col_quantize_pack", "bd_quantize_codes"):
             return fn
         sink = self._sink
 
@@ -66,7 +66,7 @@ def profile(model: Model, x: np.ndarray, runs: int):
     rec: dict = {}
 
     def sink(what, dt):
-        key = (what, current[0]) if what in ("bd_conv", "bd_conv_lut", "bd_conv_depthwise") else (what, None)
+        key = (what, current[0]) if what in CONV_FNS else (what, None)
         rec[key] = rec.get(key, 0.0) + dt
 
     orig_lib, orig_run_layer = native.lib, Model._run_layer
@@ -187,7 +187,7 @@ def main() -> None:
     print("-" * len(hdr))
     c_total = step_total = 0.0
     for r in rows:
-        c = sum(prof.get((f, r["name"]), 0.0) for f in ("bd_conv", "bd_conv_lut", "bd_conv_depthwise"))
+        c = sum(prof.get((f, r["name"]), 0.0) for f in CONV_FNS)
         st = prof.get(("step", r["name"]), 0.0)
         c_total += c
         step_total += st
