@@ -168,14 +168,17 @@ def machine_name() -> str:
 
 def cache_path() -> Path:
     """Where this machine's measured profile is kept: $BDECOMP_CACHE_DIR, else $XDG_CACHE_HOME/bdecomp,
-    else ~/.cache/bdecomp; one file per CPU, instruction set and library versions."""
+    else ~/.cache/bdecomp; one file per CPU, instruction set, library versions and build of the
+    kernels (a rebuilt extension, e.g. with a new kernel family, is measured again)."""
     import onnxruntime as ort
 
     from bdecomp import __version__
+    from bdecomp.native import _kernels
 
     base = os.environ.get("BDECOMP_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "bdecomp")
-    key = json.dumps([machine_name(), __version__, ort.__version__, speed.PROFILE_FORMAT])
+    build = hashlib.sha256(Path(_kernels.__file__).read_bytes()).hexdigest()[:16]
+    key = json.dumps([machine_name(), __version__, ort.__version__, speed.PROFILE_FORMAT, build])
     return Path(base) / f"speed-profile-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 

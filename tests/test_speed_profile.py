@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import onnx
 import pytest
@@ -116,6 +117,18 @@ def test_a_measurement_drowned_in_noise_is_a_one_line_error(monkeypatch, tmp_pat
     assert r.exit_code != 0 and "could not measure this CPU's speed profile" in r.output
     assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
     assert not sp.cache_path().exists()
+
+
+def test_a_rebuilt_kernel_extension_has_its_own_cache_entry(monkeypatch, tmp_path):
+    """A profile measured with other kernels (before a new kernel family, say) is not reused."""
+    from bdecomp.native import _kernels
+
+    monkeypatch.setenv("BDECOMP_CACHE_DIR", str(tmp_path / "cache"))
+    here = sp.cache_path()
+    other = tmp_path / "_kernels.so"
+    other.write_bytes(Path(_kernels.__file__).read_bytes() + b"rebuilt")
+    monkeypatch.setattr(_kernels, "__file__", str(other))
+    assert sp.cache_path() != here and sp.cache_path().parent == here.parent
 
 
 def test_without_float_when_faster_nothing_is_measured(monkeypatch, tmp_path):
