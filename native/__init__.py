@@ -571,25 +571,22 @@ class PackedConv:
             ffi.cast("int32_t *", ffi.from_buffer(self.tap_sums)),
         )
         _check_status(rc, "bd_pack_weights")
-        # lookup-table family (affine, Q ≤ 8, on AVX2 / AVX-512 machines): weights packed once
-        self.wlut = None
-        if not self.sign and self.bits <= 8 and any(
-                lib.bd_lut_supported(p, _ISA_IDS[i]) for i in available_isas() if i != "scalar"):
-            nb = lib.bd_lut_weight_bytes(p)
-            if nb > 0:
-                self.wlut = np.zeros(nb, dtype=np.uint8)
-                rc = lib.bd_pack_weights_lut(p, ffi.cast("const uint64_t *", ffi.from_buffer(self.wpacked)),
-                                             ffi.cast("uint8_t *", ffi.from_buffer(self.wlut)))
-                _check_status(rc, "bd_pack_weights_lut")
-        # its 64-entry variant (AVX-512 VBMI machines)
-        self.wlut64 = None
-        if "avx512" in available_isas() and lib.bd_lut64_supported(p, lib.BD_ISA_AVX512):
-            nb = lib.bd_lut64_weight_bytes(p)
-            if nb > 0:
-                self.wlut64 = np.zeros(nb, dtype=np.uint8)
-                rc = lib.bd_pack_weights_lut64(p, ffi.cast("const uint64_t *", ffi.from_buffer(self.wpacked)),
-                                               ffi.cast("uint8_t *", ffi.from_buffer(self.wlut64)))
-                _check_status(rc, "bd_pack_weights_lut64")
+        # the lookup-table families (affine, Q ≤ 8), weights packed once where this CPU runs them:
+        # 16-entry tables on AVX2 / AVX-512 machines, 64-entry ones on AVX-512 VBMI
+        self.wlut = self._pack_lut(p, "lut", [i for i in available_isas() if i != "scalar"])
+        self.wlut64 = self._pack_lut(p, "lut64", [i for i in available_isas() if i == "avx512"])
+
+    def _pack_lut(self, p, fam: str, isas: list[str]) -> np.ndarray | None:
+        if self.sign or not any(getattr(lib, f"bd_{fam}_supported")(p, _ISA_IDS[i]) for i in isas):
+            return None
+        nb = getattr(lib, f"bd_{fam}_weight_bytes")(p)
+        if nb <= 0:
+            return None
+        w = np.zeros(nb, dtype=np.uint8)
+        rc = getattr(lib, f"bd_pack_weights_{fam}")(p, ffi.cast("const uint64_t *", ffi.from_buffer(self.wpacked)),
+                                                     ffi.cast("uint8_t *", ffi.from_buffer(w)))
+        _check_status(rc, f"bd_pack_weights_{fam}")
+        return w
 
     # -- kernel family ------------------------------------------------------------------------
 

@@ -131,7 +131,7 @@ ffibuilder.set_source(
     sources=[_path(f) for f in SOURCES],
     include_dirs=[HERE],
     depends=[_path(f) for f in ("bdecomp.h", "kernels.h", "reference.h", "output_transform.h", "epilogue_avx2.h",
-                                "conv_driver.inc", "kernel_lut_avx2.c")],
+                                "conv_driver.inc", "lut_driver.inc", "kernel_lut_avx2.c")],
     extra_compile_args=_compile_args,
     extra_link_args=_link_args,
 )

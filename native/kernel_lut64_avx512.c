@@ -40,10 +40,10 @@
 #include "output_transform.h"
 #include "epilogue_avx2.h"
 
-#define L64_BLOCKS 4  /* 64-lane blocks per pass */
-#define L64_MAX_PX 4  /* output pixels per pass (sharing the weight loads) */
-#define L64_MAX_ACC 8 /* NP·R: byte counters, their 16-bit pairs, R weights and a table fit 32 zmm */
-#define L64_MAX_SETS 2
+#define LUT_BLOCKS 4  /* 64-lane blocks per pass */
+#define LUT_MAX_PX 4  /* output pixels per pass (sharing the weight loads) */
+#define LUT_MAX_ACC 8 /* NP·R: byte counters, their 16-bit pairs, R weights and a table fit 32 zmm */
+#define LUT_MAX_SETS 2
 #define L64_SLOTS 11  /* groups per 64-channel word */
 
 static inline int64_t l64_lane_byte(int64_t s) { return s < 32 ? 2 * s : 2 * (s - 32) + 1; }
@@ -54,7 +54,7 @@ int64_t bd_lut64_ng(const bd_geom *gm) { return (gm->wpg - 1) * L64_SLOTS + l64_
 
 int64_t bd_lut64_npass(const bd_conv_params *p, const bd_geom *gm)
 {
-    return (gm->coutg * p->k + 64 * L64_BLOCKS - 1) / (64 * L64_BLOCKS);
+    return (gm->coutg * p->k + 64 * LUT_BLOCKS - 1) / (64 * LUT_BLOCKS);
 }
 
 /* weight bytes: G·npass·taps·ng·256 (overflow-checked by the caller) */
@@ -62,16 +62,16 @@ void bd_lut64_pack_weights(const bd_conv_params *p, const bd_geom *gm, const uin
 {
     const int64_t G = p->groups, K = p->k, KP = gm->kp, T = gm->taps, WPG = gm->wpg;
     const int64_t ng = bd_lut64_ng(gm), npass = bd_lut64_npass(p, gm), lanes = gm->coutg * K;
-    memset(wl, 0, (size_t)(G * npass * T * ng * 64 * L64_BLOCKS));
+    memset(wl, 0, (size_t)(G * npass * T * ng * 64 * LUT_BLOCKS));
     for (int64_t g = 0; g < G; ++g)
         for (int64_t L = 0; L < lanes; ++L) {
             const int64_t co = g * gm->coutg + L % gm->coutg, j = L / gm->coutg; /* basis-major */
-            const int64_t ps = L / (64 * L64_BLOCKS), blk = (L % (64 * L64_BLOCKS)) / 64, l = l64_lane_byte(L % 64);
+            const int64_t ps = L / (64 * LUT_BLOCKS), blk = (L % (64 * LUT_BLOCKS)) / 64, l = l64_lane_byte(L % 64);
             for (int64_t t = 0; t < T; ++t)
                 for (int64_t u = 0; u < ng; ++u) {
                     const int64_t w = u / L64_SLOTS, s = u % L64_SLOTS;
                     const uint64_t m = wpacked[((co * T + t) * WPG + w) * KP + j];
-                    wl[((((g * npass + ps) * T + t) * ng + u) * L64_BLOCKS + blk) * 64 + l] = (uint8_t)((m >> (6 * s)) & 63u);
+                    wl[((((g * npass + ps) * T + t) * ng + u) * LUT_BLOCKS + blk) * 64 + l] = (uint8_t)((m >> (6 * s)) & 63u);
                 }
         }
 }
@@ -158,7 +158,7 @@ lut64_pass(int32_t *s32, int64_t s32_px, const uint8_t *tp0, int64_t t_px, int64
            const uint8_t *wp0, int64_t w_sy, int64_t w_sx, int64_t ny, int64_t nx, int64_t ng, const int R,
            const int NP, int F)
 {
-    __m512i a[L64_MAX_PX][L64_BLOCKS], c16[L64_MAX_PX][L64_BLOCKS][2];
+    __m512i a[LUT_MAX_PX][LUT_BLOCKS], c16[LUT_MAX_PX][LUT_BLOCKS][2];
 #pragma GCC unroll 4
     for (int i = 0; i < NP; ++i)
 #pragma GCC unroll 4
@@ -170,8 +170,8 @@ lut64_pass(int32_t *s32, int64_t s32_px, const uint8_t *tp0, int64_t t_px, int64
             const uint8_t *wu = wp0 + y * w_sy + x * w_sx;
             for (int64_t u0 = 0; u0 < ng; u0 += F) {
                 const int64_t u1 = u0 + F < ng ? u0 + F : ng;
-                for (int64_t u = u0; u < u1; ++u, tp += 64, wu += 64 * L64_BLOCKS) {
-                    __m512i w[L64_BLOCKS];
+                for (int64_t u = u0; u < u1; ++u, tp += 64, wu += 64 * LUT_BLOCKS) {
+                    __m512i w[LUT_BLOCKS];
 #pragma GCC unroll 4
                     for (int r = 0; r < R; ++r) w[r] = _mm512_loadu_si512((const void *)(wu + 64 * r));
 #pragma GCC unroll 4
@@ -206,9 +206,11 @@ lut64_pass(int32_t *s32, int64_t s32_px, const uint8_t *tp0, int64_t t_px, int64
 
 #define L64_PASS_FN(R, NP)                                                                         \
     static __attribute__((noinline)) void lut64_pass##R##_##NP(                                    \
-        int32_t *s32, int64_t s32_px, const uint8_t *tp0, int64_t t_px, int64_t t_sy, int64_t t_sx, \
-        const uint8_t *wp0, int64_t w_sy, int64_t w_sx, int64_t ny, int64_t nx, int64_t ng, int F)  \
-    {                                                                                              \
+        int32_t *s32, int64_t s32_px, __m256i *c16buf, const uint8_t *tp0, int64_t t_px, int64_t t_sy, \
+        int64_t t_sx, const uint8_t *wp0, int64_t w_sy, int64_t w_sx, int64_t ny, int64_t nx, int64_t ng, \
+        int F)                                                                                     \
+    { /* (c16buf: the 16-entry family's spill room; these counters fit the registers) */         \
+        (void)c16buf;                                                                              \
         lut64_pass(s32, s32_px, tp0, t_px, t_sy, t_sx, wp0, w_sy, w_sx, ny, nx, ng, R, NP, F);     \
     }
 L64_PASS_FN(1, 1)
@@ -224,148 +226,24 @@ L64_PASS_FN(2, 4)
 L64_PASS_FN(3, 4)
 L64_PASS_FN(4, 4)
 
-typedef void (*lut64_pass_fn)(int32_t *, int64_t, const uint8_t *, int64_t, int64_t, int64_t, const uint8_t *,
-                              int64_t, int64_t, int64_t, int64_t, int64_t, int);
-static const lut64_pass_fn lut64_passes[3][L64_BLOCKS + 1] = {
+typedef void (*lut64_pass_fn)(int32_t *, int64_t, __m256i *, const uint8_t *, int64_t, int64_t, int64_t,
+                              const uint8_t *, int64_t, int64_t, int64_t, int64_t, int64_t, int);
+static const lut64_pass_fn lut64_passes[3][LUT_BLOCKS + 1] = {
     {lut64_pass1_1, lut64_pass1_1, lut64_pass2_1, lut64_pass3_1, lut64_pass4_1},
     {lut64_pass1_2, lut64_pass1_2, lut64_pass2_2, lut64_pass3_2, lut64_pass4_2},
     {lut64_pass1_4, lut64_pass1_4, lut64_pass2_4, lut64_pass3_4, lut64_pass4_4}};
 
-int bd_conv_lut64_avx512(const bd_conv_params *p, const bd_geom *gm, const uint64_t *act, const uint8_t *wl,
-                         const int32_t *tap_sums, const float *coeffs, const float *bias, float *out, int32_t *acc,
-                         int32_t nthreads)
-{
-    const int64_t H = p->h, W = p->w, G = p->groups, OH = p->oh, OW = p->ow;
-    const int64_t KH = p->kh, KW = p->kw, COUT = p->cout;
-    const int32_t Q = p->bits, K = p->k;
-    const int64_t COUTG = gm->coutg, T = gm->taps;
-    const int64_t z = p->zero_point;
-    const int64_t ng = bd_lut64_ng(gm), npass = bd_lut64_npass(p, gm), lanes = COUTG * K;
-    const int64_t nblk = (lanes + 63) / 64, rmax = nblk < L64_BLOCKS ? nblk : L64_BLOCKS;
-    const int nsets = Q > 4 ? L64_MAX_SETS : 1;
-    const int F = 255 / (6 * ((1 << (Q < 4 ? Q : 4)) - 1));
-    const int gemm = H == 1 && W == 1 && OH == 1 && OW == 1 && KH == 1 && KW == 1 && p->pad_top == 0 &&
-                     p->pad_left == 0 && p->pad_bottom == 0 && p->pad_right == 0;
-    const int64_t rows = gemm ? (p->n + BD_EPI_BLOCK - 1) / BD_EPI_BLOCK : p->n * OH;
-    const int64_t PL = p->pad_left, WP = PL + W + p->pad_right;
-    const int64_t tpix = G * nsets * ng * 64;
-    const int64_t t_sy = p->dil_h * WP * tpix, t_sx = p->dil_w * tpix;
-    const int64_t w_sx = ng * 64 * L64_BLOCKS, w_sy = KW * w_sx, w_pass = T * w_sx;
-    const int64_t n_sy = p->dil_h * WP * G, n_sx = p->dil_w * G;
-    const int npmax = rmax * 4 <= L64_MAX_ACC ? 4 : rmax * 2 <= L64_MAX_ACC ? 2 : 1;
-    if (nthreads <= 0) nthreads = 1;
-
-    uint8_t *tab = (uint8_t *)malloc((size_t)(p->n * H * WP * tpix));
-    int32_t *npad = (int32_t *)malloc((size_t)(p->n * H * WP * G) * sizeof(int32_t));
-    uint8_t *pad_tab = (uint8_t *)malloc((size_t)tpix);
-    bd_epilogue_tables e;
-    if (!tab || !npad || !pad_tab || bd_epilogue_tables_make(&e, tap_sums, coeffs, bias, COUT, G, K, T, 1, z != 0) != BD_OK) {
-        free(tab); free(npad); free(pad_tab);
-        return BD_ENOMEM;
-    }
-    /* a padding pixel's tables: every channel < Cg has the code z */
-    memset(pad_tab, 0, (size_t)tpix);
-    for (int64_t g = 0; g < G && z != 0; ++g)
-        for (int set = 0; set < nsets; ++set)
-            for (int64_t u = 0; u < ng; ++u) {
-                const int64_t c0 = 64 * (u / L64_SLOTS) + 6 * (u % L64_SLOTS);
-                for (int idx = 0; idx < 64; ++idx) {
-                    int n_in = 0;
-                    for (int i = 0; i < 6; ++i) n_in += (idx >> i & 1) && c0 + i < gm->cg && (6 * (u % L64_SLOTS) + i) < 64;
-                    pad_tab[((g * nsets + set) * ng + u) * 64 + idx] = (uint8_t)(n_in * (set ? z >> 4 : z & 15));
-                }
-            }
-    int failed = 0;
-
-#pragma omp parallel num_threads(nthreads)
-    {
-        build_tables64(act, p->n * H, W, PL, WP, G, Q, gm->wpg, ng, pad_tab, (int32_t)(gm->cg * z), tab, npad);
-        const int64_t s32_px = npass * 64 * L64_BLOCKS, s32_set = L64_MAX_PX * s32_px;
-        int32_t *s32 = (int32_t *)aligned_alloc(64, (size_t)(L64_MAX_SETS * s32_set) * sizeof(int32_t));
-        const int64_t a_stride = COUT * K + 8;
-        int32_t *Ablk = (int32_t *)calloc((size_t)(BD_EPI_BLOCK * a_stride), sizeof(int32_t));
-        if (!s32 || !Ablk) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; ++r) {
-            if (!s32 || !Ablk) continue;
-            const int64_t n = gemm ? r * BD_EPI_BLOCK : r / OH, oy = gemm ? 0 : r % OH;
-            const int64_t row_px = gemm ? (p->n - n < BD_EPI_BLOCK ? p->n - n : BD_EPI_BLOCK) : OW;
-            int64_t ky0, ky1;
-            bd_valid_range(oy, p->stride_h, p->pad_top, p->dil_h, KH, H, &ky0, &ky1);
-            const int64_t iy0 = oy * p->stride_h - p->pad_top + ky0 * p->dil_h, ny = ky1 - ky0;
-            for (int64_t bx = 0; bx < row_px; bx += BD_EPI_BLOCK) {
-                const int npx = (int)(row_px - bx < BD_EPI_BLOCK ? row_px - bx : BD_EPI_BLOCK);
-                for (int b = 0; b < npx;) {
-                    const int64_t ox = bx + b;
-                    const int np = b + npmax <= npx ? npmax : npmax >= 2 && b + 2 <= npx ? 2 : 1;
-                    int64_t kx0 = KW, kx1 = 0;
-                    for (int i = 0; i < np; ++i) {
-                        int64_t lo, hi;
-                        bd_valid_range(gemm ? 0 : ox + i, p->stride_w, p->pad_left, p->dil_w, KW, W, &lo, &hi);
-                        if (lo < hi) {
-                            kx0 = lo < kx0 ? lo : kx0;
-                            kx1 = hi > kx1 ? hi : kx1;
-                        }
-                    }
-                    const int64_t nx = kx1 > kx0 ? kx1 - kx0 : 0;
-                    const int any = ny > 0 && nx > 0;
-                    const int interior = ny == KH && nx == KW;
-                    const int64_t ipix_step = gemm ? 1 : p->stride_w;
-                    const int64_t ipix = any ? (n * H + iy0) * WP + ox * ipix_step + kx0 * p->dil_w : 0;
-                    for (int64_t g = 0; g < G; ++g) {
-                        for (int set = 0; set < nsets; ++set) {
-                            int32_t *s32s = s32 + set * s32_set;
-                            if (!any) {
-                                for (int i = 0; i < np; ++i)
-                                    memset(s32s + i * s32_px, 0, (size_t)(nblk * 64) * sizeof(int32_t));
-                                continue;
-                            }
-                            const uint8_t *tp0 = tab + ipix * tpix + (g * nsets + set) * ng * 64;
-                            for (int64_t ps = 0; ps < npass; ++ps) {
-                                const int64_t left = nblk - ps * L64_BLOCKS;
-                                const int R = left < L64_BLOCKS ? (int)left : L64_BLOCKS;
-                                const uint8_t *wp0 = wl + (g * npass + ps) * w_pass + ky0 * w_sy + kx0 * w_sx;
-                                lut64_passes[np >> 1][R](s32s + ps * 64 * L64_BLOCKS, s32_px, tp0, ipix_step * tpix, t_sy,
-                                                        t_sx, wp0, w_sy, w_sx, ny, nx, ng, F);
-                            }
-                        }
-                        if (nsets > 1)
-                            for (int i = 0; i < np; ++i)
-                                for (int64_t L = 0; L < nblk * 64; ++L)
-                                    s32[i * s32_px + L] += s32[s32_set + i * s32_px + L] << 4;
-                        const int64_t l0 = g * lanes;
-                        for (int i = 0; i < np; ++i) {
-                            const int64_t N = any ? bd_tap_counts(npad + (ipix + i * ipix_step) * G + g, n_sy, n_sx, ny, nx) : 0;
-                            int32_t *A = Ablk + (b + i) * a_stride + l0;
-                            bd_epilogue_int_avx2(s32 + i * s32_px, lanes, 0, 0, N, z, interior, e.sv + l0, e.ts + l0,
-                                                 e.stride, KW, ky0, ky1, kx0, kx0 + nx, A, NULL);
-                            if (acc) {
-                                int32_t *ag = acc + (((n * OH + oy) * OW + ox + i) * COUT + g * COUTG) * K;
-                                for (int64_t co = 0; co < COUTG; ++co)
-                                    for (int32_t j = 0; j < K; ++j) ag[co * K + j] = A[j * COUTG + co];
-                            }
-                        }
-                    }
-                    b += np;
-                }
-                const int64_t o0 = gemm ? (n + bx) * COUT : (n * COUT * OH + oy) * OW + bx;
-                bd_epilogue_flush_bm_avx2(Ablk, a_stride, npx, G, COUTG, K, &e, p->scale, p->act_min, p->act_max,
-                                          out + o0, gemm ? 1 : OH * OW, gemm ? COUT : 1,
-                                          p->residual ? p->residual + o0 : NULL);
-            }
-        }
-        free(s32);
-        free(Ablk);
-    }
-    free(tab);
-    free(npad);
-    free(pad_tab);
-    bd_epilogue_tables_free(&e);
-    return failed ? BD_ENOMEM : BD_OK;
-}
+#define BD_CONV_LUT_FN bd_conv_lut64_avx512
+#define LUT_NG(gm) bd_lut64_ng(gm)
+#define LUT_NPASS(p, gm) bd_lut64_npass(p, gm)
+#define LUT_TB 64 /* bytes per table */
+#define LUT_BL 64 /* lanes per block */
+#define LUT_GCH 6 /* channels per table (at most) */
+#define LUT_GROUP_CH0(u) (64 * ((u) / L64_SLOTS) + 6 * ((u) % L64_SLOTS))
+#define LUT_GROUP_N(u) ((u) % L64_SLOTS == L64_SLOTS - 1 ? 4 : 6)
+#define LUT_BUILD_TABLES build_tables64
+#define LUT_PASSES lut64_passes
+#include "lut_driver.inc"
 
 #else /* not x86 */
 

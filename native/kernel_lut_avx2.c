@@ -318,157 +318,16 @@ static const lut_pass_fn lut_passes[3][LUT_BLOCKS + 1] = {
     {lut_pass1_2, lut_pass1_2, lut_pass2_2, lut_pass3_2, lut_pass4_2},
     {lut_pass1_4, lut_pass1_4, lut_pass2_4, LUT_PASS3_4, LUT_PASS4_4}};
 
-int BD_CONV_LUT_FN(const bd_conv_params *p, const bd_geom *gm, const uint64_t *act,
-                   const uint8_t *wl, const int32_t *tap_sums, const float *coeffs,
-                   const float *bias, float *out, int32_t *acc, int32_t nthreads)
-{
-    const int64_t H = p->h, W = p->w, G = p->groups, OH = p->oh, OW = p->ow;
-    const int64_t KH = p->kh, KW = p->kw, COUT = p->cout;
-    const int32_t Q = p->bits, K = p->k;
-    const int64_t COUTG = gm->coutg, T = gm->taps;
-    const int64_t z = p->zero_point;
-    const int64_t nq = bd_lut_nq(gm), npass = bd_lut_npass(p, gm), lanes = COUTG * K;
-    const int64_t nblk = (lanes + 31) / 32, rmax = nblk < LUT_BLOCKS ? nblk : LUT_BLOCKS; /* blocks per pass */
-    const int nsets = Q > 4 ? LUT_MAX_SETS : 1;            /* table sets (codes' nibbles) */
-    const int F = 255 / (4 * ((1 << (Q < 4 ? Q : 4)) - 1)); /* table entries ≤ 4·15 */
-    /* a gemm (1×1 kernel on 1×1 images, one image per row of its input): blocks of up to
-     * BD_EPI_BLOCK consecutive images run as the pixels of one row, whose tables are consecutive
-     * too, so a pass serves 4 images as it serves 4 pixels of a row (one image per pass reloaded
-     * every weight: 2.3–3x slower on ConvNeXt's MatMuls over 196–3136 rows); the outputs,
-     * [N][Cout], are stored pixel-major */
-    const int gemm = H == 1 && W == 1 && OH == 1 && OW == 1 && KH == 1 && KW == 1 && p->pad_top == 0 &&
-                     p->pad_left == 0 && p->pad_bottom == 0 && p->pad_right == 0;
-    const int64_t rows = gemm ? (p->n + BD_EPI_BLOCK - 1) / BD_EPI_BLOCK : p->n * OH;
-    const int64_t PL = p->pad_left, WP = PL + W + p->pad_right; /* table rows widened by the padding */
-    const int64_t tpix = G * nsets * nq * 16;              /* table bytes per input pixel */
-    const int64_t t_sy = p->dil_h * WP * tpix, t_sx = p->dil_w * tpix;
-    const int64_t w_sx = nq * 32 * LUT_BLOCKS, w_sy = KW * w_sx, w_pass = T * w_sx;
-    const int64_t n_sy = p->dil_h * WP * G, n_sx = p->dil_w * G; /* next tap in npad */
-    /* output pixels per pass: 4 while their byte counters fit the registers, else 2 */
-    const int npmax = rmax * LUT_MAX_PX <= LUT_MAX_ACC ? LUT_MAX_PX : 2;
-    if (nthreads <= 0) nthreads = 1;
-
-    uint8_t *tab = (uint8_t *)malloc((size_t)(p->n * H * WP * tpix));
-    int32_t *npad = (int32_t *)malloc((size_t)(p->n * H * WP * G) * sizeof(int32_t));
-    uint8_t *pad_tab = (uint8_t *)malloc((size_t)tpix);
-    bd_epilogue_tables e; /* basis-major lane arrays, all groups (bd_epilogue_tables_make) */
-    if (!tab || !npad || !pad_tab || bd_epilogue_tables_make(&e, tap_sums, coeffs, bias, COUT, G, K, T, 1, z != 0) != BD_OK) {
-        free(tab); free(npad); free(pad_tab);
-        return BD_ENOMEM;
-    }
-    /* the tables of a padding pixel: every channel < Cg has the code z (whose contribution
-     * m·(z − z) the epilogue's N and z·Sv over the same taps cancel exactly) */
-    memset(pad_tab, 0, (size_t)tpix); /* z = 0 (inputs after a ReLU): all zero */
-    for (int64_t g = 0; g < G && z != 0; ++g)
-        for (int set = 0; set < nsets; ++set)
-            for (int64_t u = 0; u < nq; ++u)
-                for (int idx = 0; idx < 16; ++idx) {
-                    int n_in = 0;
-                    for (int i = 0; i < 4; ++i) n_in += (idx >> i & 1) && 4 * u + i < gm->cg;
-                    pad_tab[((g * nsets + set) * nq + u) * 16 + idx] = (uint8_t)(n_in * (set ? z >> 4 : z & 15));
-                }
-    int failed = 0;
-
-#pragma omp parallel num_threads(nthreads)
-    {
-        build_tables(act, p->n * H, W, PL, WP, G, Q, gm->wpg, nq, pad_tab, (int32_t)(gm->cg * z), tab, npad);
-        /* (omp for inside: ends in a barrier) */
-        /* lane sums of up to 4 pixels (pixels of a row share the weight loads), per table set */
-        const int64_t s32_px = npass * 128, s32_set = LUT_MAX_PX * s32_px; /* next pixel / set */
-        int32_t *s32 = (int32_t *)aligned_alloc(32, (size_t)(LUT_MAX_SETS * s32_set) * sizeof(int32_t));
-        __m256i *c16 = (__m256i *)aligned_alloc(32, 2 * LUT_MAX_ACC * sizeof(__m256i)); /* lut_pass */
-        /* integer accumulators A of a block of output pixels, all groups: pixel b at b·a_stride,
-         * group g at g·lanes (the int epilogue's 8-lane tail spills into the next group's lanes,
-         * which that group then overwrites: groups run in order) */
-        const int64_t a_stride = COUT * K + 8;
-        int32_t *Ablk = (int32_t *)calloc((size_t)(BD_EPI_BLOCK * a_stride), sizeof(int32_t));
-        if (!s32 || !c16 || !Ablk) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(static) /* contiguous rows per thread: NCHW rows of neighbouring oy share cache lines */
-        for (int64_t r = 0; r < rows; ++r) {
-            if (!s32 || !c16 || !Ablk) continue;
-            const int64_t n = gemm ? r * BD_EPI_BLOCK : r / OH, oy = gemm ? 0 : r % OH;
-            const int64_t row_px = gemm ? (p->n - n < BD_EPI_BLOCK ? p->n - n : BD_EPI_BLOCK) : OW;
-            int64_t ky0, ky1;
-            bd_valid_range(oy, p->stride_h, p->pad_top, p->dil_h, KH, H, &ky0, &ky1);
-            const int64_t iy0 = oy * p->stride_h - p->pad_top + ky0 * p->dil_h, ny = ky1 - ky0;
-            for (int64_t bx = 0; bx < row_px; bx += BD_EPI_BLOCK) {
-                const int npx = (int)(row_px - bx < BD_EPI_BLOCK ? row_px - bx : BD_EPI_BLOCK);
-                for (int b = 0; b < npx;) {
-                    const int64_t ox = bx + b;
-                    const int np = b + npmax <= npx ? npmax : b + 2 <= npx ? 2 : 1;
-                    /* the np pixels run the hull [min lo, max hi) of their valid column taps:
-                     * every tap of an output pixel lies inside the widened rows, whose padding
-                     * columns make the extra taps exact */
-                    int64_t kx0 = KW, kx1 = 0;
-                    for (int i = 0; i < np; ++i) {
-                        int64_t lo, hi;
-                        bd_valid_range(gemm ? 0 : ox + i, p->stride_w, p->pad_left, p->dil_w, KW, W, &lo, &hi);
-                        if (lo < hi) {
-                            kx0 = lo < kx0 ? lo : kx0;
-                            kx1 = hi > kx1 ? hi : kx1;
-                        }
-                    }
-                    const int64_t nx = kx1 > kx0 ? kx1 - kx0 : 0;
-                    const int any = ny > 0 && nx > 0;
-                    const int interior = ny == KH && nx == KW;
-                    /* input pixel of the first tap in the widened rows, and of the next pixel */
-                    const int64_t ipix_step = gemm ? 1 : p->stride_w; /* gemm: the next image's tables */
-                    const int64_t ipix = any ? (n * H + iy0) * WP + ox * ipix_step + kx0 * p->dil_w : 0;
-                    for (int64_t g = 0; g < G; ++g) {
-                        for (int set = 0; set < nsets; ++set) {
-                            int32_t *s32s = s32 + set * s32_set; /* this set's lane sums (the passes store them) */
-                            if (!any) {
-                                for (int i = 0; i < np; ++i)
-                                    memset(s32s + i * s32_px, 0, (size_t)(nblk * 32) * sizeof(int32_t));
-                                continue;
-                            }
-                            const uint8_t *tp0 = tab + ipix * tpix + (g * nsets + set) * nq * 16;
-                            for (int64_t ps = 0; ps < npass; ++ps) {
-                                const int64_t left = nblk - ps * LUT_BLOCKS;
-                                const int R = left < LUT_BLOCKS ? (int)left : LUT_BLOCKS;
-                                const uint8_t *wp0 = wl + (g * npass + ps) * w_pass + ky0 * w_sy + kx0 * w_sx;
-                                lut_passes[np >> 1][R](s32s + ps * 128, s32_px, c16, tp0, ipix_step * tpix, t_sy,
-                                                      t_sx, wp0, w_sy, w_sx, ny, nx, nq, F);
-                            }
-                        }
-                        if (nsets > 1) /* S = S_0 + 16 S_1 (≤ 255·D: exact) */
-                            for (int i = 0; i < np; ++i)
-                                for (int64_t L = 0; L < nblk * 32; ++L)
-                                    s32[i * s32_px + L] += s32[s32_set + i * s32_px + L] << 4;
-                        const int64_t l0 = g * lanes; /* lane L of group g = global lane l0 + L */
-                        for (int i = 0; i < np; ++i) {
-                            const int64_t N = any ? bd_tap_counts(npad + (ipix + i * ipix_step) * G + g, n_sy, n_sx, ny, nx) : 0;
-                            int32_t *A = Ablk + (b + i) * a_stride + l0;
-                            bd_epilogue_int_avx2(s32 + i * s32_px, lanes, 0, 0, N, z, interior, e.sv + l0, e.ts + l0,
-                                                 e.stride, KW, ky0, ky1, kx0, kx0 + nx, A, NULL);
-                            if (acc) { /* channel-major, as every kernel writes them */
-                                int32_t *ag = acc + (((n * OH + oy) * OW + ox + i) * COUT + g * COUTG) * K;
-                                for (int64_t co = 0; co < COUTG; ++co)
-                                    for (int32_t j = 0; j < K; ++j) ag[co * K + j] = A[j * COUTG + co];
-                            }
-                        }
-                    }
-                    b += np;
-                }
-                const int64_t o0 = gemm ? (n + bx) * COUT : (n * COUT * OH + oy) * OW + bx;
-                bd_epilogue_flush_bm_avx2(Ablk, a_stride, npx, G, COUTG, K, &e, p->scale, p->act_min, p->act_max,
-                                          out + o0, gemm ? 1 : OH * OW, gemm ? COUT : 1,
-                                          p->residual ? p->residual + o0 : NULL);
-            }
-        }
-        free(s32);
-        free(c16);
-        free(Ablk);
-    }
-    free(tab);
-    free(npad);
-    free(pad_tab);
-    bd_epilogue_tables_free(&e);
-    return failed ? BD_ENOMEM : BD_OK;
-}
+#define LUT_NG(gm) bd_lut_nq(gm)
+#define LUT_NPASS(p, gm) bd_lut_npass(p, gm)
+#define LUT_TB 16 /* bytes per table */
+#define LUT_BL 32 /* lanes per block */
+#define LUT_GCH 4 /* channels per table (a quad) */
+#define LUT_GROUP_CH0(u) (4 * (u))
+#define LUT_GROUP_N(u) 4
+#define LUT_BUILD_TABLES build_tables
+#define LUT_PASSES lut_passes
+#include "lut_driver.inc"
 
 #else /* not x86 */
 #ifndef BD_LUT_AVX512VL

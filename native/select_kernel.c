@@ -198,23 +198,40 @@ static int32_t useful_threads(const bd_conv_params *p, const bd_geom *gm, int32_
 }
 
 /* ---------------------------------------------------------------------------------------------
- * Lookup-table kernel family (kernel_lut_avx2.c) */
+ * Lookup-table kernel families: 16-entry tables (kernel_lut_avx2.c) and 64-entry ones
+ * (kernel_lut64_avx512.c), each with its weight layout */
 
-int64_t bd_lut_weight_bytes(const bd_conv_params *p)
+typedef int64_t (*bd_lut_groups_fn)(const bd_geom *gm);
+typedef int64_t (*bd_lut_npass_fn)(const bd_conv_params *p, const bd_geom *gm);
+typedef void (*bd_lut_pack_fn)(const bd_conv_params *p, const bd_geom *gm, const uint64_t *wpacked, uint8_t *wl);
+
+/* G·npass·taps·groups·(bytes of a pass's blocks for one tap and group), or 0 on invalid parameters */
+static int64_t lut_weight_bytes(const bd_conv_params *p, bd_lut_npass_fn npass, bd_lut_groups_fn groups,
+                                int64_t pass_bytes)
 {
     bd_geom gm;
     if (bd_geom_weights(p, &gm) != BD_OK) return 0;
-    const int64_t f[5] = {p->groups, bd_lut_npass(p, &gm), gm.taps, bd_lut_nq(&gm), 128};
+    const int64_t f[5] = {p->groups, npass(p, &gm), gm.taps, groups(&gm), pass_bytes};
     return bd_checked_prod(f, 5);
+}
+
+static int lut_pack_weights(const bd_conv_params *p, const uint64_t *wpacked, uint8_t *wlut, int64_t bytes,
+                            bd_lut_pack_fn pack)
+{
+    bd_geom gm;
+    if (bd_geom_weights(p, &gm) != BD_OK || !wpacked || !wlut || bytes <= 0) return BD_EINVAL;
+    pack(p, &gm, wpacked, wlut);
+    return BD_OK;
+}
+
+int64_t bd_lut_weight_bytes(const bd_conv_params *p)
+{
+    return lut_weight_bytes(p, bd_lut_npass, bd_lut_nq, 128);
 }
 
 int bd_pack_weights_lut(const bd_conv_params *p, const uint64_t *wpacked, uint8_t *wlut)
 {
-    bd_geom gm;
-    if (bd_geom_weights(p, &gm) != BD_OK || !wpacked || !wlut) return BD_EINVAL;
-    if (bd_lut_weight_bytes(p) <= 0) return BD_EINVAL;
-    bd_lut_pack_weights(p, &gm, wpacked, wlut);
-    return BD_OK;
+    return lut_pack_weights(p, wpacked, wlut, bd_lut_weight_bytes(p), bd_lut_pack_weights);
 }
 
 int bd_lut_supported(const bd_conv_params *p, int32_t isa)
@@ -222,6 +239,27 @@ int bd_lut_supported(const bd_conv_params *p, int32_t isa)
     if (!p || p->sign || p->bits < 1 || p->bits > 8) return 0;
     if (isa != BD_ISA_AVX2 && isa != BD_ISA_AVX512) return 0;
     return bd_isa_supported(isa) && bd_isa_supported(BD_ISA_AVX2);
+}
+
+int64_t bd_lut64_weight_bytes(const bd_conv_params *p)
+{
+    return lut_weight_bytes(p, bd_lut64_npass, bd_lut64_ng, 256);
+}
+
+int bd_pack_weights_lut64(const bd_conv_params *p, const uint64_t *wpacked, uint8_t *wlut)
+{
+    return lut_pack_weights(p, wpacked, wlut, bd_lut64_weight_bytes(p), bd_lut64_pack_weights);
+}
+
+int bd_lut64_supported(const bd_conv_params *p, int32_t isa)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    if (!p || p->sign || p->bits < 1 || p->bits > 8 || isa != BD_ISA_AVX512) return 0;
+    return bd_isa_supported(BD_ISA_AVX512) && __builtin_cpu_supports("avx512vbmi");
+#else
+    (void)p; (void)isa;
+    return 0;
+#endif
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -247,53 +285,33 @@ int bd_check_isa(int32_t isa)
     return bd_isa_supported(isa) ? BD_OK : BD_EUNSUPPORTED;
 }
 
+/* The checks of a lookup-table entry point: arguments, ISA, the family's support here, and the
+ * size of its tables (input rows widened by the left and right padding, `tb` bytes per group and
+ * table set). */
+static int check_lut_call(const bd_conv_params *p, bd_geom *gm, const uint64_t *act, const uint8_t *wlut,
+                          const int32_t *tap_sums, const float *coeffs, const float *bias, const float *out,
+                          int32_t isa, int (*supported)(const bd_conv_params *, int32_t), bd_lut_groups_fn groups,
+                          int64_t tb)
+{
+    if (check_conv_args(p, gm, act, wlut, tap_sums, coeffs, bias, out) != BD_OK) return BD_EINVAL;
+    if (isa < BD_ISA_SCALAR || isa > BD_ISA_AVX512) return BD_EINVAL;
+    if (p->sign || p->bits > 8) return BD_EINVAL;
+    if (!supported(p, isa)) return BD_EUNSUPPORTED;
+    const int64_t tab[5] = {p->n, p->h, p->w + p->pad_left + p->pad_right, p->groups * groups(gm),
+                            p->bits > 4 ? 2 * tb : tb};
+    return bd_checked_prod(tab, 5) < 0 ? BD_EINVAL : BD_OK;
+}
+
 int bd_conv_lut(const bd_conv_params *p, const uint64_t *act, const uint8_t *wlut,
                 const int32_t *tap_sums, const float *coeffs, const float *bias, float *out,
                 int32_t *acc, int32_t isa, int32_t nthreads)
 {
     bd_geom gm;
-    if (check_conv_args(p, &gm, act, wlut, tap_sums, coeffs, bias, out) != BD_OK) return BD_EINVAL;
-    if (isa < BD_ISA_SCALAR || isa > BD_ISA_AVX512) return BD_EINVAL;
-    if (p->sign || p->bits > 8) return BD_EINVAL;
-    if (!bd_lut_supported(p, isa)) return BD_EUNSUPPORTED;
-    /* the tables (kernel_lut_avx2.c): input rows widened by the left and right padding */
-    const int64_t tab[5] = {p->n, p->h, p->w + p->pad_left + p->pad_right, p->groups * bd_lut_nq(&gm),
-                            p->bits > 4 ? 32 : 16};
-    if (bd_checked_prod(tab, 5) < 0) return BD_EINVAL;
+    const int rc = check_lut_call(p, &gm, act, wlut, tap_sums, coeffs, bias, out, isa, bd_lut_supported, bd_lut_nq, 16);
+    if (rc != BD_OK) return rc;
     nthreads = useful_threads(p, &gm, nthreads);
     return (isa == BD_ISA_AVX512 ? bd_conv_lut_avx512vl : bd_conv_lut_avx2)(p, &gm, act, wlut, tap_sums, coeffs,
                                                                             bias, out, acc, nthreads);
-}
-
-/* ---------------------------------------------------------------------------------------------
- * Lookup-table kernel family with 64-entry tables (kernel_lut64_avx512.c) */
-
-int64_t bd_lut64_weight_bytes(const bd_conv_params *p)
-{
-    bd_geom gm;
-    if (bd_geom_weights(p, &gm) != BD_OK) return 0;
-    const int64_t f[5] = {p->groups, bd_lut64_npass(p, &gm), gm.taps, bd_lut64_ng(&gm), 256};
-    return bd_checked_prod(f, 5);
-}
-
-int bd_pack_weights_lut64(const bd_conv_params *p, const uint64_t *wpacked, uint8_t *wlut)
-{
-    bd_geom gm;
-    if (bd_geom_weights(p, &gm) != BD_OK || !wpacked || !wlut) return BD_EINVAL;
-    if (bd_lut64_weight_bytes(p) <= 0) return BD_EINVAL;
-    bd_lut64_pack_weights(p, &gm, wpacked, wlut);
-    return BD_OK;
-}
-
-int bd_lut64_supported(const bd_conv_params *p, int32_t isa)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    if (!p || p->sign || p->bits < 1 || p->bits > 8 || isa != BD_ISA_AVX512) return 0;
-    return bd_isa_supported(BD_ISA_AVX512) && __builtin_cpu_supports("avx512vbmi");
-#else
-    (void)p; (void)isa;
-    return 0;
-#endif
 }
 
 int bd_conv_lut64(const bd_conv_params *p, const uint64_t *act, const uint8_t *wlut,
@@ -301,13 +319,9 @@ int bd_conv_lut64(const bd_conv_params *p, const uint64_t *act, const uint8_t *w
                   int32_t *acc, int32_t isa, int32_t nthreads)
 {
     bd_geom gm;
-    if (check_conv_args(p, &gm, act, wlut, tap_sums, coeffs, bias, out) != BD_OK) return BD_EINVAL;
-    if (isa < BD_ISA_SCALAR || isa > BD_ISA_AVX512) return BD_EINVAL;
-    if (p->sign || p->bits > 8) return BD_EINVAL;
-    if (!bd_lut64_supported(p, isa)) return BD_EUNSUPPORTED;
-    const int64_t tab[5] = {p->n, p->h, p->w + p->pad_left + p->pad_right, p->groups * bd_lut64_ng(&gm),
-                            p->bits > 4 ? 128 : 64};
-    if (bd_checked_prod(tab, 5) < 0) return BD_EINVAL;
+    const int rc = check_lut_call(p, &gm, act, wlut, tap_sums, coeffs, bias, out, isa, bd_lut64_supported,
+                                  bd_lut64_ng, 64);
+    if (rc != BD_OK) return rc;
     nthreads = useful_threads(p, &gm, nthreads);
     return bd_conv_lut64_avx512(p, &gm, act, wlut, tap_sums, coeffs, bias, out, acc, nthreads);
 }
