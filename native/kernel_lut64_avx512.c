@@ -11,8 +11,11 @@
  * a 64-byte table that fills one zmm register, and each (channel, basis) lane indexes it with the
  * 6 weight bits of that (tap, group): one vpermb does 64 lanes × 6 channels where vpshufb does 32
  * × 4 (Intel Xeon with AVX-512: 2.2x the lane-channel rate of the 256-bit vpshufb loop in a
- * micro-benchmark).  Tables are 64 bytes per 6 channels (16 per 4 there), so small layers, whose
- * tables cost more than their lookups, stay on the other family: the runtime times both.
+ * micro-benchmark; whole layers 1.03–1.5x on 128–512-channel 3×3 layers, the flushes every two
+ * lookups and the tables taking the rest).  Tables are 64 bytes per 6 channels (16 per 4 there),
+ * so small layers, whose tables cost more than their lookups, stay on the other family: the
+ * runtime times both.  The driver (tables over widened rows, passes, epilogue) is
+ * lut_driver.inc, shared with kernel_lut_avx2.c; this file has the tables, passes and layouts.
  *
  * Counters: bytes for F = ⌊255 / (6·min(qmax, 15))⌋ steps (2 at Q = 4), then even / odd 16-bit
  * counters, then int32 lane sums: the lane sums S_j of the other kernels, the same epilogue, the
