@@ -31,7 +31,8 @@
  *           16-bit counters come out in).  Missing lanes and channels ≥ Cg are zero nibbles.
  *
  * AVX-512 machines run this same code (they all have AVX2): the family is ISA-independent above
- * the scalar reference.
+ * the scalar reference.  The driver (tables over widened rows, passes over each output row, the
+ * epilogue) is lut_driver.inc, shared with the 64-entry family of kernel_lut64_avx512.c.
  */
 #include "kernels.h"
 
