@@ -370,6 +370,7 @@ def per_layer_report(original_path: Path, dec_model, images: list[Path], recipe,
         r["ort_ms"] = ortt * 1e3 if ortt else None
         r["speedup"] = ortt / nat if nat and ortt else None
         bitops = row.get("_out_elems", 0) * row["depth"] * row["k"] * row["q"]
+        r["kernel"] = _settled_kernel(row["_step"])
         r["bit_ops"] = int(bitops)
         r["gbitops_per_s"] = bitops / nat / 1e9 if nat else None
         r["efficiency"] = bitops / nat / (peak * threads) if nat else None
@@ -380,6 +381,17 @@ def per_layer_report(original_path: Path, dec_model, images: list[Path], recipe,
             "popcount_peak_gbitops_per_thread": peak / 1e9, "layers": out_rows,
             "native_total_ms": sum(r["native_ms"] or 0 for r in out_rows),
             "ort_total_ms": sum(r["ort_ms"] or 0 for r in out_rows)}
+
+
+def _settled_kernel(step) -> str | None:
+    """How the runtime runs a layer after the first input of its shape: its kernel family (lut,
+    lut64, popcount, depthwise), "+patches" on packed patches; None if it never ran or has not
+    settled on one way."""
+    plans = list(step.plans.values())
+    if not plans or len(plans[0][0]) != 1:
+        return None
+    _, family, patches = plans[0][0][0]
+    return family + ("+patches" if patches else "")
 
 
 def _db(sig: float, noise: float) -> float | None:

@@ -110,11 +110,12 @@ def _table_md(head: list[str], rows: list[list[str]], align_first_left: bool = T
 
 def _layer_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     pl = report["per_layer"]
-    head = ["layer", "op", "k", "Q", "D", "SQNR dB (own)", "SQNR dB (cumulative)", "native ms", "ort fp32 ms",
-            "speed-up", "Gbit-op/s", "of peak"]
+    head = ["layer", "op", "k", "Q", "D", "kernel", "SQNR dB (own)", "SQNR dB (cumulative)", "native ms",
+            "ort fp32 ms", "speed-up", "Gbit-op/s", "of peak"]
     rows = []
     for r in pl["layers"]:
-        rows.append([r["name"], r["op"].replace("Bin", ""), r["k"], r["q"], r["depth"], _num(r["sqnr_db"], "{:.1f}"),
+        rows.append([r["name"], r["op"].replace("Bin", ""), r["k"], r["q"], r["depth"], r.get("kernel") or "–",
+                     _num(r["sqnr_db"], "{:.1f}"),
                      _num(r["sqnr_cumulative_db"], "{:.1f}"), _num(r["native_ms"], "{:.3f}"),
                      _num(r["ort_ms"], "{:.3f}"), _num(r["speedup"], "{:.2f}x"),
                      _num(r["gbitops_per_s"], "{:.0f}"), _pct(r["efficiency"])])
@@ -211,7 +212,8 @@ def markdown(report: dict, plots: dict[str, str]) -> str:
                   "SQNR = 10·log10(Σy² / Σ(y−ŷ)²). *native ms*: the native step (quantize, pack, AND/popcount, "
                   "scale) in batch-1 runs of the whole network; *ort fp32 ms*: the original layer alone in "
                   f"onnxruntime on the same input, timed in the same {pl['timing_rounds']} interleaved rounds with "
-                  f"{pl['threads']} thread(s). Bit-ops per image = output elements · D · k · Q (AND+popcount bit "
+                  f"{pl['threads']} thread(s). *kernel*: the kernel family the runtime settled on for the layer (the fastest "
+                  f"on the first input of its shape). Bit-ops per image = output elements · D · k · Q (AND+popcount bit "
                   f"positions); *of peak* = bit-op rate / (popcount peak measured now, "
                   f"{pl['popcount_peak_gbitops_per_thread']:.0f} Gbit-op/s per thread on {pl['isa']}, × threads).",
                   "", _table_md(h, r), "",

@@ -307,6 +307,7 @@ def test_cli_end_to_end_with_int8_and_per_layer(tmp_path, cls_models, cls_images
     for r in pl["layers"]:
         assert r["native_ms"] > 0 and r["ort_ms"] > 0 and r["bit_ops"] > 0
         assert r["sqnr_db"] is not None and (r["sqnr_db"] == "inf" or r["sqnr_db"] > 10)
+        assert r["kernel"].split("+")[0] in ("lut", "lut64", "popcount", "depthwise")  # what the runtime settled on
     md = (out / "report.md").read_text()
     assert "## Side by side" in md and "## Per layer" in md and "conv2" in md
     for f in rep["plots"]:
