@@ -471,8 +471,8 @@ def im2col_quantize_pack(
 
 
 # kernel family → (its C entry point, its chain step op)
-_FAMILY_C = {"popcount": ("bd_conv", "BD_STEP_CONV"), "lut": ("bd_conv_lut", "BD_STEP_CONV_LUT"),
-             "lut64": ("bd_conv_lut64", "BD_STEP_CONV_LUT64")}
+_FAMILY_C = {"popcount": (lib.bd_conv, lib.BD_STEP_CONV), "lut": (lib.bd_conv_lut, lib.BD_STEP_CONV_LUT),
+             "lut64": (lib.bd_conv_lut64, lib.BD_STEP_CONV_LUT64)}
 
 
 class PackedConv:
@@ -735,7 +735,7 @@ class PackedConv:
         p, fam, wptr, oshape, _, _, nthreads, isa_id = plan
         if residual is not None or not clamp:
             p = _call_params(p, residual, oshape, clamp)
-        rc = getattr(lib, _FAMILY_C[fam][0])(
+        rc = _FAMILY_C[fam][0](
                 p, ffi.from_buffer("uint64_t[]", act), wptr, self._ts_ptr, self._coeffs_ptr,
                 self._bias_ptr, ffi.from_buffer("float[]", out),
                 ffi.NULL if acc is None else ffi.from_buffer("int32_t[]", acc), isa_id, nthreads)
@@ -924,8 +924,7 @@ class Chain:
     def concat(self, refs: list[int]) -> int:
         """A buffer whose consecutive parts are the outputs `refs` of conv steps (none already
         part of another concat): for batch 1, their concatenation along the channel axis."""
-        conv_ops = {getattr(lib, op) for _, op in _FAMILY_C.values()}
-        conv_outputs = {f["dst"] for f in self._fields if f["op"] in conv_ops}
+        conv_outputs = {f["dst"] for f in self._fields if f["op"] in {op for _, op in _FAMILY_C.values()}}
         if len(set(refs)) != len(refs) or any(r not in conv_outputs or r in self._parts for r in refs):
             raise ValueError("concat parts must be distinct conv outputs of this chain, not already concatenated")
         whole = self._buffer(sum(self._sizes[r] for r in refs))
@@ -958,7 +957,7 @@ class Chain:
                                                                      zero_point)
         self._keep_alive += [p, kernel]
         out = self._buffer(4 * math.prod(oshape))
-        self._add(op=getattr(lib, _FAMILY_C[fam][1]), nthreads=nthreads, src=act, dst=out,
+        self._add(op=_FAMILY_C[fam][1], nthreads=nthreads, src=act, dst=out,
                   residual=lib.BD_NO_BUFFER if residual is None else residual, params=p, weights=wptr,
                   tap_sums=kernel._ts_ptr, coeffs=kernel._coeffs_ptr, bias=kernel._bias_ptr, isa=isa_id)
         return out, oshape

@@ -33,16 +33,10 @@
  */
 #include "kernels.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-
-#pragma GCC target("avx2,popcnt,avx512f,avx512vl,avx512bw,avx512vbmi")
-#include <immintrin.h>
-#include <stdlib.h>
 #include <string.h>
 
-#include "output_transform.h"
-#include "epilogue_avx2.h"
-
+/* The layout (and the passes' shape) and its helpers: plain C, built on every platform, where
+ * select_kernel.c sizes and packs the weights with them. */
 #define LUT_BLOCKS 4  /* 64-lane blocks per pass */
 #define LUT_MAX_PX 4  /* output pixels per pass (sharing the weight loads) */
 #define LUT_MAX_ACC 8 /* NP·R: byte counters, their 16-bit pairs, R weights and a table fit 32 zmm */
@@ -78,6 +72,15 @@ void bd_lut64_pack_weights(const bd_conv_params *p, const bd_geom *gm, const uin
                 }
         }
 }
+
+#if defined(__x86_64__) || defined(__i386__)
+
+#pragma GCC target("avx2,popcnt,avx512f,avx512vl,avx512bw,avx512vbmi")
+#include <immintrin.h>
+#include <stdlib.h>
+
+#include "output_transform.h"
+#include "epilogue_avx2.h"
 
 /* P[m][idx] = popcount(m & idx): the table of one bit plane's 6 bits m */
 #define P1(m, i) (uint8_t)__builtin_popcount((unsigned)(m) & (unsigned)(i))
@@ -250,12 +253,6 @@ static const lut64_pass_fn lut64_passes[3][LUT_BLOCKS + 1] = {
 
 #else /* not x86 */
 
-int64_t bd_lut64_ng(const bd_geom *gm) { return (gm->cg + 5) / 6; }
-int64_t bd_lut64_npass(const bd_conv_params *p, const bd_geom *gm) { return (gm->coutg * p->k + 255) / 256; }
-void bd_lut64_pack_weights(const bd_conv_params *p, const bd_geom *gm, const uint64_t *wpacked, uint8_t *wl)
-{
-    (void)p; (void)gm; (void)wpacked; (void)wl;
-}
 int bd_conv_lut64_avx512(const bd_conv_params *p, const bd_geom *gm, const uint64_t *act, const uint8_t *wl,
                          const int32_t *tap_sums, const float *coeffs, const float *bias, float *out, int32_t *acc,
                          int32_t nthreads)
