@@ -406,6 +406,13 @@ class FrontierPasses:
         # too large: the next pass runs from the images and keeps its own frontier if that fits
         self.kept = kept if sum(a.nbytes for v in kept.values() for a in v) <= self.max_bytes else {}
 
+    def restart(self) -> None:
+        """Forget the kept values: a layer whose inputs earlier passes computed has changed
+        (reconstruct.py refits a pair's first layer after its second layer's pass), so the next
+        pass runs from the images."""
+        if self.kept is not None:
+            self.kept, self.done = {}, set()
+
     def _run(self, model, nodes, feeds, wanted) -> list[dict[str, np.ndarray]]:
         first = {t: (self.chunks[0][0] if t == self.input_name else self.kept[t][0]) for t in feeds}
         sess = _session(submodel(model, nodes, input_infos(first), wanted), [], self.threads)

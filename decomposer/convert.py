@@ -15,7 +15,8 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from bdecomp.decomposer import allocate, calibrate, decompose, feed, load, probe, refine, rewrite, simplify, speed
+from bdecomp.decomposer import (allocate, calibrate, decompose, feed, load, probe, reconstruct, refine, rewrite,
+                                 simplify, speed)
 from bdecomp.decomposer.feed import model_input
 from bdecomp.decomposer.fit import data_aware_fits, fit_layer, output_fits, refit_codes
 from bdecomp.decomposer.config import SKIPPED, LayerSetting, load_layer_config
@@ -475,7 +476,8 @@ def _cost_grid(L: rewrite.Layer) -> np.ndarray:
     return allocate.cost_grid(L.weight_shape[1] if L.op == "Conv" else L.depth)
 
 
-def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, progress, cheap_only=False):
+def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, progress, cheap_only=False,
+                      blocks=True):
     """fit.refit_codes for every layer in graph order, each fed by the network with the layers
     before it decomposed (their refitted codes included); updates the rows' weight errors (their
     output errors stay those of the first fit, on float inputs). Layers beyond the data-aware
@@ -490,16 +492,38 @@ def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, pro
     passes = calibrate.FrontierPasses(read, in_memory, feed.model_input(model)[0], feed.input_dtype(model), batch, threads)
     todo = [i for i, p in enumerate(plans) if p.qparams is not None and samplers.get(p.layer.name) is not None
             and samplers[p.layer.name].count and data_aware_fits(p.layer, p.dec.k)]
-    with _progress(len(todo), "refitting to decomposed inputs", progress) as bar:
+    pairs = [p for p in reconstruct.find_pairs(model, plans) if p.a in todo and p.b in todo] if blocks else []
+    nested = {p: reconstruct.NestedSampler(plans[p.a].layer, plans[p.b].layer,
+                                           max(16, -(-reconstruct.nested_cap(plans[p.a].layer, plans[p.b].layer)
+                                                     // max(1, len(images)))), seed=p.a)
+              for p in pairs}
+    targets = {p: reconstruct.TargetSampler(s) for p, s in nested.items()}
+    if targets:  # the float network's outputs of every pair's second layer: one pass
+        calibrate.collect_stats(simplify.upstream(model, [t.tensor for t in targets.values()]), [], read(),
+                                threads=threads, samplers=list(targets.values()))
+    with _progress(len(todo) + len(pairs), "refitting to decomposed inputs", progress) as bar:
         for run in _shared_passes(model, [plans[i].layer for i in todo]):
             first = todo[run[0]]
             fresh = {todo[r]: samplers[plans[todo[r]].layer.name].fresh() for r in run}
+            blocks_here = [nested[p] for p in pairs if p.a in fresh]
             partly = rewrite.rewrite(model, plans[:first]) if first else model
-            passes.sample(partly, list(fresh.values()))
+            passes.sample(partly, list(fresh.values()) + blocks_here)
             for i, seq in fresh.items():
                 plan = plans[i]
                 plans[i] = replace(plan, dec=refit_codes(plan, samplers[plan.layer.name].patches(), seq.patches()))
                 rows[i].weight_error = decompose.total_relative_error(plan.layer.weight, plans[i].dec)
+                bar.update(1)
+            for p in (p for p in pairs if p.b in fresh):
+                patches, valid = nested.pop(p).arrays()
+                (target,) = targets.pop(p).arrays()
+                if len(target) == len(patches):
+                    dec_a, dec_b, _, _ = reconstruct.reconstruct_pair(plans[p.a], plans[p.b], patches, valid, target,
+                                                                      seed=p.a)
+                    if dec_a is not plans[p.a].dec:  # the passes kept values computed with the old A
+                        passes.restart()
+                    for i, dec in ((p.a, dec_a), (p.b, dec_b)):
+                        plans[i] = replace(plans[i], dec=dec)
+                        rows[i].weight_error = decompose.total_relative_error(plans[i].layer.weight, dec)
                 bar.update(1)
     return plans, True
 
