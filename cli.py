@@ -130,14 +130,17 @@ def main() -> None:
               help="refit each layer's bases, in graph order, to the inputs the layers before it produce once "
                    "decomposed (about one more run of the network over the calibration images). Default: on "
                    "with --calib and --method data when the decoded calibration images fit in 1 GiB")
+@click.option("--block-reconstruction/--no-block-reconstruction", default=True, show_default=True,
+              help="within the sequential refit, refit each convolution together with the convolution that reads "
+                   "its ReLU, to the second one's float output (about 1-8 s per pair)")
 @click.option("--layer-config", type=click.Path(path_type=Path), help="per-layer k/q/skip (JSON or TOML)")
 @click.option("--report", type=click.Path(path_type=Path), help="write the conversion report as JSON")
 @click.option("--threads", type=int, help="onnxruntime threads during calibration")
 @click.option("--quiet", is_flag=True, help="no progress bars and no table")
 @_recipe_options
 def convert(model, output, bases, act_bits, calib, calib_limit, range_method, act_scales, method, bias_correction, budget,
-            target_drop, min_depth, float_when_faster, speed_profile, sequential, layer_config, report, threads, quiet,
-            **kw):
+            target_drop, min_depth, float_when_faster, speed_profile, sequential, block_reconstruction, layer_config, report,
+            threads, quiet, **kw):
     """Decompose MODEL into binary bases + quantized inputs; writes a standard ONNX file."""
     from bdecomp.decomposer.convert import convert as run_convert
 
@@ -146,7 +149,7 @@ def convert(model, output, bases, act_bits, calib, calib_limit, range_method, ac
                       bias_correction=bias_correction, budget=budget, target_drop=target_drop,
                       min_depth=min_depth, float_when_faster=float_when_faster, recipe_overrides=_overrides(kw),
                       progress=not quiet, report_path=report, threads=threads, sequential=sequential,
-                      speed_profile=speed_profile)
+                      block_reconstruction=block_reconstruction, speed_profile=speed_profile)
     if not quiet:
         click.echo(rep.table())
     else:

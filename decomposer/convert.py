@@ -95,6 +95,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
             budget: float | None = None, target_drop: float | None = None, min_depth: int = MIN_DEPTH,
             float_when_faster: bool = False, recipe_overrides: dict[str, Any] | None = None, progress: bool = True,
             report_path: str | Path | None = None, threads: int | None = None, sequential: bool | None = None,
+            block_reconstruction: bool = True,
             speed_profile: str | Path | speed.SpeedProfile | None = None) -> Report:
     """Decompose `model_path` and write the decomposed ONNX file; returns the conversion report.
 
@@ -103,6 +104,8 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     (fit.refit_codes). None (default): when the data-aware fit runs and the decoded calibration
     images fit in memory (`_kept_batches`), where its passes cost about one more run of the
     network over them; True asks for it whatever that costs, False never.
+    block_reconstruction: within that refit, each convolution whose ReLU only the next convolution
+    reads is refitted together with it to the second one's float output (reconstruct.py).
 
     method "data" (with calibration images) fits each layer's bases to its output on calibration
     patches seen through its own quantizer; "weight" is the original weight-only fit.
@@ -272,9 +275,10 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
                                                                 profile, neighbours)
     plans, rows = _fit_all(chosen, qparams, samplers, method, bias_correction, progress)
     refitted = False
+    blocks = 0
     if sequential is not False and samplers and method == "data":  # (no layer left to decompose: nothing to refit)
-        plans, refitted = _refit_sequential(model, plans, rows, samplers, images, recipe, threads, progress,
-                                            cheap_only=sequential is None)
+        plans, refitted, blocks = _refit_sequential(model, plans, rows, samplers, images, recipe, threads, progress,
+                                                    cheap_only=sequential is None, blocks=block_reconstruction)
     out = rewrite.rewrite(model, plans)
     meta = {"version": "1", "recipe": recipe.to_json(), "source_sha256": registry.file_sha256(model_path),
             "options": json.dumps({"calib_images": n_calib,
@@ -283,6 +287,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
                                    "range_method": used_range,
                                    "act_scales": act_scales if n_calib else "tensor",
                                    "sequential": refitted,
+                                   "block_pairs": blocks,
                                    **({"speed_profile": profile.machine} if float_when_faster else {})},
                                   sort_keys=True)}
     meta.update({k: str(v) for k, v in info.items()})
@@ -482,13 +487,16 @@ def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, pro
     before it decomposed (their refitted codes included); updates the rows' weight errors (their
     output errors stay those of the first fit, on float inputs). Layers beyond the data-aware
     fit's limits (fit.data_aware_fits: big FC layers) keep their bases. Layers in a row whose
-    inputs do not depend on each other's outputs share a pass (`_shared_passes`). Returns (plans,
-    whether it refitted): with `cheap_only`, not when the calibration images do not fit in memory
-    (every pass would decode them and run the network from them)."""
+    inputs do not depend on each other's outputs share a pass (`_shared_passes`). With `blocks`, a
+    pair (reconstruct.find_pairs) is refitted together right after its second layer: its first
+    layer's pass also samples reconstruct.NestedSampler, one float pass beforehand the targets.
+    Returns (plans, whether it refitted, how many pairs the block refit changed): with
+    `cheap_only`, not when the calibration images do not fit in memory (every pass would decode
+    them and run the network from them)."""
     batch = feed.fixed_batch(model)
     read, in_memory = _kept_batches(images, recipe, batch or 1)
     if cheap_only and not in_memory:
-        return plans, False
+        return plans, False, 0
     passes = calibrate.FrontierPasses(read, in_memory, feed.model_input(model)[0], feed.input_dtype(model), batch, threads)
     todo = [i for i, p in enumerate(plans) if p.qparams is not None and samplers.get(p.layer.name) is not None
             and samplers[p.layer.name].count and data_aware_fits(p.layer, p.dec.k)]
@@ -501,6 +509,7 @@ def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, pro
     if targets:  # the float network's outputs of every pair's second layer: one pass
         calibrate.collect_stats(simplify.upstream(model, [t.tensor for t in targets.values()]), [], read(),
                                 threads=threads, samplers=list(targets.values()))
+    refitted_pairs = 0
     with _progress(len(todo) + len(pairs), "refitting to decomposed inputs", progress) as bar:
         for run in _shared_passes(model, [plans[i].layer for i in todo]):
             first = todo[run[0]]
@@ -521,11 +530,12 @@ def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, pro
                                                                       seed=p.a)
                     if dec_a is not plans[p.a].dec:  # the passes kept values computed with the old A
                         passes.restart()
+                        refitted_pairs += 1
                     for i, dec in ((p.a, dec_a), (p.b, dec_b)):
                         plans[i] = replace(plans[i], dec=dec)
                         rows[i].weight_error = decompose.total_relative_error(plans[i].layer.weight, dec)
                 bar.update(1)
-    return plans, True
+    return plans, True, refitted_pairs
 
 
 def _shared_passes(model: onnx.ModelProto, layers: list[rewrite.Layer]) -> list[list[int]]:

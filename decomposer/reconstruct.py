@@ -25,8 +25,8 @@ import onnx
 from bdecomp.decomposer import calibrate, decompose, fold
 from bdecomp.decomposer.rewrite import Layer, Plan
 
-ITERATIONS = 1000
-LEARNING_RATE = 0.03
+ITERATIONS = 500
+LEARNING_RATE = 0.05
 BATCH = 256
 REGULARISER = 0.01  # weight of the rounding regulariser, per weight, against the relative output error
 WARMUP = 0.2  # fraction of the iterations without the regulariser
@@ -50,7 +50,9 @@ def _out_size(size: int, k: int, stride: int, pad: int, dilation: int) -> int:
 
 def find_pairs(model: onnx.ModelProto, plans: list[Plan]) -> list[Pair]:
     """The (A, B) pairs block reconstruction handles: ungrouped convolutions, both with calibrated
-    quantizers, A's output read only by a Relu whose output only B reads."""
+    quantizers, A's output read only by a Relu whose output only B reads. In a chain of such
+    layers (VGG) the pairs do not overlap: a pair's samples of A's inputs are taken before the
+    pair before it is refitted, so a layer in two pairs would be fitted to stale inputs."""
     readers: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:
         for t in set(n.input):
@@ -59,7 +61,8 @@ def find_pairs(model: onnx.ModelProto, plans: list[Plan]) -> list[Pair]:
     by_input: dict[str, list[int]] = {}
     for i, p in enumerate(plans):
         by_input.setdefault(p.layer.input, []).append(i)
-    pairs = []
+    pairs: list[Pair] = []
+    taken: set[int] = set()
     for i, p in enumerate(plans):
         r = readers.get(p.layer.output, [])
         if len(r) != 1 or r[0].op_type != "Relu" or p.layer.output in graph_outputs:
@@ -70,8 +73,9 @@ def find_pairs(model: onnx.ModelProto, plans: list[Plan]) -> list[Pair]:
         j = by_input[act][0]
         A, B = p.layer, plans[j].layer
         if (A.op == B.op == "Conv" and A.group == B.group == 1 and p.qparams is not None
-                and plans[j].qparams is not None and j > i):
+                and plans[j].qparams is not None and j > i and i not in taken):
             pairs.append(Pair(i, j))
+            taken.add(j)
     return pairs
 
 

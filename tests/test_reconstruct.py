@@ -1,0 +1,153 @@
+"""Block reconstruction (`reconstruct.py`): a convolution and the convolution that reads its ReLU
+refitted together to the second one's float output."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import conv_node, make_images, make_model, run_onnx, save_model, weights
+
+import bdecomp
+from bdecomp.decomposer import calibrate, reconstruct
+from bdecomp.decomposer.fit import fit_layer
+from bdecomp.decomposer.rewrite import Plan, find_layers
+
+
+def _pair_model(stride: int = 1, n: int = 1, extra_reader: bool = False, inner: bool = True) -> onnx.ModelProto:
+    """conv a (3×3, 3 → 16) → Relu → conv b (3×3, 16 → 12, pad 1); outputs y (b's), and with
+    `inner` also c0 (a's) and r."""
+    rng = np.random.default_rng(11)
+    nodes = [conv_node("x", "wa", "c0", "ba", name="a", pads=[1, 1, 1, 1], strides=[stride, stride]),
+             onnx.helper.make_node("Relu", ["c0"], ["r"], name="relu"),
+             conv_node("r", "wb", "y", "bb", name="b", pads=[1, 1, 1, 1])]
+    outputs = ["y", "c0", "r"] if inner else ["y"]
+    if extra_reader:
+        nodes.append(onnx.helper.make_node("Sigmoid", ["r"], ["s"], name="other"))
+        outputs.append("s")
+    inits = {"wa": weights(rng, 16, 3, 3, 3), "ba": np.full(16, 0.05, np.float32),
+             "wb": weights(rng, 12, 16, 3, 3), "bb": np.full(12, -0.02, np.float32)}
+    return make_model(nodes, inits, [n, 3, 12, 12], outputs)
+
+
+def _images(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.maximum(rng.standard_normal((n, 3, 12, 12)), 0).astype(np.float32)
+
+
+def _plans(model, k: int, q: int, x: np.ndarray) -> list[Plan]:
+    """Each layer fitted on its own float inputs (the layer-by-layer data-aware fit)."""
+    layers, _ = find_layers(model)
+    feeds = {"x": x, "r": run_onnx(model, x)[2]}
+    plans = []
+    for i, L in enumerate(layers):
+        sp = calibrate.PatchSampler(L.input, L.depth, "Conv", (3, 3), L.strides, L.pads, seed=i, per_image=64)
+        sp.update(feeds[L.input])
+        qp = calibrate.qparams_from_range(0.0, float(feeds[L.input].max()), q)
+        dec, L2, _ = fit_layer(L, k, qp, sp, "data", True)
+        plans.append(Plan(L2, dec, q, qp))
+    return plans
+
+
+def _samples(model, plans, x: np.ndarray, seed: int):
+    A, B = plans[0].layer, plans[1].layer
+    nested = reconstruct.NestedSampler(A, B, per_image=200, seed=seed)
+    target = reconstruct.TargetSampler(nested)
+    nested.update(x)
+    target.update(run_onnx(model, x)[0])
+    return (*nested.arrays(), *target.arrays())
+
+
+def test_pairs_are_a_convolution_whose_relu_only_the_next_convolution_reads():
+    def pairs(model):
+        return reconstruct.find_pairs(model, [Plan(L, None, 4, calibrate.QParams(0.1, 0, 4))
+                                              for L in find_layers(model)[0]])
+
+    assert pairs(_pair_model(inner=False)) == [reconstruct.Pair(0, 1)]
+    assert pairs(_pair_model(inner=False, extra_reader=True)) == []  # the ReLU has another reader
+    assert pairs(_pair_model(inner=True)) == []  # a's output and its ReLU are model outputs
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_nested_patches_rebuild_the_second_layers_float_output_at_the_sampled_positions(stride):
+    """A's patches around each sampled position of B's output, through A, ReLU (padding where a
+    tap falls outside B's input) and B, give the float network's output there: the two samplers
+    agree on the positions and the patch layout is A's and B's (c, ky, kx) order."""
+    model = _pair_model(stride, n=3)
+    x = _images(3, 1)
+    A, B = find_layers(model)[0]
+    P, valid, Y = _samples(model, [Plan(A, None, 4, None), Plan(B, None, 4, None)], x, seed=3)
+    side = 12 // stride
+    assert len(P) == len(Y) == min(3 * 200, 3 * side * side) and not valid.all()
+    h = np.maximum(P @ A.weight.T + A.bias, 0) * valid[..., None]  # [m, taps, 16]
+    y = h.transpose(0, 2, 1).reshape(len(h), -1) @ B.weight.T + B.bias
+    np.testing.assert_allclose(y, Y, rtol=1e-4, atol=1e-4)
+
+
+def _block_error(plans, P, valid, Y) -> float:
+    A, B = plans
+    block = reconstruct._Block(A, B)
+    x = reconstruct._layer_input(P, A)
+    return reconstruct._error(block, x, valid, Y, A.dec.reconstruct().astype(np.float32),
+                              B.dec.reconstruct().astype(np.float32))
+
+
+def test_refitting_both_layers_together_lowers_the_second_layers_error_on_unseen_images():
+    model = _pair_model(n=8)
+    calib, unseen = _images(8, 2), _images(8, 3)
+    plans = _plans(model, 2, 4, calib)
+    fit = _samples(model, plans, calib, seed=4)
+    dec_a, dec_b, before, after = reconstruct.reconstruct_pair(*plans, *fit, iterations=300)
+    assert after < before
+    joint = [Plan(p.layer, d, p.q, p.qparams) for p, d in zip(plans, (dec_a, dec_b))]
+    test = _samples(model, plans, unseen, seed=5)
+    assert _block_error(joint, *test) < 0.9 * _block_error(plans, *test)
+
+
+def test_the_refit_keeps_each_layers_scales_and_code_width():
+    model = _pair_model(n=8)
+    calib = _images(8, 2)
+    plans = _plans(model, 3, 4, calib)
+    dec_a, dec_b, _, _ = reconstruct.reconstruct_pair(*plans, *_samples(model, plans, calib, seed=4), iterations=100)
+    for plan, dec in zip(plans, (dec_a, dec_b)):
+        np.testing.assert_array_equal(dec.coeffs, plan.dec.coeffs)
+        assert dec.k == plan.dec.k and dec.codes.dtype == np.uint8 and dec.codes.max() < 1 << dec.k
+
+
+def test_a_refit_that_cannot_lower_the_held_out_error_returns_the_codes_it_started_from():
+    """Target: the decomposed block's own output, which its current codes already meet exactly."""
+    model = _pair_model(n=8)
+    calib = _images(8, 2)
+    plans = _plans(model, 2, 4, calib)
+    P, valid, _ = _samples(model, plans, calib, seed=4)
+    A, B = plans
+    own, _ = reconstruct._Block(A, B).forward(reconstruct._layer_input(P, A), valid,
+                                                A.dec.reconstruct().astype(np.float32),
+                                                B.dec.reconstruct().astype(np.float32))
+    dec_a, dec_b, before, after = reconstruct.reconstruct_pair(A, B, P, valid, own, iterations=50)
+    assert dec_a is A.dec and dec_b is B.dec and after == before == 0.0
+
+
+def test_conversion_refits_pairs_only_when_asked(tmp_path):
+    src = save_model(_pair_model(inner=False), tmp_path / "pair.onnx")
+    calib = make_images(tmp_path / "calib", 6, (12, 12), seed=7)
+    opts = dict(bases=2, act_bits=4, calib=calib, progress=False, min_depth=0, sequential=True)
+    bdecomp.convert(src, tmp_path / "off.onnx", block_reconstruction=False, **opts)
+    bdecomp.convert(src, tmp_path / "on.onnx", **opts)
+    bdecomp.convert(src, tmp_path / "again.onnx", **opts)
+    on, off, again = ((tmp_path / f"{n}.onnx").read_bytes() for n in ("on", "off", "again"))
+    assert on != off and on == again
+
+
+def test_pairs_in_a_chain_of_convolutions_do_not_share_a_layer():
+    rng = np.random.default_rng(12)
+    nodes, inits, x = [], {}, "x"
+    for i in range(5):
+        nodes += [conv_node(x, f"w{i}", f"c{i}", name=f"conv{i}", pads=[1, 1, 1, 1]),
+                  onnx.helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}")]
+        inits[f"w{i}"] = weights(rng, 8, 3 if i == 0 else 8, 3, 3)
+        x = f"r{i}"
+    nodes.append(onnx.helper.make_node("GlobalAveragePool", [x], ["y"], name="gap"))
+    model = make_model(nodes, inits, [1, 3, 8, 8])
+    plans = [Plan(L, None, 4, calibrate.QParams(0.1, 0, 4)) for L in find_layers(model)[0]]
+    assert reconstruct.find_pairs(model, plans) == [reconstruct.Pair(0, 1), reconstruct.Pair(2, 3)]
