@@ -104,8 +104,8 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     (fit.refit_codes). None (default): when the data-aware fit runs and the decoded calibration
     images fit in memory (`_kept_batches`), where its passes cost about one more run of the
     network over them; True asks for it whatever that costs, False never.
-    block_reconstruction: within that refit, each convolution whose ReLU only the next convolution
-    reads is refitted together with it to the second one's float output (reconstruct.py).
+    block_reconstruction: within that refit, each convolution whose ReLU only convolutions read is
+    refitted together with them to their float outputs (reconstruct.py).
 
     method "data" (with calibration images) fits each layer's bases to its output on calibration
     patches seen through its own quantizer; "weight" is the original weight-only fit.
@@ -275,10 +275,11 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
                                                                 profile, neighbours)
     plans, rows = _fit_all(chosen, qparams, samplers, method, bias_correction, progress)
     refitted = False
-    blocks = 0
+    n_blocks = 0
     if sequential is not False and samplers and method == "data":  # (no layer left to decompose: nothing to refit)
-        plans, refitted, blocks = _refit_sequential(model, plans, rows, samplers, images, recipe, threads, progress,
-                                                    cheap_only=sequential is None, blocks=block_reconstruction)
+        plans, refitted, n_blocks = _refit_sequential(model, plans, rows, samplers, images, recipe, threads, progress,
+                                                    cheap_only=sequential is None,
+                                                    block_reconstruction=block_reconstruction)
     out = rewrite.rewrite(model, plans)
     meta = {"version": "1", "recipe": recipe.to_json(), "source_sha256": registry.file_sha256(model_path),
             "options": json.dumps({"calib_images": n_calib,
@@ -287,7 +288,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
                                    "range_method": used_range,
                                    "act_scales": act_scales if n_calib else "tensor",
                                    "sequential": refitted,
-                                   "block_pairs": blocks,
+                                   "blocks": n_blocks,
                                    **({"speed_profile": profile.machine} if float_when_faster else {})},
                                   sort_keys=True)}
     meta.update({k: str(v) for k, v in info.items()})
@@ -482,15 +483,15 @@ def _cost_grid(L: rewrite.Layer) -> np.ndarray:
 
 
 def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, progress, cheap_only=False,
-                      blocks=True):
+                      block_reconstruction=True):
     """fit.refit_codes for every layer in graph order, each fed by the network with the layers
     before it decomposed (their refitted codes included); updates the rows' weight errors (their
     output errors stay those of the first fit, on float inputs). Layers beyond the data-aware
     fit's limits (fit.data_aware_fits: big FC layers) keep their bases. Layers in a row whose
-    inputs do not depend on each other's outputs share a pass (`_shared_passes`). With `blocks`, a
-    pair (reconstruct.find_pairs) is refitted together right after its second layer: its first
+    inputs do not depend on each other's outputs share a pass (`_shared_passes`). With
+    `block_reconstruction`, a block (reconstruct.find_blocks) is refitted together right after its last reader: its first
     layer's pass also samples reconstruct.NestedSampler, one float pass beforehand the targets.
-    Returns (plans, whether it refitted, how many pairs the block refit changed): with
+    Returns (plans, whether it refitted, how many blocks the refit changed): with
     `cheap_only`, not when the calibration images do not fit in memory (every pass would decode
     them and run the network from them)."""
     batch = feed.fixed_batch(model)
@@ -500,42 +501,47 @@ def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, pro
     passes = calibrate.FrontierPasses(read, in_memory, feed.model_input(model)[0], feed.input_dtype(model), batch, threads)
     todo = [i for i, p in enumerate(plans) if p.qparams is not None and samplers.get(p.layer.name) is not None
             and samplers[p.layer.name].count and data_aware_fits(p.layer, p.dec.k)]
-    pairs = [p for p in reconstruct.find_pairs(model, plans) if p.a in todo and p.b in todo] if blocks else []
-    nested = {p: reconstruct.NestedSampler(plans[p.a].layer, plans[p.b].layer,
-                                           max(16, -(-reconstruct.nested_cap(plans[p.a].layer, plans[p.b].layer)
-                                                     // max(1, len(images)))), seed=p.a)
-              for p in pairs}
-    targets = {p: reconstruct.TargetSampler(s) for p, s in nested.items()}
-    if targets:  # the float network's outputs of every pair's second layer: one pass
-        calibrate.collect_stats(simplify.upstream(model, [t.tensor for t in targets.values()]), [], read(),
-                                threads=threads, samplers=list(targets.values()))
-    refitted_pairs = 0
-    with _progress(len(todo) + len(pairs), "refitting to decomposed inputs", progress) as bar:
+    blocks = [b for b in reconstruct.find_blocks(model, plans, rewrite.find_layers(model)[0])
+              if b.a in todo and set(b.readers) <= set(todo)] if block_reconstruction else []
+    nested, targets = {}, {}
+    for b in blocks:
+        A, readers = plans[b.a].layer, [plans[j].layer for j in b.readers] + list(b.fixed)
+        cap = reconstruct.nested_cap(A, readers)
+        nested[b] = reconstruct.NestedSampler(A, readers, max(16, -(-cap // max(1, len(images)))), seed=b.a)
+        targets[b] = [reconstruct.TargetSampler(nested[b], L) for L in readers]
+    if targets:  # the float network's outputs of every block's readers: one pass
+        wanted = [t for ts in targets.values() for t in ts]
+        calibrate.collect_stats(simplify.upstream(model, [t.tensor for t in wanted]), [], read(),
+                                threads=threads, samplers=wanted)
+    changed = 0
+    with _progress(len(todo) + len(blocks), "refitting to decomposed inputs", progress) as bar:
         for run in _shared_passes(model, [plans[i].layer for i in todo]):
             first = todo[run[0]]
             fresh = {todo[r]: samplers[plans[todo[r]].layer.name].fresh() for r in run}
-            blocks_here = [nested[p] for p in pairs if p.a in fresh]
             partly = rewrite.rewrite(model, plans[:first]) if first else model
-            passes.sample(partly, list(fresh.values()) + blocks_here)
+            passes.sample(partly, list(fresh.values()) + [nested[b] for b in blocks if b.a in fresh])
             for i, seq in fresh.items():
                 plan = plans[i]
                 plans[i] = replace(plan, dec=refit_codes(plan, samplers[plan.layer.name].patches(), seq.patches()))
                 rows[i].weight_error = decompose.total_relative_error(plan.layer.weight, plans[i].dec)
                 bar.update(1)
-            for p in (p for p in pairs if p.b in fresh):
-                patches, valid = nested.pop(p).arrays()
-                (target,) = targets.pop(p).arrays()
-                if len(target) == len(patches):
-                    dec_a, dec_b, _, _ = reconstruct.reconstruct_pair(plans[p.a], plans[p.b], patches, valid, target,
-                                                                      seed=p.a)
-                    if dec_a is not plans[p.a].dec:  # the passes kept values computed with the old A
+            for b in (b for b in blocks if b.last in fresh):
+                sampler = nested.pop(b)
+                patches, valid = sampler.arrays()
+                ys = [t.arrays()[0] for t in targets.pop(b)]
+                if all(len(y) == len(patches) for y in ys):
+                    readers = [plans[j] for j in b.readers]
+                    taps = [sampler.tap_index(L) for L in [p.layer for p in readers] + list(b.fixed)]
+                    decs, _, _ = reconstruct.reconstruct_block(plans[b.a], readers, list(b.fixed), taps, patches,
+                                                               valid, ys, seed=b.a)
+                    if decs[0] is not plans[b.a].dec:  # the passes kept values computed with the old A
                         passes.restart()
-                        refitted_pairs += 1
-                    for i, dec in ((p.a, dec_a), (p.b, dec_b)):
+                        changed += 1
+                    for i, dec in zip((b.a,) + b.readers, decs):
                         plans[i] = replace(plans[i], dec=dec)
                         rows[i].weight_error = decompose.total_relative_error(plans[i].layer.weight, dec)
                 bar.update(1)
-    return plans, True, refitted_pairs
+    return plans, True, changed
 
 
 def _shared_passes(model: onnx.ModelProto, layers: list[rewrite.Layer]) -> list[list[int]]:

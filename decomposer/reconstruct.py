@@ -16,7 +16,6 @@ the file layout and the kernels are unchanged). Pure numpy on samples the sequen
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,51 +35,77 @@ HELD_OUT = 0.2  # share of the samples that only judge the result: kept only if 
 MAX_BYTES = 96 << 20  # nested patches per pair
 
 
-@dataclass(frozen=True)
-class Pair:
-    """Plans a and b (indexes): b's input is ReLU(a's output), read by nothing else."""
+@dataclass(frozen=True, eq=False)  # (keys of the sequential refit's samplers, by identity)
+class Block:
+    """A layer (plan index `a`) and the layers reading ReLU(a's output), which nothing else reads:
+    decomposed ones (plan indexes `readers`) and ones left float (`fixed`: their Layers), the
+    latter fitted for too (their output error counts) but not changed."""
 
     a: int
-    b: int
+    readers: tuple[int, ...]
+    fixed: tuple[Layer, ...] = ()
+
+    @property
+    def last(self) -> int:
+        """The plan after whose refit the block is refitted."""
+        return max(self.readers)
 
 
 def _out_size(size: int, k: int, stride: int, pad: int, dilation: int) -> int:
     return (size + pad - dilation * (k - 1) - 1) // stride + 1
 
 
-def find_pairs(model: onnx.ModelProto, plans: list[Plan]) -> list[Pair]:
-    """The (A, B) pairs block reconstruction handles: ungrouped convolutions, both with calibrated
-    quantizers, A's output read only by a Relu whose output only B reads. In a chain of such
-    layers (VGG) the pairs do not overlap: a pair's samples of A's inputs are taken before the
-    pair before it is refitted, so a layer in two pairs would be fitted to stale inputs."""
+def _taps(L: Layer) -> list[tuple[int, int]]:
+    """(dy, dx) of every tap, (ky, kx) order, relative to output position × stride."""
+    kh, kw = L.weight_shape[2:]
+    return [(ky * L.dilations[0] - L.pads[0], kx * L.dilations[1] - L.pads[1]) for ky in range(kh) for kx in range(kw)]
+
+
+def _grid(L: Layer) -> tuple:
+    """What fixes a convolution's output grid on a given input, whatever its size."""
+    kh, kw = L.weight_shape[2:]
+    return (L.strides, L.pads[0] + L.pads[2] - L.dilations[0] * (kh - 1), L.pads[1] + L.pads[3] - L.dilations[1] * (kw - 1))
+
+
+def find_blocks(model: onnx.ModelProto, plans: list[Plan], layers: list[Layer]) -> list[Block]:
+    """The blocks reconstruction handles: ungrouped convolutions with calibrated quantizers, A's
+    output read only by a Relu whose output only convolutions read (at least one decomposed),
+    all on the same output grid (a fire module's expand 1×1 and 3×3). Blocks do not share a
+    layer: a block's samples of A's inputs are taken before the block before it is refitted, so
+    in a chain (VGG) a layer in two blocks would be fitted to stale inputs."""
     readers: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:
         for t in set(n.input):
             readers.setdefault(t, []).append(n)
     graph_outputs = {o.name for o in model.graph.output}
-    by_input: dict[str, list[int]] = {}
+    plan_of = {p.layer.name: i for i, p in enumerate(plans)}
+    layer_of = {L.name: L for L in layers}
+    blocks: list[Block] = []
+    taken: set[str] = set()
     for i, p in enumerate(plans):
-        by_input.setdefault(p.layer.input, []).append(i)
-    pairs: list[Pair] = []
-    taken: set[int] = set()
-    for i, p in enumerate(plans):
-        r = readers.get(p.layer.output, [])
-        if len(r) != 1 or r[0].op_type != "Relu" or p.layer.output in graph_outputs:
+        A = p.layer
+        r = readers.get(A.output, [])
+        if (len(r) != 1 or r[0].op_type != "Relu" or A.output in graph_outputs or A.op != "Conv" or A.group != 1
+                or p.qparams is None or A.name in taken):
             continue
         act = r[0].output[0]
-        if len(readers.get(act, [])) != 1 or len(by_input.get(act, [])) != 1 or act in graph_outputs:
+        nodes = readers.get(act, [])
+        if act in graph_outputs or not nodes or any(n.name not in layer_of for n in nodes):
             continue
-        j = by_input[act][0]
-        A, B = p.layer, plans[j].layer
-        if (A.op == B.op == "Conv" and A.group == B.group == 1 and p.qparams is not None
-                and plans[j].qparams is not None and j > i and i not in taken):
-            pairs.append(Pair(i, j))
-            taken.add(j)
-    return pairs
+        Ls = [layer_of[n.name] for n in nodes]
+        if any(L.op != "Conv" or L.group != 1 or L.input != act or L.name in taken for L in Ls) or \
+                len({_grid(L) for L in Ls}) != 1:
+            continue
+        ours = [plan_of[L.name] for L in Ls if L.name in plan_of]
+        if not ours or any(j <= i or plans[j].qparams is None for j in ours):
+            continue
+        blocks.append(Block(i, tuple(sorted(ours)), tuple(L for L in Ls if L.name not in plan_of)))
+        taken.update([A.name] + [L.name for L in Ls])
+    return blocks
 
 
 def _positions(rng: np.random.Generator, n: int, oh: int, ow: int, per_image: int) -> tuple[np.ndarray, ...]:
-    """Sorted sample of (image, y, x) output positions, the same for both samplers of a pair."""
+    """Sorted sample of (image, y, x) output positions, the same for every sampler of a block."""
     total = n * oh * ow
     pick = np.sort(rng.choice(total, min(per_image * n, total), replace=False))
     ni, rem = np.divmod(pick, oh * ow)
@@ -97,11 +122,6 @@ class _Sampler:
         self.chunks: list[tuple[np.ndarray, ...]] = []
         self.count = 0
 
-    def fresh(self):
-        new = copy.copy(self)
-        new.rng, new.chunks, new.count = np.random.default_rng(self.seed), [], 0
-        return new
-
     def update(self, x: np.ndarray) -> None:
         if self.count >= self.cap:
             return
@@ -117,51 +137,52 @@ class _Sampler:
         return tuple(np.concatenate(parts) for parts in zip(*self.chunks))
 
 
-def nested_cap(A: Layer, B: Layer) -> int:
-    taps = int(np.prod(B.weight_shape[2:]))
+def nested_cap(A: Layer, readers: list[Layer]) -> int:
+    taps = len({t for L in readers for t in _taps(L)})
     return int(max(256, min(8192, MAX_BYTES // (4 * taps * A.depth))))
 
 
 class NestedSampler(_Sampler):
-    """At sampled positions of B's output: A's input patches for each of B's taps, [m, T, D_A]
-    in A's (c, ky, kx) order, and whether each tap lies inside B's input (else B reads padding)."""
+    """At sampled positions of the readers' output: A's input patches for each tap any reader
+    has, [m, U, D_A] in A's (c, ky, kx) order, and whether each lies inside the readers' input
+    (else they read padding there)."""
 
-    def __init__(self, A: Layer, B: Layer, per_image: int, seed: int):
-        super().__init__(A.input, nested_cap(A, B), per_image, seed)
-        self.A, self.B = A, B
+    def __init__(self, A: Layer, readers: list[Layer], per_image: int, seed: int):
+        super().__init__(A.input, nested_cap(A, readers), per_image, seed)
+        self.A, self.reader = A, readers[0]
+        self.union = sorted({t for L in readers for t in _taps(L)})
 
-    def b_grid(self, h: int, w: int) -> tuple[int, int, int, int]:
-        A, B = self.A, self.B
+    def tap_index(self, L: Layer) -> np.ndarray:
+        """Where each of L's taps ((ky, kx) order) is in the sampled union."""
+        return np.array([self.union.index(t) for t in _taps(L)], np.intp)
+
+    def _take(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
+        A, B = self.A, self.reader
+        n, c, h, w = x.shape
         (akh, akw), (bkh, bkw) = A.weight_shape[2:], B.weight_shape[2:]
         ha = _out_size(h, akh, A.strides[0], A.pads[0] + A.pads[2], A.dilations[0])
         wa = _out_size(w, akw, A.strides[1], A.pads[1] + A.pads[3], A.dilations[1])
-        return (ha, wa, _out_size(ha, bkh, B.strides[0], B.pads[0] + B.pads[2], B.dilations[0]),
-                _out_size(wa, bkw, B.strides[1], B.pads[1] + B.pads[3], B.dilations[1]))
-
-    def _take(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
-        A, B = self.A, self.B
-        n, c, h, w = x.shape
-        ha, wa, oh, ow = self.b_grid(h, w)
+        oh = _out_size(ha, bkh, B.strides[0], B.pads[0] + B.pads[2], B.dilations[0])
+        ow = _out_size(wa, bkw, B.strides[1], B.pads[1] + B.pads[3], B.dilations[1])
         ni, oy, ox = _positions(self.rng, n, oh, ow, self.per_image)
-        (akh, akw), (bkh, bkw) = A.weight_shape[2:], B.weight_shape[2:]
-        by = (oy * B.strides[0] - B.pads[0])[:, None] + np.arange(bkh)[None] * B.dilations[0]  # [m, bkh]
-        bx = (ox * B.strides[1] - B.pads[1])[:, None] + np.arange(bkw)[None] * B.dilations[1]
-        by, bx = np.repeat(by, bkw, axis=1), np.tile(bx, (1, bkh))  # [m, T], (ky, kx) order
+        dy, dx = (np.array(d) for d in zip(*self.union))
+        by = (oy * B.strides[0])[:, None] + dy[None]  # [m, U]
+        bx = (ox * B.strides[1])[:, None] + dx[None]
         valid = (by >= 0) & (by < ha) & (bx >= 0) & (bx < wa)
         by, bx = np.clip(by, 0, ha - 1), np.clip(bx, 0, wa - 1)
         xp = np.pad(x, ((0, 0), (0, 0), (A.pads[0], A.pads[2]), (A.pads[1], A.pads[3])))
-        iy = (by * A.strides[0])[..., None] + np.arange(akh)[None, None] * A.dilations[0]  # [m, T, akh]
+        iy = (by * A.strides[0])[..., None] + np.arange(akh)[None, None] * A.dilations[0]  # [m, U, akh]
         ix = (bx * A.strides[1])[..., None] + np.arange(akw)[None, None] * A.dilations[1]
         P = xp[ni[:, None, None, None, None], np.arange(c)[None, None, :, None, None],
                iy[:, :, None, :, None], ix[:, :, None, None, :]]
-        return P.reshape(len(ni), bkh * bkw, -1).astype(np.float32), valid
+        return P.reshape(len(ni), len(self.union), -1).astype(np.float32), valid
 
 
 class TargetSampler(_Sampler):
-    """B's output channels at the positions a NestedSampler of the same seed and cap takes."""
+    """A reader's output channels at the positions its block's NestedSampler takes."""
 
-    def __init__(self, nested: NestedSampler):
-        super().__init__(nested.B.output, nested.cap, nested.per_image, nested.seed)
+    def __init__(self, nested: NestedSampler, reader: Layer):
+        super().__init__(reader.output, nested.cap, nested.per_image, nested.seed)
 
     def _take(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
         n, _, oh, ow = x.shape
@@ -240,79 +261,113 @@ class _Relaxed:
         self.alpha = (self.alpha - LEARNING_RATE * mh / (np.sqrt(vh) + 1e-8)).astype(np.float32)
 
 
+class _Reader:
+    """One layer reading ReLU(A): its taps in the sampled union, its quantizer (None: a float
+    layer, which reads the float values) and bias."""
+
+    def __init__(self, L: Layer, plan: Plan | None, taps: np.ndarray):
+        self.taps, self.cin = taps, L.weight.shape[1] // len(taps)
+        self.bias = L.bias.astype(np.float32)
+        self.weight = None if plan is not None else L.weight.astype(np.float32)
+        qp = plan.qparams if plan is not None else None
+        self.quantized = qp is not None
+        if qp is not None:
+            steps = np.asarray(qp.channel_scales if qp.channel_scales else [qp.scale] * self.cin, np.float32)
+            self.steps = steps[None, None, :]
+            self.folded = qp.channel_scales is not None  # its weights carry the steps: it reads the codes
+            self.zp, self.qmax = qp.zero_point, (1 << qp.bits) - 1
+
+    def forward(self, a: np.ndarray, v: np.ndarray):
+        a = a[:, self.taps, :]  # [m, T, C]
+        inside = None
+        if self.quantized:
+            r = np.rint(a / self.steps) + self.zp
+            inside = (r >= 0) & (r <= self.qmax)
+            a = np.clip(r, 0, self.qmax) - self.zp
+            if not self.folded:
+                a = a * self.steps
+        xv = a.astype(np.float32).transpose(0, 2, 1).reshape(len(a), -1)  # the layer's (c, ky, kx) order
+        return xv @ v.T + self.bias, (inside, xv)
+
+    def backward(self, v: np.ndarray, gy: np.ndarray, cache, ga: np.ndarray) -> np.ndarray | None:
+        """Adds the gradient with respect to ReLU(A) into `ga`; returns the one of its own values."""
+        inside, xv = cache
+        gx = (gy @ v).reshape(len(gy), self.cin, len(self.taps)).transpose(0, 2, 1)
+        if self.quantized:  # straight through the rounding, zero where clipped
+            gx = gx * inside
+            if self.folded:  # it reads a / step
+                gx = gx / self.steps
+        ga[:, self.taps, :] += gx
+        return gy.T @ xv if self.weight is None else None
+
+
 class _Block:
-    """B(Q_B(ReLU(A(Q_A(x))))) on nested samples, and its gradient with respect to A's and B's
-    weight values (through ReLU and, straight-through, B's quantizer)."""
+    """The readers' outputs from A's patches: R_j(ReLU(A(Q_A(x)))), and their gradient with
+    respect to A's and the decomposed readers' weight values (through ReLU and, straight through,
+    each reader's quantizer)."""
 
-    def __init__(self, A: Plan, B: Plan):
-        qb = B.qparams
-        self.taps = int(np.prod(B.layer.weight_shape[2:]))
-        self.ca = A.layer.cout
-        steps = np.asarray(qb.channel_scales if qb.channel_scales else [qb.scale] * self.ca, np.float32)
-        self.steps = steps[None, None, :]  # per channel of ReLU(A)
-        self.folded = qb.channel_scales is not None  # B's weights carry the steps: it reads the codes
-        self.zp, self.qmax = qb.zero_point, (1 << qb.bits) - 1
+    def __init__(self, A: Plan, readers: list[_Reader]):
+        self.readers = readers
         self.bias_a = A.layer.bias.astype(np.float32)
-        self.bias_b = B.layer.bias.astype(np.float32)
 
-    def forward(self, xa: np.ndarray, valid: np.ndarray, va: np.ndarray, vb: np.ndarray):
-        h = xa @ va.T + self.bias_a  # [m, T, Ca]
-        r = np.rint(np.maximum(h, 0) * valid[..., None] / self.steps) + self.zp
-        inside = (r >= 0) & (r <= self.qmax)
-        q = np.clip(r, 0, self.qmax) - self.zp
-        if not self.folded:
-            q = q * self.steps
-        qv = q.astype(np.float32).transpose(0, 2, 1).reshape(len(q), -1)  # B's (c, ky, kx) order
-        return qv @ vb.T + self.bias_b, (h, inside, qv, valid)
+    def forward(self, xa: np.ndarray, valid: np.ndarray, va: np.ndarray, vs: list[np.ndarray]):
+        h = xa @ va.T + self.bias_a  # [m, U, Ca]
+        a = np.maximum(h, 0) * valid[..., None]
+        outs, caches = zip(*(r.forward(a, v) for r, v in zip(self.readers, vs)))
+        return list(outs), (h, valid, caches)
 
-    def backward(self, xa: np.ndarray, vb: np.ndarray, gy: np.ndarray, cache) -> tuple[np.ndarray, np.ndarray]:
-        h, inside, qv, valid = cache
-        gvb = gy.T @ qv
-        gq = (gy @ vb).reshape(len(gy), self.ca, self.taps).transpose(0, 2, 1)
-        if not self.folded:
-            gq = gq * self.steps
-        gh = (gq * (inside & (h > 0) & valid[..., None]) / self.steps).astype(np.float32)
-        gva = gh.reshape(-1, self.ca).T @ xa.reshape(-1, xa.shape[-1])
-        return gva, gvb
+    def backward(self, xa: np.ndarray, vs: list[np.ndarray], gys: list[np.ndarray], cache):
+        h, valid, caches = cache
+        ga = np.zeros(h.shape, np.float32)
+        gvs = [r.backward(v, gy, c, ga) for r, v, gy, c in zip(self.readers, vs, gys, caches)]
+        gh = ga * ((h > 0) & valid[..., None])
+        return gh.reshape(-1, h.shape[-1]).T @ xa.reshape(-1, xa.shape[-1]), gvs
 
 
-def _error(block: _Block, xa, valid, y, va, vb) -> float:
-    out, _ = block.forward(xa, valid, va, vb)
-    return float(((out - y).astype(np.float64) ** 2).sum() / max((y.astype(np.float64) ** 2).sum(), 1e-30))
+def _error(block: _Block, xa, valid, ys, va, vs) -> float:
+    outs, _ = block.forward(xa, valid, va, vs)
+    num = sum(float(((o - y).astype(np.float64) ** 2).sum()) for o, y in zip(outs, ys))
+    return num / max(sum(float((y.astype(np.float64) ** 2).sum()) for y in ys), 1e-30)
 
 
-def reconstruct_pair(A: Plan, B: Plan, patches: np.ndarray, valid: np.ndarray, target: np.ndarray,
-                     seed: int = 0, iterations: int = ITERATIONS) -> tuple[decompose.Decomposition,
-                                                                             decompose.Decomposition, float, float]:
-    """Refit A's and B's codes together to B's float output `target` [m, Cout_B] from A's inputs
-    `patches` [m, T, D_A] (the decomposed network's, original units) with B's taps `valid` [m, T].
-    Returns (A's decomposition, B's, relative output error on the held-out samples before, after);
-    the starting codes come back unchanged when the result does not lower that error."""
+def reconstruct_block(A: Plan, readers: list[Plan], fixed: list[Layer], taps: list[np.ndarray],
+                      patches: np.ndarray, valid: np.ndarray, targets: list[np.ndarray], seed: int = 0,
+                      iterations: int = ITERATIONS) -> tuple[list[decompose.Decomposition], float, float]:
+    """Refit A's and its decomposed readers' codes together to the readers' (decomposed, then
+    `fixed`) float outputs `targets` [m, Cout_j] from A's input `patches` [m, U, D_A] (the
+    decomposed network's, original units) with `valid` [m, U] taps; `taps` gives each reader's
+    taps in U. Returns (A's and the readers' decompositions, relative output error on the
+    held-out samples before, after); the starting codes come back unchanged when the result
+    does not lower that error."""
     xa = _layer_input(patches, A)
     m = len(xa)
     held = max(1, int(m * HELD_OUT))
     order = np.random.default_rng(seed).permutation(m)
     fit_i, test_i = np.sort(order[held:]), np.sort(order[:held])
-    block = _Block(A, B)
-    ra, rb = _Relaxed(A), _Relaxed(B)
-    before = _error(block, xa[test_i], valid[test_i], target[test_i],
-                    A.dec.reconstruct().astype(np.float32), B.dec.reconstruct().astype(np.float32))
+    block = _Block(A, [_Reader(p.layer, p, t) for p, t in zip(readers, taps)] +
+                   [_Reader(L, None, t) for L, t in zip(fixed, taps[len(readers):])])
+    relaxed = [_Relaxed(p) for p in [A] + readers]
+    floats = [L.weight.astype(np.float32) for L in fixed]
+    start = [p.dec.reconstruct().astype(np.float32) for p in [A] + readers]
+    before = _error(block, xa[test_i], valid[test_i], [y[test_i] for y in targets], start[0], start[1:] + floats)
     rng = np.random.default_rng(seed + 1)
-    energy = float((target[fit_i].astype(np.float64) ** 2).sum() / len(fit_i)) or 1.0
+    energy = sum(float((y[fit_i].astype(np.float64) ** 2).sum()) for y in targets) / len(fit_i) or 1.0
     for t in range(1, iterations + 1):
         idx = fit_i[rng.integers(0, len(fit_i), min(BATCH, len(fit_i)))]
-        x, v, y = xa[idx], valid[idx], target[idx]
-        va, vb = ra.soft(), rb.soft()
-        out, cache = block.forward(x, v, va, vb)
-        gy = (2.0 / (len(idx) * energy)) * (out - y)
-        gva, gvb = block.backward(x, vb, gy.astype(np.float32), cache)
+        x = xa[idx]
+        values = [r.soft() for r in relaxed]
+        outs, cache = block.forward(x, valid[idx], values[0], values[1:] + floats)
+        scale = np.float32(2.0 / (len(idx) * energy))
+        gys = [scale * (o - y[idx]) for o, y in zip(outs, targets)]
+        ga, gvs = block.backward(x, values[1:] + floats, gys, cache)
         done = (t - 1) / iterations
         reg = REGULARISER if done >= WARMUP else 0.0
         beta = BETA[0] + (BETA[1] - BETA[0]) * max(0.0, (done - WARMUP) / (1 - WARMUP))
-        ra.step(gva, t, reg, beta)
-        rb.step(gvb, t, reg, beta)
-    after = _error(block, xa[test_i], valid[test_i], target[test_i], ra.hard(), rb.hard())
+        for r, g in zip(relaxed, [ga] + gvs[:len(readers)]):
+            r.step(g, t, reg, beta)
+    after = _error(block, xa[test_i], valid[test_i], [y[test_i] for y in targets],
+                   relaxed[0].hard(), [r.hard() for r in relaxed[1:]] + floats)
+    plans = [A] + readers
     if not after < before:
-        return A.dec, B.dec, before, before
-    return (decompose.Decomposition(ra.codes(), A.dec.coeffs, A.dec.k),
-            decompose.Decomposition(rb.codes(), B.dec.coeffs, B.dec.k), before, after)
+        return [p.dec for p in plans], before, before
+    return [decompose.Decomposition(r.codes(), p.dec.coeffs, p.dec.k) for r, p in zip(relaxed, plans)], before, after

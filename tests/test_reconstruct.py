@@ -50,22 +50,34 @@ def _plans(model, k: int, q: int, x: np.ndarray) -> list[Plan]:
 
 
 def _samples(model, plans, x: np.ndarray, seed: int):
+    """(patches, valid, target) of the pair at 200 positions per image of x."""
     A, B = plans[0].layer, plans[1].layer
-    nested = reconstruct.NestedSampler(A, B, per_image=200, seed=seed)
-    target = reconstruct.TargetSampler(nested)
+    nested = reconstruct.NestedSampler(A, [B], per_image=200, seed=seed)
+    target = reconstruct.TargetSampler(nested, B)
     nested.update(x)
     target.update(run_onnx(model, x)[0])
     return (*nested.arrays(), *target.arrays())
 
 
-def test_pairs_are_a_convolution_whose_relu_only_the_next_convolution_reads():
-    def pairs(model):
-        return reconstruct.find_pairs(model, [Plan(L, None, 4, calibrate.QParams(0.1, 0, 4))
-                                              for L in find_layers(model)[0]])
+def _refit(plans, P, valid, Y, iterations):
+    A, B = plans
+    decs, before, after = reconstruct.reconstruct_block(A, [B], [], [np.arange(9)], P, valid, [Y],
+                                                        iterations=iterations)
+    return decs, before, after
 
-    assert pairs(_pair_model(inner=False)) == [reconstruct.Pair(0, 1)]
-    assert pairs(_pair_model(inner=False, extra_reader=True)) == []  # the ReLU has another reader
-    assert pairs(_pair_model(inner=True)) == []  # a's output and its ReLU are model outputs
+
+def _blocks(model, decomposed=None) -> list[tuple[int, tuple[int, ...], tuple[str, ...]]]:
+    """find_blocks with the named layers (all by default) decomposed: (a, readers, fixed names)."""
+    layers = find_layers(model)[0]
+    plans = [Plan(L, None, 4, calibrate.QParams(0.1, 0, 4)) for L in layers
+             if decomposed is None or L.name in decomposed]
+    return [(b.a, b.readers, tuple(L.name for L in b.fixed)) for b in reconstruct.find_blocks(model, plans, layers)]
+
+
+def test_a_block_is_a_convolution_whose_relu_only_convolutions_read():
+    assert _blocks(_pair_model(inner=False)) == [(0, (1,), ())]
+    assert _blocks(_pair_model(inner=False, extra_reader=True)) == []  # the ReLU has another reader
+    assert _blocks(_pair_model(inner=True)) == []  # a's output and its ReLU are model outputs
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -84,12 +96,14 @@ def test_nested_patches_rebuild_the_second_layers_float_output_at_the_sampled_po
     np.testing.assert_allclose(y, Y, rtol=1e-4, atol=1e-4)
 
 
+def _block(A, B):
+    return reconstruct._Block(A, [reconstruct._Reader(B.layer, B, np.arange(9))])
+
+
 def _block_error(plans, P, valid, Y) -> float:
     A, B = plans
-    block = reconstruct._Block(A, B)
-    x = reconstruct._layer_input(P, A)
-    return reconstruct._error(block, x, valid, Y, A.dec.reconstruct().astype(np.float32),
-                              B.dec.reconstruct().astype(np.float32))
+    return reconstruct._error(_block(A, B), reconstruct._layer_input(P, A), valid, [Y],
+                              A.dec.reconstruct().astype(np.float32), [B.dec.reconstruct().astype(np.float32)])
 
 
 def test_refitting_both_layers_together_lowers_the_second_layers_error_on_unseen_images():
@@ -97,9 +111,9 @@ def test_refitting_both_layers_together_lowers_the_second_layers_error_on_unseen
     calib, unseen = _images(8, 2), _images(8, 3)
     plans = _plans(model, 2, 4, calib)
     fit = _samples(model, plans, calib, seed=4)
-    dec_a, dec_b, before, after = reconstruct.reconstruct_pair(*plans, *fit, iterations=300)
+    decs, before, after = _refit(plans, *fit, iterations=300)
     assert after < before
-    joint = [Plan(p.layer, d, p.q, p.qparams) for p, d in zip(plans, (dec_a, dec_b))]
+    joint = [Plan(p.layer, d, p.q, p.qparams) for p, d in zip(plans, decs)]
     test = _samples(model, plans, unseen, seed=5)
     assert _block_error(joint, *test) < 0.9 * _block_error(plans, *test)
 
@@ -108,8 +122,8 @@ def test_the_refit_keeps_each_layers_scales_and_code_width():
     model = _pair_model(n=8)
     calib = _images(8, 2)
     plans = _plans(model, 3, 4, calib)
-    dec_a, dec_b, _, _ = reconstruct.reconstruct_pair(*plans, *_samples(model, plans, calib, seed=4), iterations=100)
-    for plan, dec in zip(plans, (dec_a, dec_b)):
+    decs, _, _ = _refit(plans, *_samples(model, plans, calib, seed=4), iterations=100)
+    for plan, dec in zip(plans, decs, strict=True):
         np.testing.assert_array_equal(dec.coeffs, plan.dec.coeffs)
         assert dec.k == plan.dec.k and dec.codes.dtype == np.uint8 and dec.codes.max() < 1 << dec.k
 
@@ -121,14 +135,13 @@ def test_a_refit_that_cannot_lower_the_held_out_error_returns_the_codes_it_start
     plans = _plans(model, 2, 4, calib)
     P, valid, _ = _samples(model, plans, calib, seed=4)
     A, B = plans
-    own, _ = reconstruct._Block(A, B).forward(reconstruct._layer_input(P, A), valid,
-                                                A.dec.reconstruct().astype(np.float32),
-                                                B.dec.reconstruct().astype(np.float32))
-    dec_a, dec_b, before, after = reconstruct.reconstruct_pair(A, B, P, valid, own, iterations=50)
+    (own,), _ = _block(A, B).forward(reconstruct._layer_input(P, A), valid, A.dec.reconstruct().astype(np.float32),
+                                     [B.dec.reconstruct().astype(np.float32)])
+    (dec_a, dec_b), before, after = _refit(plans, P, valid, own, iterations=50)
     assert dec_a is A.dec and dec_b is B.dec and after == before == 0.0
 
 
-def test_conversion_refits_pairs_only_when_asked(tmp_path):
+def test_conversion_refits_blocks_unless_told_not_to(tmp_path):
     src = save_model(_pair_model(inner=False), tmp_path / "pair.onnx")
     calib = make_images(tmp_path / "calib", 6, (12, 12), seed=7)
     opts = dict(bases=2, act_bits=4, calib=calib, progress=False, min_depth=0, sequential=True)
@@ -139,7 +152,7 @@ def test_conversion_refits_pairs_only_when_asked(tmp_path):
     assert on != off and on == again
 
 
-def test_pairs_in_a_chain_of_convolutions_do_not_share_a_layer():
+def test_blocks_in_a_chain_of_convolutions_do_not_share_a_layer():
     rng = np.random.default_rng(12)
     nodes, inits, x = [], {}, "x"
     for i in range(5):
@@ -149,5 +162,42 @@ def test_pairs_in_a_chain_of_convolutions_do_not_share_a_layer():
         x = f"r{i}"
     nodes.append(onnx.helper.make_node("GlobalAveragePool", [x], ["y"], name="gap"))
     model = make_model(nodes, inits, [1, 3, 8, 8])
-    plans = [Plan(L, None, 4, calibrate.QParams(0.1, 0, 4)) for L in find_layers(model)[0]]
-    assert reconstruct.find_pairs(model, plans) == [reconstruct.Pair(0, 1), reconstruct.Pair(2, 3)]
+    assert _blocks(model) == [(0, (1,), ()), (2, (3,), ())]
+
+
+def _fire_model(inner: bool = False) -> onnx.ModelProto:
+    """squeeze 1×1 → Relu → expand 1×1 and expand 3×3 (pad 1) → Concat: two readers of one ReLU."""
+    rng = np.random.default_rng(13)
+    nodes = [conv_node("x", "w0", "s", name="squeeze"),
+             onnx.helper.make_node("Relu", ["s"], ["sr"], name="relu_s"),
+             conv_node("sr", "w1", "e1", name="expand1"),
+             conv_node("sr", "w2", "e3", name="expand3", pads=[1, 1, 1, 1]),
+             onnx.helper.make_node("Concat", ["e1", "e3"], ["y"], name="cat", axis=1)]
+    inits = {"w0": weights(rng, 8, 3, 1, 1), "w1": weights(rng, 6, 8, 1, 1), "w2": weights(rng, 10, 8, 3, 3)}
+    return make_model(nodes, inits, [2, 3, 12, 12], ["y", "e1", "e3"] if inner else ["y"])
+
+
+def test_a_fire_modules_expand_layers_are_one_block_and_a_float_one_is_fitted_for_unchanged():
+    model = _fire_model()
+    assert _blocks(model) == [(0, (1, 2), ())]
+    assert _blocks(model, decomposed={"squeeze", "expand3"}) == [(0, (1,), ("expand1",))]
+    assert _blocks(model, decomposed={"squeeze", "expand1"}) == [(0, (1,), ("expand3",))]
+
+
+def test_nested_patches_over_the_union_of_the_readers_taps_rebuild_each_readers_output():
+    model = _fire_model(inner=True)
+    squeeze, e1, e3 = find_layers(model)[0]
+    x = _images(2, 6)
+    nested = reconstruct.NestedSampler(squeeze, [e1, e3], per_image=30, seed=2)
+    targets = [reconstruct.TargetSampler(nested, L) for L in (e1, e3)]
+    nested.update(x)
+    _, y1, y3 = run_onnx(model, x)
+    targets[0].update(y1)
+    targets[1].update(y3)
+    P, valid = nested.arrays()
+    assert P.shape[1] == 9 and list(nested.tap_index(e1)) == [4]
+    a = np.maximum(P @ squeeze.weight.T, 0) * valid[..., None]
+    for L, t in zip((e1, e3), targets):
+        taps = nested.tap_index(L)
+        out = a[:, taps].transpose(0, 2, 1).reshape(len(a), -1) @ L.weight.T
+        np.testing.assert_allclose(out, t.arrays()[0], rtol=1e-4, atol=1e-4)
