@@ -1,18 +1,18 @@
-"""Block reconstruction: a layer A and the layer B that reads ReLU(A) refitted together.
+"""Block reconstruction: a layer A and the layers that read ReLU(A) refitted together.
 
 At k = 2 the fit layer by layer leaves most of ResNet-56's error in the weights (with k = 8 and the
 same activation bits its `--budget 9` file loses nothing). `fit.refit_codes` fits each layer to
-its own float output; A's error then reaches B through ReLU and B's quantizer, where some of it is
-clipped, some rounded away and the rest weighted by B. Fitting both layers' codes to B's float
-output (BRECQ's block reconstruction, AdaRound's relaxed rounding: Li et al. 2021, Nagel et al.
-2020) lets A spend its error where B does not see it.
+its own float output; A's error then reaches its readers through ReLU and their quantizers, where
+some of it is clipped, some rounded away and the rest weighted by their weights. Fitting A's and
+the readers' codes to the readers' float outputs (BRECQ's block reconstruction with AdaRound's
+relaxed rounding: Li et al. 2021, Nagel et al. 2020) lets A put its error where they do not see it.
 
-Each weight chooses between the two values of its row's 2^k code values that bracket its float
-weight, through a relaxed choice h ∈ [0, 1] (a rectified sigmoid) fitted by Adam on calibration
-samples of the block, with a regulariser that drives h to 0 or 1. The scales stay as fitted (so
-the file layout and the kernels are unchanged). Pure numpy on samples the sequential passes take:
-`NestedSampler` (A's decomposed-network input around each sampled position of B's output) and
-`TargetSampler` (the float network's B output there).
+Each weight chooses between the two of its row's 2^k code values that bracket its float weight,
+through a relaxed choice h ∈ [0, 1] (a rectified sigmoid) fitted by Adam on calibration samples of
+the block, with a regulariser that drives h to 0 or 1. The scales stay as fitted (so the file
+layout and the kernels are unchanged). Pure numpy on samples the sequential passes take:
+`NestedSampler` (A's decomposed-network input around each sampled output position of the readers)
+and `TargetSampler` (the float network's reader outputs there).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ WARMUP = 0.2  # fraction of the iterations without the regulariser
 BETA = (20.0, 2.0)  # the regulariser's exponent, annealed over the rest
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound)
 HELD_OUT = 0.2  # share of the samples that only judge the result: kept only if it lowers their error
-MAX_BYTES = 96 << 20  # nested patches per pair
+MAX_BYTES = 96 << 20  # nested patches per block
 
 
 @dataclass(frozen=True, eq=False)  # (keys of the sequential refit's samplers, by identity)
