@@ -131,8 +131,8 @@ def main() -> None:
                    "decomposed (about one more run of the network over the calibration images). Default: on "
                    "with --calib and --method data when the decoded calibration images fit in 1 GiB")
 @click.option("--block-reconstruction/--no-block-reconstruction", default=True, show_default=True,
-              help="within the sequential refit, refit each convolution together with the convolution that reads "
-                   "its ReLU, to the second one's float output (about 1-8 s per pair)")
+              help="within the sequential refit, refit each convolution together with the convolutions that read "
+                   "its ReLU, to their float outputs (about 1-15 s per block)")
 @click.option("--layer-config", type=click.Path(path_type=Path), help="per-layer k/q/skip (JSON or TOML)")
 @click.option("--report", type=click.Path(path_type=Path), help="write the conversion report as JSON")
 @click.option("--threads", type=int, help="onnxruntime threads during calibration")

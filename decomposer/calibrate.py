@@ -408,7 +408,7 @@ class FrontierPasses:
 
     def restart(self) -> None:
         """Forget the kept values: a layer whose inputs earlier passes computed has changed
-        (reconstruct.py refits a pair's first layer after its second layer's pass), so the next
+        (reconstruct.py refits a block's first layer after its readers' pass), so the next
         pass runs from the images."""
         if self.kept is not None:
             self.kept, self.done = {}, set()

@@ -489,11 +489,11 @@ def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, pro
     output errors stay those of the first fit, on float inputs). Layers beyond the data-aware
     fit's limits (fit.data_aware_fits: big FC layers) keep their bases. Layers in a row whose
     inputs do not depend on each other's outputs share a pass (`_shared_passes`). With
-    `block_reconstruction`, a block (reconstruct.find_blocks) is refitted together right after its last reader: its first
-    layer's pass also samples reconstruct.NestedSampler, one float pass beforehand the targets.
-    Returns (plans, whether it refitted, how many blocks the refit changed): with
-    `cheap_only`, not when the calibration images do not fit in memory (every pass would decode
-    them and run the network from them)."""
+    `block_reconstruction`, each block (reconstruct.find_blocks) is refitted right after its last
+    reader: its first layer's pass also takes its reconstruct.NestedSampler, and one float pass
+    beforehand every block's targets. Returns (plans, whether it refitted, how many blocks the
+    refit changed): with `cheap_only`, not when the calibration images do not fit in memory (every
+    pass would decode them and run the network from them)."""
     batch = feed.fixed_batch(model)
     read, in_memory = _kept_batches(images, recipe, batch or 1)
     if cheap_only and not in_memory:

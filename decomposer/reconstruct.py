@@ -33,6 +33,8 @@ BETA = (20.0, 2.0)  # the regulariser's exponent, annealed over the rest
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound)
 HELD_OUT = 0.2  # share of the samples that only judge the result: kept only if it lowers their error
 MAX_BYTES = 96 << 20  # nested patches per block
+MIN_SAMPLES = 1024  # blocks whose first layer is so deep that MAX_BYTES holds fewer positions are left alone
+MAX_STEP_FLOPS = 2e9  # nor blocks whose every step costs more (~15 s a block here; VGG-16's conv3-5 pairs)
 
 
 @dataclass(frozen=True, eq=False)  # (keys of the sequential refit's samplers, by identity)
@@ -70,7 +72,8 @@ def _grid(L: Layer) -> tuple:
 def find_blocks(model: onnx.ModelProto, plans: list[Plan], layers: list[Layer]) -> list[Block]:
     """The blocks reconstruction handles: ungrouped convolutions with calibrated quantizers, A's
     output read only by a Relu whose output only convolutions read (at least one decomposed),
-    all on the same output grid (a fire module's expand 1×1 and 3×3). Blocks do not share a
+    all on the same output grid (a fire module's expand 1×1 and 3×3), within `affordable`'s
+    memory and time. Blocks do not share a
     layer: a block's samples of A's inputs are taken before the block before it is refitted, so
     in a chain (VGG) a layer in two blocks would be fitted to stale inputs."""
     readers: dict[str, list[onnx.NodeProto]] = {}
@@ -97,7 +100,7 @@ def find_blocks(model: onnx.ModelProto, plans: list[Plan], layers: list[Layer]) 
                 len({_grid(L) for L in Ls}) != 1:
             continue
         ours = [plan_of[L.name] for L in Ls if L.name in plan_of]
-        if not ours or any(j <= i or plans[j].qparams is None for j in ours):
+        if not ours or any(j <= i or plans[j].qparams is None for j in ours) or not affordable(A, Ls):
             continue
         blocks.append(Block(i, tuple(sorted(ours)), tuple(L for L in Ls if L.name not in plan_of)))
         taken.update([A.name] + [L.name for L in Ls])
@@ -138,8 +141,17 @@ class _Sampler:
 
 
 def nested_cap(A: Layer, readers: list[Layer]) -> int:
+    """How many positions a block's NestedSampler keeps."""
     taps = len({t for L in readers for t in _taps(L)})
-    return int(max(256, min(8192, MAX_BYTES // (4 * taps * A.depth))))
+    return int(min(8192, MAX_BYTES // (4 * taps * A.depth)))
+
+
+def affordable(A: Layer, readers: list[Layer]) -> bool:
+    """Enough positions fit in memory and a step (A forward and its gradient: 4 flops per
+    multiply-add, the readers' 6) stays within MAX_STEP_FLOPS."""
+    taps = len({t for L in readers for t in _taps(L)})
+    flops = BATCH * (4 * taps * A.depth * A.cout + 6 * sum(L.depth * L.cout for L in readers))
+    return nested_cap(A, readers) >= MIN_SAMPLES and flops <= MAX_STEP_FLOPS
 
 
 class NestedSampler(_Sampler):

@@ -201,3 +201,16 @@ def test_nested_patches_over_the_union_of_the_readers_taps_rebuild_each_readers_
         taps = nested.tap_index(L)
         out = a[:, taps].transpose(0, 2, 1).reshape(len(a), -1) @ L.weight.T
         np.testing.assert_allclose(out, t.arrays()[0], rtol=1e-4, atol=1e-4)
+
+
+def test_blocks_too_deep_for_enough_samples_or_too_slow_per_step_are_left_alone():
+    from bdecomp.decomposer.rewrite import Layer
+
+    def conv(cin: int, cout: int, k: int) -> Layer:
+        return Layer(f"c{cin}x{cout}", "Conv", "x", "y", np.zeros((cout, cin * k * k), np.float32),
+                     np.zeros(cout), (cout, cin, k, k), pads=(k // 2,) * 4)
+
+    assert reconstruct.affordable(conv(64, 64, 3), [conv(64, 64, 3)])  # ResNet-56's widest block
+    assert reconstruct.affordable(conv(512, 64, 1), [conv(64, 256, 1), conv(64, 256, 3)])  # fire9
+    assert not reconstruct.affordable(conv(512, 512, 3), [conv(512, 512, 3)])  # VGG-16 conv5: 650 positions
+    assert not reconstruct.affordable(conv(256, 256, 3), [conv(256, 256, 3)])  # VGG-16 conv3: 6 G flops a step
