@@ -390,9 +390,13 @@ class FrontierPasses:
         if self.kept is None or not set(feeds) | unmade <= have:
             self.kept = None
             return self._from_images(model, samplers, targets)
-        self.done |= {o for n in nodes for o in n.output if o}
+        made = {o for n in nodes for o in n.output if o}
+        self.done |= made
         outside = [n for n in g.node if not set(o for o in n.output if o) <= self.done]
         frontier = {t for n in outside for t in node_reads(n) if t in self.done}
+        lost = frontier - set(self.kept) - made  # (after `forget`): recomputed when a pass needs them
+        self.done -= lost
+        frontier -= lost
         new = sorted(frontier - set(self.kept))
         wanted = [t for t in targets if t not in have] + [t for t in new if t not in targets]
         values = self._run(model, nodes, feeds, wanted) if wanted else [{} for _ in self.chunks]
@@ -406,12 +410,23 @@ class FrontierPasses:
         # too large: the next pass runs from the images and keeps its own frontier if that fits
         self.kept = kept if sum(a.nbytes for v in kept.values() for a in v) <= self.max_bytes else {}
 
-    def restart(self) -> None:
-        """Forget the kept values: a layer whose inputs earlier passes computed has changed
-        (reconstruct.py refits a block's first layer after its readers' pass), so the next
-        pass runs from the images."""
-        if self.kept is not None:
-            self.kept, self.done = {}, set()
+    def forget(self, model: onnx.ModelProto, tensor: str) -> None:
+        """Drop what was computed from `tensor`, whose producer has changed (reconstruct.py
+        refits a block's first layer after its readers' pass): every value downstream of it in
+        `model`, and every kept value `model` does not name (tensors a rewrite added), to be safe.
+        The next pass recomputes them from the values still kept, or runs from the images."""
+        if self.kept is None:
+            return
+        stale, grew = {tensor}, True
+        while grew:
+            grew = False
+            for n in model.graph.node:
+                if stale.intersection(node_reads(n)) and not stale.issuperset(o for o in n.output if o):
+                    stale.update(o for o in n.output if o)
+                    grew = True
+        named = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+        self.kept = {t: v for t, v in self.kept.items() if t not in stale and t in named}
+        self.done = {t for t in self.done if t not in stale and t in named}
 
     def _run(self, model, nodes, feeds, wanted) -> list[dict[str, np.ndarray]]:
         first = {t: (self.chunks[0][0] if t == self.input_name else self.kept[t][0]) for t in feeds}

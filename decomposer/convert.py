@@ -535,7 +535,7 @@ def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, pro
                     decs, _, _ = reconstruct.reconstruct_block(plans[b.a], readers, list(b.fixed), taps, patches,
                                                                valid, ys, seed=b.a)
                     if decs[0] is not plans[b.a].dec:  # the passes kept values computed with the old A
-                        passes.restart()
+                        passes.forget(model, plans[b.a].layer.output)
                         changed += 1
                     for i, dec in zip((b.a,) + b.readers, decs):
                         plans[i] = replace(plans[i], dec=dec)

@@ -69,6 +69,11 @@ def _grid(L: Layer) -> tuple:
     return (L.strides, L.pads[0] + L.pads[2] - L.dilations[0] * (kh - 1), L.pads[1] + L.pads[3] - L.dilations[1] * (kw - 1))
 
 
+def _plain_2d(L: Layer) -> bool:
+    """An ungrouped 2-D convolution (the samplers' patch geometry)."""
+    return L.op == "Conv" and L.group == 1 and len(L.weight_shape) == 4
+
+
 def find_blocks(model: onnx.ModelProto, plans: list[Plan], layers: list[Layer]) -> list[Block]:
     """The blocks reconstruction handles: ungrouped convolutions with calibrated quantizers, A's
     output read only by a Relu whose output only convolutions read (at least one decomposed),
@@ -88,7 +93,7 @@ def find_blocks(model: onnx.ModelProto, plans: list[Plan], layers: list[Layer]) 
     for i, p in enumerate(plans):
         A = p.layer
         r = readers.get(A.output, [])
-        if (len(r) != 1 or r[0].op_type != "Relu" or A.output in graph_outputs or A.op != "Conv" or A.group != 1
+        if (len(r) != 1 or r[0].op_type != "Relu" or A.output in graph_outputs or not _plain_2d(A)
                 or p.qparams is None or A.name in taken):
             continue
         act = r[0].output[0]
@@ -96,7 +101,7 @@ def find_blocks(model: onnx.ModelProto, plans: list[Plan], layers: list[Layer]) 
         if act in graph_outputs or not nodes or any(n.name not in layer_of for n in nodes):
             continue
         Ls = [layer_of[n.name] for n in nodes]
-        if any(L.op != "Conv" or L.group != 1 or L.input != act or L.name in taken for L in Ls) or \
+        if any(not _plain_2d(L) or L.input != act or L.name in taken for L in Ls) or \
                 len({_grid(L) for L in Ls}) != 1:
             continue
         ours = [plan_of[L.name] for L in Ls if L.name in plan_of]

@@ -2,6 +2,7 @@
 network with the layers before it decomposed feeds it, against the float network's outputs."""
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -289,3 +290,39 @@ def test_sequential_without_calibration_or_the_data_aware_fit_is_refused(opts, t
     calib = make_images(tmp_path / "calib", 2, (16, 16)) if opts else None
     with pytest.raises(ConfigError, match="--sequential"):
         bdecomp.convert(src, tmp_path / "o.onnx", calib=calib, sequential=True, progress=False, **opts)
+
+
+class _Grab:
+    """A sampler that keeps the whole tensor it is fed."""
+
+    def __init__(self, tensor: str):
+        self.tensor, self.values = tensor, []
+
+    def update(self, x: np.ndarray) -> None:
+        self.values.append(x.copy())
+
+
+def test_after_forgetting_a_changed_layers_output_a_pass_gives_what_a_pass_from_the_images_gives(tmp_path):
+    """The frontier kept values computed with conv1's old weights (r1 feeds conv2); once conv1
+    changes, `forget` drops them and the next pass recomputes them, instead of reading stale ones."""
+    model = onnx.load(str(_deep_cnn(tmp_path)))
+    xs = [np.random.default_rng(20 + i).standard_normal((1, 3, 16, 16)).astype(np.float32) for i in range(3)]
+
+    def passes():
+        return calibrate.FrontierPasses(lambda: iter(xs), True, "x", "float32", None, None)
+
+    changed = onnx.ModelProto.FromString(model.SerializeToString())
+    w1 = next(t for t in changed.graph.initializer if t.name == "w1")
+    w1.CopyFrom(onnx.numpy_helper.from_array(-onnx.numpy_helper.to_array(w1), "w1"))
+    p = passes()
+    for t in ("r0", "r1"):
+        p.sample(model, [_Grab(t)])
+    stale, fresh, reference = _Grab("r2"), _Grab("r2"), _Grab("r2")
+    p_stale = copy.deepcopy(p)
+    p_stale.sample(changed, [stale])
+    p.forget(changed, "c1")
+    p.sample(changed, [fresh])
+    passes().sample(changed, [reference])
+    for a, b in zip(fresh.values, reference.values, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert not np.allclose(stale.values[0], reference.values[0])
