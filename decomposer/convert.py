@@ -532,14 +532,14 @@ def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, pro
                 if all(len(y) == len(patches) for y in ys):
                     readers = [plans[j] for j in b.readers]
                     taps = [sampler.tap_index(L) for L in [p.layer for p in readers] + list(b.fixed)]
-                    decs, _, _ = reconstruct.reconstruct_block(plans[b.a], readers, list(b.fixed), taps, patches,
-                                                               valid, ys, seed=b.a)
-                    if decs[0] is not plans[b.a].dec:  # the passes kept values computed with the old A
+                    new, _, _ = reconstruct.reconstruct_block(plans[b.a], readers, list(b.fixed), taps, patches,
+                                                              valid, ys, seed=b.a)
+                    if new[0] is not plans[b.a]:  # the passes kept values computed with the old A
                         passes.forget(model, plans[b.a].layer.output)
                         changed += 1
-                    for i, dec in zip((b.a,) + b.readers, decs):
-                        plans[i] = replace(plans[i], dec=dec)
-                        rows[i].weight_error = decompose.total_relative_error(plans[i].layer.weight, dec)
+                    for i, plan in zip((b.a,) + b.readers, new):
+                        plans[i] = plan
+                        rows[i].weight_error = decompose.total_relative_error(plan.layer.weight, plan.dec)
                 bar.update(1)
     return plans, True, changed
 

@@ -16,7 +16,7 @@ and `TargetSampler` (the float network's reader outputs there).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -349,13 +349,15 @@ def _error(block: _Block, xa, valid, ys, va, vs) -> float:
 
 def reconstruct_block(A: Plan, readers: list[Plan], fixed: list[Layer], taps: list[np.ndarray],
                       patches: np.ndarray, valid: np.ndarray, targets: list[np.ndarray], seed: int = 0,
-                      iterations: int = ITERATIONS) -> tuple[list[decompose.Decomposition], float, float]:
+                      iterations: int = ITERATIONS) -> tuple[list[Plan], float, float]:
     """Refit A's and its decomposed readers' codes together to the readers' (decomposed, then
     `fixed`) float outputs `targets` [m, Cout_j] from A's input `patches` [m, U, D_A] (the
     decomposed network's, original units) with `valid` [m, U] taps; `taps` gives each reader's
-    taps in U. Returns (A's and the readers' decompositions, relative output error on the
-    held-out samples before, after); the starting codes come back unchanged when the result
-    does not lower that error."""
+    taps in U. The decomposed readers' biases then take up their mean output shift: their bias
+    correction was for their old codes, and a shift the per-position error barely weighs is what
+    a global pooling after them passes on whole. Returns (A's and the readers' plans, relative
+    output error on the held-out samples before, after); the plans come back unchanged when the
+    result does not lower that error."""
     xa = _layer_input(patches, A)
     m = len(xa)
     held = max(1, int(m * HELD_OUT))
@@ -382,9 +384,17 @@ def reconstruct_block(A: Plan, readers: list[Plan], fixed: list[Layer], taps: li
         beta = BETA[0] + (BETA[1] - BETA[0]) * max(0.0, (done - WARMUP) / (1 - WARMUP))
         for r, g in zip(relaxed, [ga] + gvs[:len(readers)]):
             r.step(g, t, reg, beta)
-    after = _error(block, xa[test_i], valid[test_i], [y[test_i] for y in targets],
-                   relaxed[0].hard(), [r.hard() for r in relaxed[1:]] + floats)
+    hard = [r.hard() for r in relaxed]
+    outs, _ = block.forward(xa[fit_i], valid[fit_i], hard[0], hard[1:] + floats)
+    shifts = [(targets[j][fit_i] - outs[j]).mean(axis=0, dtype=np.float64) for j in range(len(readers))]
+    for reader, shift in zip(block.readers, shifts):
+        reader.bias = (reader.bias + shift).astype(np.float32)
+    after = _error(block, xa[test_i], valid[test_i], [y[test_i] for y in targets], hard[0], hard[1:] + floats)
     plans = [A] + readers
     if not after < before:
-        return [p.dec for p in plans], before, before
-    return [decompose.Decomposition(r.codes(), p.dec.coeffs, p.dec.k) for r, p in zip(relaxed, plans)], before, after
+        return plans, before, before
+    new = [Plan(A.layer, decompose.Decomposition(relaxed[0].codes(), A.dec.coeffs, A.dec.k), A.q, A.qparams)]
+    for p, r, shift in zip(readers, relaxed[1:], shifts):
+        layer = replace(p.layer, bias=(p.layer.bias + shift).astype(p.layer.bias.dtype))
+        new.append(Plan(layer, decompose.Decomposition(r.codes(), p.dec.coeffs, p.dec.k), p.q, p.qparams))
+    return new, before, after

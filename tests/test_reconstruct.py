@@ -61,9 +61,9 @@ def _samples(model, plans, x: np.ndarray, seed: int):
 
 def _refit(plans, P, valid, Y, iterations):
     A, B = plans
-    decs, before, after = reconstruct.reconstruct_block(A, [B], [], [np.arange(9)], P, valid, [Y],
-                                                        iterations=iterations)
-    return decs, before, after
+    new, before, after = reconstruct.reconstruct_block(A, [B], [], [np.arange(9)], P, valid, [Y],
+                                                       iterations=iterations)
+    return new, before, after
 
 
 def _blocks(model, decomposed=None) -> list[tuple[int, tuple[int, ...], tuple[str, ...]]]:
@@ -111,9 +111,8 @@ def test_refitting_both_layers_together_lowers_the_second_layers_error_on_unseen
     calib, unseen = _images(8, 2), _images(8, 3)
     plans = _plans(model, 2, 4, calib)
     fit = _samples(model, plans, calib, seed=4)
-    decs, before, after = _refit(plans, *fit, iterations=300)
+    joint, before, after = _refit(plans, *fit, iterations=300)
     assert after < before
-    joint = [Plan(p.layer, d, p.q, p.qparams) for p, d in zip(plans, decs)]
     test = _samples(model, plans, unseen, seed=5)
     assert _block_error(joint, *test) < 0.9 * _block_error(plans, *test)
 
@@ -122,13 +121,13 @@ def test_the_refit_keeps_each_layers_scales_and_code_width():
     model = _pair_model(n=8)
     calib = _images(8, 2)
     plans = _plans(model, 3, 4, calib)
-    decs, _, _ = _refit(plans, *_samples(model, plans, calib, seed=4), iterations=100)
-    for plan, dec in zip(plans, decs, strict=True):
+    new, _, _ = _refit(plans, *_samples(model, plans, calib, seed=4), iterations=100)
+    for plan, dec in zip(plans, (p.dec for p in new), strict=True):
         np.testing.assert_array_equal(dec.coeffs, plan.dec.coeffs)
         assert dec.k == plan.dec.k and dec.codes.dtype == np.uint8 and dec.codes.max() < 1 << dec.k
 
 
-def test_a_refit_that_cannot_lower_the_held_out_error_returns_the_codes_it_started_from():
+def test_a_refit_that_cannot_lower_the_held_out_error_returns_the_plans_it_started_from():
     """Target: the decomposed block's own output, which its current codes already meet exactly."""
     model = _pair_model(n=8)
     calib = _images(8, 2)
@@ -137,8 +136,8 @@ def test_a_refit_that_cannot_lower_the_held_out_error_returns_the_codes_it_start
     A, B = plans
     (own,), _ = _block(A, B).forward(reconstruct._layer_input(P, A), valid, A.dec.reconstruct().astype(np.float32),
                                      [B.dec.reconstruct().astype(np.float32)])
-    (dec_a, dec_b), before, after = _refit(plans, P, valid, own, iterations=50)
-    assert dec_a is A.dec and dec_b is B.dec and after == before == 0.0
+    new, before, after = _refit(plans, P, valid, own, iterations=50)
+    assert new[0] is A and new[1] is B and after == before == 0.0
 
 
 def test_conversion_refits_blocks_unless_told_not_to(tmp_path):
