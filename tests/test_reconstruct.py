@@ -151,17 +151,46 @@ def test_conversion_refits_blocks_unless_told_not_to(tmp_path):
     assert on != off and on == again
 
 
-def test_blocks_in_a_chain_of_convolutions_do_not_share_a_layer():
+def _chain(convs: int, channels: int, size: int) -> onnx.ModelProto:
+    """`convs` 3×3 convolutions with ReLUs over `channels` channels, then global pooling."""
     rng = np.random.default_rng(12)
     nodes, inits, x = [], {}, "x"
-    for i in range(5):
-        nodes += [conv_node(x, f"w{i}", f"c{i}", name=f"conv{i}", pads=[1, 1, 1, 1]),
+    for i in range(convs):
+        nodes += [conv_node(x, f"w{i}", f"c{i}", f"b{i}", name=f"conv{i}", pads=[1, 1, 1, 1]),
                   onnx.helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}")]
-        inits[f"w{i}"] = weights(rng, 8, 3 if i == 0 else 8, 3, 3)
+        inits[f"w{i}"] = weights(rng, channels, 3 if i == 0 else channels, 3, 3)
+        inits[f"b{i}"] = np.full(channels, 0.1, np.float32)
         x = f"r{i}"
     nodes.append(onnx.helper.make_node("GlobalAveragePool", [x], ["y"], name="gap"))
-    model = make_model(nodes, inits, [1, 3, 8, 8])
-    assert _blocks(model) == [(0, (1,), ()), (2, (3,), ())]
+    return make_model(nodes, inits, [1, 3, size, size])
+
+
+def test_blocks_in_a_chain_of_convolutions_do_not_share_a_layer():
+    assert _blocks(_chain(5, 8, 8)) == [(0, (1,), ()), (2, (3,), ())]
+
+
+def test_conversion_with_blocks_tracks_the_float_network_closer_on_unseen_images(tmp_path):
+    """Four convolutions at k = 2, Q = 4: the blocks (conv0, conv1) and (conv2, conv3). Measured
+    relative squared error 0.00053 against 0.00072 without blocks. (On test_sequential's network,
+    on its calibration images: 0.00037 against 0.0017, and 0.0030 before the readers' biases were
+    re-centred: the pooled output passes their mean shift on whole.)"""
+    from bdecomp.decomposer.convert import resolve_recipe
+    from bdecomp.models import preprocess
+
+    src = save_model(_chain(4, 16, 16), tmp_path / "chain.onnx")
+    calib, unseen = make_images(tmp_path / "calib", 12, (16, 16), seed=6), make_images(tmp_path / "unseen", 12, (16, 16), seed=7)
+    recipe, _ = resolve_recipe(src, onnx.load(str(src)), None)
+    xs = [preprocess(p, recipe) for p in sorted(unseen.glob("*.png"))]
+
+    def error(path):
+        m = bdecomp.load(path)
+        num = sum(float(np.square(m.run(x)[0] - run_onnx(src, x)[0]).sum()) for x in xs)
+        return num / sum(float(np.square(run_onnx(src, x)[0]).sum()) for x in xs)
+
+    opts = dict(bases=2, act_bits=4, calib=calib, progress=False, min_depth=0, sequential=True)
+    bdecomp.convert(src, tmp_path / "blocks.onnx", **opts)
+    bdecomp.convert(src, tmp_path / "layers.onnx", block_reconstruction=False, **opts)
+    assert error(tmp_path / "blocks.onnx") < 0.85 * error(tmp_path / "layers.onnx")
 
 
 def _fire_model(inner: bool = False) -> onnx.ModelProto:
