@@ -529,7 +529,7 @@ def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, pro
                 sampler = nested.pop(b)
                 patches, valid = sampler.arrays()
                 ys = [t.arrays()[0] for t in targets.pop(b)]
-                if all(len(y) == len(patches) for y in ys):
+                if len(patches) >= reconstruct.MIN_SAMPLED and all(len(y) == len(patches) for y in ys):
                     readers = [plans[j] for j in b.readers]
                     taps = [sampler.tap_index(L) for L in [p.layer for p in readers] + list(b.fixed)]
                     new, _, _ = reconstruct.reconstruct_block(plans[b.a], readers, list(b.fixed), taps, patches,

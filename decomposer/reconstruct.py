@@ -34,6 +34,7 @@ ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound)
 HELD_OUT = 0.2  # share of the samples that only judge the result: kept only if it lowers their error
 MAX_BYTES = 96 << 20  # nested patches per block
 MIN_SAMPLES = 1024  # blocks whose first layer is so deep that MAX_BYTES holds fewer positions are left alone
+MIN_SAMPLED = 256  # nor blocks whose calibration images gave fewer positions
 MAX_STEP_FLOPS = 2e9  # nor blocks whose every step costs more (~15 s a block here; VGG-16's conv3-5 pairs)
 
 
@@ -78,9 +79,9 @@ def find_blocks(model: onnx.ModelProto, plans: list[Plan], layers: list[Layer]) 
     """The blocks reconstruction handles: ungrouped convolutions with calibrated quantizers, A's
     output read only by a Relu whose output only convolutions read (at least one decomposed),
     all on the same output grid (a fire module's expand 1×1 and 3×3), within `affordable`'s
-    memory and time. Blocks do not share a
-    layer: a block's samples of A's inputs are taken before the block before it is refitted, so
-    in a chain (VGG) a layer in two blocks would be fitted to stale inputs."""
+    memory and time. Blocks do not share a layer: a block's samples of A's inputs are taken
+    before the block before it is refitted, so in a chain (VGG) a layer in two blocks would be
+    fitted to stale inputs."""
     readers: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:
         for t in set(n.input):
@@ -114,7 +115,7 @@ def find_blocks(model: onnx.ModelProto, plans: list[Plan], layers: list[Layer]) 
 
 def _positions(rng: np.random.Generator, n: int, oh: int, ow: int, per_image: int) -> tuple[np.ndarray, ...]:
     """Sorted sample of (image, y, x) output positions, the same for every sampler of a block."""
-    total = n * oh * ow
+    total = n * max(oh, 0) * max(ow, 0)
     pick = np.sort(rng.choice(total, min(per_image * n, total), replace=False))
     ni, rem = np.divmod(pick, oh * ow)
     oy, ox = np.divmod(rem, ow)
