@@ -139,8 +139,8 @@ def main() -> None:
 @click.option("--quiet", is_flag=True, help="no progress bars and no table")
 @_recipe_options
 def convert(model, output, bases, act_bits, calib, calib_limit, range_method, act_scales, method, bias_correction, budget,
-            target_drop, min_depth, float_when_faster, speed_profile, sequential, block_reconstruction, layer_config, report,
-            threads, quiet, **kw):
+            target_drop, min_depth, float_when_faster, speed_profile, sequential, block_reconstruction, layer_config,
+            report, threads, quiet, **kw):
     """Decompose MODEL into binary bases + quantized inputs; writes a standard ONNX file."""
     from bdecomp.decomposer.convert import convert as run_convert
 

@@ -67,7 +67,8 @@ def _taps(L: Layer) -> list[tuple[int, int]]:
 def _grid(L: Layer) -> tuple:
     """What fixes a convolution's output grid on a given input, whatever its size."""
     kh, kw = L.weight_shape[2:]
-    return (L.strides, L.pads[0] + L.pads[2] - L.dilations[0] * (kh - 1), L.pads[1] + L.pads[3] - L.dilations[1] * (kw - 1))
+    return (L.strides, L.pads[0] + L.pads[2] - L.dilations[0] * (kh - 1),
+            L.pads[1] + L.pads[3] - L.dilations[1] * (kw - 1))
 
 
 def _plain_2d(L: Layer) -> bool:
@@ -227,7 +228,8 @@ def _bracket(plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
     hi_i = np.clip(above, 0, sv.shape[1] - 1)
     lo_i = np.clip(above - 1, 0, sv.shape[1] - 1)
     return (np.take_along_axis(sv, lo_i, axis=1), np.take_along_axis(sv, hi_i, axis=1),
-            np.take_along_axis(order, lo_i, axis=1).astype(np.uint8), np.take_along_axis(order, hi_i, axis=1).astype(np.uint8))
+            np.take_along_axis(order, lo_i, axis=1).astype(np.uint8),
+            np.take_along_axis(order, hi_i, axis=1).astype(np.uint8))
 
 
 def _h(alpha: np.ndarray) -> np.ndarray:

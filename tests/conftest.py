@@ -122,6 +122,23 @@ def run_onnx(model_or_path, x: np.ndarray) -> list[np.ndarray]:
     return sess.run(None, {sess.get_inputs()[0].name: np.ascontiguousarray(x, np.float32)})
 
 
+def output_error(decomposed: str | Path, original: str | Path, images: Path) -> float:
+    """Σ‖decomposed − original‖² / Σ‖original‖² over the outputs of the PNG images in `images`,
+    preprocessed by the original's recipe; the decomposed file runs in bdecomp's runtime."""
+    import bdecomp
+    from bdecomp.decomposer.convert import resolve_recipe
+    from bdecomp.models import preprocess
+
+    recipe, _ = resolve_recipe(original, onnx.load(str(original)), None)
+    m = bdecomp.load(decomposed)
+    num = den = 0.0
+    for x in (preprocess(p, recipe) for p in sorted(Path(images).glob("*.png"))):
+        ref = run_onnx(original, x)[0]
+        num += float(np.square(m.run(x)[0] - ref).sum())
+        den += float(np.square(ref).sum())
+    return num / den
+
+
 def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

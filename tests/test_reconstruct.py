@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import conv_node, make_images, make_model, run_onnx, save_model, weights
+from conftest import conv_node, make_images, make_model, output_error, run_onnx, save_model, weights
 
 import bdecomp
 from bdecomp.decomposer import calibrate, reconstruct
@@ -174,23 +174,14 @@ def test_conversion_with_blocks_tracks_the_float_network_closer_on_unseen_images
     relative squared error 0.00053 against 0.00072 without blocks. (On test_sequential's network,
     on its calibration images: 0.00037 against 0.0017, and 0.0030 before the readers' biases were
     re-centred: the pooled output passes their mean shift on whole.)"""
-    from bdecomp.decomposer.convert import resolve_recipe
-    from bdecomp.models import preprocess
-
     src = save_model(_chain(4, 16, 16), tmp_path / "chain.onnx")
-    calib, unseen = make_images(tmp_path / "calib", 12, (16, 16), seed=6), make_images(tmp_path / "unseen", 12, (16, 16), seed=7)
-    recipe, _ = resolve_recipe(src, onnx.load(str(src)), None)
-    xs = [preprocess(p, recipe) for p in sorted(unseen.glob("*.png"))]
-
-    def error(path):
-        m = bdecomp.load(path)
-        num = sum(float(np.square(m.run(x)[0] - run_onnx(src, x)[0]).sum()) for x in xs)
-        return num / sum(float(np.square(run_onnx(src, x)[0]).sum()) for x in xs)
-
+    calib = make_images(tmp_path / "calib", 12, (16, 16), seed=6)
+    unseen = make_images(tmp_path / "unseen", 12, (16, 16), seed=7)
     opts = dict(bases=2, act_bits=4, calib=calib, progress=False, min_depth=0, sequential=True)
     bdecomp.convert(src, tmp_path / "blocks.onnx", **opts)
     bdecomp.convert(src, tmp_path / "layers.onnx", block_reconstruction=False, **opts)
-    assert error(tmp_path / "blocks.onnx") < 0.85 * error(tmp_path / "layers.onnx")
+    blocks, layers = (output_error(tmp_path / f"{n}.onnx", src, unseen) for n in ("blocks", "layers"))
+    assert blocks < 0.85 * layers
 
 
 def _fire_model(inner: bool = False) -> onnx.ModelProto:

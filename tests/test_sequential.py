@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import conv_node, make_images, make_model, run_onnx, save_model, weights
+from conftest import conv_node, make_images, make_model, output_error, run_onnx, save_model, weights
 
 import bdecomp
 from bdecomp.decomposer import calibrate, decompose, fold, simplify
@@ -89,17 +89,8 @@ def test_sequential_conversion_tracks_the_float_network_closer_on_its_calibratio
 
     from bdecomp.decomposer import convert as convert_module
 
-    from bdecomp.decomposer.convert import resolve_recipe
-    from bdecomp.models import preprocess
-
     src, calib = _deep_cnn(tmp_path), make_images(tmp_path / "calib", 12, (16, 16), seed=6)
-    recipe, _ = resolve_recipe(src, onnx.load(str(src)), None)
-    xs = [preprocess(p, recipe) for p in sorted(calib.glob("*.png"))]
-
-    def error(path):
-        m = bdecomp.load(path)
-        num = sum(float(np.square(m.run(x)[0] - run_onnx(src, x)[0]).sum()) for x in xs)
-        return num / sum(float(np.square(run_onnx(src, x)[0]).sum()) for x in xs)
+    error = lambda path: output_error(path, src, calib)
 
     opts = dict(bases=2, act_bits=4, calib=calib, progress=False, min_depth=0)
     bdecomp.convert(src, tmp_path / "plain.onnx", sequential=False, **opts)
