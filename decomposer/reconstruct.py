@@ -288,7 +288,7 @@ class _Reader:
     def __init__(self, L: Layer, plan: Plan | None, taps: np.ndarray):
         self.taps, self.cin = taps, L.weight.shape[1] // len(taps)
         self.bias = L.bias.astype(np.float32)
-        self.weight = None if plan is not None else L.weight.astype(np.float32)
+        self.decomposed = plan is not None
         qp = plan.qparams if plan is not None else None
         self.quantized = qp is not None
         if qp is not None:
@@ -318,7 +318,7 @@ class _Reader:
             if self.folded:  # it reads a / step
                 gx = gx / self.steps
         ga[:, self.taps, :] += gx
-        return gy.T @ xv if self.weight is None else None
+        return gy.T @ xv if self.decomposed else None
 
 
 class _Block:
