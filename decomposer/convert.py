@@ -526,10 +526,10 @@ def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, pro
                 rows[i].weight_error = decompose.total_relative_error(plan.layer.weight, plans[i].dec)
                 bar.update(1)
             for b in (b for b in blocks if b.last in fresh):
-                sampler = nested.pop(b)
-                patches, valid = sampler.arrays()
-                ys = [t.arrays()[0] for t in targets.pop(b)]
-                if len(patches) >= reconstruct.MIN_SAMPLED and all(len(y) == len(patches) for y in ys):
+                sampler, outs = nested.pop(b), targets.pop(b)
+                if sampler.count >= reconstruct.MIN_SAMPLED and all(t.count == sampler.count for t in outs):
+                    patches, valid = sampler.arrays()
+                    ys = [t.arrays()[0] for t in outs]
                     readers = [plans[j] for j in b.readers]
                     taps = [sampler.tap_index(L) for L in [p.layer for p in readers] + list(b.fixed)]
                     new, _, _ = reconstruct.reconstruct_block(plans[b.a], readers, list(b.fixed), taps, patches,
