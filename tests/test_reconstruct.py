@@ -1,5 +1,5 @@
-"""Block reconstruction (`reconstruct.py`): a convolution and the convolution that reads its ReLU
-refitted together to the second one's float output."""
+"""Block reconstruction (`reconstruct.py`): a convolution and the convolutions that read its ReLU
+refitted together to their float outputs."""
 from __future__ import annotations
 
 import numpy as np
@@ -60,10 +60,9 @@ def _samples(model, plans, x: np.ndarray, seed: int):
 
 
 def _refit(plans, P, valid, Y, iterations):
+    """reconstruct_block on the pair: (new plans, held-out error before, after)."""
     A, B = plans
-    new, before, after = reconstruct.reconstruct_block(A, [B], [], [np.arange(9)], P, valid, [Y],
-                                                       iterations=iterations)
-    return new, before, after
+    return reconstruct.reconstruct_block(A, [B], [], [np.arange(9)], P, valid, [Y], iterations=iterations)
 
 
 def _blocks(model, decomposed=None) -> list[tuple[int, tuple[int, ...], tuple[str, ...]]]:
