@@ -288,6 +288,37 @@ def collect_stats(model: onnx.ModelProto, tensors: list[str], batches: Iterable[
     return stats
 
 
+def conv_out_size(h: int, w: int, kernel, strides, pads, dilations) -> tuple[int, int]:
+    """A convolution's output height and width on an h × w input (pads: top, left, bottom, right)."""
+    (kh, kw), (sh, sw), (dh, dw), (t, l, b, r) = kernel, strides, dilations, pads
+    return (h + t + b - (kh - 1) * dh - 1) // sh + 1, (w + l + r - (kw - 1) * dw - 1) // sw + 1
+
+
+def sample_positions(rng: np.random.Generator, n: int, oh: int, ow: int,
+                     per_image: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, y, x) of min(per_image·n, all) distinct output positions of n images, in order:
+    two samplers with the same seed draw the same ones (reconstruct.py's pair of samplers)."""
+    total = n * max(oh, 0) * max(ow, 0)
+    pick = np.sort(rng.choice(total, min(per_image * n, total), replace=False))
+    ni, rem = np.divmod(pick, max(oh * ow, 1))
+    oy, ox = np.divmod(rem, max(ow, 1))
+    return ni, oy, ox
+
+
+def conv_patches(x: np.ndarray, ni: np.ndarray, oy: np.ndarray, ox: np.ndarray, kernel, strides, pads,
+                 dilations) -> np.ndarray:
+    """The im2col rows of x [n, C, H, W] at output positions (oy, ox) of images ni (any shape,
+    ni broadcast against it from the left): [*oy.shape, C·KH·KW] in the weights' (c, ky, kx) order."""
+    (kh, kw), (sh, sw), (dh, dw), (t, l, b, r) = kernel, strides, dilations, pads
+    xp = np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)))
+    ni = np.broadcast_to(ni.reshape(ni.shape + (1,) * (oy.ndim - ni.ndim)), oy.shape)
+    iy = (oy * sh)[..., None] + np.arange(kh) * dh  # [..., kh]
+    ix = (ox * sw)[..., None] + np.arange(kw) * dw
+    P = xp[ni[..., None, None, None], np.arange(x.shape[1])[:, None, None], iy[..., None, :, None],
+           ix[..., None, None, :]]
+    return P.reshape(oy.shape + (-1,))
+
+
 class PatchSampler:
     """A seeded sample of one layer's input patches (im2col rows in the (c, ky, kx) order of the
     weights), for the data-aware fit. Memory is capped: at most `max_patches` rows, fewer for
@@ -328,20 +359,11 @@ class PatchSampler:
 
     def _conv_patches(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """[m, G, D] patches at m random output positions of image 0.. of the batch."""
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilations
-        t, l, b, r = self.pads
-        n, c, h, w = x.shape
-        oh = (h + t + b - (kh - 1) * dh - 1) // sh + 1
-        ow = (w + l + r - (kw - 1) * dw - 1) // sw + 1
-        xp = np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)))
-        total = n * oh * ow
-        pick = np.sort(rng.choice(total, min(self.per_image * n, total), replace=False))
-        ni, rem = np.divmod(pick, oh * ow)
-        oy, ox = np.divmod(rem, ow)
-        iy = (oy * sh)[:, None] + (np.arange(kh) * dh)[None, :]
-        ix = (ox * sw)[:, None] + (np.arange(kw) * dw)[None, :]
-        patches = xp[ni[:, None, None, None], np.arange(c)[None, :, None, None], iy[:, None, :, None], ix[:, None, None, :]]
-        return patches.reshape(len(pick), self.group, -1)
+        n, _, h, w = x.shape
+        oh, ow = conv_out_size(h, w, self.kernel, self.strides, self.pads, self.dilations)
+        ni, oy, ox = sample_positions(rng, n, oh, ow, self.per_image)
+        return conv_patches(x, ni, oy, ox, self.kernel, self.strides, self.pads, self.dilations).reshape(
+            len(ni), self.group, -1)
 
     def patches(self) -> np.ndarray:
         """[P, G, D] float32."""

@@ -54,10 +54,6 @@ class Block:
         return max(self.readers)
 
 
-def _out_size(size: int, k: int, stride: int, pad: int, dilation: int) -> int:
-    return (size + pad - dilation * (k - 1) - 1) // stride + 1
-
-
 def _taps(L: Layer) -> list[tuple[int, int]]:
     """(dy, dx) of every tap, (ky, kx) order, relative to output position × stride."""
     kh, kw = L.weight_shape[2:]
@@ -114,15 +110,6 @@ def find_blocks(model: onnx.ModelProto, plans: list[Plan], layers: list[Layer]) 
     return blocks
 
 
-def _positions(rng: np.random.Generator, n: int, oh: int, ow: int, per_image: int) -> tuple[np.ndarray, ...]:
-    """Sorted sample of (image, y, x) output positions, the same for every sampler of a block."""
-    total = n * max(oh, 0) * max(ow, 0)
-    pick = np.sort(rng.choice(total, min(per_image * n, total), replace=False))
-    ni, rem = np.divmod(pick, oh * ow)
-    oy, ox = np.divmod(rem, ow)
-    return ni, oy, ox
-
-
 class _Sampler:
     """What calibrate.collect_stats / FrontierPasses feed: `tensor`, `update(x)`, `count`."""
 
@@ -177,24 +164,17 @@ class NestedSampler(_Sampler):
 
     def _take(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
         A, B = self.A, self.reader
-        n, c, h, w = x.shape
-        (akh, akw), (bkh, bkw) = A.weight_shape[2:], B.weight_shape[2:]
-        ha = _out_size(h, akh, A.strides[0], A.pads[0] + A.pads[2], A.dilations[0])
-        wa = _out_size(w, akw, A.strides[1], A.pads[1] + A.pads[3], A.dilations[1])
-        oh = _out_size(ha, bkh, B.strides[0], B.pads[0] + B.pads[2], B.dilations[0])
-        ow = _out_size(wa, bkw, B.strides[1], B.pads[1] + B.pads[3], B.dilations[1])
-        ni, oy, ox = _positions(self.rng, n, oh, ow, self.per_image)
+        n, _, h, w = x.shape
+        ha, wa = calibrate.conv_out_size(h, w, A.weight_shape[2:], A.strides, A.pads, A.dilations)
+        oh, ow = calibrate.conv_out_size(ha, wa, B.weight_shape[2:], B.strides, B.pads, B.dilations)
+        ni, oy, ox = calibrate.sample_positions(self.rng, n, oh, ow, self.per_image)
         dy, dx = (np.array(d) for d in zip(*self.union))
-        by = (oy * B.strides[0])[:, None] + dy[None]  # [m, U]
+        by = (oy * B.strides[0])[:, None] + dy[None]  # [m, U]: positions in B's input = A's output
         bx = (ox * B.strides[1])[:, None] + dx[None]
         valid = (by >= 0) & (by < ha) & (bx >= 0) & (bx < wa)
-        by, bx = np.clip(by, 0, ha - 1), np.clip(bx, 0, wa - 1)
-        xp = np.pad(x, ((0, 0), (0, 0), (A.pads[0], A.pads[2]), (A.pads[1], A.pads[3])))
-        iy = (by * A.strides[0])[..., None] + np.arange(akh)[None, None] * A.dilations[0]  # [m, U, akh]
-        ix = (bx * A.strides[1])[..., None] + np.arange(akw)[None, None] * A.dilations[1]
-        P = xp[ni[:, None, None, None, None], np.arange(c)[None, None, :, None, None],
-               iy[:, :, None, :, None], ix[:, :, None, None, :]]
-        return P.reshape(len(ni), len(self.union), -1).astype(np.float32), valid
+        P = calibrate.conv_patches(x, ni, np.clip(by, 0, ha - 1), np.clip(bx, 0, wa - 1), A.weight_shape[2:],
+                                   A.strides, A.pads, A.dilations)
+        return P.astype(np.float32), valid
 
 
 class TargetSampler(_Sampler):
@@ -205,7 +185,7 @@ class TargetSampler(_Sampler):
 
     def _take(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
         n, _, oh, ow = x.shape
-        ni, oy, ox = _positions(self.rng, n, oh, ow, self.per_image)
+        ni, oy, ox = calibrate.sample_positions(self.rng, n, oh, ow, self.per_image)
         return (x[ni, :, oy, ox].astype(np.float32),)
 
 
