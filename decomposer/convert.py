@@ -279,7 +279,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     if sequential is not False and samplers and method == "data":  # (no layer left to decompose: nothing to refit)
         plans, refitted, n_blocks = _refit_sequential(model, plans, rows, samplers, images, recipe, threads, progress,
                                                     cheap_only=sequential is None,
-                                                    block_reconstruction=block_reconstruction)
+                                                    blocks_of=layers if block_reconstruction else None)
     out = rewrite.rewrite(model, plans)
     meta = {"version": "1", "recipe": recipe.to_json(), "source_sha256": registry.file_sha256(model_path),
             "options": json.dumps({"calib_images": n_calib,
@@ -483,15 +483,16 @@ def _cost_grid(L: rewrite.Layer) -> np.ndarray:
 
 
 def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, progress, cheap_only=False,
-                      block_reconstruction=True):
+                      blocks_of=None):
     """fit.refit_codes for every layer in graph order, each fed by the network with the layers
     before it decomposed (their refitted codes included); updates the rows' weight errors (their
     output errors stay those of the first fit, on float inputs). Layers beyond the data-aware
     fit's limits (fit.data_aware_fits: big FC layers) keep their bases. Layers in a row whose
     inputs do not depend on each other's outputs share a pass (`_shared_passes`). With
-    `block_reconstruction`, each block (reconstruct.find_blocks) is refitted right after its last
-    reader: its first layer's pass also takes its reconstruct.NestedSampler, and one float pass
-    beforehand every block's targets. Returns (plans, whether it refitted, how many blocks the
+    `blocks_of` (the model's layers as find_layers gave them, where a block's float readers come
+    from), each block (reconstruct.find_blocks) is refitted right after its last reader: its
+    first layer's pass also takes its reconstruct.NestedSampler, and one float pass beforehand
+    every block's targets. Returns (plans, whether it refitted, how many blocks the
     refit changed): with `cheap_only`, not when the calibration images do not fit in memory (every
     pass would decode them and run the network from them)."""
     batch = feed.fixed_batch(model)
@@ -501,8 +502,8 @@ def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, pro
     passes = calibrate.FrontierPasses(read, in_memory, feed.model_input(model)[0], feed.input_dtype(model), batch, threads)
     todo = [i for i, p in enumerate(plans) if p.qparams is not None and samplers.get(p.layer.name) is not None
             and samplers[p.layer.name].count and data_aware_fits(p.layer, p.dec.k)]
-    blocks = [b for b in reconstruct.find_blocks(model, plans, rewrite.find_layers(model)[0])
-              if b.a in todo and set(b.readers) <= set(todo)] if block_reconstruction else []
+    blocks = [b for b in reconstruct.find_blocks(model, plans, blocks_of)
+              if b.a in todo and set(b.readers) <= set(todo)] if blocks_of is not None else []
     nested, targets = {}, {}
     for b in blocks:
         A, readers = plans[b.a].layer, [plans[j].layer for j in b.readers] + list(b.fixed)
