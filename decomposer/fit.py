@@ -40,7 +40,7 @@ def fit_layer(L: Layer, k: int, qp: calibrate.QParams | None, sampler: calibrate
     if sampler is None or qp is None or sampler.count == 0:
         return dec, L, None
     P = fold.fold_patches(sampler.patches(), L, qp)  # [P, G, D] float32
-    Ph = calibrate.quantize_dequantize(P, fold.unit_qparams(qp) if qp.channel_scales else qp)
+    Ph = calibrate.quantize_dequantize(P, fold.layer_quantizer(qp))
     cout_g = L.cout // L.group
     codes, coeffs, bias = dec.codes.copy(), dec.coeffs.copy(), L.bias.copy()
     num = den = 0.0
@@ -119,7 +119,7 @@ def refit_codes(plan, float_patches: np.ndarray, seq_patches: np.ndarray,
     upstream errors), mixed 69.6 % (before 69.5). Refitting the scales too shrinks them (least
     squares on noisy inputs) and the shrinkage compounds layer after layer, so they stay."""
     L, dec, qp = plan.layer, plan.dec, plan.qparams
-    unit = fold.unit_qparams(qp) if qp.channel_scales else qp
+    unit = fold.layer_quantizer(qp)
     X = fold.fold_patches(float_patches, L, qp)
     Xq = calibrate.quantize_dequantize(X, unit)
     Xs = calibrate.quantize_dequantize(fold.fold_patches(seq_patches, L, qp), unit)

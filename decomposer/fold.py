@@ -30,6 +30,12 @@ def unit_qparams(qp: QParams) -> QParams:
     return QParams(1.0, qp.zero_point, qp.bits)
 
 
+def layer_quantizer(qp: QParams) -> QParams:
+    """The quantizer a (folded) layer applies to its patches in fold_patches' units: step 1 where
+    the per-channel steps are in its weights, else `qp` itself."""
+    return unit_qparams(qp) if qp.channel_scales else qp
+
+
 def fold_layer(L: Layer, qp: QParams | None) -> Layer:
     """L with the per-channel steps of `qp` multiplied into its weight (L itself if none)."""
     if qp is None or qp.channel_scales is None:

@@ -191,10 +191,9 @@ class TargetSampler(_Sampler):
 
 def _layer_input(P: np.ndarray, plan: Plan) -> np.ndarray:
     """Patches [..., D] as the decomposed layer multiplies them (fold.py units, quantized)."""
-    L, qp = plan.layer, plan.qparams
-    unit = fold.unit_qparams(qp) if qp.channel_scales else qp
     flat = P.reshape(-1, 1, P.shape[-1])
-    return calibrate.quantize_dequantize(fold.fold_patches(flat, L, qp), unit).reshape(P.shape)
+    folded = fold.fold_patches(flat, plan.layer, plan.qparams)
+    return calibrate.quantize_dequantize(folded, fold.layer_quantizer(plan.qparams)).reshape(P.shape)
 
 
 def _bracket(plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -228,6 +227,7 @@ class _Relaxed:
     def __init__(self, plan: Plan):
         lo, hi, self.code_lo, self.code_hi = _bracket(plan)
         now = plan.dec.reconstruct()
+        self.start = now.astype(np.float32)  # the values it starts from, exactly
         W = plan.layer.weight.astype(np.float64)
         span = hi - lo
         frac = np.where(span > 0, (W - lo) / np.where(span > 0, span, 1), 0.5)
@@ -350,7 +350,7 @@ def reconstruct_block(A: Plan, readers: list[Plan], fixed: list[Layer], taps: li
                    [_Reader(L, None, t) for L, t in zip(fixed, taps[len(readers):])])
     relaxed = [_Relaxed(p) for p in [A] + readers]
     floats = [L.weight.astype(np.float32) for L in fixed]
-    start = [p.dec.reconstruct().astype(np.float32) for p in [A] + readers]
+    start = [r.start for r in relaxed]
     before = _error(block, xa[test_i], valid[test_i], [y[test_i] for y in targets], start[0], start[1:] + floats)
     rng = np.random.default_rng(seed + 1)
     energy = sum(float((y[fit_i].astype(np.float64) ** 2).sum()) for y in targets) / len(fit_i) or 1.0
