@@ -507,8 +507,9 @@ def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, pro
     nested, targets = {}, {}
     for b in blocks:
         A, readers = plans[b.a].layer, [plans[j].layer for j in b.readers] + list(b.fixed)
-        cap = reconstruct.nested_cap(A, readers)
-        nested[b] = reconstruct.NestedSampler(A, readers, max(16, -(-cap // max(1, len(images)))), seed=b.a)
+        cap = reconstruct.nested_cap(A, readers, b.through)
+        nested[b] = reconstruct.NestedSampler(A, readers, max(16, -(-cap // max(1, len(images)))), seed=b.a,
+                                              through=b.through)
         targets[b] = [reconstruct.TargetSampler(nested[b], L) for L in readers]
     if targets:  # the float network's outputs of every block's readers: one pass
         wanted = [t for ts in targets.values() for t in ts]
@@ -534,7 +535,8 @@ def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, pro
                     readers = [plans[j] for j in b.readers]
                     taps = [sampler.tap_index(L) for L in [p.layer for p in readers] + list(b.fixed)]
                     new, _, _ = reconstruct.reconstruct_block(plans[b.a], readers, list(b.fixed), taps, patches,
-                                                              valid, ys, seed=b.a)
+                                                              valid, ys, seed=b.a, act=b.act, through=b.through,
+                                                              through_act=b.through_act)
                     if new[0] is not plans[b.a]:  # the passes kept values computed with the old A
                         passes.forget(model, plans[b.a].layer.output)
                         changed += 1

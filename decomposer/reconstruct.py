@@ -1,5 +1,8 @@
 """Block reconstruction: a layer A and the layers that read ReLU(A) refitted together.
 
+(ReLU or a Clip such as ReLU6; in MobileNet the readers are the pointwise layers behind a float
+depthwise layer and its Clip, which the block passes through.)
+
 At k = 2 the fit layer by layer leaves most of ResNet-56's error in the weights (with k = 8 and the
 same activation bits its `--budget 9` file loses nothing). `fit.refit_codes` fits each layer to
 its own float output; A's error then reaches its readers through ReLU and their quantizers, where
@@ -9,8 +12,9 @@ relaxed rounding: Li et al. 2021, Nagel et al. 2020) lets A put its error where 
 
 Each weight chooses between the two of its row's 2^k code values that bracket its float weight,
 through a relaxed choice h ∈ [0, 1] (a rectified sigmoid) fitted by Adam on calibration samples of
-the block, with a regulariser that drives h to 0 or 1. The scales stay as fitted (so the file
-layout and the kernels are unchanged). Pure numpy on samples the sequential passes take:
+the block, with a regulariser that drives h to 0 or 1. The scales (whose code values bound the
+choice) and A's bias are fitted along at small steps; the code width, so the file layout and the
+kernels, stay as they were. Pure numpy on samples the sequential passes take:
 `NestedSampler` (A's decomposed-network input around each sampled output position of the readers)
 and `TargetSampler` (the float network's reader outputs there).
 """
@@ -23,6 +27,7 @@ import onnx
 
 from bdecomp.decomposer import calibrate, decompose, fold
 from bdecomp.decomposer.rewrite import Layer, Plan
+from bdecomp.runtime.graph import clip_bounds
 
 ITERATIONS = 500
 LEARNING_RATE = 0.05
@@ -36,17 +41,28 @@ MAX_BYTES = 96 << 20  # nested patches per block
 MIN_SAMPLES = 1024  # blocks whose first layer is so deep that MAX_BYTES holds fewer positions are left alone
 MIN_SAMPLED = 256  # nor blocks whose calibration images gave fewer positions
 MAX_STEP_FLOPS = 2e9  # nor blocks whose every step costs more (~15 s a block here; VGG-16's conv3-5 pairs)
+SCALE_RATE = 0.003  # Adam step of the scales, relative to each row's mean scale
+BIAS_RATE = 0.003  # and of A's bias, relative to the spread of each of its outputs
+
+
+Bounds = tuple[float, float]  # an activation clip(x, lo, hi): ReLU (0, inf), ReLU6 (0, 6)
+RELU: Bounds = (0.0, np.inf)
 
 
 @dataclass(frozen=True, eq=False)  # (keys of the sequential refit's samplers, by identity)
 class Block:
-    """A layer (plan index `a`) and the layers reading ReLU(a's output), which nothing else reads:
+    """A layer (plan index `a`) and the layers reading act(a's output), which nothing else reads:
     decomposed ones (plan indexes `readers`) and ones left float (`fixed`: their Layers), the
-    latter fitted for too (their output error counts) but not changed."""
+    latter fitted for too (their output error counts) but not changed. `act` is ReLU or a Clip.
+    With `through` (a float depthwise convolution, MobileNet's), the readers are pointwise and
+    read act'(through(act(a's output))) instead, `through_act` being act'."""
 
     a: int
     readers: tuple[int, ...]
     fixed: tuple[Layer, ...] = ()
+    act: Bounds = RELU
+    through: Layer | None = None
+    through_act: Bounds = RELU
 
     @property
     def last(self) -> int:
@@ -72,41 +88,73 @@ def _plain_2d(L: Layer) -> bool:
     return L.op == "Conv" and L.group == 1 and len(L.weight_shape) == 4
 
 
+def _depthwise(L: Layer) -> bool:
+    return L.op == "Conv" and len(L.weight_shape) == 4 and L.weight_shape[1] == 1 and L.group == L.cout > 1
+
+
+def _pointwise(L: Layer) -> bool:
+    """Reads one input position per output position, the same one (its grid is its input's)."""
+    return (_plain_2d(L) and tuple(L.weight_shape[2:]) == (1, 1) and tuple(L.strides) == (1, 1)
+            and not any(L.pads))
+
+
+def sampled_geometry(readers: list[Layer], through: Layer | None) -> list[Layer]:
+    """The convolutions whose taps a block's samples of A's output cover."""
+    return [through] if through is not None else readers
+
+
 def find_blocks(model: onnx.ModelProto, plans: list[Plan], layers: list[Layer]) -> list[Block]:
     """The blocks reconstruction handles: ungrouped convolutions with calibrated quantizers, A's
-    output read only by a Relu whose output only convolutions read (at least one decomposed),
-    all on the same output grid (a fire module's expand 1×1 and 3×3), within `affordable`'s
-    memory and time. Blocks do not share a layer: a block's samples of A's inputs are taken
-    before the block before it is refitted, so in a chain (VGG) a layer in two blocks would be
-    fitted to stale inputs."""
+    output read only by a ReLU or constant Clip whose output only convolutions read (at least
+    one decomposed), all on the same output grid (a fire module's expand 1×1 and 3×3), or only a
+    float depthwise convolution whose ReLU / Clip only pointwise convolutions read; within
+    `affordable`'s memory and time. Blocks do not share a layer: a block's samples of A's inputs
+    are taken before the block before it is refitted, so in a chain (VGG) a layer in two blocks
+    would be fitted to stale inputs."""
     readers: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:
         for t in set(n.input):
             readers.setdefault(t, []).append(n)
+    inits = {t.name: t for t in model.graph.initializer}
     graph_outputs = {o.name for o in model.graph.output}
     plan_of = {p.layer.name: i for i, p in enumerate(plans)}
     layer_of = {L.name: L for L in layers}
+
+    def activation(tensor: str) -> tuple[str, Bounds] | None:
+        """The output and bounds of the ReLU / Clip that alone reads `tensor`, if it is one."""
+        r = readers.get(tensor, [])
+        bounds = clip_bounds(r[0], inits) if len(r) == 1 and tensor not in graph_outputs else None
+        if bounds is None or not bounds[0] < bounds[1] or r[0].output[0] in graph_outputs:
+            return None
+        return r[0].output[0], bounds
+
     blocks: list[Block] = []
     taken: set[str] = set()
     for i, p in enumerate(plans):
         A = p.layer
-        r = readers.get(A.output, [])
-        if (len(r) != 1 or r[0].op_type != "Relu" or A.output in graph_outputs or not _plain_2d(A)
-                or p.qparams is None or A.name in taken):
+        found = activation(A.output) if _plain_2d(A) and p.qparams is not None and A.name not in taken else None
+        if found is None:
             continue
-        act = r[0].output[0]
+        act, bounds = found
         nodes = readers.get(act, [])
-        if act in graph_outputs or not nodes or any(n.name not in layer_of for n in nodes):
+        through, through_act = None, RELU
+        if len(nodes) == 1 and nodes[0].name in layer_of and nodes[0].name not in plan_of:
+            F = layer_of[nodes[0].name]
+            if _depthwise(F) and F.input == act and F.name not in taken and (deeper := activation(F.output)):
+                through, (act, through_act) = F, deeper
+                nodes = readers.get(act, [])
+        if not nodes or any(n.name not in layer_of for n in nodes):
             continue
         Ls = [layer_of[n.name] for n in nodes]
         if any(not _plain_2d(L) or L.input != act or L.name in taken for L in Ls) or \
-                len({_grid(L) for L in Ls}) != 1:
+                len({_grid(L) for L in Ls}) != 1 or (through is not None and not all(map(_pointwise, Ls))):
             continue
         ours = [plan_of[L.name] for L in Ls if L.name in plan_of]
-        if not ours or any(j <= i or plans[j].qparams is None for j in ours) or not affordable(A, Ls):
+        if not ours or any(j <= i or plans[j].qparams is None for j in ours) or not affordable(A, Ls, through):
             continue
-        blocks.append(Block(i, tuple(sorted(ours)), tuple(L for L in Ls if L.name not in plan_of)))
-        taken.update([A.name] + [L.name for L in Ls])
+        blocks.append(Block(i, tuple(sorted(ours)), tuple(L for L in Ls if L.name not in plan_of),
+                            bounds, through, through_act))
+        taken.update([A.name] + [L.name for L in Ls] + ([through.name] if through is not None else []))
     return blocks
 
 
@@ -134,32 +182,37 @@ class _Sampler:
         return tuple(np.concatenate(parts) for parts in zip(*self.chunks))
 
 
-def nested_cap(A: Layer, readers: list[Layer]) -> int:
+def nested_cap(A: Layer, readers: list[Layer], through: Layer | None = None) -> int:
     """How many positions a block's NestedSampler keeps."""
-    taps = len({t for L in readers for t in _taps(L)})
+    taps = len({t for L in sampled_geometry(readers, through) for t in _taps(L)})
     return int(min(8192, MAX_BYTES // (4 * taps * A.depth)))
 
 
-def affordable(A: Layer, readers: list[Layer]) -> bool:
+def affordable(A: Layer, readers: list[Layer], through: Layer | None = None) -> bool:
     """Enough positions fit in memory and a step (A forward and its gradient: 4 flops per
-    multiply-add, the readers' 6) stays within MAX_STEP_FLOPS."""
-    taps = len({t for L in readers for t in _taps(L)})
-    flops = BATCH * (4 * taps * A.depth * A.cout + 6 * sum(L.depth * L.cout for L in readers))
-    return nested_cap(A, readers) >= MIN_SAMPLES and flops <= MAX_STEP_FLOPS
+    multiply-add, the others' 6) stays within MAX_STEP_FLOPS."""
+    taps = len({t for L in sampled_geometry(readers, through) for t in _taps(L)})
+    flops = BATCH * (4 * taps * A.depth * A.cout + 6 * sum(L.depth * L.cout for L in readers)
+                     + (6 * taps * through.cout if through is not None else 0))
+    return nested_cap(A, readers, through) >= MIN_SAMPLES and flops <= MAX_STEP_FLOPS
 
 
 class NestedSampler(_Sampler):
     """At sampled positions of the readers' output: A's input patches for each tap any reader
-    has, [m, U, D_A] in A's (c, ky, kx) order, and whether each lies inside the readers' input
-    (else they read padding there)."""
+    (or `through`, which the readers read pointwise) has, [m, U, D_A] in A's (c, ky, kx) order,
+    and whether each lies inside A's output (else padding is read there)."""
 
-    def __init__(self, A: Layer, readers: list[Layer], per_image: int, seed: int):
-        super().__init__(A.input, nested_cap(A, readers), per_image, seed)
-        self.A, self.reader = A, readers[0]
-        self.union = sorted({t for L in readers for t in _taps(L)})
+    def __init__(self, A: Layer, readers: list[Layer], per_image: int, seed: int, through: Layer | None = None):
+        super().__init__(A.input, nested_cap(A, readers, through), per_image, seed)
+        geometry = sampled_geometry(readers, through)
+        self.A, self.reader, self.through = A, geometry[0], through
+        self.union = sorted({t for L in geometry for t in _taps(L)})
 
     def tap_index(self, L: Layer) -> np.ndarray:
-        """Where each of L's taps ((ky, kx) order) is in the sampled union."""
+        """Where each of L's taps ((ky, kx) order) is in the sampled union; a reader behind
+        `through` reads its one output position."""
+        if self.through is not None and L is not self.through:
+            return np.zeros(1, np.intp)
         return np.array([self.union.index(t) for t in _taps(L)], np.intp)
 
     def _take(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -221,8 +274,21 @@ def _dh(alpha: np.ndarray) -> np.ndarray:
     return s * (1 - s) * np.float32(ZETA - GAMMA) * ((raw > 0) & (raw < 1))
 
 
+class _Adam:
+    """Adam's moment estimates for one array (β 0.9, 0.999); `step` gives the normalised update."""
+
+    def __init__(self, like: np.ndarray, eps: float):
+        self.m, self.v, self.eps = np.zeros_like(like), np.zeros_like(like), eps
+
+    def step(self, g: np.ndarray, t: int) -> np.ndarray:
+        self.m = 0.9 * self.m + 0.1 * g
+        self.v = 0.999 * self.v + 0.001 * g * g
+        return (self.m / (1 - 0.9 ** t)) / (np.sqrt(self.v / (1 - 0.999 ** t)) + self.eps)
+
+
 class _Relaxed:
-    """One layer's relaxed codes: value = lo + h(α)·(hi − lo), started at its current codes."""
+    """One layer's relaxed codes and its scales c: value = lo + h(α)·(hi − lo), lo and hi being
+    the bracketing codes' signs times c; started at its current codes and scales."""
 
     def __init__(self, plan: Plan):
         lo, hi, self.code_lo, self.code_hi = _bracket(plan)
@@ -235,30 +301,38 @@ class _Relaxed:
         p = np.where(np.isclose(now, hi) & (span > 0), 0.8, np.where(np.isclose(now, lo) & (span > 0), 0.2, frac))
         p = np.clip(p, 0.01, 0.99)
         s = (p - GAMMA) / (ZETA - GAMMA)
-        self.lo, self.span = lo.astype(np.float32), span.astype(np.float32)
         self.alpha = np.log(s / (1 - s)).astype(np.float32)
-        self.m = np.zeros_like(self.alpha)
-        self.v = np.zeros_like(self.alpha)
+        self.coeffs = plan.dec.coeffs.astype(np.float32)
+        table = decompose.code_table(plan.dec.k).astype(np.float32)
+        self.sign_lo, self.sign_hi = table[self.code_lo], table[self.code_hi]  # [Cout, D, k]
+        self.rate_c = SCALE_RATE * np.abs(self.coeffs).mean(axis=1, keepdims=True)
+        self.adam_alpha, self.adam_c = _Adam(self.alpha, 1e-8), _Adam(self.coeffs, 1e-30)
+
+    def _bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        lo = np.einsum("rdj,rj->rd", self.sign_lo, self.coeffs)
+        return lo, np.einsum("rdj,rj->rd", self.sign_hi, self.coeffs) - lo
 
     def soft(self) -> np.ndarray:
-        return self.lo + _h(self.alpha) * self.span
+        lo, span = self._bounds()
+        return lo + _h(self.alpha) * span
 
     def hard(self) -> np.ndarray:
-        return self.lo + (_h(self.alpha) >= 0.5) * self.span
+        lo, span = self._bounds()
+        return lo + (_h(self.alpha) >= 0.5) * span
 
     def codes(self) -> np.ndarray:
         return np.where(_h(self.alpha) >= 0.5, self.code_hi, self.code_lo)
 
     def step(self, grad_value: np.ndarray, t: int, reg: float, beta: float) -> None:
-        dh = _dh(self.alpha)
-        g = grad_value * self.span * dh
+        h, dh = _h(self.alpha), _dh(self.alpha)
+        _, span = self._bounds()
+        gc = np.einsum("rd,rdj->rj", grad_value, self.sign_lo + h[..., None] * (self.sign_hi - self.sign_lo))
+        g = grad_value * span * dh
         if reg:
-            x = 2 * _h(self.alpha) - 1
+            x = 2 * h - 1
             g = g - reg * 2 * beta * np.abs(x) ** (beta - 1) * np.sign(x) * dh
-        self.m = 0.9 * self.m + 0.1 * g
-        self.v = 0.999 * self.v + 0.001 * g * g
-        mh, vh = self.m / (1 - 0.9 ** t), self.v / (1 - 0.999 ** t)
-        self.alpha = (self.alpha - LEARNING_RATE * mh / (np.sqrt(vh) + 1e-8)).astype(np.float32)
+        self.alpha = (self.alpha - LEARNING_RATE * self.adam_alpha.step(g, t)).astype(np.float32)
+        self.coeffs = (self.coeffs - self.rate_c * self.adam_c.step(gc, t)).astype(np.float32)
 
 
 class _Reader:
@@ -302,26 +376,44 @@ class _Reader:
 
 
 class _Block:
-    """The readers' outputs from A's patches: R_j(ReLU(A(Q_A(x)))), and their gradient with
-    respect to A's and the decomposed readers' weight values (through ReLU and, straight through,
-    each reader's quantizer)."""
+    """The readers' outputs from A's patches: R_j(act(A(Q_A(x)))), or R_j(act'(F(act(A(Q_A(x))))))
+    through a float depthwise F, and their gradient with respect to A's and the decomposed
+    readers' weight values (through the activations and, straight through, each reader's
+    quantizer)."""
 
-    def __init__(self, A: Plan, readers: list[_Reader]):
-        self.readers = readers
+    def __init__(self, A: Plan, readers: list[_Reader], act: Bounds = RELU, through: Layer | None = None,
+                 through_act: Bounds = RELU):
+        self.readers, self.act, self.through_act = readers, act, through_act
         self.bias_a = A.layer.bias.astype(np.float32)
+        self.through = None
+        if through is not None:  # its weights [U, C], U its taps in the samples' (sorted) order
+            taps = _taps(through)
+            w = np.zeros((len(taps), through.cout), np.float32)
+            w[[sorted(taps).index(t) for t in taps]] = through.weight.T
+            self.through = (w, through.bias.astype(np.float32))
 
     def forward(self, xa: np.ndarray, valid: np.ndarray, va: np.ndarray, vs: list[np.ndarray]):
         h = xa @ va.T + self.bias_a  # [m, U, Ca]
-        a = np.maximum(h, 0) * valid[..., None]
+        a = np.clip(h, *self.act) * valid[..., None]
+        z = None
+        if self.through is not None:
+            w, b = self.through
+            z = np.einsum("muc,uc->mc", a, w) + b
+            a = np.clip(z, *self.through_act)[:, None, :]
         outs, caches = zip(*(r.forward(a, v) for r, v in zip(self.readers, vs)))
-        return list(outs), (h, valid, caches)
+        return list(outs), (h, valid, z, a.shape, caches)
 
     def backward(self, xa: np.ndarray, vs: list[np.ndarray], gys: list[np.ndarray], cache):
-        h, valid, caches = cache
-        ga = np.zeros(h.shape, np.float32)
+        h, valid, z, shape, caches = cache
+        ga = np.zeros(shape, np.float32)
         gvs = [r.backward(v, gy, c, ga) for r, v, gy, c in zip(self.readers, vs, gys, caches)]
-        gh = ga * ((h > 0) & valid[..., None])
-        return gh.reshape(-1, h.shape[-1]).T @ xa.reshape(-1, xa.shape[-1]), gvs
+        if z is not None:
+            lo, hi = self.through_act
+            gz = ga[:, 0, :] * ((z > lo) & (z < hi))
+            ga = gz[:, None, :] * self.through[0][None]
+        lo, hi = self.act
+        gh = ga * ((h > lo) & (h < hi) & valid[..., None])
+        return gh.reshape(-1, h.shape[-1]).T @ xa.reshape(-1, xa.shape[-1]), gh.sum(axis=(0, 1)), gvs
 
 
 def _error(block: _Block, xa, valid, ys, va, vs) -> float:
@@ -332,11 +424,13 @@ def _error(block: _Block, xa, valid, ys, va, vs) -> float:
 
 def reconstruct_block(A: Plan, readers: list[Plan], fixed: list[Layer], taps: list[np.ndarray],
                       patches: np.ndarray, valid: np.ndarray, targets: list[np.ndarray], seed: int = 0,
-                      iterations: int = ITERATIONS) -> tuple[list[Plan], float, float]:
-    """Refit A's and its decomposed readers' codes together to the readers' (decomposed, then
-    `fixed`) float outputs `targets` [m, Cout_j] from A's input `patches` [m, U, D_A] (the
-    decomposed network's, original units) with `valid` [m, U] taps; `taps` gives each reader's
-    taps in U. The decomposed readers' biases then take up their mean output shift: their bias
+                      iterations: int = ITERATIONS, act: Bounds = RELU, through: Layer | None = None,
+                      through_act: Bounds = RELU) -> tuple[list[Plan], float, float]:
+    """Refit A's and its decomposed readers' codes and scales, and A's bias, together to the
+    readers' (decomposed, then `fixed`) float outputs `targets` [m, Cout_j] from A's input
+    `patches` [m, U, D_A] (the decomposed network's, original units) with `valid` [m, U] taps;
+    `taps` gives each reader's taps in U; `act` is A's activation, `through` and `through_act`
+    a float depthwise layer and its activation between it and the readers. The decomposed readers' biases then take up their mean output shift: their bias
     correction was for their old codes, and a shift the per-position error barely weighs is what
     a global pooling after them passes on whole. Returns (A's and the readers' plans, relative
     output error on the held-out samples before, after); the plans come back unchanged when the
@@ -347,12 +441,14 @@ def reconstruct_block(A: Plan, readers: list[Plan], fixed: list[Layer], taps: li
     order = np.random.default_rng(seed).permutation(m)
     fit_i, test_i = np.sort(order[held:]), np.sort(order[:held])
     block = _Block(A, [_Reader(p.layer, p, t) for p, t in zip(readers, taps)] +
-                   [_Reader(L, None, t) for L, t in zip(fixed, taps[len(readers):])])
+                   [_Reader(L, None, t) for L, t in zip(fixed, taps[len(readers):])], act, through, through_act)
     relaxed = [_Relaxed(p) for p in [A] + readers]
     floats = [L.weight.astype(np.float32) for L in fixed]
     start = [r.start for r in relaxed]
     before = _error(block, xa[test_i], valid[test_i], [y[test_i] for y in targets], start[0], start[1:] + floats)
     rng = np.random.default_rng(seed + 1)
+    adam_b = _Adam(block.bias_a, 1e-30)
+    rate_b = BIAS_RATE * (xa[fit_i[:BATCH]] @ start[0].T).reshape(-1, A.layer.cout).std(axis=0)
     energy = sum(float((y[fit_i].astype(np.float64) ** 2).sum()) for y in targets) / len(fit_i) or 1.0
     for t in range(1, iterations + 1):
         idx = fit_i[rng.integers(0, len(fit_i), min(BATCH, len(fit_i)))]
@@ -361,12 +457,13 @@ def reconstruct_block(A: Plan, readers: list[Plan], fixed: list[Layer], taps: li
         outs, cache = block.forward(x, valid[idx], values[0], values[1:] + floats)
         scale = np.float32(2.0 / (len(idx) * energy))
         gys = [scale * (o - y[idx]) for o, y in zip(outs, targets)]
-        ga, gvs = block.backward(x, values[1:] + floats, gys, cache)
+        ga, gb, gvs = block.backward(x, values[1:] + floats, gys, cache)
         done = (t - 1) / iterations
         reg = REGULARISER if done >= WARMUP else 0.0
         beta = BETA[0] + (BETA[1] - BETA[0]) * max(0.0, (done - WARMUP) / (1 - WARMUP))
         for r, g in zip(relaxed, [ga] + gvs[:len(readers)]):
             r.step(g, t, reg, beta)
+        block.bias_a = (block.bias_a - rate_b * adam_b.step(gb, t)).astype(np.float32)
     hard = [r.hard() for r in relaxed]
     outs, _ = block.forward(xa[fit_i], valid[fit_i], hard[0], hard[1:] + floats)
     shifts = [(targets[j][fit_i] - outs[j]).mean(axis=0, dtype=np.float64) for j in range(len(readers))]
@@ -376,8 +473,10 @@ def reconstruct_block(A: Plan, readers: list[Plan], fixed: list[Layer], taps: li
     plans = [A] + readers
     if not after < before:
         return plans, before, before
-    new = [Plan(A.layer, decompose.Decomposition(relaxed[0].codes(), A.dec.coeffs, A.dec.k), A.q, A.qparams)]
+    bias_a = A.layer.bias + (block.bias_a - A.layer.bias.astype(np.float32))  # in its own precision
+    new = [Plan(replace(A.layer, bias=bias_a.astype(A.layer.bias.dtype)),
+                decompose.Decomposition(relaxed[0].codes(), relaxed[0].coeffs, A.dec.k), A.q, A.qparams)]
     for p, r, shift in zip(readers, relaxed[1:], shifts):
         layer = replace(p.layer, bias=(p.layer.bias + shift).astype(p.layer.bias.dtype))
-        new.append(Plan(layer, decompose.Decomposition(r.codes(), p.dec.coeffs, p.dec.k), p.q, p.qparams))
+        new.append(Plan(layer, decompose.Decomposition(r.codes(), r.coeffs, p.dec.k), p.q, p.qparams))
     return new, before, after

@@ -116,14 +116,17 @@ def test_refitting_both_layers_together_lowers_the_second_layers_error_on_unseen
     assert _block_error(joint, *test) < 0.9 * _block_error(plans, *test)
 
 
-def test_the_refit_keeps_each_layers_scales_and_code_width():
+def test_the_refit_keeps_each_layers_code_width_and_refines_its_scales():
+    """The kernels and the file layout stay those of the starting plans; the scales are fitted
+    along (here they move by up to 36 %)."""
     model = _pair_model(n=8)
     calib = _images(8, 2)
     plans = _plans(model, 3, 4, calib)
     new, _, _ = _refit(plans, *_samples(model, plans, calib, seed=4), iterations=100)
     for plan, dec in zip(plans, (p.dec for p in new), strict=True):
-        np.testing.assert_array_equal(dec.coeffs, plan.dec.coeffs)
         assert dec.k == plan.dec.k and dec.codes.dtype == np.uint8 and dec.codes.max() < 1 << dec.k
+        assert dec.coeffs.shape == plan.dec.coeffs.shape and dec.coeffs.dtype == np.float32
+        assert np.isfinite(dec.coeffs).all() and not np.array_equal(dec.coeffs, plan.dec.coeffs)
 
 
 def test_a_refit_that_cannot_lower_the_held_out_error_returns_the_plans_it_started_from():
@@ -170,8 +173,8 @@ def test_blocks_in_a_chain_of_convolutions_do_not_share_a_layer():
 
 def test_conversion_with_blocks_tracks_the_float_network_closer_on_unseen_images(tmp_path):
     """Four convolutions at k = 2, Q = 4: the blocks (conv0, conv1) and (conv2, conv3). Measured
-    relative squared error 0.00053 against 0.00072 without blocks. (On test_sequential's network,
-    on its calibration images: 0.00037 against 0.0017, and 0.0030 before the readers' biases were
+    relative squared error 0.00048 against 0.00072 without blocks. (On test_sequential's network,
+    on its calibration images: 0.00051 against 0.0017, and 0.0030 before the readers' biases were
     re-centred: the pooled output passes their mean shift on whole.)"""
     src = save_model(_chain(4, 16, 16), tmp_path / "chain.onnx")
     calib = make_images(tmp_path / "calib", 12, (16, 16), seed=6)
@@ -232,3 +235,62 @@ def test_blocks_too_deep_for_enough_samples_or_too_slow_per_step_are_left_alone(
     assert reconstruct.affordable(conv(512, 64, 1), [conv(64, 256, 1), conv(64, 256, 3)])  # fire9
     assert not reconstruct.affordable(conv(512, 512, 3), [conv(512, 512, 3)])  # VGG-16 conv5: 650 positions
     assert not reconstruct.affordable(conv(256, 256, 3), [conv(256, 256, 3)])  # VGG-16 conv3: 6 G flops a step
+
+
+def _mobile_model(stride: int = 1, n: int = 2, inner: bool = False) -> onnx.ModelProto:
+    """MobileNet's pattern: pointwise a (3 → 16) → Clip(0, 6) → float depthwise dw (3×3, pad 1)
+    → Clip(0, 6) → pointwise b (16 → 12). With `inner`, b's output is also a model output y."""
+    rng = np.random.default_rng(14)
+    lo, hi = np.float32(0), np.float32(6)
+    nodes = [conv_node("x", "wa", "c0", "ba", name="a"),
+             onnx.helper.make_node("Clip", ["c0", "lo", "hi"], ["r0"], name="clip0"),
+             conv_node("r0", "wd", "c1", "bd", name="dw", pads=[1, 1, 1, 1], strides=[stride, stride], group=16),
+             onnx.helper.make_node("Clip", ["c1", "lo", "hi"], ["r1"], name="clip1"),
+             conv_node("r1", "wb", "y", "bb", name="b")]
+    inits = {"wa": weights(rng, 16, 3, 1, 1, scale=1.5), "ba": np.full(16, 0.3, np.float32),
+             "wd": weights(rng, 16, 1, 3, 3, scale=0.6), "bd": np.full(16, 0.2, np.float32),
+             "wb": weights(rng, 12, 16, 1, 1), "bb": np.full(12, -0.02, np.float32), "lo": lo, "hi": hi}
+    return make_model(nodes, inits, [n, 3, 12, 12], ["y"])
+
+
+def test_a_clip_and_a_float_depthwise_convolution_between_two_decomposed_layers_make_a_block():
+    model = _mobile_model()
+    layers = find_layers(model)[0]
+    plans = [Plan(L, None, 4, calibrate.QParams(0.1, 0, 4)) for L in layers if L.name != "dw"]
+    (block,) = reconstruct.find_blocks(model, plans, layers)
+    assert (block.a, block.readers, block.fixed) == (0, (1,), ())
+    assert block.act == block.through_act == (0.0, 6.0) and block.through.name == "dw"
+    assert _blocks(model) == []  # a decomposed depthwise layer is not passed through
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_nested_patches_through_a_depthwise_layer_rebuild_the_pointwise_readers_float_output(stride):
+    model = _mobile_model(stride, n=3)
+    a, dw, b = find_layers(model)[0]
+    x = _images(3, 8)
+    nested = reconstruct.NestedSampler(a, [b], per_image=40, seed=2, through=dw)
+    target = reconstruct.TargetSampler(nested, b)
+    nested.update(x)
+    target.update(run_onnx(model, x)[0])
+    P, valid = nested.arrays()
+    assert P.shape[1] == 9 and not valid.all() and list(nested.tap_index(b)) == [0]
+    block = reconstruct._Block(Plan(a, None, 4, None), [reconstruct._Reader(b, None, nested.tap_index(b))],
+                               (0.0, 6.0), dw, (0.0, 6.0))
+    (out,), _ = block.forward(P, valid, a.weight, [b.weight])
+    np.testing.assert_allclose(out, target.arrays()[0], rtol=1e-4, atol=1e-4)
+
+
+def test_conversion_refits_through_a_depthwise_layer_and_tracks_the_float_network_closer(tmp_path):
+    """The pair around MobileNet's float depthwise layer at k = 2, Q = 4 (the depthwise layer
+    left float, as --min-depth leaves MobileNet's), on images the calibration did not see.
+    Measured relative squared error 0.068 against 0.075 without the block."""
+    src = save_model(_mobile_model(n=1), tmp_path / "mobile.onnx")
+    calib = make_images(tmp_path / "calib", 12, (12, 12), seed=6)
+    unseen = make_images(tmp_path / "unseen", 12, (12, 12), seed=7)
+    config = tmp_path / "dw-float.json"
+    config.write_text('{"layers": {"dw": {"skip": true}}}')
+    opts = dict(bases=2, act_bits=4, calib=calib, progress=False, min_depth=0, sequential=True, layer_config=config)
+    bdecomp.convert(src, tmp_path / "blocks.onnx", **opts)
+    bdecomp.convert(src, tmp_path / "layers.onnx", block_reconstruction=False, **opts)
+    blocks, layers = (output_error(tmp_path / f"{n}.onnx", src, unseen) for n in ("blocks", "layers"))
+    assert blocks < 0.95 * layers
