@@ -14,12 +14,14 @@ from bdecomp.decomposer.fit import fit_layer
 from bdecomp.decomposer.rewrite import Plan, find_layers
 
 
-def _pair_model(stride: int = 1, n: int = 1, extra_reader: bool = False, inner: bool = True) -> onnx.ModelProto:
-    """conv a (3×3, 3 → 16) → Relu → conv b (3×3, 16 → 12, pad 1); outputs y (b's), and with
-    `inner` also c0 (a's) and r."""
+def _pair_model(stride: int = 1, n: int = 1, extra_reader: bool = False, inner: bool = True,
+                clip: tuple[float, float] | None = None) -> onnx.ModelProto:
+    """conv a (3×3, 3 → 16) → Relu (or Clip(*clip)) → conv b (3×3, 16 → 12, pad 1); outputs y
+    (b's), and with `inner` also c0 (a's) and r."""
     rng = np.random.default_rng(11)
-    nodes = [conv_node("x", "wa", "c0", "ba", name="a", pads=[1, 1, 1, 1], strides=[stride, stride]),
-             onnx.helper.make_node("Relu", ["c0"], ["r"], name="relu"),
+    act = (onnx.helper.make_node("Clip", ["c0", "lo", "hi"], ["r"], name="relu") if clip else
+           onnx.helper.make_node("Relu", ["c0"], ["r"], name="relu"))
+    nodes = [conv_node("x", "wa", "c0", "ba", name="a", pads=[1, 1, 1, 1], strides=[stride, stride]), act,
              conv_node("r", "wb", "y", "bb", name="b", pads=[1, 1, 1, 1])]
     outputs = ["y", "c0", "r"] if inner else ["y"]
     if extra_reader:
@@ -27,6 +29,8 @@ def _pair_model(stride: int = 1, n: int = 1, extra_reader: bool = False, inner: 
         outputs.append("s")
     inits = {"wa": weights(rng, 16, 3, 3, 3), "ba": np.full(16, 0.05, np.float32),
              "wb": weights(rng, 12, 16, 3, 3), "bb": np.full(12, -0.02, np.float32)}
+    if clip:
+        inits.update(lo=np.float32(clip[0]), hi=np.float32(clip[1]))
     return make_model(nodes, inits, [n, 3, 12, 12], outputs)
 
 
@@ -77,6 +81,15 @@ def test_a_block_is_a_convolution_whose_relu_only_convolutions_read():
     assert _blocks(_pair_model(inner=False)) == [(0, (1,), ())]
     assert _blocks(_pair_model(inner=False, extra_reader=True)) == []  # the ReLU has another reader
     assert _blocks(_pair_model(inner=True)) == []  # a's output and its ReLU are model outputs
+
+
+def test_a_relu6_makes_a_block_with_its_bounds_and_a_clip_that_passes_nothing_does_not():
+    model = _pair_model(inner=False, clip=(0.0, 6.0))
+    layers = find_layers(model)[0]
+    plans = [Plan(L, None, 4, calibrate.QParams(0.1, 0, 4)) for L in layers]
+    (block,) = reconstruct.find_blocks(model, plans, layers)
+    assert (block.a, block.readers, block.act) == (0, (1,), (0.0, 6.0))
+    assert _blocks(_pair_model(inner=False, clip=(1.0, 1.0))) == []
 
 
 @pytest.mark.parametrize("stride", [1, 2])
