@@ -1,7 +1,8 @@
 """Block reconstruction: a layer A and the layers that read ReLU(A) refitted together.
 
-(ReLU or a Clip such as ReLU6; in MobileNet the readers are the pointwise layers behind a float
-depthwise layer and its Clip, which the block passes through.)
+(ReLU, a Clip such as ReLU6, or none: ESPNet's reduce convolution feeds its dilated branches
+directly. In MobileNet the readers are the pointwise layers behind a float depthwise layer and its
+Clip, which the block passes through.)
 
 At k = 2 the fit layer by layer leaves most of ResNet-56's error in the weights (with k = 8 and the
 same activation bits its `--budget 9` file loses nothing). `fit.refit_codes` fits each layer to
@@ -47,13 +48,15 @@ BIAS_RATE = 0.003  # and of A's bias, relative to the spread of each of its outp
 
 Bounds = tuple[float, float]  # an activation clip(x, lo, hi): ReLU (0, inf), ReLU6 (0, 6)
 RELU: Bounds = (0.0, np.inf)
+LINEAR: Bounds = (-np.inf, np.inf)
 
 
 @dataclass(frozen=True, eq=False)  # (keys of the sequential refit's samplers, by identity)
 class Block:
     """A layer (plan index `a`) and the layers reading act(a's output), which nothing else reads:
     decomposed ones (plan indexes `readers`) and ones left float (`fixed`: their Layers), the
-    latter fitted for too (their output error counts) but not changed. `act` is ReLU or a Clip.
+    latter fitted for too (their output error counts) but not changed. `act` is ReLU, a Clip or
+    LINEAR (the readers read a's output itself).
     With `through` (a float depthwise convolution, MobileNet's), the readers are pointwise and
     read act'(through(act(a's output))) instead, `through_act` being act'."""
 
@@ -104,13 +107,13 @@ def sampled_geometry(readers: list[Layer], through: Layer | None) -> list[Layer]
 
 
 def find_blocks(model: onnx.ModelProto, plans: list[Plan], layers: list[Layer]) -> list[Block]:
-    """The blocks reconstruction handles: ungrouped convolutions with calibrated quantizers, A's
-    output read only by a ReLU or constant Clip whose output only convolutions read (at least
-    one decomposed), all on the same output grid (a fire module's expand 1×1 and 3×3), or only a
-    float depthwise convolution whose ReLU / Clip only pointwise convolutions read; within
-    `affordable`'s memory and time. Blocks do not share a layer: a block's samples of A's inputs
-    are taken before the block before it is refitted, so in a chain (VGG) a layer in two blocks
-    would be fitted to stale inputs."""
+    """The blocks reconstruction handles: ungrouped convolutions with calibrated quantizers whose
+    output is read only by convolutions (at least one decomposed, all on the same output grid: a
+    fire module's expand 1×1 and 3×3, ESPNet's dilated branches), directly or through a ReLU or
+    constant Clip, or through a float depthwise convolution and its ReLU / Clip to pointwise
+    ones (MobileNet); within `affordable`'s memory and time. Blocks do not share a layer: a
+    block's samples of A's inputs are taken before the block before it is refitted, so in a chain
+    (VGG) a layer in two blocks would be fitted to stale inputs."""
     readers: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:
         for t in set(n.input):
@@ -121,9 +124,14 @@ def find_blocks(model: onnx.ModelProto, plans: list[Plan], layers: list[Layer]) 
     layer_of = {L.name: L for L in layers}
 
     def activation(tensor: str) -> tuple[str, Bounds] | None:
-        """The output and bounds of the ReLU / Clip that alone reads `tensor`, if it is one."""
+        """The output and bounds of the ReLU / Clip that alone reads `tensor`, if it is one;
+        `tensor` itself, unbounded, if only layers read it (ESPNet's reduce convolution)."""
         r = readers.get(tensor, [])
-        bounds = clip_bounds(r[0], inits) if len(r) == 1 and tensor not in graph_outputs else None
+        if not r or tensor in graph_outputs:
+            return None
+        if all(n.name in layer_of for n in r):
+            return tensor, LINEAR
+        bounds = clip_bounds(r[0], inits) if len(r) == 1 else None
         if bounds is None or not bounds[0] < bounds[1] or r[0].output[0] in graph_outputs:
             return None
         return r[0].output[0], bounds
@@ -336,7 +344,7 @@ class _Relaxed:
 
 
 class _Reader:
-    """One layer reading ReLU(A): its taps in the sampled union, its quantizer (None: a float
+    """One layer reading act(A): its taps in the sampled union, its quantizer (None: a float
     layer, which reads the float values) and bias."""
 
     def __init__(self, L: Layer, plan: Plan | None, taps: np.ndarray):
@@ -430,9 +438,10 @@ def reconstruct_block(A: Plan, readers: list[Plan], fixed: list[Layer], taps: li
     readers' (decomposed, then `fixed`) float outputs `targets` [m, Cout_j] from A's input
     `patches` [m, U, D_A] (the decomposed network's, original units) with `valid` [m, U] taps;
     `taps` gives each reader's taps in U; `act` is A's activation, `through` and `through_act`
-    a float depthwise layer and its activation between it and the readers. The decomposed readers' biases then take up their mean output shift: their bias
-    correction was for their old codes, and a shift the per-position error barely weighs is what
-    a global pooling after them passes on whole. Returns (A's and the readers' plans, relative
+    a float depthwise layer and its activation between it and the readers. The decomposed
+    readers' biases then take up their mean output shift: their bias correction was for their old
+    codes, and a shift the per-position error barely weighs is what a global pooling after them
+    passes on whole. Returns (A's and the readers' plans, relative
     output error on the held-out samples before, after); the plans come back unchanged when the
     result does not lower that error."""
     xa = _layer_input(patches, A)

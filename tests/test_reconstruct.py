@@ -108,6 +108,39 @@ def test_nested_patches_rebuild_the_second_layers_float_output_at_the_sampled_po
     np.testing.assert_allclose(y, Y, rtol=1e-4, atol=1e-4)
 
 
+def _linear_pair(n: int = 2) -> onnx.ModelProto:
+    """ESPNet's pattern: conv a (1×1, 3 → 8) read directly by two dilated 3×3 convs (d = 1, 2)."""
+    rng = np.random.default_rng(15)
+    nodes = [conv_node("x", "wa", "c0", "ba", name="a"),
+             conv_node("c0", "w1", "y1", name="d1", pads=[1, 1, 1, 1]),
+             conv_node("c0", "w2", "y2", name="d2", pads=[2, 2, 2, 2], dilations=[2, 2]),
+             onnx.helper.make_node("Add", ["y1", "y2"], ["y"], name="add")]
+    inits = {"wa": weights(rng, 8, 3, 1, 1), "ba": np.full(8, -0.1, np.float32),
+             "w1": weights(rng, 6, 8, 3, 3), "w2": weights(rng, 6, 8, 3, 3)}
+    return make_model(nodes, inits, [n, 3, 12, 12], ["y", "y1", "y2"])
+
+
+def test_a_convolution_only_convolutions_read_makes_a_linear_block_whose_samples_rebuild_them():
+    model = _linear_pair()
+    a, d1, d2 = find_layers(model)[0]
+    (block,) = reconstruct.find_blocks(model, [Plan(L, None, 4, calibrate.QParams(0.1, 0, 4)) for L in (a, d1, d2)],
+                                       [a, d1, d2])
+    assert (block.a, block.readers, block.act) == (0, (1, 2), reconstruct.LINEAR)
+    x = np.random.default_rng(3).standard_normal((2, 3, 12, 12)).astype(np.float32)
+    nested = reconstruct.NestedSampler(a, [d1, d2], per_image=40, seed=2)
+    targets = [reconstruct.TargetSampler(nested, L) for L in (d1, d2)]
+    nested.update(x)
+    for t, y in zip(targets, run_onnx(model, x)[1:]):
+        t.update(y)
+    P, valid = nested.arrays()
+    assert P.shape[1] == 17  # the 3×3 taps at dilation 1 and 2 share the centre
+    readers = [reconstruct._Reader(L, None, nested.tap_index(L)) for L in (d1, d2)]
+    outs, _ = reconstruct._Block(Plan(a, None, 4, None), readers, reconstruct.LINEAR).forward(
+        P, valid, a.weight, [d1.weight, d2.weight])
+    for out, t in zip(outs, targets):
+        np.testing.assert_allclose(out, t.arrays()[0], rtol=1e-4, atol=1e-4)
+
+
 def _block(A, B):
     return reconstruct._Block(A, [reconstruct._Reader(B.layer, B, np.arange(9))])
 
