@@ -276,9 +276,9 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
                                                                 profile, neighbours)
     plans, rows = _fit_all(chosen, qparams, samplers, method, bias_correction, progress)
     refitted = False
-    n_blocks = 0
+    blocks: list[dict] = []
     if sequential is not False and samplers and method == "data":  # (no layer left to decompose: nothing to refit)
-        plans, refitted, n_blocks = _refit_sequential(model, plans, rows, samplers, images, recipe, threads, progress,
+        plans, refitted, blocks = _refit_sequential(model, plans, rows, samplers, images, recipe, threads, progress,
                                                     cheap_only=sequential is None,
                                                     blocks_of=layers if block_reconstruction else None)
     out = rewrite.rewrite(model, plans)
@@ -289,7 +289,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
                                    "range_method": used_range,
                                    "act_scales": act_scales if n_calib else "tensor",
                                    "sequential": refitted,
-                                   "blocks": n_blocks,
+                                   "blocks": sum(b["kept"] for b in blocks),
                                    **({"speed_profile": profile.machine} if float_when_faster else {})},
                                   sort_keys=True)}
     meta.update({k: str(v) for k, v in info.items()})
@@ -304,7 +304,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     bytes_after = load.save_model(out, output_path)
     report = Report(str(model_path), str(output_path), rows, float_layers, bytes_before, bytes_after,
                     time.perf_counter() - t0, n_calib, folded, search, faster_in_float,
-                    profile.short() if float_when_faster or faster_in_float else "")
+                    profile.short() if float_when_faster or faster_in_float else "", blocks)
     if report_path:
         load.write_atomic(report.to_json().encode(), report_path)
     return report
@@ -493,13 +493,13 @@ def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, pro
     `blocks_of` (the model's layers as find_layers gave them, where a block's float readers come
     from), each block (reconstruct.find_blocks) is refitted right after its last reader: its
     first layer's pass also takes its reconstruct.NestedSampler, and one float pass beforehand
-    every block's targets. Returns (plans, whether it refitted, how many blocks the
-    refit changed): with `cheap_only`, not when the calibration images do not fit in memory (every
+    every block's targets. Returns (plans, whether it refitted, what each block gave: layer
+    names, held-out block error before and after, whether it was kept): with `cheap_only`, not when the calibration images do not fit in memory (every
     pass would decode them and run the network from them)."""
     batch = feed.fixed_batch(model)
     read, in_memory = _kept_batches(images, recipe, batch or 1)
     if cheap_only and not in_memory:
-        return plans, False, 0
+        return plans, False, []
     passes = calibrate.FrontierPasses(read, in_memory, feed.model_input(model)[0], feed.input_dtype(model), batch, threads)
     todo = [i for i, p in enumerate(plans) if p.qparams is not None and samplers.get(p.layer.name) is not None
             and samplers[p.layer.name].count and data_aware_fits(p.layer, p.dec.k)]
@@ -516,7 +516,7 @@ def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, pro
         wanted = [t for ts in targets.values() for t in ts]
         calibrate.collect_stats(simplify.upstream(model, [t.tensor for t in wanted]), [], read(),
                                 threads=threads, samplers=wanted)
-    changed = 0
+    results = []
     with _progress(len(todo) + len(blocks), "refitting to decomposed inputs", progress) as bar:
         for run in _shared_passes(model, [plans[i].layer for i in todo]):
             first = todo[run[0]]
@@ -535,17 +535,22 @@ def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, pro
                     ys = [t.arrays()[0] for t in outs]
                     readers = [plans[j] for j in b.readers]
                     taps = [sampler.tap_index(L) for L in [p.layer for p in readers] + list(b.fixed)]
-                    new, _, _ = reconstruct.reconstruct_block(plans[b.a], readers, list(b.fixed), taps, patches,
-                                                              valid, ys, seed=b.a, act=b.act, through=b.through,
-                                                              through_act=b.through_act)
-                    if new[0] is not plans[b.a]:  # the passes kept values computed with the old A
+                    new, before, after = reconstruct.reconstruct_block(
+                        plans[b.a], readers, list(b.fixed), taps, patches, valid, ys, seed=b.a, act=b.act,
+                        through=b.through, through_act=b.through_act)
+                    kept = new[0] is not plans[b.a]
+                    if kept:  # the passes kept values computed with the old A
                         passes.forget(model, plans[b.a].layer.output)
-                        changed += 1
+                    results.append({"first": plans[b.a].layer.name, "readers": [p.layer.name for p in readers],
+                                    "float_readers": [L.name for L in b.fixed],
+                                    "through": b.through.name if b.through is not None else None,
+                                    "positions": len(patches), "error_before": before, "error_after": after,
+                                    "kept": kept})
                     for i, plan in zip((b.a,) + b.readers, new):
                         plans[i] = plan
                         rows[i].weight_error = decompose.total_relative_error(plan.layer.weight, plan.dec)
                 bar.update(1)
-    return plans, True, changed
+    return plans, True, results
 
 
 def _shared_passes(model: onnx.ModelProto, layers: list[rewrite.Layer]) -> list[list[int]]:

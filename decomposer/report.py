@@ -38,6 +38,7 @@ class Report:
     allocation: dict = field(default_factory=dict)  # what --budget / --target-drop chose and tried
     faster_in_float: dict = field(default_factory=dict)  # layers --float-when-faster would keep float
     speed_profile: str = ""  # the speed profile that decided them (SpeedProfile.short()), if one did
+    blocks: list[dict] = field(default_factory=list)  # what block reconstruction did, block by block
 
     @property
     def mac_weighted_kq(self) -> float:
@@ -64,7 +65,7 @@ class Report:
                            "layers": [asdict(r) for r in self.layers],
                            "float_layers": self.float_layers, "allocation": self.allocation,
                            "faster_in_float": self.faster_in_float, "speed_profile": self.speed_profile,
-                           "totals": self.totals()}, indent=2)
+                           "blocks": self.blocks, "totals": self.totals()}, indent=2)
 
     def table(self) -> str:
         head = (f"{'layer':<28} {'op':<6} {'D':>6} {'Cout':>5} {'k':>2} {'Q':>2} {'w.err':>6} {'out.err':>7} "
@@ -86,9 +87,22 @@ class Report:
         lines.append(f"{len(self.layers)} layers decomposed, {len(self.float_layers)} left float{share}; "
                      f"MAC-weighted k*Q {t['mac_weighted_kq']:.1f}{kernel} (decomposed layers); file "
                      f"{self.bytes_before:,} -> {self.bytes_after:,} bytes ({ratio}); {self.seconds:.1f} s")
+        if self.blocks:
+            lines.append(self.blocks_line())
         if self.speed_profile:
             lines.append(f"speed profile: {self.speed_profile}")
         return "\n".join(lines + self.notes())
+
+    def blocks_line(self) -> str:
+        """Block reconstruction in one line: how many blocks kept their refit, by how much it
+        lowered their held-out error."""
+        kept = [b for b in self.blocks if b["kept"]]
+        line = f"block reconstruction: {len(kept)} of {len(self.blocks)} blocks refitted"
+        if kept:
+            drops = sorted(100 * (1 - b["error_after"] / b["error_before"]) for b in kept)
+            line += (f", held-out block error {drops[0]:.0f}-{drops[-1]:.0f}% lower "
+                     f"(median {drops[len(drops) // 2]:.0f}%)")
+        return line
 
     def notes(self) -> list[str]:
         """What the user should know beyond the table (also printed with --quiet)."""

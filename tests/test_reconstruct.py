@@ -199,6 +199,23 @@ def test_conversion_refits_blocks_unless_told_not_to(tmp_path):
     assert on != off and on == again
 
 
+def test_the_report_gives_each_blocks_layers_and_held_out_error_and_the_file_counts_those_kept(tmp_path):
+    import json
+
+    src = save_model(_chain(4, 16, 16), tmp_path / "chain.onnx")
+    calib = make_images(tmp_path / "calib", 12, (16, 16), seed=6)
+    report = bdecomp.convert(src, tmp_path / "out.onnx", bases=2, act_bits=4, calib=calib, progress=False,
+                             min_depth=0, sequential=True, report_path=tmp_path / "r.json")
+    blocks = json.loads((tmp_path / "r.json").read_text())["blocks"]
+    assert [(b["first"], b["readers"], b["through"]) for b in blocks] == [("conv0", ["conv1"], None),
+                                                                          ("conv2", ["conv3"], None)]
+    for b in blocks:
+        assert b["positions"] >= reconstruct.MIN_SAMPLED and b["kept"] == (b["error_after"] < b["error_before"])
+    assert "block reconstruction: " in report.table()
+    meta = {p.key: p.value for p in onnx.load(tmp_path / "out.onnx").metadata_props}
+    assert json.loads(meta["bdecomp.options"])["blocks"] == sum(b["kept"] for b in blocks)
+
+
 def _chain(convs: int, channels: int, size: int) -> onnx.ModelProto:
     """`convs` 3×3 convolutions with ReLUs over `channels` channels, then global pooling."""
     rng = np.random.default_rng(12)
