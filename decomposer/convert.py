@@ -491,11 +491,12 @@ def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, pro
     fit's limits (fit.data_aware_fits: big FC layers) keep their bases. Layers in a row whose
     inputs do not depend on each other's outputs share a pass (`_shared_passes`). With
     `blocks_of` (the model's layers as find_layers gave them, where a block's float readers come
-    from), each block (reconstruct.find_blocks) is refitted right after its last reader: its
-    first layer's pass also takes its reconstruct.NestedSampler, and one float pass beforehand
+    from), each block (reconstruct.find_blocks) is refitted right after its last reader: that
+    reader's pass also takes the block's reconstruct.NestedSampler, and one float pass beforehand
     every block's targets. Returns (plans, whether it refitted, what each block gave: layer
-    names, held-out block error before and after, whether it was kept): with `cheap_only`, not when the calibration images do not fit in memory (every
-    pass would decode them and run the network from them)."""
+    names, held-out block error before and after, whether it was kept): with `cheap_only`, not
+    when the calibration images do not fit in memory (every pass would decode them and run the
+    network from them)."""
     batch = feed.fixed_batch(model)
     read, in_memory = _kept_batches(images, recipe, batch or 1)
     if cheap_only and not in_memory:
@@ -522,7 +523,8 @@ def _refit_sequential(model, plans, rows, samplers, images, recipe, threads, pro
             first = todo[run[0]]
             fresh = {todo[r]: samplers[plans[todo[r]].layer.name].fresh() for r in run}
             partly = rewrite.rewrite(model, plans[:first]) if first else model
-            passes.sample(partly, list(fresh.values()) + [nested[b] for b in blocks if b.a in fresh])
+            # a block's inputs come from its last reader's pass: after the blocks before it are refitted
+            passes.sample(partly, list(fresh.values()) + [nested[b] for b in blocks if b.last in fresh])
             for i, seq in fresh.items():
                 plan = plans[i]
                 plans[i] = replace(plan, dec=refit_codes(plan, samplers[plan.layer.name].patches(), seq.patches()))

@@ -111,9 +111,10 @@ def find_blocks(model: onnx.ModelProto, plans: list[Plan], layers: list[Layer]) 
     output is read only by convolutions (at least one decomposed, all on the same output grid: a
     fire module's expand 1×1 and 3×3, ESPNet's dilated branches), directly or through a ReLU or
     constant Clip, or through a float depthwise convolution and its ReLU / Clip to pointwise
-    ones (MobileNet); within `affordable`'s memory and time. Blocks do not share a layer: a
-    block's samples of A's inputs are taken before the block before it is refitted, so in a chain
-    (VGG) a layer in two blocks would be fitted to stale inputs."""
+    ones (MobileNet); within `affordable`'s memory and time. In a chain (VGG, MobileNet's
+    pointwise layers) consecutive blocks share a layer, the reader of one being the first layer
+    of the next: the sequential refit samples a block's inputs in its last reader's pass, after
+    the block before it is refitted."""
     readers: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:
         for t in set(n.input):
@@ -137,10 +138,9 @@ def find_blocks(model: onnx.ModelProto, plans: list[Plan], layers: list[Layer]) 
         return r[0].output[0], bounds
 
     blocks: list[Block] = []
-    taken: set[str] = set()
     for i, p in enumerate(plans):
         A = p.layer
-        found = activation(A.output) if _plain_2d(A) and p.qparams is not None and A.name not in taken else None
+        found = activation(A.output) if _plain_2d(A) and p.qparams is not None else None
         if found is None:
             continue
         act, bounds = found
@@ -148,13 +148,13 @@ def find_blocks(model: onnx.ModelProto, plans: list[Plan], layers: list[Layer]) 
         through, through_act = None, RELU
         if len(nodes) == 1 and nodes[0].name in layer_of and nodes[0].name not in plan_of:
             F = layer_of[nodes[0].name]
-            if _depthwise(F) and F.input == act and F.name not in taken and (deeper := activation(F.output)):
+            if _depthwise(F) and F.input == act and (deeper := activation(F.output)):
                 through, (act, through_act) = F, deeper
                 nodes = readers.get(act, [])
         if not nodes or any(n.name not in layer_of for n in nodes):
             continue
         Ls = [layer_of[n.name] for n in nodes]
-        if any(not _plain_2d(L) or L.input != act or L.name in taken for L in Ls) or \
+        if any(not _plain_2d(L) or L.input != act for L in Ls) or \
                 len({_grid(L) for L in Ls}) != 1 or (through is not None and not all(map(_pointwise, Ls))):
             continue
         ours = [plan_of[L.name] for L in Ls if L.name in plan_of]
@@ -162,7 +162,6 @@ def find_blocks(model: onnx.ModelProto, plans: list[Plan], layers: list[Layer]) 
             continue
         blocks.append(Block(i, tuple(sorted(ours)), tuple(L for L in Ls if L.name not in plan_of),
                             bounds, through, through_act))
-        taken.update([A.name] + [L.name for L in Ls] + ([through.name] if through is not None else []))
     return blocks
 
 

@@ -207,8 +207,8 @@ def test_the_report_gives_each_blocks_layers_and_held_out_error_and_the_file_cou
     report = bdecomp.convert(src, tmp_path / "out.onnx", bases=2, act_bits=4, calib=calib, progress=False,
                              min_depth=0, sequential=True, report_path=tmp_path / "r.json")
     blocks = json.loads((tmp_path / "r.json").read_text())["blocks"]
-    assert [(b["first"], b["readers"], b["through"]) for b in blocks] == [("conv0", ["conv1"], None),
-                                                                          ("conv2", ["conv3"], None)]
+    assert [(b["first"], b["readers"], b["through"]) for b in blocks] == [
+        ("conv0", ["conv1"], None), ("conv1", ["conv2"], None), ("conv2", ["conv3"], None)]
     for b in blocks:
         assert b["positions"] >= reconstruct.MIN_SAMPLED and b["kept"] == (b["error_after"] < b["error_before"])
     assert "block reconstruction: " in report.table()
@@ -230,8 +230,33 @@ def _chain(convs: int, channels: int, size: int) -> onnx.ModelProto:
     return make_model(nodes, inits, [1, 3, size, size])
 
 
-def test_blocks_in_a_chain_of_convolutions_do_not_share_a_layer():
-    assert _blocks(_chain(5, 8, 8)) == [(0, (1,), ()), (2, (3,), ())]
+def test_blocks_in_a_chain_of_convolutions_overlap_by_one_layer():
+    assert _blocks(_chain(4, 8, 8)) == [(0, (1,), ()), (1, (2,), ()), (2, (3,), ())]
+
+
+def test_a_blocks_inputs_are_sampled_after_the_block_before_it_is_refitted(tmp_path, monkeypatch):
+    """In a chain conv1 is the reader of block (conv0, conv1) and the first layer of block
+    (conv1, conv2): its inputs must come from the network with the first block's new conv0."""
+    from bdecomp.decomposer import convert as convert_module
+
+    events = []
+    sample, refit = calibrate.FrontierPasses.sample, reconstruct.reconstruct_block
+
+    def spy_sample(self, model, samplers):
+        events.extend(("sampled", sp.A.name) for sp in samplers if isinstance(sp, reconstruct.NestedSampler))
+        return sample(self, model, samplers)
+
+    def spy_refit(A, *args, **kwargs):
+        events.append(("refitted", A.layer.name))
+        return refit(A, *args, **kwargs)
+
+    monkeypatch.setattr(calibrate.FrontierPasses, "sample", spy_sample)
+    monkeypatch.setattr(convert_module.reconstruct, "reconstruct_block", spy_refit)
+    src = save_model(_chain(3, 16, 16), tmp_path / "chain.onnx")
+    calib = make_images(tmp_path / "calib", 6, (16, 16), seed=6)
+    bdecomp.convert(src, tmp_path / "out.onnx", bases=2, act_bits=4, calib=calib, progress=False, min_depth=0,
+                    sequential=True)
+    assert events == [("sampled", "conv0"), ("refitted", "conv0"), ("sampled", "conv1"), ("refitted", "conv1")]
 
 
 def test_conversion_with_blocks_tracks_the_float_network_closer_on_unseen_images(tmp_path):
