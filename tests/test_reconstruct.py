@@ -260,10 +260,11 @@ def test_a_blocks_inputs_are_sampled_after_the_block_before_it_is_refitted(tmp_p
 
 
 def test_conversion_with_blocks_tracks_the_float_network_closer_on_unseen_images(tmp_path):
-    """Four convolutions at k = 2, Q = 4: the blocks (conv0, conv1) and (conv2, conv3). Measured
-    relative squared error 0.00048 against 0.00072 without blocks. (On test_sequential's network,
-    on its calibration images: 0.00051 against 0.0017, and 0.0030 before the readers' biases were
-    re-centred: the pooled output passes their mean shift on whole.)"""
+    """Four convolutions at k = 2, Q = 4: the blocks (conv0, conv1), (conv1, conv2) and (conv2,
+    conv3). Measured relative squared error 0.00035 against 0.00072 without blocks (0.00048 with
+    the two disjoint blocks only). On test_sequential's network, on its calibration images:
+    0.00053 against 0.0017, and 0.0030 before the readers' biases were re-centred (the pooled
+    output passes their mean shift on whole)."""
     src = save_model(_chain(4, 16, 16), tmp_path / "chain.onnx")
     calib = make_images(tmp_path / "calib", 12, (16, 16), seed=6)
     unseen = make_images(tmp_path / "unseen", 12, (16, 16), seed=7)
@@ -271,7 +272,7 @@ def test_conversion_with_blocks_tracks_the_float_network_closer_on_unseen_images
     bdecomp.convert(src, tmp_path / "blocks.onnx", **opts)
     bdecomp.convert(src, tmp_path / "layers.onnx", block_reconstruction=False, **opts)
     blocks, layers = (output_error(tmp_path / f"{n}.onnx", src, unseen) for n in ("blocks", "layers"))
-    assert blocks < 0.85 * layers
+    assert blocks < 0.7 * layers
 
 
 def _fire_model(inner: bool = False) -> onnx.ModelProto:
