@@ -12,7 +12,7 @@ import pytest
 from conftest import conv_node, make_images, make_model, output_error, run_onnx, save_model, weights
 
 import bdecomp
-from bdecomp.decomposer import calibrate, decompose, fold, simplify
+from bdecomp.decomposer import calibrate, simplify
 from bdecomp.decomposer.fit import fit_layer, refit_codes
 from bdecomp.decomposer.rewrite import Layer, Plan
 
