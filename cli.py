@@ -132,8 +132,8 @@ def main() -> None:
                    "with --calib and --method data when the decoded calibration images fit in 1 GiB")
 @click.option("--block-reconstruction/--no-block-reconstruction", default=True, show_default=True,
               help="within the sequential refit, refit each convolution together with the convolutions that read "
-                   "its ReLU / ReLU6 (or, through a float depthwise layer, MobileNet's next pointwise layer), to their "
-                   "float outputs (about 1-15 s per block)")
+                   "its output, directly or through its ReLU / ReLU6 (and through a float depthwise layer: MobileNet's "
+                   "next pointwise layer), to their float outputs (about 1-15 s per block)")
 @click.option("--layer-config", type=click.Path(path_type=Path), help="per-layer k/q/skip (JSON or TOML)")
 @click.option("--report", type=click.Path(path_type=Path), help="write the conversion report as JSON")
 @click.option("--threads", type=int, help="onnxruntime threads during calibration")

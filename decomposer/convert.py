@@ -104,9 +104,9 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, ba
     (fit.refit_codes). None (default): when the data-aware fit runs and the decoded calibration
     images fit in memory (`_kept_batches`), where its passes cost about one more run of the
     network over them; True asks for it whatever that costs, False never.
-    block_reconstruction: within that refit, each convolution whose ReLU / Clip only convolutions
-    read (directly, or through a float depthwise layer and its ReLU / Clip) is refitted together
-    with them to their float outputs (reconstruct.py).
+    block_reconstruction: within that refit, each convolution whose output only convolutions
+    read (directly, through its ReLU / Clip, or also through a float depthwise layer and its
+    ReLU / Clip) is refitted together with them to their float outputs (reconstruct.py).
 
     method "data" (with calibration images) fits each layer's bases to its output on calibration
     patches seen through its own quantizer; "weight" is the original weight-only fit.
