@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx
 
-from bdecomp.decomposer import calibrate, decompose, fold
+from bdecomp.decomposer import calibrate, decompose, fold, simplify
 from bdecomp.decomposer.rewrite import Layer, Plan
 from bdecomp.runtime.graph import clip_bounds
 
@@ -101,9 +101,10 @@ def _pointwise(L: Layer) -> bool:
             and not any(L.pads))
 
 
-def sampled_geometry(readers: list[Layer], through: Layer | None) -> list[Layer]:
-    """The convolutions whose taps a block's samples of A's output cover."""
-    return [through] if through is not None else readers
+def sampled_taps(readers: list[Layer], through: Layer | None = None) -> list[tuple[int, int]]:
+    """The taps a block's samples of A's output cover, sorted: every reader's, or `through`'s
+    (which its pointwise readers read)."""
+    return sorted({t for L in ([through] if through is not None else readers) for t in _taps(L)})
 
 
 def find_blocks(model: onnx.ModelProto, plans: list[Plan], layers: list[Layer]) -> list[Block]:
@@ -115,11 +116,8 @@ def find_blocks(model: onnx.ModelProto, plans: list[Plan], layers: list[Layer]) 
     pointwise layers) consecutive blocks share a layer, the reader of one being the first layer
     of the next: the sequential refit samples a block's inputs in its last reader's pass, after
     the block before it is refitted."""
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for t in set(n.input):
-            readers.setdefault(t, []).append(n)
-    inits = {t.name: t for t in model.graph.initializer}
+    readers = simplify.consumers(model.graph)
+    inits = simplify.initializers(model.graph)
     graph_outputs = {o.name for o in model.graph.output}
     plan_of = {p.layer.name: i for i, p in enumerate(plans)}
     layer_of = {L.name: L for L in layers}
@@ -191,14 +189,13 @@ class _Sampler:
 
 def nested_cap(A: Layer, readers: list[Layer], through: Layer | None = None) -> int:
     """How many positions a block's NestedSampler keeps."""
-    taps = len({t for L in sampled_geometry(readers, through) for t in _taps(L)})
-    return int(min(8192, MAX_BYTES // (4 * taps * A.depth)))
+    return int(min(8192, MAX_BYTES // (4 * len(sampled_taps(readers, through)) * A.depth)))
 
 
 def affordable(A: Layer, readers: list[Layer], through: Layer | None = None) -> bool:
     """Enough positions fit in memory and a step (A forward and its gradient: 4 flops per
     multiply-add, the others' 6) stays within MAX_STEP_FLOPS."""
-    taps = len({t for L in sampled_geometry(readers, through) for t in _taps(L)})
+    taps = len(sampled_taps(readers, through))
     flops = BATCH * (4 * taps * A.depth * A.cout + 6 * sum(L.depth * L.cout for L in readers)
                      + (6 * taps * through.cout if through is not None else 0))
     return nested_cap(A, readers, through) >= MIN_SAMPLES and flops <= MAX_STEP_FLOPS
@@ -211,9 +208,8 @@ class NestedSampler(_Sampler):
 
     def __init__(self, A: Layer, readers: list[Layer], per_image: int, seed: int, through: Layer | None = None):
         super().__init__(A.input, nested_cap(A, readers, through), per_image, seed)
-        geometry = sampled_geometry(readers, through)
-        self.A, self.reader, self.through = A, geometry[0], through
-        self.union = sorted({t for L in geometry for t in _taps(L)})
+        self.A, self.reader, self.through = A, through if through is not None else readers[0], through
+        self.union = sampled_taps(readers, through)
 
     def tap_index(self, L: Layer) -> np.ndarray:
         """Where each of L's taps ((ky, kx) order) is in the sampled union; a reader behind
@@ -393,10 +389,10 @@ class _Block:
         self.readers, self.act, self.through_act = readers, act, through_act
         self.bias_a = A.layer.bias.astype(np.float32)
         self.through = None
-        if through is not None:  # its weights [U, C], U its taps in the samples' (sorted) order
-            taps = _taps(through)
-            w = np.zeros((len(taps), through.cout), np.float32)
-            w[[sorted(taps).index(t) for t in taps]] = through.weight.T
+        if through is not None:  # its weights [U, C], U its taps in the samples' order
+            union = sampled_taps([], through)
+            w = np.zeros((len(union), through.cout), np.float32)
+            w[[union.index(t) for t in _taps(through)]] = through.weight.T
             self.through = (w, through.bias.astype(np.float32))
 
     def forward(self, xa: np.ndarray, valid: np.ndarray, va: np.ndarray, vs: list[np.ndarray]):
