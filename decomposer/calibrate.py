@@ -439,13 +439,10 @@ class FrontierPasses:
         The next pass recomputes them from the values still kept, or runs from the images."""
         if self.kept is None:
             return
-        stale, grew = {tensor}, True
-        while grew:
-            grew = False
-            for n in model.graph.node:
-                if stale.intersection(node_reads(n)) and not stale.issuperset(o for o in n.output if o):
-                    stale.update(o for o in n.output if o)
-                    grew = True
+        stale = {tensor}
+        for n in model.graph.node:  # (graph order is topological: one sweep reaches everything downstream)
+            if stale.intersection(node_reads(n)):
+                stale.update(o for o in n.output if o)
         named = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
         self.kept = {t: v for t, v in self.kept.items() if t not in stale and t in named}
         self.done = {t for t in self.done if t not in stale and t in named}
