@@ -19,9 +19,11 @@ IR_VERSION = 8
 
 # `--float-when-faster` decides by a speed profile that convert would otherwise measure on (and
 # cache for) the machine running the tests: pin the built-in one, so every machine makes the same
-# decisions, and keep any cache out of the user's home (test_speed_profile.py measures on purpose).
+# decisions, and keep any cache out of the user's home (test_speed_profile.py measures on purpose)
+# in a folder removed when the run ends (a bare mkdtemp left one behind per run).
 os.environ["BDECOMP_SPEED_PROFILE"] = "builtin"
-os.environ["BDECOMP_CACHE_DIR"] = tempfile.mkdtemp(prefix="bdecomp-test-cache-")
+_CACHE_DIR = tempfile.TemporaryDirectory(prefix="bdecomp-test-cache-")
+os.environ["BDECOMP_CACHE_DIR"] = _CACHE_DIR.name
 
 
 # ---------------------------------------------------------------- ../shared
