@@ -1,7 +1,8 @@
 """Per-layer (k, Q) allocation under a budget: `convert --budget KQ` and `--target-drop D`.
 
 Cost of a layer is MACs·kernel_cost(k, Q, its channels): the cheaper of the two kernel families, in
-k·Q units (lookup tables: grow with k, not Q, one table set up to Q = 4 and two up to Q = 8;
+k·Q units (lookup tables: grow with k, and with Q above 4 by their byte counters' flushes and
+table sets;
 popcount: k in 4 or 8 lanes, Q bit planes plus fixed costs); the budget is the MAC-weighted mean
 of that cost.
 Error of a layer at (k, Q) is its relative output error on calibration patches — the bases for k
@@ -128,7 +129,9 @@ def kernel_cost(k: int, q: int, cin_g: int = 64) -> float:
     both families (benchmarks/bench_families.py; AVX-512 VPOPCNTDQ Zen 4, one thread, 3×3 and 1×1
     layers of 16–512 channels, k = 2…8, Q = 2…8; on AVX2 popcount is slower still):
 
-    * lookup tables: 4·k, one table set for Q ≤ 4, two for Q = 5…8 (7/4: measured 1.5–2.0x);
+    * lookup tables: 4·k up to Q = 4; 5·k at Q = 5 (one table set, its byte counters flushed every
+      second lookup: measured 1.04–1.31x Q = 4, median 1.2); 7·k at Q = 6 (one set flushed after
+      every lookup: 1.2–1.9x, median 1.7) and Q = 7, 8 (two sets: 1.3–1.95x, median 1.78);
     * popcount: 0.9·KP·(Q + 2), KP = k rounded up to 4 or 8 lanes, times the share of each 64-bit
       word that input channels leave empty. Its fixed costs per bit plane and per output made it
       slower than the tables in 50 of 56 timings; only (8, 2) and (4, 2) on 128+ channels come
@@ -140,13 +143,14 @@ def kernel_cost(k: int, q: int, cin_g: int = 64) -> float:
     64; counting that made the model price ESPNet's 25-channel layers' third basis at 1.5x the
     second, when fixed per-pixel costs keep the real step at ~1.2x, and its `--budget 16` fell from
     55.8 to 51.7 mIoU (55.7 without it): blocks are left out.
-    (4, 4) → 16, (2, 4) → 8, (3, 3) → 12, (4, 2) → 14.4, (8, 2) → 28.8, (2, 8) → 14, (8, 8) → 56."""
+    (4, 4) → 16, (2, 4) → 8, (3, 3) → 12, (4, 2) → 14.4, (4, 5) → 20, (8, 2) → 28.8, (2, 8) → 14,
+    (8, 8) → 56."""
     return min(lut_cost(k, q), popcount_cost(k, q, cin_g))
 
 
 def lut_cost(k: int, q: int) -> float:
-    """The lookup-table kernel's share of kernel_cost: 4 per basis; Q > 4: 7/4 of that."""
-    return 4 * k * (1.0 if q <= 4 else 1.75)
+    """The lookup-table kernel's share of kernel_cost: 4 per basis; Q = 5: 5/4 of that; Q > 5: 7/4."""
+    return 4 * k * (1.0 if q <= 4 else 1.25 if q == 5 else 1.75)
 
 
 def popcount_cost(k: int, q: int, cin_g: int = 64) -> float:

@@ -108,7 +108,7 @@ def decomposed_features(cin: int, cout: int, groups: int, taps: int, in_pixels: 
                         k: int, q: int) -> np.ndarray:
     """What the decomposed time is linear in (SpeedProfile's dec_* constants, in order)."""
     macs = out_pixels * cout * (cin // groups) * taps
-    sets = 2 if q > 4 else 1  # the tables' second set, or popcount's extra planes: ~2x the lanes' work
+    sets = 2 if q > 6 else 1  # the lookup tables' second set (or popcount's extra planes): ~2x the lanes' work
     return np.array([out_pixels, out_pixels * cout * k * sets, in_pixels * cin,
                      macs * allocate.kernel_cost(k, q, cin // groups)], dtype=float)
 

@@ -621,12 +621,13 @@ class PackedConv:
         cg, coutg = self.cin // self.groups, self.cout // self.groups
         kp = 4 if self.k <= 4 else 8
         # popcount: one 4-lane step (AND + nibble popcount of 256 bits) ≈ 2 cycles, two sets per
-        # activation broadcast; LUT: one 32-lane vpshufb step ≈ 0.75 cycles (+ flushes at Q = 4)
-        # plus ≈ 20 cycles per 128-lane pass.
+        # activation broadcast; LUT: one 32-lane vpshufb step ≈ 0.75 cycles, + its byte counters'
+        # flushes (every 4th step at Q = 4, every 2nd at Q = 5, every one at Q = 6; Q > 6: two
+        # table sets) plus ≈ 20 cycles per 128-lane pass.
         pop = coutg * (kp // 4) * self.wpg * self.bits * 2.0
         npass = -(-coutg * self.k // 128)
-        sets = 2 if self.bits > 4 else 1  # Q > 4: tables of the codes' low and high nibbles
-        lut = -(-coutg * self.k // 32) * -(-cg // 4) * (0.75 if self.bits < 4 else 1.0) * sets + 20.0 * npass
+        step = 0.75 if self.bits < 4 else {4: 1.0, 5: 1.25, 6: 1.75}.get(self.bits, 2.0)
+        lut = -(-coutg * self.k // 32) * -(-cg // 4) * step + 20.0 * npass
         return "lut" if lut < pop else "popcount"
 
     # -- geometry ---------------------------------------------------------------------------------

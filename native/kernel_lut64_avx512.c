@@ -6,7 +6,7 @@
  * channels instead of quads: per input pixel and group of channels 6s … 6s + 5 of a 64-channel
  * word (s < 10; s = 10 holds channels 60 … 63),
  *
- *   T[idx] = Σ_{i<6, bit i of idx set} q_i          (≤ 6·15 = 90: one byte; Q > 4: two sets)
+ *   T[idx] = Σ_{i<6, bit i of idx set} q_i          (≤ 6·31 = 186 at Q ≤ 5: one byte; Q > 5: two sets)
  *
  * a 64-byte table that fills one zmm register, and each (channel, basis) lane indexes it with the
  * 6 weight bits of that (tap, group): one vpermb does 64 lanes × 6 channels where vpshufb does 32
@@ -17,7 +17,7 @@
  * runtime times both.  The driver (tables over widened rows, passes, epilogue) is
  * lut_driver.inc, shared with kernel_lut_avx2.c; this file has the tables, passes and layouts.
  *
- * Counters: bytes for F = ⌊255 / (6·min(qmax, 15))⌋ steps (2 at Q = 4), then even / odd 16-bit
+ * Counters: bytes for F = ⌊255 / (6·qmax)⌋ steps (qmax of the largest set: 2 at Q = 4, 1 at Q = 5), then even / odd 16-bit
  * counters, then int32 lane sums: the lane sums S_j of the other kernels, the same epilogue, the
  * same bits.
  *
@@ -92,8 +92,9 @@ void bd_lut64_pack_weights(const bd_conv_params *p, const bd_geom *gm, const uin
 static const uint8_t plane_tab[64][64] __attribute__((aligned(64))) = {PROW16(0), PROW16(16), PROW16(32), PROW16(48)};
 
 /* The 64-byte tables of every (pixel, group, set, 6-channel group) from the packed bit planes:
- * T = Σ_b 2^(b − b0) · plane_tab[the 6 bits of plane b], b over the set's planes (set 0: planes
- * 0 … min(Q, 4) − 1, set 1: the planes above, so a code's lane sum is S_0 + 16 S_1).  npad
+ * T = Σ_b 2^(b − b0) · plane_tab[the 6 bits of plane b], b over the set's planes (Q ≤ 5: one set of
+ * every plane; Q > 5: set 0 planes 0 … 3, set 1 the planes above, so a code's lane sum is
+ * S_0 + 16 S_1; bd_lut_set_planes).  npad
  * [pixel][G] gets bd_pixel_count; the padding columns hold pad_tab and Cg·z (layout as in
  * kernel_lut_avx2.c's build_tables). */
 static __attribute__((noinline)) void build_tables64(const uint64_t *act, int64_t rows, int64_t W, int64_t PL,
@@ -101,7 +102,7 @@ static __attribute__((noinline)) void build_tables64(const uint64_t *act, int64_
                                                      const uint8_t *pad_tab, int32_t pad_n, uint8_t *tab,
                                                      int32_t *npad)
 {
-    const int nsets = Q > 4 ? 2 : 1;
+    const int nsets = bd_lut_sets(Q, 6);
     const int64_t tpix = G * nsets * ng * 64;
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
@@ -116,7 +117,8 @@ static __attribute__((noinline)) void build_tables64(const uint64_t *act, int64_
             const uint64_t *a = act + (row * W * G + pg) * Q * wpg;
             nrow[PL * G + pg] = bd_pixel_count(a, Q, wpg);
             for (int set = 0; set < nsets; ++set) {
-                const int32_t b0 = 4 * set, b1 = Q < b0 + 4 ? Q : b0 + 4;
+                int32_t b0, b1;
+                bd_lut_set_planes(Q, nsets, set, &b0, &b1);
                 uint8_t *out = trow + (PL * G + pg) * nsets * ng * 64 + set * ng * 64;
                 for (int64_t u = 0; u < ng; ++u) {
                     const int64_t w = u / L64_SLOTS, sh = 6 * (u % L64_SLOTS);

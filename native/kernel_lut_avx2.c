@@ -5,21 +5,23 @@
  * and channel, the activation codes of every quad of channels (4u … 4u+3 of a group, at one input
  * pixel) are turned into a 16-entry table once per input pixel:
  *
- *   T[idx] = Σ_{i<4, bit i of idx set} q_{4u+i}         (≤ 4·(2^Q − 1) ≤ 60: one byte)
+ *   T[idx] = Σ_{i<4, bit i of idx set} q_{4u+i}         (≤ 4·(2^Q − 1) ≤ 252 at Q ≤ 6: one byte)
  *
- * (for Q > 4 two tables, of the codes' low and high nibbles, and S = S_low + 16·S_high: twice
- * the lookups of Q ≤ 4, against twice the AND + popcounts of Q = 4 at Q = 8)
+ * (for Q > 6 two tables, of the codes' low and high nibbles, and S = S_low + 16·S_high: twice
+ * the lookups of Q ≤ 6, against twice the AND + popcounts of Q = 4 at Q = 8)
  * and each basis j of each output channel indexes it with its 4 weight bits of that (tap, quad)
  * (a nibble): Σ_{d: m_jd = +1} q_d = Σ_{tap, quad} T[nibble].  One vpshufb does 32 such lookups
  * (32 (co, j) lanes against one broadcast table), independent of Q.  The lane sums are exactly
  * S_j = Σ_b 2^b P_jb of the popcount kernels, so the epilogue (A_j = 2 S_j − N − z·Sv_j, float
  * output) is the same code (output_transform.h) and results are bit-identical.
  *
- * Counters: bytes for F = ⌊255 / (4·min(qmax, 15))⌋ steps, then split into even/odd 16-bit counters
- * (≤ 256 flushes of ≤ 255 each), then added to int32 lane sums.
+ * Counters: bytes for F = ⌊255 / (4·qmax)⌋ steps (qmax of the largest table set: 4 at Q = 4, 2 at
+ * Q = 5, 1 at Q = 6: one set, whose flushes cost Q = 5 1.2x and Q = 6 1.7x the time of Q = 4, where
+ * two sets cost 1.75x), then split into even/odd 16-bit counters (≤ 256 flushes of ≤ 255 each),
+ * then added to int32 lane sums.
  *
  * Layouts (internal; see bdecomp.h "LUT weights"):
- *   tables  uint8 [pixel][G][set][nq][16], nq = ceil(Cg/4), set < (Q > 4 ? 2 : 1), built per
+ *   tables  uint8 [pixel][G][set][nq][16], nq = ceil(Cg/4), set < bd_lut_sets(Q, 4), built per
  *           call from the packed activations, over input rows widened by the left and right
  *           padding.  The padding columns hold the tables of codes z: output pixels near the left
  *           and right edges then share passes (and weight loads) with their neighbours, each
@@ -64,7 +66,7 @@
 #define LUT_MAX_ACC 8    /* byte counters in registers per pass: pixels · blocks (AVX2's 16) */
 #define LUT_REGS 16
 #endif
-#define LUT_MAX_SETS 2   /* table sets: the codes' low nibbles, and for Q > 4 their high ones */
+#define LUT_MAX_SETS 2   /* table sets: all the planes, or for Q > 6 the codes' low and high nibbles */
 
 static inline int64_t lut_lane_byte(int64_t s) { return s < 16 ? 2 * s : 2 * (s - 16) + 1; }
 
@@ -109,10 +111,11 @@ static inline __attribute__((always_inline)) __m256i expand_bits32(uint32_t m)
     return _mm256_cmpeq_epi8(x, bit);
 }
 
-/* The 16-byte tables of every (pixel, group, quad) from the packed bit planes: set 0 from planes
- * 0…min(Q, 4) − 1, T[idx] = Σ_{i ∈ idx} (q_{4u+i} mod 16); for Q > 4 set 1 from the planes above,
+/* The 16-byte tables of every (pixel, group, quad) from the packed bit planes: for Q ≤ 6 one set
+ * from every plane, T[idx] = Σ_{i ∈ idx} q_{4u+i}; for Q > 6 set 0 from planes 0…3,
+ * T[idx] = Σ_{i ∈ idx} (q_{4u+i} mod 16), and set 1 from the planes above,
  * T[idx] = Σ_{i ∈ idx} ⌊q_{4u+i} / 16⌋ (so a code's lane sum is S_0 + 16 S_1).  Per (pixel,
- * group, set) and 64 channels: the set's 4-bit codes as bytes (bit planes spread to bytes, in
+ * group, set) and 64 channels: the set's codes as bytes (bit planes spread to bytes, in
  * registers), then for 4 quads at once T = A[idx & 3] + B[idx >> 2] by two vpshufb, with
  * A = (0, c0, c1, c0 + c1) and B = (0, c2, c3, c2 + c3) built from the codes by three more.
  * Channels ≥ Cg have code 0 (the packed planes are zero there).  Layout tab[pixel][G][set][nq][16]
@@ -124,7 +127,7 @@ static __attribute__((noinline)) void build_tables(const uint64_t *act, int64_t 
                                                    const uint8_t *pad_tab, int32_t pad_n, uint8_t *tab,
                                                    int32_t *npad)
 {
-    const int nsets = Q > 4 ? 2 : 1;
+    const int nsets = bd_lut_sets(Q, 4);
     const int64_t tpix = G * nsets * nq * 16;
     /* from 16 codes broadcast to both 128-bit lanes, lane 0 builds (A, B) of the first 2 quads
      * and lane 1 of the last 2: (0, c0, c1, c0+c1, 0, c2, c3, c2+c3, 0, c4, …) */
@@ -154,10 +157,11 @@ static __attribute__((noinline)) void build_tables(const uint64_t *act, int64_t 
             const uint64_t *a = act + (row * W * G + pg) * Q * wpg;
             nrow[PL * G + pg] = bd_pixel_count(a, Q, wpg);
             for (int set = 0; set < nsets; ++set) {
-                const int32_t b0 = 4 * set, b1 = Q < b0 + 4 ? Q : b0 + 4;
+                int32_t b0, b1;
+                bd_lut_set_planes(Q, nsets, set, &b0, &b1);
                 uint8_t *out = trow + (PL * G + pg) * nsets * nq * 16 + set * nq * 16;
                 for (int64_t w = 0; w < wpg; ++w) {
-                    __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256(); /* codes 0–31, 32–63 */
+                    __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256(); /* channels 0–31, 32–63 */
                     const int upper = 16 * w + 8 < nq; /* channels 32–63 of this word exist */
                     for (int32_t b = b0; b < b1; ++b) {
                         const uint64_t m = a[b * wpg + w];

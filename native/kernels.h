@@ -53,6 +53,18 @@ int bd_conv_lut_avx512vl(const bd_conv_params *p, const bd_geom *gm, const uint6
                          const uint8_t *wl, const int32_t *tap_sums, const float *coeffs,
                          const float *bias, float *out, int32_t *acc, int32_t nthreads);  /* kernel_lut_avx512.c */
 
+/* The table sets of a lookup-table family whose tables sum gch channels' Q-bit codes: one while
+ * an entry fits a byte, gch·(2^Q − 1) ≤ 255 (Q ≤ 6 for quads, Q ≤ 5 for 6-channel groups), else
+ * two, the codes' low nibbles (planes 0…3) and the planes above (S = S_0 + 16 S_1).  Set `set`
+ * holds planes [*b0, *b1); *qmax is the largest code of the largest set (for the byte counters). */
+static inline int bd_lut_sets(int32_t Q, int gch) { return gch * ((1 << Q) - 1) <= 255 ? 1 : 2; }
+static inline void bd_lut_set_planes(int32_t Q, int nsets, int set, int32_t *b0, int32_t *b1)
+{
+    *b0 = nsets == 1 ? 0 : 4 * set;
+    *b1 = nsets == 1 || set == 1 ? Q : 4;
+}
+static inline int32_t bd_lut_qmax(int32_t Q, int nsets) { return nsets == 1 ? (1 << Q) - 1 : 15; }
+
 /* kernel_lut64_avx512.c — the lookup-table family with 64-entry tables (AVX-512 VBMI). */
 int64_t bd_lut64_ng(const bd_geom *gm);
 int64_t bd_lut64_npass(const bd_conv_params *p, const bd_geom *gm);

@@ -258,10 +258,10 @@ def test_the_error_grid_measures_only_the_useful_activation_bits():
 
 def test_useful_activation_bits_follow_the_cost_model():
     """64+ input channels: Q = 3 costs what 4 does and Q = 6, 7 what 8 does (lookup tables), Q = 2
-    and 5 are cheaper with popcount at some k; 16 channels leave popcount's words three-quarters
-    empty, so only 4 and 8 remain."""
+    is cheaper with popcount at some k; Q = 5 (one table set) costs less than 6…8 on any number of
+    channels, so 16 channels, which leave popcount's words three-quarters empty, keep 4, 5 and 8."""
     assert allocate.useful_qs(allocate.cost_grid(64)) == (2, 4, 5, 8)
-    assert allocate.useful_qs(allocate.cost_grid(16)) == (4, 8)
+    assert allocate.useful_qs(allocate.cost_grid(16)) == (4, 5, 8)
     flat = np.ones((len(allocate.K_CHOICES), len(allocate.Q_CHOICES)))
     assert allocate.useful_qs(flat) == (8,)
     assert allocate.useful_qs(np.cumsum(flat, axis=1)) == allocate.Q_CHOICES

@@ -607,10 +607,12 @@ def test_lut_gemm_runs_its_rows_as_the_pixels_of_one_row_bit_for_bit(rows, bits,
 
 @pytest.mark.skipif(not LUT_ISAS, reason="no SIMD ISA for the LUT kernels on this CPU")
 @pytest.mark.parametrize("bits,k,c,cout", [(4, 4, 600, 5), (4, 3, 520, 130), (1, 8, 260, 40), (2, 2, 64, 300),
-                                           (8, 4, 600, 5), (6, 8, 130, 40)])
+                                           (8, 4, 600, 5), (6, 8, 130, 40), (5, 3, 600, 130), (6, 4, 600, 5),
+                                           (7, 2, 600, 5)])
 def test_lut_kernel_long_depth_and_many_lanes(bits, k, c, cout):
-    """Depth past the 16-bit counter spill (> 1024 steps at Q = 4) and several 128-lane passes,
-    codes at the maximum (worst case for the byte counters; at Q > 4 for both table sets)."""
+    """Depth past the 16-bit counter spill (> 1024 steps at Q = 4, > 256 at Q = 6, where one byte
+    counter takes one lookup) and several 128-lane passes, codes at the maximum (worst case for the
+    byte counters: one table set up to Q = 6 (quads) or 5 (6-channel groups), two above)."""
     case = small_case(c=c, cout=cout, k=k, bits=bits, zero_point=1, h=4, w=5)
     case["codes"][:] = 2**bits - 1
     case["codes"][0, :, 0, 0] = np.random.default_rng(1).integers(0, 2**bits, c)
