@@ -17,9 +17,9 @@
  * runtime times both.  The driver (tables over widened rows, passes, epilogue) is
  * lut_driver.inc, shared with kernel_lut_avx2.c; this file has the tables, passes and layouts.
  *
- * Counters: bytes for F = ⌊255 / (6·qmax)⌋ steps (qmax of the largest set: 2 at Q = 4, 1 at Q = 5), then even / odd 16-bit
- * counters, then int32 lane sums: the lane sums S_j of the other kernels, the same epilogue, the
- * same bits.
+ * Counters: bytes for F = ⌊255 / (6·qmax)⌋ steps (qmax of the largest table set: 2 at Q = 4, 1 at
+ * Q = 5), then even / odd 16-bit counters, then int32 lane sums: the lane sums S_j of the other
+ * kernels, the same epilogue, the same bits.
  *
  * Layouts (internal):
  *   groups  per conv group: 11 per 64-channel word (the last word: ⌈r / 6⌉ for r ≤ 60 channels
