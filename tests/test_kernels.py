@@ -625,6 +625,23 @@ def test_lut_kernel_long_depth_and_many_lanes(bits, k, c, cout):
 
 
 @pytest.mark.skipif(not LUT_ISAS, reason="no SIMD ISA for the LUT kernels on this CPU")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_lut_kernel_runs_a_batch_as_its_images_one_by_one(bits):
+    """The tables are built one image at a time, into one buffer the threads share: every image of
+    a batch (two threads, padding with z != 0) gets the integers of the reference and the bytes of
+    its own run."""
+    case = small_case(n=3, c=40, cout=9, k=3, bits=bits, zero_point=5, h=6, w=7)
+    conv = make_conv(case)
+    act = pack_nchw(case["codes"], 1, bits)
+    for isa, fam in lut_runs(conv):
+        y, acc = conv.run(act, 3, 6, 7, isa=isa, family=fam, threads=2, return_acc=True)
+        np.testing.assert_array_equal(acc, reference_acc(case))
+        for i in range(3):
+            one = conv.run(pack_nchw(case["codes"][i:i + 1], 1, bits), 1, 6, 7, isa=isa, family=fam, threads=2)
+            assert y[i:i + 1].tobytes() == one.tobytes()
+
+
+@pytest.mark.skipif(not LUT_ISAS, reason="no SIMD ISA for the LUT kernels on this CPU")
 @pytest.mark.parametrize("w, strides, pads, dil", [(1, (2, 2), (2, 2, 2, 2), (1, 1)), (2, 1, (2, 3, 2, 3), (1, 1)),
                                                    (9, (1, 3), (1, 3, 1, 3), (1, 2)), (6, (1, 1), (1, 4, 1, 0), (2, 2))])
 def test_lut_kernel_edge_pixels_sharing_a_pass_stay_exact(w, strides, pads, dil):
