@@ -337,6 +337,7 @@ def per_layer_report(original_path: Path, dec_model, images: list[Path], recipe,
 
     def time_native(step, env, y, dt):
         rows[step.spec.name]["_native_t"].append(dt)
+        rows[step.spec.name]["_shape"] = getattr(env.get(step.inputs[0]), "x", y).shape  # the plan timed
 
     start, rounds = time.perf_counter(), 0
     bar = _tqdm(None, "per-layer timing", progress, unit="round")
@@ -370,7 +371,7 @@ def per_layer_report(original_path: Path, dec_model, images: list[Path], recipe,
         r["ort_ms"] = ortt * 1e3 if ortt else None
         r["speedup"] = ortt / nat if nat and ortt else None
         bitops = row.get("_out_elems", 0) * row["depth"] * row["k"] * row["q"]
-        r["kernel"] = _settled_kernel(row["_step"])
+        r["kernel"] = _settled_kernel(row["_step"], row.get("_shape"))
         r["bit_ops"] = int(bitops)
         r["gbitops_per_s"] = bitops / nat / 1e9 if nat else None
         r["efficiency"] = bitops / nat / (peak * threads) if nat else None
@@ -383,14 +384,15 @@ def per_layer_report(original_path: Path, dec_model, images: list[Path], recipe,
             "ort_total_ms": sum(r["ort_ms"] or 0 for r in out_rows)}
 
 
-def _settled_kernel(step) -> str | None:
-    """How the runtime runs a layer after the first input of its shape: its kernel family (lut,
-    lut64, popcount, depthwise), "+patches" on packed patches; None if it never ran or has not
-    settled on one way."""
-    plans = list(step.plans.values())
-    if not plans or len(plans[0][0]) != 1:
+def _settled_kernel(step, shape: tuple | None) -> str | None:
+    """How the runtime runs a layer after the first input of `shape` (the input it was timed on; the
+    way can differ between batch sizes, and `compare` runs batches before it times one image): its
+    kernel family (lut, lut64, popcount, depthwise), "+patches" on packed patches; None if it never
+    ran on that shape or has not settled on one way."""
+    plan = step.plans.get(shape)
+    if plan is None or len(plan[0]) != 1:
         return None
-    _, family, patches = plans[0][0][0]
+    _, family, patches = plan[0][0]
     return family + ("+patches" if patches else "")
 
 

@@ -356,3 +356,18 @@ def test_per_layer_report_of_a_layer_with_a_fused_residual_add(tmp_path, cls_ima
     row = next(r for r in rep["per_layer"]["layers"] if r["name"] == "conv2")
     assert row["fused"] == ["add", "relu2"]
     assert row["sqnr_db"] == "inf" or row["sqnr_db"] > 10
+
+
+def test_per_layer_kernel_is_the_way_settled_for_the_timed_input_shape():
+    """A layer settles per input shape: the batch `compare` measures accuracy on can run another
+    family than the one image it is timed on, and the report names the one it timed."""
+    from types import SimpleNamespace
+
+    from bdecomp.runtime.compare import _settled_kernel
+    step = SimpleNamespace(plans={(8, 16, 5, 5): ([(None, "popcount", False)],),
+                                  (1, 16, 5, 5): ([(None, "lut", False)],),
+                                  (2, 16, 5, 5): ([(None, "lut", False), (None, "popcount", False)],)})
+    assert _settled_kernel(step, (1, 16, 5, 5)) == "lut"
+    assert _settled_kernel(step, (8, 16, 5, 5)) == "popcount"
+    assert _settled_kernel(step, (2, 16, 5, 5)) is None  # not settled yet
+    assert _settled_kernel(step, (4, 16, 5, 5)) is None  # never ran on it
