@@ -110,9 +110,9 @@ def main() -> None:
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
               help="fold the mean output shift on calibration data into the bias")
 @click.option("--budget", type=float, help="choose k and Q per layer for this MAC-weighted mean kernel cost in k*Q "
-                                           "units: 4k per MAC up to Q = 4, 5k at Q = 5 and 7k for Q = 6-8 (the lookup-table "
-                                           "kernel), or the popcount kernel's cost where lower; k=Q=4 costs 16 "
-                                           "(needs --calib)")
+                                           "units: 4k per MAC up to Q = 4, 5k at Q = 5 and 7k for Q = 6-8 (the "
+                                           "lookup-table kernel), or the popcount kernel's cost where lower; k=Q=4 "
+                                           "costs 16 (needs --calib)")
 @click.option("--target-drop", type=float, help="choose k and Q per layer for the smallest budget that keeps top-1 "
               "agreement with the original on the calibration images within this many points (needs --calib)")
 @click.option("--min-depth", default=64, show_default=True, type=click.IntRange(0),

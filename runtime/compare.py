@@ -337,7 +337,7 @@ def per_layer_report(original_path: Path, dec_model, images: list[Path], recipe,
 
     def time_native(step, env, y, dt):
         rows[step.spec.name]["_native_t"].append(dt)
-        rows[step.spec.name]["_shape"] = getattr(env.get(step.inputs[0]), "x", y).shape  # the plan timed
+        rows[step.spec.name]["_shape"] = env[step.inputs[0]].x.shape  # the key of the plan timed
 
     start, rounds = time.perf_counter(), 0
     bar = _tqdm(None, "per-layer timing", progress, unit="round")
