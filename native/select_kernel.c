@@ -300,19 +300,19 @@ static int lut_vl_below_avx512(void)
 }
 
 /* The checks of a lookup-table entry point: arguments, ISA, the family's support here, and the
- * size of its tables (input rows widened by the left and right padding, `tb` bytes per group and
- * table set). */
+ * size of its tables (input rows widened by the left and right padding, `tb` bytes per group of
+ * `gch` channels and table set, bd_lut_sets of them). */
 static int check_lut_call(const bd_conv_params *p, bd_geom *gm, const uint64_t *act, const uint8_t *wlut,
                           const int32_t *tap_sums, const float *coeffs, const float *bias, const float *out,
                           int32_t isa, int (*supported)(const bd_conv_params *, int32_t), bd_lut_groups_fn groups,
-                          int64_t tb)
+                          int64_t tb, int gch)
 {
     if (check_conv_args(p, gm, act, wlut, tap_sums, coeffs, bias, out) != BD_OK) return BD_EINVAL;
     if (isa < BD_ISA_SCALAR || isa > BD_ISA_AVX512) return BD_EINVAL;
     if (p->sign || p->bits > 8) return BD_EINVAL;
     if (!supported(p, isa)) return BD_EUNSUPPORTED;
     const int64_t tab[5] = {p->n, p->h, p->w + p->pad_left + p->pad_right, p->groups * groups(gm),
-                            p->bits > 4 ? 2 * tb : tb};
+                            bd_lut_sets(p->bits, gch) * tb};
     return bd_checked_prod(tab, 5) < 0 ? BD_EINVAL : BD_OK;
 }
 
@@ -321,7 +321,7 @@ int bd_conv_lut(const bd_conv_params *p, const uint64_t *act, const uint8_t *wlu
                 int32_t *acc, int32_t isa, int32_t nthreads)
 {
     bd_geom gm;
-    const int rc = check_lut_call(p, &gm, act, wlut, tap_sums, coeffs, bias, out, isa, bd_lut_supported, bd_lut_nq, 16);
+    const int rc = check_lut_call(p, &gm, act, wlut, tap_sums, coeffs, bias, out, isa, bd_lut_supported, bd_lut_nq, 16, 4);
     if (rc != BD_OK) return rc;
     nthreads = useful_threads(p, &gm, nthreads);
     return (isa == BD_ISA_AVX512 || lut_vl_below_avx512() ? bd_conv_lut_avx512vl : bd_conv_lut_avx2)(
@@ -334,7 +334,7 @@ int bd_conv_lut64(const bd_conv_params *p, const uint64_t *act, const uint8_t *w
 {
     bd_geom gm;
     const int rc = check_lut_call(p, &gm, act, wlut, tap_sums, coeffs, bias, out, isa, bd_lut64_supported,
-                                  bd_lut64_ng, 64);
+                                  bd_lut64_ng, 64, 6);
     if (rc != BD_OK) return rc;
     nthreads = useful_threads(p, &gm, nthreads);
     return bd_conv_lut64_avx512(p, &gm, act, wlut, tap_sums, coeffs, bias, out, acc, nthreads);
